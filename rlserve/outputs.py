@@ -1,0 +1,35 @@
+"""Results handed back to users (vLLM-shaped)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# One position's logprobs: token id → logprob, the chosen token first, then the top-k alternatives.
+TokenLogprobs = dict[int, float]
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None        # "stop" | "length" | "abort" | None while running
+    stop_reason: int | str | None = None    # the stop string or token id that ended it
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finished for o in self.outputs)
