@@ -1,0 +1,197 @@
+"""Token sampling: penalties, bans, temperature, min-p/top-k/top-p, seeded draws and logprobs.
+
+Everything is vectorised over the batch; the only per-row Python work is drawing one uniform
+number from the row's generator. Sampling is inverse-CDF over the row's probabilities sorted
+in descending order, so a seeded row's token depends only on its seed, how many draws its
+generator has made, and its own logits -- never on the other rows of the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from rlserve.sampling import SamplingParams
+
+
+@dataclass
+class SampleRow:
+    params: SamplingParams
+    generator: torch.Generator | None  # None → the sampler's shared generator
+    prompt_ids: Sequence[int] = ()      # for repetition_penalty
+    output_ids: Sequence[int] = ()      # for all penalties
+    banned_ids: Sequence[int] = ()      # e.g. EOS while min_tokens isn't reached
+
+
+@dataclass
+class SampleOutput:
+    token_ids: list[int]
+    # Per row: None unless params.logprobs is set; else {sampled: lp, then top alternatives}.
+    logprobs: list[dict[int, float] | None] = field(default_factory=list)
+
+
+def has_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def _row_token_index(token_lists: list[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, token id) pairs for scattering per-row token lists onto a [B, V] tensor."""
+    rows = [i for i, toks in enumerate(token_lists) for _ in range(len(toks))]
+    toks = [t for ts in token_lists for t in ts]
+    return (torch.tensor(rows, dtype=torch.long, device=device),
+            torch.tensor(toks, dtype=torch.long, device=device))
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """Repetition (HF: over prompt+output), then frequency and presence (OpenAI: output only).
+
+    Returns a new float32 tensor; `logits` is not modified.
+    """
+    logits = logits.float().clone()
+    B, V = logits.shape
+    dev = logits.device
+    params = [r.params for r in rows]
+
+    rep = torch.tensor([p.repetition_penalty for p in params], device=dev)
+    if (rep != 1.0).any():
+        seen = torch.zeros(B, V, dtype=torch.bool, device=dev)
+        lists = [list(r.prompt_ids) + list(r.output_ids) if r.params.repetition_penalty != 1.0 else []
+                 for r in rows]
+        ri, ti = _row_token_index(lists, dev)
+        seen[ri, ti] = True
+        rep = rep[:, None]
+        penalised = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalised, logits)
+
+    freq = torch.tensor([p.frequency_penalty for p in params], device=dev)
+    pres = torch.tensor([p.presence_penalty for p in params], device=dev)
+    if (freq != 0).any() or (pres != 0).any():
+        counts = torch.zeros(B, V, dtype=torch.float32, device=dev)
+        lists = [r.output_ids if (r.params.frequency_penalty or r.params.presence_penalty) else ()
+                 for r in rows]
+        ri, ti = _row_token_index(lists, dev)
+        counts.index_put_((ri, ti), torch.ones_like(ti, dtype=torch.float32), accumulate=True)
+        logits -= freq[:, None] * counts + pres[:, None] * (counts > 0).float()
+    return logits
+
+
+def _ban(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    if any(len(r.banned_ids) for r in rows):
+        ri, ti = _row_token_index([r.banned_ids for r in rows], logits.device)
+        logits[ri, ti] = float("-inf")
+    return logits
+
+
+def _filtered_sorted_probs(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature, then min-p → top-k → top-p. Returns (probs, token ids), both [B, V] sorted by
+    descending probability, with filtered-out probabilities set to 0.
+
+    Each filter keeps a prefix of the sorted order, so the result is a per-row kept count.
+    """
+    B, V = logits.shape
+    dev = logits.device
+    params = [r.params for r in rows]
+    temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)
+    # Subtracting the max first keeps tiny temperatures finite: the top logit becomes exactly 0.
+    scaled = (logits - logits.max(dim=-1, keepdim=True).values) / temps[:, None]
+    probs = torch.softmax(scaled, dim=-1)
+    probs, ids = probs.sort(dim=-1, descending=True, stable=True)
+
+    min_p = torch.tensor([p.min_p for p in params], device=dev)
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=dev)
+    top_p = torch.tensor([p.top_p for p in params], device=dev)
+
+    keep = (probs >= min_p[:, None] * probs[:, :1]).sum(dim=-1)
+    keep = torch.minimum(keep, top_k)
+    ranks = torch.arange(V, device=dev)[None, :]
+    probs = probs.masked_fill(ranks >= keep[:, None], 0.0)
+    # top-p over what min-p/top-k left: keep a token while the mass strictly before it is < top_p.
+    cum = probs.cumsum(dim=-1)
+    mass_before = (cum - probs) / cum[:, -1:]
+    keep = torch.minimum(keep, (mass_before < top_p[:, None]).sum(dim=-1))
+    keep = keep.clamp(min=1)  # the argmax always survives
+    probs = probs.masked_fill(ranks >= keep[:, None], 0.0)
+    return probs, ids
+
+
+class Sampler:
+    def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.generator = self.make_generator(seed)
+
+    def make_generator(self, seed: int) -> torch.Generator:
+        """A per-request generator, for rows whose params carry a seed."""
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleOutput:
+        assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
+        logits = logits.float()
+        raw = logits
+        plain_greedy = all(r.params.greedy and not has_penalties(r.params) and not len(r.banned_ids)
+                           for r in rows)
+        if plain_greedy:
+            token_ids = logits.argmax(dim=-1)
+        else:
+            if any(has_penalties(r.params) for r in rows):
+                logits = apply_penalties(logits, rows)
+            else:
+                logits = logits.clone()
+            logits = _ban(logits, rows)
+            token_ids = logits.argmax(dim=-1)
+            random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+            if random_rows:
+                sel = torch.tensor(random_rows, device=logits.device)
+                sub_rows = [rows[i] for i in random_rows]
+                token_ids[sel] = self._draw(logits[sel], sub_rows)
+        ids = token_ids.tolist()
+        return SampleOutput(ids, self._logprobs(raw, ids, [r.params.logprobs for r in rows]))
+
+    def _draw(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        probs, sorted_ids = _filtered_sorted_probs(logits, rows)
+        gens = [r.generator if r.generator is not None else self.generator for r in rows]
+        us = [torch.rand(1, generator=g, device=g.device) for g in gens]
+        if all(x.device == us[0].device for x in us):
+            u = torch.cat(us).to(logits.device)  # one copy, not one per row
+        else:
+            u = torch.cat([x.to(logits.device) for x in us])
+        cdf = probs.cumsum(dim=-1)
+        target = (u * cdf[:, -1]).unsqueeze(-1)
+        pos = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+        # u * total may round up to total; kept tokens form a prefix, so clamp into it.
+        last_kept = (probs > 0).sum(dim=-1).clamp(min=1) - 1
+        pos = torch.minimum(pos, last_kept)
+        return sorted_ids.gather(-1, pos[:, None]).squeeze(-1)
+
+    @staticmethod
+    def _logprobs(raw: torch.Tensor, ids: list[int], ks: list[int | None]) -> list[dict[int, float] | None]:
+        want = [i for i, k in enumerate(ks) if k is not None]
+        out: list[dict[int, float] | None] = [None] * len(ks)
+        if want:
+            sel = torch.tensor(want, device=raw.device)
+            picked = torch.tensor([ids[i] for i in want], device=raw.device)
+            dicts = _logprob_dicts(raw[sel], picked, [ks[i] for i in want])
+            for i, d in zip(want, dicts):
+                out[i] = d
+        return out
+
+
+def _logprob_dicts(logits: torch.Tensor, picked: torch.Tensor, ks: list[int]) -> list[dict[int, float]]:
+    """Row r: {picked[r]: lp, then the top ks[r] tokens by descending lp}, from log_softmax(logits)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    picked_lp = lp.gather(-1, picked[:, None]).squeeze(-1).tolist()
+    k_max = max(ks, default=0)
+    top_lp, top_ids = lp.topk(k_max, dim=-1)
+    out = []
+    for tok, tlp, k, alt_ids, alt_lps in zip(picked.tolist(), picked_lp, ks, top_ids.tolist(), top_lp.tolist()):
+        d = {tok: tlp}
+        for a, alp in zip(alt_ids[:k], alt_lps[:k]):
+            d.setdefault(a, alp)
+        out.append(d)
+    return out
+
+
+def prompt_logprobs(logits: torch.Tensor, next_ids: list[int] | torch.Tensor, k: int) -> list[dict[int, float]]:
+    """logits[t] predicts next_ids[t]; same dict convention as SampleOutput.logprobs."""
+    picked = torch.as_tensor(next_ids, dtype=torch.long, device=logits.device)
+    return _logprob_dicts(logits, picked, [k] * picked.numel())

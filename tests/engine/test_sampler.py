@@ -1,0 +1,230 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlserve.engine.sampler import SampleRow, Sampler, apply_penalties, prompt_logprobs
+from rlserve.sampling import SamplingParams
+
+
+def row(gen: torch.Generator | None = None, prompt=(), output=(), banned=(), **kw) -> SampleRow:
+    return SampleRow(SamplingParams(**kw), gen, list(prompt), list(output), list(banned))
+
+
+def draw_counts(logits_1d: torch.Tensor, n: int, seed: int = 0, **kw) -> torch.Tensor:
+    """Sample n times (one batch of n identical rows) and count tokens."""
+    sampler = Sampler(seed=seed)
+    out = sampler(logits_1d.expand(n, -1), [row(**kw) for _ in range(n)])
+    return torch.bincount(torch.tensor(out.token_ids), minlength=logits_1d.numel())
+
+
+# probabilities 0.4, 0.3, 0.15, 0.1, 0.05
+CRAFTED = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05]).log()
+
+
+def allowed(counts: torch.Tensor) -> set[int]:
+    return set(torch.nonzero(counts).flatten().tolist())
+
+
+def test_greedy_is_argmax_any_dtype():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 100)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = logits.to(dtype)
+        out = Sampler()(x, [row(temperature=0.0) for _ in range(6)])
+        assert out.token_ids == x.float().argmax(-1).tolist()
+        assert out.logprobs == [None] * 6
+
+
+def test_top_k_1_is_greedy():
+    torch.manual_seed(1)
+    logits = torch.randn(8, 300)
+    out = Sampler(seed=3)(logits, [row(temperature=1.5, top_k=1) for _ in range(8)])
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_mixed_greedy_and_random_rows():
+    torch.manual_seed(2)
+    logits = torch.randn(4, 50)
+    rows = [row(temperature=0.0), row(temperature=1.0, top_k=3), row(temperature=0.0), row(temperature=0.8)]
+    out = Sampler()(logits, rows)
+    assert out.token_ids[0] == logits[0].argmax().item()
+    assert out.token_ids[2] == logits[2].argmax().item()
+    assert out.token_ids[1] in logits[1].topk(3).indices.tolist()
+
+
+@pytest.mark.parametrize(
+    "kw, expected",
+    [
+        (dict(top_k=2), {0, 1}),
+        (dict(top_p=0.6), {0, 1}),          # mass before token 2 is 0.7 >= 0.6
+        (dict(top_p=0.75), {0, 1, 2}),
+        (dict(min_p=0.3), {0, 1, 2}),       # threshold 0.12
+        (dict(min_p=0.5), {0, 1}),          # threshold 0.2
+        (dict(top_k=3, top_p=0.8), {0, 1}),  # top-p over the renormalised top-3: 0, .47, .82
+        (dict(min_p=0.2, top_k=3), {0, 1, 2}),
+        (dict(top_p=1e-9), {0}),            # filtering never removes the argmax
+        (dict(), {0, 1, 2, 3, 4}),
+    ],
+)
+def test_filters_restrict_support(kw, expected):
+    counts = draw_counts(CRAFTED, 4000, temperature=1.0, **kw)
+    assert allowed(counts) == expected
+
+
+def test_top_p_applies_after_temperature():
+    # At T=0.5 the probabilities sharpen to ~[.55,.31,.08,.04,.01]: top_p=0.6 keeps two tokens,
+    # while T=3 flattens them enough that three survive.
+    assert allowed(draw_counts(CRAFTED, 3000, temperature=0.5, top_p=0.6)) == {0, 1}
+    assert allowed(draw_counts(CRAFTED, 3000, temperature=3.0, top_p=0.6)) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_temperature_frequencies_match_softmax(temperature):
+    logits = torch.tensor([1.0, 0.5, 0.0, -1.0, 2.0])
+    n = 20000
+    counts = draw_counts(logits, n, seed=123, temperature=temperature).double()
+    expected = torch.softmax(logits.double() / temperature, -1) * n
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 20.5  # df=4: p ≈ 0.0004
+
+
+def test_tiny_temperature_never_nan_and_picks_argmax():
+    torch.manual_seed(4)
+    logits = torch.randn(5, 1000) * 10
+    for t in (1e-5, 1e-30, 1e-45):
+        out = Sampler()(logits, [row(temperature=t, top_p=0.9, min_p=0.1) for _ in range(5)])
+        assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_penalty_formulas_exact():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -0.5], [2.0, -1.0, 0.5, 3.0, -0.5]])
+    rows = [
+        row(prompt=[0, 4], output=[1, 1, 2], repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25),
+        row(prompt=[0, 4], output=[1, 1, 2]),  # no penalties: untouched
+    ]
+    out = apply_penalties(logits, rows)
+    # repetition over prompt+output: positive / 2, negative * 2; then frequency/presence on output only
+    expected0 = torch.tensor([
+        2.0 / 2,                      # prompt only
+        -1.0 * 2 - 0.5 * 2 - 0.25,    # output twice
+        0.5 / 2 - 0.5 * 1 - 0.25,     # output once
+        3.0,                          # unseen
+        -0.5 * 2,                     # prompt only
+    ])
+    torch.testing.assert_close(out[0], expected0)
+    torch.testing.assert_close(out[1], logits[1])
+    assert logits[0, 0] == 2.0  # input not modified
+
+
+def test_penalties_apply_in_greedy():
+    logits = torch.tensor([[3.0, 2.9, 0.0, -5.0]])
+    assert Sampler()(logits, [row(temperature=0.0)]).token_ids == [0]
+    assert Sampler()(logits, [row(temperature=0.0, output=[0], presence_penalty=0.2)]).token_ids == [1]
+    assert Sampler()(logits, [row(temperature=0.0, prompt=[0], repetition_penalty=1.1)]).token_ids == [1]
+    # frequency penalty scales with the count: one occurrence isn't enough, two are
+    assert Sampler()(logits, [row(temperature=0.0, output=[0], frequency_penalty=0.05)]).token_ids == [0]
+    assert Sampler()(logits, [row(temperature=0.0, output=[0, 0], frequency_penalty=0.06)]).token_ids == [1]
+    # negative penalties encourage repetition
+    assert Sampler()(logits, [row(temperature=0.0, output=[1], presence_penalty=-0.2)]).token_ids == [1]
+
+
+def test_banned_ids_never_sampled():
+    logits = torch.tensor([[5.0, 1.0, 0.0, 0.5]])
+    assert Sampler()(logits, [row(temperature=0.0, banned=[0])]).token_ids == [1]
+    n = 3000
+    out = Sampler()(logits.expand(n, -1), [row(banned=[0, 3], temperature=1.0) for _ in range(n)])
+    counts = torch.bincount(torch.tensor(out.token_ids), minlength=4)
+    assert counts[0] == 0 and counts[3] == 0 and counts[1] > 0 and counts[2] > 0
+
+
+def _seeded_run(seed: int, logits: torch.Tensor, others: list[tuple[torch.Tensor, SampleRow]], pos: int,
+                steps: int = 10) -> list[int]:
+    """Run `steps` sampling steps with the seeded row at batch position `pos`."""
+    sampler = Sampler(seed=99)
+    gen = sampler.make_generator(seed)
+    got = []
+    for _ in range(steps):
+        seeded = (logits, row(gen, seed=seed, temperature=0.9, top_p=0.95))
+        batch = others[:pos] + [seeded] + others[pos:]
+        out = sampler(torch.stack([b[0] for b in batch]), [b[1] for b in batch])
+        got.append(out.token_ids[pos])
+    return got
+
+
+def test_seeded_row_independent_of_batch():
+    torch.manual_seed(5)
+    logits = torch.randn(64)
+    alone = _seeded_run(7, logits, [], 0)
+    assert len(set(alone)) > 1  # actually random
+    others = [
+        (torch.randn(64), row(temperature=1.0)),
+        (torch.randn(64), row(temperature=0.0)),
+        (torch.randn(64), row(temperature=1.3, top_k=5, output=[1, 2], frequency_penalty=1.0)),
+        (torch.randn(64), row(torch.Generator().manual_seed(8), seed=8, min_p=0.05)),
+    ]
+    for pos in range(len(others) + 1):
+        assert _seeded_run(7, logits, others, pos) == alone
+    assert _seeded_run(7, logits, others[::-1], 2) == alone
+
+
+def test_different_seeds_differ():
+    torch.manual_seed(6)
+    logits = torch.randn(1000) * 0.1
+    assert _seeded_run(1, logits, [], 0, steps=20) != _seeded_run(2, logits, [], 0, steps=20)
+    assert _seeded_run(1, logits, [], 0, steps=20) == _seeded_run(1, logits, [], 0, steps=20)
+
+
+def test_shared_generator_seed_reproducible():
+    torch.manual_seed(7)
+    logits = torch.randn(4, 500)
+    rows = [row(temperature=1.0) for _ in range(4)]
+    assert Sampler(seed=11)(logits, rows).token_ids == Sampler(seed=11)(logits, rows).token_ids
+
+
+def _check_logprob_dict(d: dict[int, float], sampled: int, k: int, raw_lp: torch.Tensor) -> None:
+    keys = list(d)
+    assert keys[0] == sampled
+    top = raw_lp.topk(k).indices.tolist()
+    assert keys[1:] == [t for t in top if t != sampled]
+    assert len(d) == (k if sampled in top else k + 1)
+    for t, v in d.items():
+        assert isinstance(v, float)
+        assert v == pytest.approx(raw_lp[t].item(), abs=1e-6)
+
+
+def test_logprobs_from_raw_logits_and_ordering():
+    torch.manual_seed(8)
+    logits = (torch.randn(5, 200) * 3).to(torch.bfloat16)
+    rows = [
+        row(temperature=0.0, logprobs=3),                                      # sampled is top-1
+        row(temperature=0.0, logprobs=1, banned=[int(logits[1].float().argmax())]),  # sampled is 2nd
+        row(temperature=0.3, logprobs=5, output=[1, 2, 3], repetition_penalty=1.5, top_k=10),
+        row(temperature=1.0, logprobs=0),
+        row(temperature=1.0),
+    ]
+    out = Sampler()(logits, rows)
+    raw_lp = torch.log_softmax(logits.float(), -1)
+    for i, (r, tok) in enumerate(zip(rows, out.token_ids)):
+        if r.params.logprobs is None:
+            assert out.logprobs[i] is None
+        else:
+            _check_logprob_dict(out.logprobs[i], tok, r.params.logprobs, raw_lp[i])
+    assert len(out.logprobs[0]) == 3 and len(out.logprobs[1]) == 2
+    assert list(out.logprobs[3]) == [out.token_ids[3]]
+
+
+def test_prompt_logprobs():
+    torch.manual_seed(9)
+    logits = torch.randn(6, 40)
+    next_ids = [3, 7, 7, 0, 39, int(logits[5].argmax())]
+    res = prompt_logprobs(logits, next_ids, 2)
+    raw_lp = torch.log_softmax(logits, -1)
+    assert len(res) == 6
+    for t, d in enumerate(res):
+        _check_logprob_dict(d, next_ids[t], 2, raw_lp[t])
+    assert prompt_logprobs(logits, torch.tensor(next_ids), 0)[1] == {7: pytest.approx(raw_lp[1, 7].item())}
+    total = sum(d[i] for d, i in zip(res, next_ids))
+    assert math.isclose(total, raw_lp[torch.arange(6), next_ids].sum().item(), rel_tol=1e-5)
