@@ -1,0 +1,29 @@
+"""Attention backends, chosen by name through a tiny registry."""
+from __future__ import annotations
+
+import torch
+
+from rlserve.config import ModelConfig
+
+
+def create_backend(name: str, pool, cfg: ModelConfig, device: torch.device):
+    scale = cfg.head_dim ** -0.5
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if name == "torch":
+        from rlserve.layers.attention.torch_backend import TorchAttentionBackend
+        return TorchAttentionBackend(pool, scale)
+    if name == "triton":
+        if device.type != "cuda":
+            raise ValueError("the triton attention backend needs a CUDA device")
+        from rlserve.layers.attention.triton_backend import TritonAttentionBackend
+        return TritonAttentionBackend(pool, scale)
+    raise ValueError(f"unknown attention backend {name!r}; choose torch, triton or auto")
+
+
+def _triton_available() -> bool:
+    try:
+        import rlserve.layers.attention.triton_backend  # noqa: F401
+        return True
+    except ImportError:
+        return False

@@ -1,0 +1,270 @@
+"""The step loop: schedule → forward → sample → detokenize/stop → outputs."""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from rlserve.config import EngineConfig, ModelConfig, parse_dtype
+from rlserve.engine.cache import KVPool, RadixCache, ReqToTokenPool, TokenAllocator
+from rlserve.engine.detokenizer import IncrementalDetokenizer
+from rlserve.engine.memory import RequestMemory
+from rlserve.engine.request import Request
+from rlserve.engine.runner import ModelRunner
+from rlserve.engine.sampler import Sampler, SampleRow, prompt_logprobs
+from rlserve.engine.scheduler import Scheduler
+from rlserve.layers.attention import create_backend
+from rlserve.models.loader import load_tokenizer, resolve_model
+from rlserve.models.llama import LlamaForCausalLM
+from rlserve.outputs import CompletionOutput, RequestOutput
+from rlserve.sampling import SamplingParams
+
+log = logging.getLogger("rlserve")
+DEFAULT_MAX_MODEL_LEN = 32768   # keeps the request-to-token table small for 128k-context models
+
+
+@dataclass
+class _Group:
+    rid: str
+    prompt: str | None
+    prompt_ids: list[int]
+    reqs: list[Request] = field(default_factory=list)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = pick_device(config.device)
+        dtype = torch.float32 if config.dtype == "auto" and self.device.type == "cpu" else (
+            torch.bfloat16 if config.dtype == "auto" else parse_dtype(config.dtype))
+        self.dtype = dtype
+        source = resolve_model(config.model, config.load_format)
+        self.model_config = cfg = ModelConfig.from_hf(source.hf_config)
+        self.tokenizer = load_tokenizer(config.tokenizer or source.tokenizer_dir)
+        self.model = self._build_model(cfg, source, dtype)
+        self.max_model_len = min(cfg.max_position, config.max_model_len or DEFAULT_MAX_MODEL_LEN)
+        if config.max_model_len and config.max_model_len > cfg.max_position:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's {cfg.max_position}")
+        self.eos_ids = set(cfg.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+
+        num_tokens = self._kv_budget_tokens(cfg, dtype)
+        self.allocator = TokenAllocator(num_tokens, self.device)
+        self.kv_pool = KVPool(cfg.num_layers, num_tokens + 1, cfg.num_kv_heads, cfg.head_dim, dtype, self.device)
+        self.table = ReqToTokenPool(config.scheduler.max_running_requests + 2, self.max_model_len + 1, self.device)
+        self.tree = RadixCache(self.allocator) if config.cache.enable_radix_cache else None
+        self.memory = RequestMemory(self.allocator, self.table, self.tree)
+        self.model.attn_backend = create_backend(config.attention_backend, self.kv_pool, cfg, self.device)
+        self.runner = ModelRunner(self.model, self.table, self.device)
+        self.scheduler = Scheduler(config.scheduler, self.memory)
+        self.sampler = Sampler(seed=config.seed, device=self.device)
+        self.groups: dict[str, _Group] = {}
+        self._arrival = itertools.count()
+        self._auto_rid = itertools.count()
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0}
+
+    # ---- construction ----
+    def _build_model(self, cfg: ModelConfig, source, dtype: torch.dtype) -> LlamaForCausalLM:
+        torch.manual_seed(self.config.seed)
+        with torch.device(self.device):
+            model = LlamaForCausalLM(cfg)
+        if source.load_format == "dummy":
+            model.init_dummy(self.config.seed)
+        else:
+            from rlserve.models.loader import iter_safetensors
+            model.load_weights(iter_safetensors(source.model_dir))
+        return model.to(dtype).eval()
+
+    def _kv_budget_tokens(self, cfg: ModelConfig, dtype: torch.dtype) -> int:
+        per_token = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
+        cache = self.config.cache
+        if cache.max_total_tokens is not None:
+            return cache.max_total_tokens
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * cache.gpu_memory_fraction) // per_token
+        return max(cache.kv_cache_bytes // per_token, 1)
+
+    # ---- requests ----
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, rid: str | None = None,
+                    prompt: str | None = None) -> str:
+        """Validate and queue a request. Raises ValueError for bad input; the engine is unaffected."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        rid = str(next(self._auto_rid)) if rid is None else rid
+        if rid in self.groups:
+            raise ValueError(f"request id {rid!r} is already in use")
+        prompt_ids = self._validate_prompt(prompt_ids)
+        room = self.max_model_len - len(prompt_ids)
+        max_new = min(params.max_tokens or room, room)
+        group = _Group(rid, prompt, prompt_ids)
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = self.sampler.make_generator(params.seed + i)
+            detok = None
+            if self.tokenizer is not None:
+                detok = IncrementalDetokenizer(self.tokenizer, prompt_ids,
+                                               skip_special_tokens=params.skip_special_tokens,
+                                               stop_strings=params.stop_strings,
+                                               include_stop_str_in_output=params.include_stop_str_in_output)
+            req = Request(rid=rid if params.n == 1 else f"{rid}-{i}", group=rid, index=i,
+                          prompt_ids=prompt_ids, params=params, max_new_tokens=max_new,
+                          arrival=next(self._arrival), generator=gen, detokenizer=detok, prompt=prompt,
+                          logprobs=[] if params.logprobs is not None else None)
+            group.reqs.append(req)
+        self.groups[rid] = group
+        for req in group.reqs:
+            self.scheduler.add(req)
+        return rid
+
+    def _validate_prompt(self, prompt_ids) -> list[int]:
+        if isinstance(prompt_ids, torch.Tensor):
+            prompt_ids = prompt_ids.tolist()
+        if not isinstance(prompt_ids, (list, tuple)) or not all(isinstance(t, int) for t in prompt_ids):
+            raise ValueError("prompt token ids must be a list of integers")
+        prompt_ids = list(prompt_ids)
+        if not prompt_ids:
+            raise ValueError("prompt is empty: at least one token is required")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is out of range for a vocabulary of {vocab}")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens but the context length is "
+                             f"{self.max_model_len} (room is needed for at least one new token)")
+        if len(prompt_ids) + 1 > self.allocator.size:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens but the KV pool holds {self.allocator.size}")
+        return prompt_ids
+
+    def abort(self, rid: str) -> RequestOutput | None:
+        """Abort a request at any moment; its memory is freed at once. Unknown ids return None."""
+        group = self.groups.pop(rid, None)
+        if group is None:
+            return None
+        for req in group.reqs:
+            if not req.finished:
+                req.finish_reason = "abort"
+                self.scheduler.remove(req)
+        self.scheduler.forget_group(rid)
+        return self._output(group)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.groups)
+
+    # ---- the step ----
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; return outputs of every request group that changed."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        changed: dict[str, _Group] = {}
+        decode_slots = None
+        if batch.is_decode:
+            decode_slots = self.scheduler.alloc_decode_slots(batch)
+            if decode_slots is None:   # a lone request has outgrown the whole pool
+                req = batch.reqs[0]
+                self._finish(req, "length")
+                return self._emit({req.group: self.groups[req.group]})
+        result = self.runner.forward(batch, decode_slots)
+        if batch.is_decode:
+            for req in batch.reqs:
+                req.kv_len += 1
+        else:
+            for req in batch.reqs:
+                if id(req) in result.prompt_logits:
+                    self._add_prompt_logprobs(req, result.prompt_logits[id(req)])
+                self.stats["prompt_tokens"] += req.chunk_len
+            self.scheduler.after_prefill(batch)
+        if result.sampling_reqs:
+            self._sample(result.next_logits, result.sampling_reqs)
+            for req in result.sampling_reqs:
+                changed[req.group] = self.groups[req.group]
+        return self._emit(changed)
+
+    def _add_prompt_logprobs(self, req: Request, logits: torch.Tensor) -> None:
+        start, n = req.kv_len, req.chunk_len
+        if req.prompt_logprobs is None:
+            req.prompt_logprobs = [None]          # nothing predicts the first token
+        targets = req.prompt_ids[start + 1:start + n + 1]
+        rows = logits[:len(targets)]
+        if len(targets):
+            req.prompt_logprobs.extend(prompt_logprobs(rows, targets, req.params.prompt_logprobs))
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> None:
+        rows = []
+        for req in reqs:
+            banned: list[int] = []
+            if len(req.output_ids) < req.params.min_tokens:
+                banned = sorted((set() if req.params.ignore_eos else self.eos_ids)
+                                | set(req.params.stop_token_ids or ()))
+            rows.append(SampleRow(req.params, req.generator, req.prompt_ids, req.output_ids, banned))
+        out = self.sampler(logits, rows)
+        for req, token, lp in zip(reqs, out.token_ids, out.logprobs):
+            req.output_ids.append(token)
+            if req.logprobs is not None:
+                req.logprobs.append(lp)
+            self.stats["generation_tokens"] += 1
+            self._check_stop(req, token)
+
+    def _check_stop(self, req: Request, token: int) -> None:
+        p = req.params
+        if p.stop_token_ids and token in p.stop_token_ids:
+            return self._finish(req, "stop", token)
+        if not p.ignore_eos and token in self.eos_ids:
+            return self._finish(req, "stop")
+        if req.detokenizer is not None:
+            req.detokenizer.add(token)
+            if req.detokenizer.stopped:
+                return self._finish(req, "stop", req.detokenizer.stop_string)
+        if len(req.output_ids) >= req.max_new_tokens or len(req.fill_ids) >= self.max_model_len:
+            return self._finish(req, "length")
+
+    def _finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
+        req.finish_reason, req.stop_reason = reason, stop_reason
+        if req.detokenizer is not None and not req.detokenizer.stopped:
+            req.detokenizer.finish()
+        self.scheduler.remove(req)
+
+    def _emit(self, changed: dict[str, _Group]) -> list[RequestOutput]:
+        outs = []
+        for rid, group in changed.items():
+            out = self._output(group)
+            outs.append(out)
+            if out.finished:
+                self.groups.pop(rid, None)
+                self.scheduler.forget_group(rid)
+                self.stats["cached_tokens"] += out.cached_tokens
+        return outs
+
+    def _output(self, group: _Group) -> RequestOutput:
+        comps = [CompletionOutput(index=r.index, text=r.detokenizer.text if r.detokenizer else "",
+                                  token_ids=list(r.output_ids),
+                                  logprobs=list(r.logprobs) if r.logprobs is not None else None,
+                                  finish_reason=r.finish_reason, stop_reason=r.stop_reason)
+                 for r in group.reqs]
+        first = group.reqs[0]
+        return RequestOutput(request_id=group.rid, prompt=group.prompt, prompt_token_ids=group.prompt_ids,
+                             outputs=comps, prompt_logprobs=first.prompt_logprobs,
+                             cached_tokens=first.cached_tokens)
+
+    # ---- maintenance ----
+    def flush_cache(self) -> bool:
+        """Drop the whole prefix cache; refused (False) while requests hold parts of it."""
+        return self.tree.flush() if self.tree is not None else True
+
+    def kv_leaked(self) -> int:
+        return self.memory.leaked(self.scheduler.live())
+
+    def kv_usage(self) -> float:
+        return 1 - self.allocator.available() / self.allocator.size

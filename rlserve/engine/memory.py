@@ -1,0 +1,81 @@
+"""KV bookkeeping for requests: the slot allocator, the request-to-token table and the radix cache
+working together. Every slot is owned by exactly one of: the free list, the tree, or one request."""
+from __future__ import annotations
+
+import torch
+
+from rlserve.engine.cache import RadixCache, ReqToTokenPool, TokenAllocator
+from rlserve.engine.request import Request
+
+
+class RequestMemory:
+    def __init__(self, allocator: TokenAllocator, table: ReqToTokenPool, tree: RadixCache | None) -> None:
+        self.allocator = allocator
+        self.table = table
+        self.tree = tree                      # None when the prefix cache is disabled
+
+    def available_tokens(self) -> int:
+        """Slots obtainable now: free ones plus those the tree could give up."""
+        return self.allocator.available() + (self.tree.evictable_size() if self.tree else 0)
+
+    def alloc_tokens(self, n: int) -> torch.Tensor | None:
+        if self.allocator.available() < n and self.tree is not None:
+            self.tree.evict(n - self.allocator.available())
+        return self.allocator.alloc(n)
+
+    def match_and_lock(self, req: Request, use_cache: bool) -> int:
+        """Give the request a table row and its cached prefix (never the whole fill: one token must be
+        computed to get logits). Returns the prefix length."""
+        if req.row is None:
+            req.row = self.table.alloc()
+            if req.row is None:
+                raise MemoryError("no free request rows")
+        if self.tree is None or not use_cache:
+            req.kv_len = req.cached_len = 0
+            return 0
+        match = self.tree.match_prefix(req.fill_ids[:-1])
+        n = len(match.indices)
+        self.table.table[req.row, :n] = match.indices
+        self.tree.inc_lock_ref(match.last_node)
+        req.last_node, req.kv_len, req.cached_len = match.last_node, n, n
+        return n
+
+    def unlock(self, req: Request) -> None:
+        if self.tree is not None and req.last_node is not None:
+            self.tree.dec_lock_ref(req.last_node)
+        req.last_node = None
+
+    def cache_written(self, req: Request) -> None:
+        """Hand the request's written KV to the tree (it learns a prefix only once its KV exists), then
+        point the request's row at the tree's slots and move its lock down to the new node."""
+        if self.tree is None or req.kv_len == req.cached_len:
+            return
+        key = req.fill_ids[:req.kv_len]
+        row = self.table.table[req.row]
+        already = self.tree.insert(key, row[:req.kv_len].clone())
+        if already > req.cached_len:       # another request cached these meanwhile: drop our copies
+            self.allocator.free(row[req.cached_len:already].clone())
+        match = self.tree.match_prefix(key)
+        row[:req.kv_len] = match.indices
+        self.tree.inc_lock_ref(match.last_node)
+        self.unlock(req)
+        req.last_node, req.cached_len = match.last_node, req.kv_len
+
+    def release(self, req: Request, cache: bool) -> None:
+        """Free everything the request holds. With cache=True its written KV first goes to the tree."""
+        if req.row is None:
+            return
+        if cache:
+            self.cache_written(req)
+        row = self.table.table[req.row]
+        if req.kv_len > req.cached_len:
+            self.allocator.free(row[req.cached_len:req.kv_len].clone())
+        self.unlock(req)
+        self.table.free(req.row)
+        req.row, req.kv_len, req.cached_len = None, 0, 0
+
+    def leaked(self, live: list[Request]) -> int:
+        """Slots unaccounted for: 0 when every slot is free, in the tree, or owned by a live request."""
+        owned = sum(r.kv_len - r.cached_len for r in live if r.row is not None)
+        in_tree = self.tree.total_size() if self.tree else 0
+        return self.allocator.size - self.allocator.available() - in_tree - owned

@@ -1,0 +1,49 @@
+"""A request's state as it moves waiting → running → finished (possibly back to waiting on retraction)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rlserve.sampling import SamplingParams
+
+
+@dataclass(eq=False)
+class Request:
+    rid: str                                  # unique per sample; "<group>" or "<group>-<index>" for n > 1
+    group: str                                # the user's request id (shared by the n samples)
+    index: int                                # which of the n samples
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    arrival: int                              # admission order tie-breaker
+    generator: torch.Generator | None = None
+    detokenizer: Any = None
+    prompt: str | None = None
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    # KV bookkeeping: row[:kv_len] of the req-to-token table holds written KV; row[:cached_len] belongs to
+    # the radix tree (protected by a lock on last_node), the rest to this request.
+    row: int | None = None
+    kv_len: int = 0
+    cached_len: int = 0
+    last_node: Any = None
+    cached_tokens: int = 0                    # prompt tokens served from the prefix cache (first admission)
+    admitted_once: bool = False
+    chunk_len: int = 0                        # tokens being prefilled in the current step
+
+    @property
+    def fill_ids(self) -> list[int]:
+        """Every token whose KV must exist before the next one can be sampled."""
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def remaining_new_tokens(self) -> int:
+        return max(self.max_new_tokens - len(self.output_ids), 0)

@@ -1,0 +1,76 @@
+"""Turns a scheduled batch into tensors, runs the model, returns the logits the sampler needs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlserve.engine.cache import ReqToTokenPool
+from rlserve.engine.scheduler import ScheduledBatch
+from rlserve.layers.attention.base import ForwardBatch
+from rlserve.models.llama import LlamaForCausalLM
+
+
+@dataclass
+class ForwardResult:
+    next_logits: torch.Tensor                   # [R, V]: one row per request that samples this step
+    sampling_reqs: list                         # the requests those rows belong to
+    prompt_logits: dict[int, torch.Tensor]      # id(req) → [chunk, V] logits over its prefilled tokens
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, table: ReqToTokenPool, device: torch.device) -> None:
+        self.model = model
+        self.table = table
+        self.device = device
+
+    def build(self, sb: ScheduledBatch, decode_slots: torch.Tensor | None) -> tuple[ForwardBatch, list, list]:
+        ids: list[int] = []
+        positions: list[int] = []
+        extend_lens: list[int] = []
+        seq_lens: list[int] = []
+        logit_rows: list[int] = []          # flat index of each sampled position
+        sampling_reqs = []
+        prompt_spans = []                   # (req, start, length) of prompt-logprob spans
+        out_loc: list[torch.Tensor] = []
+        table = self.table.table
+        for i, req in enumerate(sb.reqs):
+            if sb.is_decode:
+                start, n = req.kv_len, 1
+                table[req.row, start] = decode_slots[i]
+                ids.append(req.output_ids[-1])
+            else:
+                start, n = req.kv_len, req.chunk_len
+                ids.extend(req.fill_ids[start:start + n])
+                out_loc.append(table[req.row, start:start + n])
+                if req.params.prompt_logprobs is not None and not req.output_ids:
+                    prompt_spans.append((req, len(positions), n))
+            positions.extend(range(start, start + n))
+            extend_lens.append(n)
+            seq_lens.append(start + n)
+            if sb.is_decode or sb.completes[i]:
+                logit_rows.append(len(positions) - 1)
+                sampling_reqs.append(req)
+        dev = self.device
+        loc = decode_slots if sb.is_decode else torch.cat(out_loc)
+        fb = ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            out_cache_loc=loc.to(dev),
+            req_rows=torch.tensor([r.row for r in sb.reqs], dtype=torch.int64, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
+            extend_lens=torch.tensor(extend_lens, dtype=torch.int64, device=dev),
+            seq_lens_cpu=seq_lens, extend_lens_cpu=extend_lens, is_decode=sb.is_decode,
+            logits_indices=torch.tensor(logit_rows, dtype=torch.int64, device=dev),
+            req_to_token=table,
+        )
+        return fb, sampling_reqs, prompt_spans
+
+    @torch.inference_mode()
+    def forward(self, sb: ScheduledBatch, decode_slots: torch.Tensor | None = None) -> ForwardResult:
+        fb, sampling_reqs, prompt_spans = self.build(sb, decode_slots)
+        self.model.attn_backend.prepare(fb)
+        hidden = self.model(fb.input_ids, fb.positions, fb)
+        logits = self.model.compute_logits(hidden[fb.logits_indices]) if sampling_reqs else None
+        prompt_logits = {id(req): self.model.compute_logits(hidden[s:s + n]) for req, s, n in prompt_spans}
+        return ForwardResult(logits, sampling_reqs, prompt_logits)

@@ -1,0 +1,154 @@
+"""Continuous batching: which requests run this step.
+
+Prefill first: admit waiting requests (longest cached prefix first under `lpm`) while the step's token
+budget and the KV pool allow, splitting a long prompt into chunks; otherwise decode every running
+request, retracting the newest ones back to waiting when the pool runs dry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlserve.config import SchedulerConfig
+from rlserve.engine.memory import RequestMemory
+from rlserve.engine.request import Request
+
+LPM_MAX_QUEUE = 128   # sorting by prefix match costs a tree walk per waiting request
+
+
+@dataclass
+class ScheduledBatch:
+    reqs: list[Request]
+    is_decode: bool
+    # Prefill only: whether each request's prompt is now complete (so it samples its next token).
+    completes: list[bool]
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, memory: RequestMemory) -> None:
+        self.cfg = cfg
+        self.memory = memory
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []       # prompt done, decoding
+        self.chunked: Request | None = None    # a prompt part-way through chunked prefill
+        self.new_token_ratio = cfg.init_new_token_ratio
+        self.prefilled_groups: set[str] = set()
+        self.num_retractions = 0
+
+    # ---- queue ----
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked)
+
+    def live(self) -> list[Request]:
+        return self.waiting + self.running + ([self.chunked] if self.chunked else [])
+
+    def remove(self, req: Request) -> None:
+        """Take a request out of every queue and free its memory (finish or abort)."""
+        if req in self.waiting:
+            self.waiting.remove(req)
+        if req in self.running:
+            self.running.remove(req)
+        if self.chunked is req:
+            self.chunked = None
+        self.memory.release(req, cache=True)
+        if req.index == 0:
+            self.prefilled_groups.add(req.group)   # siblings may no longer wait on it
+
+    def forget_group(self, group: str) -> None:
+        self.prefilled_groups.discard(group)
+
+    # ---- one step ----
+    def schedule(self) -> ScheduledBatch | None:
+        batch = self._schedule_prefill()
+        if batch is not None:
+            return batch
+        if self.running:
+            return self._schedule_decode()
+        return None
+
+    def _reserved(self) -> float:
+        return sum(r.remaining_new_tokens() for r in self.running) * self.new_token_ratio
+
+    def _waiting_order(self) -> list[Request]:
+        if self.cfg.policy == "lpm" and self.memory.tree is not None and len(self.waiting) <= LPM_MAX_QUEUE:
+            match = {id(r): len(self.memory.tree.match_prefix(r.fill_ids[:-1]).indices) for r in self.waiting}
+            return sorted(self.waiting, key=lambda r: (-match[id(r)], r.arrival))
+        return sorted(self.waiting, key=lambda r: r.arrival)
+
+    def _must_wait_for_sibling(self, req: Request) -> bool:
+        # With the prefix cache on, samples 1..n-1 wait for sample 0's prompt KV and then share it.
+        return (self.memory.tree is not None and req.params.n > 1 and req.index > 0
+                and req.group not in self.prefilled_groups)
+
+    def _schedule_prefill(self) -> ScheduledBatch | None:
+        budget = self.cfg.chunked_prefill_size
+        room = self.memory.available_tokens() - self._reserved()
+        reqs: list[Request] = []
+        completes: list[bool] = []
+
+        candidates = ([self.chunked] if self.chunked else []) + self._waiting_order()
+        for req in candidates:
+            continuing = req is self.chunked
+            if not continuing:
+                if len(self.running) + len(reqs) >= self.cfg.max_running_requests:
+                    break
+                if self._must_wait_for_sibling(req):
+                    continue
+                self.memory.match_and_lock(req, use_cache=req.params.prompt_logprobs is None)
+            extend = len(req.fill_ids) - req.kv_len
+            chunk = min(extend, budget)
+            done = chunk == extend
+            need = chunk + (req.remaining_new_tokens() * self.new_token_ratio if done else 0)
+            busy = bool(reqs or self.running)
+            if chunk <= 0 or (need > room and busy) or chunk > self.memory.available_tokens():
+                if not continuing:
+                    self.memory.release(req, cache=False)
+                break
+            slots = self.memory.alloc_tokens(chunk)
+            assert slots is not None
+            self.memory.table.table[req.row, req.kv_len:req.kv_len + chunk] = slots
+            if not req.admitted_once:
+                req.cached_tokens, req.admitted_once = req.kv_len, True
+            req.chunk_len = chunk
+            reqs.append(req)
+            completes.append(done)
+            budget -= chunk
+            room -= need
+            if not continuing:
+                self.waiting.remove(req)
+            self.chunked = None if done else req
+            if not done:
+                break
+        if not reqs:
+            return None
+        return ScheduledBatch(reqs, is_decode=False, completes=completes)
+
+    def _schedule_decode(self) -> ScheduledBatch:
+        while self.memory.available_tokens() < len(self.running) and len(self.running) > 1:
+            self._retract(max(self.running, key=lambda r: r.arrival))
+        self.new_token_ratio = max(self.cfg.min_new_token_ratio,
+                                   self.new_token_ratio - self.cfg.new_token_ratio_decay)
+        return ScheduledBatch(list(self.running), is_decode=True, completes=[])
+
+    def _retract(self, req: Request) -> None:
+        """Give a running request's KV back and requeue it; its tokens so far are recomputed later."""
+        self.running.remove(req)
+        self.memory.release(req, cache=True)
+        self.waiting.append(req)
+        self.num_retractions += 1
+        self.new_token_ratio = min(1.0, self.new_token_ratio + self.cfg.retract_ratio_step)
+
+    def after_prefill(self, batch: ScheduledBatch) -> None:
+        for req, done in zip(batch.reqs, batch.completes):
+            req.kv_len += req.chunk_len
+            self.memory.cache_written(req)
+            if done:
+                self.running.append(req)
+                if req.index == 0:
+                    self.prefilled_groups.add(req.group)
+
+    def alloc_decode_slots(self, batch: ScheduledBatch):
+        """One new slot per decoding request; None for a lone request that has outgrown the pool."""
+        return self.memory.alloc_tokens(len(batch.reqs))

@@ -1,0 +1,62 @@
+"""Reference attention over the KV pool in plain torch: gather each sequence's keys, pad, masked SDPA.
+
+Slow but obviously correct; every faster backend is tested against it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rlserve.engine.cache import KVPool
+from rlserve.layers.attention.base import ForwardBatch
+
+
+class TorchAttentionBackend:
+    def __init__(self, pool: KVPool, scale: float) -> None:
+        self.pool = pool
+        self.scale = scale
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        device = batch.input_ids.device
+        ext, seq = batch.extend_lens, batch.seq_lens
+        max_ext, max_seq = max(batch.extend_lens_cpu), max(batch.seq_lens_cpu)
+        b = batch.batch_size
+        key_pos = torch.arange(max_seq, device=device)
+        key_valid = key_pos[None, :] < seq[:, None]                                   # [B, S]
+        # Flat token t of sequence b sits at padded row j = t - cu_extend[b].
+        cu = torch.zeros(b + 1, dtype=torch.int64, device=device)
+        cu[1:] = torch.cumsum(ext, 0)
+        self._rows = torch.repeat_interleave(torch.arange(b, device=device), ext)
+        self._cols = torch.arange(batch.input_ids.numel(), device=device) - cu[:-1][self._rows]
+        q_pos = (seq - ext)[:, None] + torch.arange(max_ext, device=device)[None, :]  # absolute position
+        mask = key_valid[:, None, :] & (key_pos[None, None, :] <= q_pos[:, :, None])   # [B, E, S]
+        mask[:, :, 0] = True  # padded query rows must see something; their output is discarded
+        self._mask = mask[:, None]                                                     # [B, 1, E, S]
+        self._kv_index = torch.where(key_valid, batch.req_to_token[batch.req_rows, :max_seq], 0)
+        self._shape = (b, max_ext)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+                batch: ForwardBatch) -> torch.Tensor:
+        self.pool.store(layer, batch.out_cache_loc, k, v)
+        b, max_ext = self._shape
+        heads, dim = q.shape[1], q.shape[2]
+        qp = q.new_zeros(b, max_ext, heads, dim)
+        qp[self._rows, self._cols] = q
+        keys = self.pool.k_buffers[layer][self._kv_index]      # [B, S, KvH, D]
+        values = self.pool.v_buffers[layer][self._kv_index]
+        out = F.scaled_dot_product_attention(
+            qp.transpose(1, 2), keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
+            attn_mask=self._mask, scale=self.scale, enable_gqa=True)             # [B, H, E, D]
+        return out.transpose(1, 2)[self._rows, self._cols].reshape(-1, heads * dim)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     cu_seqlens: list[int]) -> torch.Tensor:
+    """Plain causal attention over packed sequences without a KV pool (training, reference)."""
+    outs = []
+    for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
+                                           v[s:e].transpose(0, 1), is_causal=True, scale=scale,
+                                           enable_gqa=True)
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs).reshape(q.shape[0], -1)

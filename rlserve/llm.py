@@ -1,0 +1,134 @@
+"""LLM: the offline, in-process API (shaped like vLLM's so it feels familiar)."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Iterator, Sequence
+
+from rlserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from rlserve.engine.engine import Engine
+from rlserve.outputs import RequestOutput
+from rlserve.sampling import SamplingParams
+
+Prompt = str | list[int]
+Message = dict[str, Any]
+
+
+class LLM:
+    """`LLM(model=None | path | .gguf | preset)`; None serves the default SmolLM2-135M-Instruct."""
+
+    def __init__(self, model: str | None = None, *, load_format: str = "auto", dtype: str = "auto",
+                 device: str = "auto", seed: int = 0, max_model_len: int | None = None,
+                 tokenizer: str | None = None, attention_backend: str = "auto",
+                 enable_radix_cache: bool = True, kv_cache_bytes: int | None = None,
+                 gpu_memory_fraction: float = 0.85, max_total_tokens: int | None = None,
+                 max_running_requests: int = 256, chunked_prefill_size: int = 2048,
+                 schedule_policy: str = "fcfs") -> None:
+        cache = CacheConfig(enable_radix_cache=enable_radix_cache, gpu_memory_fraction=gpu_memory_fraction,
+                            max_total_tokens=max_total_tokens)
+        if kv_cache_bytes is not None:
+            cache = replace(cache, kv_cache_bytes=kv_cache_bytes)
+        sched = SchedulerConfig(max_running_requests=max_running_requests,
+                                chunked_prefill_size=chunked_prefill_size, policy=schedule_policy)
+        self.config = EngineConfig(model=model, load_format=load_format, dtype=dtype, device=device,
+                                   seed=seed, max_model_len=max_model_len, tokenizer=tokenizer,
+                                   attention_backend=attention_backend, cache=cache, scheduler=sched)
+        self.engine = Engine(self.config)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    # ---- generation ----
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt to completion; results in the order of the prompts."""
+        rids = self._submit(prompts, sampling_params)
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm and len(rids) > 1:
+            from tqdm import tqdm
+            bar = tqdm(total=len(rids), desc="generating", unit="req")
+        try:
+            while len(done) < len(rids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        if bar:
+                            bar.update(1)
+        except BaseException:
+            for rid in rids:          # leave the engine clean for the next call
+                if rid not in done:
+                    self.engine.abort(rid)
+            raise
+        finally:
+            if bar:
+                bar.close()
+        return [done[r] for r in rids]
+
+    def stream(self, prompts: Prompt | Sequence[Prompt],
+               sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[RequestOutput]:
+        """Yield a cumulative RequestOutput each time a request advances (text grows, or it finishes).
+        Stopping the iteration early aborts whatever is still running."""
+        rids = self._submit(prompts, sampling_params)
+        pending = set(rids)
+        try:
+            while pending:
+                for out in self.engine.step():
+                    if out.request_id in pending:
+                        if out.finished:
+                            pending.discard(out.request_id)
+                        yield out
+        finally:
+            for rid in pending:
+                self.engine.abort(rid)
+
+    def chat(self, messages: list[Message] | list[list[Message]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """One conversation (a list of messages) or several; rendered with the tokenizer's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.apply_chat_template(c, add_generation_prompt, **(chat_template_kwargs or {}))
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(self, conversation: list[Message], add_generation_prompt: bool = True,
+                            **kwargs: Any) -> str:
+        tok = self.engine.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template")
+        return tok.apply_chat_template(conversation, tokenize=False,
+                                       add_generation_prompt=add_generation_prompt, **kwargs)
+
+    # ---- helpers ----
+    def encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            tok = self.engine.tokenizer
+            if tok is None:
+                raise ValueError("this model has no tokenizer: pass token ids instead of text")
+            # Chat-rendered prompts already carry their special tokens.
+            return prompt, tok.encode(prompt, add_special_tokens=False)
+        return None, list(prompt)
+
+    def _submit(self, prompts, sampling_params) -> list[str]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        encoded = [self.encode(p) for p in prompts]     # validate everything before queueing anything
+        rids: list[str] = []
+        try:
+            for (text, ids), sp in zip(encoded, params):
+                rids.append(self.engine.add_request(ids, sp, prompt=text))
+        except Exception:
+            for rid in rids:
+                self.engine.abort(rid)
+            raise
+        return rids
