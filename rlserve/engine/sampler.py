@@ -115,6 +115,11 @@ def _filtered_sorted_probs(logits: torch.Tensor, rows: list[SampleRow]) -> tuple
     return probs, ids
 
 
+def _unfiltered(row: SampleRow) -> bool:
+    p = row.params
+    return row.generator is None and p.top_k == -1 and p.top_p == 1.0 and p.min_p == 0.0
+
+
 class Sampler:
     def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -140,12 +145,25 @@ class Sampler:
             logits = _ban(logits, rows)
             token_ids = logits.argmax(dim=-1)
             random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
-            if random_rows:
-                sel = torch.tensor(random_rows, device=logits.device)
-                sub_rows = [rows[i] for i in random_rows]
-                token_ids[sel] = self._draw(logits[sel], sub_rows)
+            # Unseeded rows without filters take one batched draw; the rest need their own generator
+            # and a sorted distribution.
+            plain = [i for i in random_rows if _unfiltered(rows[i])]
+            other = [i for i in random_rows if not _unfiltered(rows[i])]
+            if plain:
+                sel = torch.tensor(plain, device=logits.device)
+                token_ids[sel] = self._draw_plain(logits[sel], [rows[i] for i in plain])
+            if other:
+                sel = torch.tensor(other, device=logits.device)
+                token_ids[sel] = self._draw(logits[sel], [rows[i] for i in other])
         ids = token_ids.tolist()
         return SampleOutput(ids, self._logprobs(raw, ids, [r.params.logprobs for r in rows]))
+
+    def _draw_plain(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """Exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i."""
+        temps = torch.tensor([r.params.temperature for r in rows], device=logits.device)
+        probs = torch.softmax((logits - logits.max(dim=-1, keepdim=True).values) / temps[:, None], dim=-1)
+        race = torch.empty_like(probs).exponential_(generator=self.generator)
+        return (probs / race).argmax(dim=-1)
 
     def _draw(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         probs, sorted_ids = _filtered_sorted_probs(logits, rows)
