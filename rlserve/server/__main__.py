@@ -1,0 +1,24 @@
+"""`python -m rlserve.server [flags]`: the same as `rlserve serve`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rlserve.cli import add_engine_args
+from rlserve.server.app import add_server_args, serve_from_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rlserve.server", description="rlserve HTTP server")
+    add_engine_args(parser)
+    add_server_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        return serve_from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The engine process: receive commands over ZMQ, step the Engine, send per-request deltas back.
+
+The loop drains commands without blocking while requests are in flight and blocks on the socket
+when idle. A bad request fails alone (its ValueError goes back as an error update); an unexpected
+error in a step fails the requests in flight and the loop carries on.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import traceback
+from typing import Any
+
+import zmq
+
+from rlserve.config import EngineConfig
+from rlserve.outputs import RequestOutput
+from rlserve.server import ipc
+
+log = logging.getLogger("rlserve.core")
+IDLE_POLL_MS = 200
+
+
+class EngineLoop:
+    def __init__(self, engine: Any, push: zmq.Socket, max_waiting: int | None) -> None:
+        self.engine = engine
+        self.push = push
+        self.max_waiting = max_waiting
+        # rid → per-sequence (tokens sent, characters of text sent)
+        self.sent: dict[str, list[tuple[int, int]]] = {}
+        self.stopped = False
+
+    # ---- commands ----
+    def handle(self, cmd: ipc.Command) -> list[ipc.Update]:
+        if isinstance(cmd, ipc.AddRequest):
+            return self._add(cmd)
+        if isinstance(cmd, ipc.Abort):
+            rids = list(self.sent) if cmd.rid is None else [cmd.rid]
+            outs = [o for o in (self.engine.abort(r) for r in rids) if o is not None]
+            return [self._delta(o) for o in outs]
+        if isinstance(cmd, ipc.Query):
+            self._send(ipc.Reply(cmd.qid, self._query(cmd.what)))
+        elif isinstance(cmd, ipc.Shutdown):
+            self.stopped = True
+        return []
+
+    def _add(self, cmd: ipc.AddRequest) -> list[ipc.Update]:
+        from rlserve.sampling import SamplingParams
+        if self.max_waiting is not None and len(self.engine.scheduler.waiting) >= self.max_waiting:
+            return [ipc.Update(cmd.rid, [], finished=True, status=503,
+                               error=f"the server is overloaded: {self.max_waiting} requests are already "
+                                     f"waiting; retry later")]
+        try:
+            params = SamplingParams(**cmd.params)
+            self.engine.add_request(cmd.prompt_ids, params, rid=cmd.rid, prompt=cmd.prompt)
+        except (ValueError, TypeError) as e:
+            return [ipc.Update(cmd.rid, [], finished=True, status=400, error=str(e))]
+        self.sent[cmd.rid] = [(0, 0)] * params.n
+        return []
+
+    def _query(self, what: str) -> dict[str, Any]:
+        eng = self.engine
+        if what == "flush_cache":
+            return {"success": bool(eng.flush_cache())}
+        sched = eng.scheduler
+        tree = eng.tree
+        return {
+            "kv_total": eng.allocator.size,
+            "kv_available": eng.allocator.available(),
+            "kv_usage": eng.kv_usage(),
+            "kv_leaked": eng.kv_leaked(),
+            "tree_tokens": tree.total_size() if tree is not None else 0,
+            "tree_evictable_tokens": tree.evictable_size() if tree is not None else 0,
+            "num_running": len(sched.running) + (1 if sched.chunked else 0),
+            "num_waiting": len(sched.waiting),
+            "num_requests": len(self.sent),
+            "num_retractions": sched.num_retractions,
+            "stats": dict(eng.stats),
+        }
+
+    # ---- outputs ----
+    def _delta(self, out: RequestOutput) -> ipc.Update:
+        sent = self.sent.get(out.request_id) or [(0, 0)] * len(out.outputs)
+        seqs, now = [], []
+        for comp, (n_tok, n_txt) in zip(out.outputs, sent):
+            lps = comp.logprobs[n_tok:] if comp.logprobs is not None else None
+            seqs.append(ipc.SeqDelta(comp.index, comp.text[n_txt:], comp.token_ids[n_tok:], lps,
+                                     comp.finish_reason, comp.stop_reason))
+            now.append((len(comp.token_ids), len(comp.text)))
+        upd = ipc.Update(out.request_id, seqs, len(out.prompt_token_ids), out.cached_tokens, out.finished)
+        if out.finished:
+            self.sent.pop(out.request_id, None)
+            upd.prompt_logprobs = out.prompt_logprobs
+        else:
+            self.sent[out.request_id] = now
+        return upd
+
+    def step(self) -> list[ipc.Update]:
+        try:
+            return [self._delta(o) for o in self.engine.step()]
+        except Exception:
+            log.error("engine step failed; failing the requests in flight:\n%s", traceback.format_exc())
+            failed = []
+            for rid in list(self.sent):
+                try:
+                    self.engine.abort(rid)
+                except Exception:
+                    pass
+                failed.append(ipc.Update(rid, [], finished=True, status=500,
+                                         error="internal engine error; the request was aborted"))
+            self.sent.clear()
+            return failed
+
+    def _send(self, msg: ipc.Event) -> None:
+        self.push.send(ipc.encoder.encode(msg), copy=False)
+
+    def send_updates(self, updates: list[ipc.Update]) -> None:
+        if updates:
+            self._send(ipc.Updates(updates))
+
+
+def engine_info(engine: Any) -> dict[str, Any]:
+    cfg = engine.model_config
+    return {"max_model_len": engine.max_model_len, "vocab_size": cfg.vocab_size,
+            "architecture": cfg.architecture, "kv_total": engine.allocator.size,
+            "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch.")}
+
+
+def run_engine(config: EngineConfig, in_addr: str, out_addr: str, max_waiting: int | None) -> None:
+    """Entry point of the engine process."""
+    # The front end owns the lifecycle: it drains on SIGTERM, then tells us to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.connect(in_addr)
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 1000)
+    push.connect(out_addr)
+    try:
+        from rlserve.engine.engine import Engine
+        engine = Engine(config)
+    except Exception as e:
+        push.send(ipc.encoder.encode(ipc.Failed(f"{type(e).__name__}: {e}")))
+        push.close()
+        ctx.term()
+        return
+    push.send(ipc.encoder.encode(ipc.Ready(engine_info(engine))))
+    loop = EngineLoop(engine, push, max_waiting)
+    parent = multiprocessing.parent_process()
+    idle_steps = 0
+    while not loop.stopped:
+        busy = engine.has_unfinished()
+        # After a step that produced nothing (a prefill chunk, or nothing schedulable) wait a moment
+        # on the socket instead of spinning.
+        timeout = 0 if busy and idle_steps == 0 else (1 if busy else IDLE_POLL_MS)
+        updates: list[ipc.Update] = []
+        if pull.poll(timeout):
+            while True:
+                try:
+                    raw = pull.recv(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                try:
+                    updates += loop.handle(ipc.command_decoder.decode(raw.buffer))
+                except Exception:
+                    log.error("bad command:\n%s", traceback.format_exc())
+        elif not busy and parent is not None and not parent.is_alive():
+            break
+        loop.send_updates(updates)
+        if loop.stopped:
+            break
+        if engine.has_unfinished():
+            stepped = loop.step()
+            idle_steps = 0 if stepped else idle_steps + 1
+            loop.send_updates(stepped)
+    push.close()
+    pull.close(linger=0)
+    ctx.term()

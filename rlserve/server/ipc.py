@@ -1,0 +1,76 @@
+"""Messages between the front end and the engine process (msgspec msgpack over ZMQ PUSH/PULL)."""
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+# ---- front end → engine ----
+class AddRequest(msgspec.Struct, tag=True):
+    rid: str
+    prompt_ids: list[int]
+    params: dict[str, Any]          # SamplingParams keyword arguments, already validated once
+    prompt: str | None = None
+
+
+class Abort(msgspec.Struct, tag=True):
+    rid: str | None = None          # None aborts everything
+
+
+class Query(msgspec.Struct, tag=True):
+    qid: int
+    what: str                       # "info" | "flush_cache"
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    pass
+
+
+Command = AddRequest | Abort | Query | Shutdown
+
+
+# ---- engine → front end ----
+class SeqDelta(msgspec.Struct):
+    """What one sequence (choice) of a request gained since the last update."""
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class Update(msgspec.Struct):
+    rid: str
+    seqs: list[SeqDelta]
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    finished: bool = False
+    error: str | None = None        # the request failed alone; `status` is the HTTP status to report
+    status: int = 400
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+
+
+class Updates(msgspec.Struct, tag=True):
+    items: list[Update]
+
+
+class Reply(msgspec.Struct, tag=True):
+    qid: int
+    data: dict[str, Any]
+
+
+class Ready(msgspec.Struct, tag=True):
+    info: dict[str, Any]
+
+
+class Failed(msgspec.Struct, tag=True):
+    message: str
+
+
+Event = Updates | Reply | Ready | Failed
+
+encoder = msgspec.msgpack.Encoder()
+command_decoder = msgspec.msgpack.Decoder(Command)
+event_decoder = msgspec.msgpack.Decoder(Event)

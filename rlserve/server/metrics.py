@@ -1,0 +1,83 @@
+"""Prometheus metrics: counters and histograms fed by the front end, gauges read from the engine."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from rlserve.server import ipc
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self, model_name: str) -> None:
+        # One registry per server keeps several servers in one process (tests) apart.
+        self.registry = r = CollectorRegistry()
+        lbl = ["model_name"]
+        self.model_name = model_name
+        self.requests = Counter("rlserve_requests", "Finished requests by finish reason", lbl + ["finish_reason"],
+                                registry=r)
+        self.http_errors = Counter("rlserve_request_errors", "Requests refused or failed, by HTTP status",
+                                   lbl + ["status"], registry=r)
+        self.prompt_tokens = Counter("rlserve_prompt_tokens", "Prompt tokens of finished requests", lbl, registry=r)
+        self.generation_tokens = Counter("rlserve_generation_tokens", "Generated tokens", lbl, registry=r)
+        self.cached_tokens = Counter("rlserve_cached_tokens", "Prompt tokens served from the prefix cache", lbl,
+                                     registry=r)
+        self.running = Gauge("rlserve_num_requests_running", "Requests running in the engine", lbl, registry=r)
+        self.waiting = Gauge("rlserve_num_requests_waiting", "Requests waiting in the engine", lbl, registry=r)
+        self.kv_usage = Gauge("rlserve_kv_cache_usage_ratio", "Fraction of KV pool slots in use", lbl, registry=r)
+        self.hit_rate = Gauge("rlserve_prefix_cache_hit_rate", "Cached prompt tokens / prompt tokens", lbl,
+                              registry=r)
+        self.ttft = Histogram("rlserve_time_to_first_token_seconds", "Time to first token", lbl,
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("rlserve_inter_token_latency_seconds", "Time between output tokens", lbl,
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("rlserve_e2e_request_latency_seconds", "End-to-end request latency", lbl,
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self._timing: dict[str, tuple[float, float | None]] = {}   # rid → (start, last token time)
+
+    def start(self, rid: str) -> None:
+        self._timing[rid] = (time.monotonic(), None)
+
+    def on_update(self, rid: str, u: ipc.Update) -> None:
+        m = self.model_name
+        now = time.monotonic()
+        start, last = self._timing.get(rid, (now, None))
+        new = sum(len(d.token_ids) for d in u.seqs)
+        if new:
+            self.generation_tokens.labels(m).inc(new)
+            if last is None:
+                self.ttft.labels(m).observe(now - start)
+            else:
+                per = (now - last) / new
+                for _ in range(new):
+                    self.itl.labels(m).observe(per)
+            last = now
+        self._timing[rid] = (start, last)
+        if u.finished:
+            self._timing.pop(rid, None)
+            self.e2e.labels(m).observe(now - start)
+            self.prompt_tokens.labels(m).inc(u.prompt_tokens)
+            self.cached_tokens.labels(m).inc(u.cached_tokens)
+            for d in u.seqs:
+                self.requests.labels(m, d.finish_reason or "unknown").inc()
+
+    def forget(self, rid: str) -> None:
+        self._timing.pop(rid, None)
+
+    def error(self, status: int) -> None:
+        self.http_errors.labels(self.model_name, str(status)).inc()
+
+    def set_engine(self, info: dict[str, Any]) -> None:
+        m = self.model_name
+        self.running.labels(m).set(info.get("num_running", 0))
+        self.waiting.labels(m).set(info.get("num_waiting", 0))
+        self.kv_usage.labels(m).set(info.get("kv_usage", 0.0))
+        stats = info.get("stats", {})
+        prompt = stats.get("prompt_tokens", 0) + stats.get("cached_tokens", 0)
+        self.hit_rate.labels(m).set(stats.get("cached_tokens", 0) / prompt if prompt else 0.0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

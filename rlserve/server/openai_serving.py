@@ -1,0 +1,338 @@
+"""/v1/completions and /v1/chat/completions: OpenAI requests in, engine deltas out in OpenAI shapes."""
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import Request
+
+from rlserve.server import ipc
+from rlserve.server.errors import APIError, error_body
+from rlserve.server.frontend import EngineDeadError, RequestFailed, RequestResult, SeqState
+from rlserve.server.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
+from rlserve.server.state import ServerState, finite, new_id, validated
+from rlserve.server.streams import SSE_DONE, gather_or_cancel, merge, sse, until_disconnect
+
+_OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+             "repetition_penalty")
+
+
+def sampling_kwargs(req: _Sampling, max_tokens: int | None, logprobs: int | None) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "n": req.n, "max_tokens": max_tokens, "min_tokens": req.min_tokens, "seed": req.seed,
+        "stop": req.stop, "stop_token_ids": req.stop_token_ids, "ignore_eos": req.ignore_eos,
+        "skip_special_tokens": req.skip_special_tokens, "logprobs": logprobs,
+        "include_stop_str_in_output": req.include_stop_str_in_output,
+    }
+    for name in _OPTIONAL:
+        if getattr(req, name) is not None:
+            params[name] = getattr(req, name)
+    return validated(params)
+
+
+@dataclass
+class Prepared:
+    """A validated OpenAI request: one engine request per prompt, `n` choices each."""
+    rid: str
+    prompts: list[tuple[str | None, list[int]]]
+    params: dict[str, Any]
+
+    @property
+    def n(self) -> int:
+        return self.params["n"]
+
+
+def usage(results: list[RequestResult]) -> dict[str, int | dict[str, int]]:
+    prompt = sum(r.prompt_tokens or len(r.prompt_ids) for r in results)
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in results)}}
+
+
+class OpenAIServing:
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.client = state.client
+
+    # ---- shared ----
+    def _encode_prompts(self, prompt: Any) -> list[tuple[str | None, list[int]]]:
+        if isinstance(prompt, str):
+            items: list[Any] = [prompt]
+        elif prompt and all(isinstance(t, int) for t in prompt):
+            items = [list(prompt)]
+        else:
+            items = list(prompt)
+        if not items:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        if len(items) > self.state.args.max_prompts_per_request:
+            raise APIError(400, f"at most {self.state.args.max_prompts_per_request} prompts per request",
+                           param="prompt")
+        out = []
+        for p in items:
+            text, ids = (p, self.client.encode(p)) if isinstance(p, str) else (None, list(p))
+            self.client.check_prompt(ids)
+            out.append((text, ids))
+        return out
+
+    def _streams(self, prep: Prepared) -> list[AsyncIterator[ipc.Update]]:
+        for i in range(len(prep.prompts)):
+            self.state.metrics.start(f"{prep.rid}-{i}")
+        return [self.client.generate(f"{prep.rid}-{i}", ids, prep.params, text)
+                for i, (text, ids) in enumerate(prep.prompts)]
+
+    async def _collect(self, request: Request, prep: Prepared) -> list[RequestResult]:
+        async def one(i: int, text: str | None, ids: list[int]) -> RequestResult:
+            res = RequestResult(f"{prep.rid}-{i}", ids, [SeqState() for _ in range(prep.n)])
+            self.state.metrics.start(res.rid)
+            try:
+                async for u in self.client.generate(res.rid, ids, prep.params, text):
+                    res.apply(u)
+            finally:
+                self.state.metrics.forget(res.rid)
+            return res
+        return await until_disconnect(
+            request, gather_or_cancel([one(i, t, ids) for i, (t, ids) in enumerate(prep.prompts)]))
+
+    async def _primed(self, request: Request, prep: Prepared) -> tuple[AsyncIterator[tuple[int, ipc.Update]],
+                                                                        tuple[int, ipc.Update]]:
+        """Start the engine requests and wait for their first update, so that request errors
+        (overload, a bad prompt) still become an HTTP error status instead of a broken stream."""
+        merged = merge(self._streams(prep))
+        try:
+            first = await until_disconnect(request, anext(merged))
+        except BaseException:
+            await merged.aclose()
+            raise
+        return merged, first
+
+    async def _guarded(self, prep: Prepared, stream: AsyncIterator[str]) -> AsyncIterator[str]:
+        """Once the stream has begun, a failure can only be reported in-band: an error event, then [DONE]."""
+        try:
+            async for s in stream:
+                yield s
+        except (RequestFailed, EngineDeadError) as e:
+            status = e.status if isinstance(e, RequestFailed) else 503
+            yield sse(error_body(status, str(e)))
+            yield SSE_DONE
+        finally:
+            await stream.aclose()
+            for i in range(len(prep.prompts)):
+                self.state.metrics.forget(f"{prep.rid}-{i}")
+
+    def _logprob_items(self, tokens: list[int], lps: list[dict[int, float]], k: int) -> list[tuple]:
+        out = []
+        for tok, d in zip(tokens, lps):
+            top = sorted(d.items(), key=lambda kv: -kv[1])[:k]
+            out.append((self.client.token_str(tok), finite(d.get(tok, LOGPROB_MISSING)),
+                        [(self.client.token_str(a), finite(lp)) for a, lp in top]))
+        return out
+
+    # ---- /v1/completions ----
+    def prepare_completion(self, req: CompletionRequest) -> Prepared:
+        self.state.check_model(req.model)
+        if req.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of must equal n (rlserve returns every sample)", param="best_of")
+        params = sampling_kwargs(req, req.max_tokens, req.logprobs)
+        if req.echo and req.logprobs is not None:
+            params["prompt_logprobs"] = req.logprobs
+        return Prepared(new_id("cmpl"), self._encode_prompts(req.prompt), params)
+
+    def _completion_logprobs(self, tokens: list[int], lps: list[dict[int, float]] | None, k: int,
+                             offset: int) -> tuple[dict[str, list], int]:
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for s, lp, top in self._logprob_items(tokens, lps or [], k):
+            out["tokens"].append(s)
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append(dict(top))
+            out["text_offset"].append(offset)
+            offset += len(s)
+        return out, offset
+
+    def _echo_logprobs(self, res: RequestResult, k: int) -> dict[str, list]:
+        ids, plps = res.prompt_ids, res.prompt_logprobs or []
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = 0
+        for i, tok in enumerate(ids):
+            d = plps[i] if i < len(plps) else None
+            s = self.client.token_str(tok)
+            out["tokens"].append(s)
+            out["text_offset"].append(offset)
+            offset += len(s)
+            if d is None:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+            else:
+                top = sorted(d.items(), key=lambda kv: -kv[1])[:k]
+                out["token_logprobs"].append(finite(d.get(tok, LOGPROB_MISSING)))
+                out["top_logprobs"].append({self.client.token_str(a): finite(lp) for a, lp in top})
+        return out
+
+    async def completion(self, request: Request, req: CompletionRequest) -> Any:
+        prep = self.prepare_completion(req)
+        if req.stream:
+            merged, first = await self._primed(request, prep)
+            return StreamingResponse(self._guarded(prep, self._completion_stream(req, prep, merged, first)),
+                                     media_type="text/event-stream")
+        results = await self._collect(request, prep)
+        choices = []
+        for i, res in enumerate(results):
+            text_prefix = (prep.prompts[i][0] or self.client.decode(res.prompt_ids)) if req.echo else ""
+            for j, seq in enumerate(res.seqs):
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs, _ = self._completion_logprobs(seq.token_ids, seq.logprobs, req.logprobs,
+                                                            len(text_prefix))
+                    if req.echo:
+                        echo = self._echo_logprobs(res, req.logprobs)
+                        logprobs = {key: echo[key] + logprobs[key] for key in logprobs}
+                choices.append({"index": i * prep.n + j, "text": text_prefix + seq.text, "logprobs": logprobs,
+                                "finish_reason": seq.finish_reason, "stop_reason": seq.stop_reason})
+        return JSONResponse({"id": prep.rid, "object": "text_completion", "created": int(time.time()),
+                             "model": self.state.model_name, "choices": choices, "usage": usage(results)})
+
+    async def _completion_stream(self, req: CompletionRequest, prep: Prepared,
+                                 merged: AsyncIterator[tuple[int, ipc.Update]],
+                                 first: tuple[int, ipc.Update]) -> AsyncIterator[str]:
+        created, model = int(time.time()), self.state.model_name
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        results = [RequestResult(f"{prep.rid}-{i}", ids, [SeqState() for _ in range(prep.n)])
+                   for i, (_, ids) in enumerate(prep.prompts)]
+        offsets = [[0] * prep.n for _ in prep.prompts]
+        echoed = [[not req.echo] * prep.n for _ in prep.prompts]
+
+        def chunk(choices: list[dict]) -> str:
+            body = {"id": prep.rid, "object": "text_completion", "created": created, "model": model,
+                    "choices": choices}
+            if include_usage:
+                body["usage"] = None
+            return sse(body)
+
+        async def items() -> AsyncIterator[tuple[int, ipc.Update]]:
+            yield first
+            async for x in merged:
+                yield x
+
+        try:
+            async for i, u in items():
+                results[i].apply(u)
+                choices = []
+                for d in u.seqs:
+                    text = d.text
+                    if not echoed[i][d.index]:
+                        echoed[i][d.index] = True
+                        text = (prep.prompts[i][0] or self.client.decode(prep.prompts[i][1])) + text
+                    if not (text or d.token_ids or d.finish_reason):
+                        continue
+                    logprobs = None
+                    if req.logprobs is not None:
+                        logprobs, offsets[i][d.index] = self._completion_logprobs(
+                            d.token_ids, d.logprobs, req.logprobs, offsets[i][d.index])
+                    choices.append({"index": i * prep.n + d.index, "text": text, "logprobs": logprobs,
+                                    "finish_reason": d.finish_reason, "stop_reason": d.stop_reason})
+                if choices:
+                    yield chunk(choices)
+            if include_usage:
+                yield sse({"id": prep.rid, "object": "text_completion", "created": created, "model": model,
+                           "choices": [], "usage": usage(results)})
+            yield SSE_DONE
+        finally:
+            await merged.aclose()
+
+    # ---- /v1/chat/completions ----
+    def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
+        self.state.check_model(req.model)
+        if req.response_format is not None and req.response_format.type != "text":
+            raise APIError(400, f"response_format {req.response_format.type!r} is not supported yet",
+                           param="response_format")
+        if req.tools:
+            raise APIError(400, "tools are not supported", param="tools")
+        messages = []
+        for m in req.messages:
+            content = m.content if isinstance(m.content, str) or m.content is None else \
+                "".join(p.text for p in m.content)
+            msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                                   "content": content or ""}
+            if m.name:
+                msg["name"] = m.name
+            messages.append(msg)
+        text = self.client.apply_chat_template(messages, req.add_generation_prompt,
+                                               **(req.chat_template_kwargs or {}))
+        ids = self.client.encode(text)
+        self.client.check_prompt(ids)
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        params = sampling_kwargs(req, req.max_completion_tokens or req.max_tokens, k)
+        return Prepared(new_id("chatcmpl"), [(text, ids)], params)
+
+    def _chat_logprobs(self, tokens: list[int], lps: list[dict[int, float]] | None, k: int) -> dict[str, list]:
+        def entry(s: str, lp: float) -> dict[str, Any]:
+            return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8", "replace"))}
+        return {"content": [{**entry(s, lp), "top_logprobs": [entry(a, alp) for a, alp in top]}
+                            for s, lp, top in self._logprob_items(tokens, lps or [], k)]}
+
+    async def chat(self, request: Request, req: ChatCompletionRequest) -> Any:
+        prep = self.prepare_chat(req)
+        k = req.top_logprobs or 0
+        if req.stream:
+            merged, first = await self._primed(request, prep)
+            return StreamingResponse(self._guarded(prep, self._chat_stream(req, prep, merged, first)),
+                                     media_type="text/event-stream")
+        (res,) = await self._collect(request, prep)
+        choices = [{"index": j, "message": {"role": "assistant", "content": seq.text},
+                    "logprobs": self._chat_logprobs(seq.token_ids, seq.logprobs, k) if req.logprobs else None,
+                    "finish_reason": seq.finish_reason, "stop_reason": seq.stop_reason}
+                   for j, seq in enumerate(res.seqs)]
+        return JSONResponse({"id": prep.rid, "object": "chat.completion", "created": int(time.time()),
+                             "model": self.state.model_name, "choices": choices, "usage": usage([res])})
+
+    async def _chat_stream(self, req: ChatCompletionRequest, prep: Prepared,
+                           merged: AsyncIterator[tuple[int, ipc.Update]],
+                           first: tuple[int, ipc.Update]) -> AsyncIterator[str]:
+        created, model = int(time.time()), self.state.model_name
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        res = RequestResult(prep.rid, prep.prompts[0][1], [SeqState() for _ in range(prep.n)])
+        k = req.top_logprobs or 0
+
+        def chunk(choices: list[dict]) -> str:
+            body = {"id": prep.rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": choices}
+            if include_usage:
+                body["usage"] = None
+            return sse(body)
+
+        try:
+            yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for j in range(prep.n)])
+            pending = [first]
+            while True:
+                if pending:
+                    _, u = pending.pop()
+                else:
+                    nxt = await anext(merged, None)
+                    if nxt is None:
+                        break
+                    _, u = nxt
+                res.apply(u)
+                choices = []
+                for d in u.seqs:
+                    if not (d.text or d.token_ids or d.finish_reason):
+                        continue
+                    choices.append({"index": d.index, "delta": {"content": d.text} if d.text else {},
+                                    "logprobs": self._chat_logprobs(d.token_ids, d.logprobs, k)
+                                    if req.logprobs else None,
+                                    "finish_reason": d.finish_reason, "stop_reason": d.stop_reason})
+                if choices:
+                    yield chunk(choices)
+            if include_usage:
+                yield sse({"id": prep.rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [], "usage": usage([res])})
+            yield SSE_DONE
+        finally:
+            await merged.aclose()
+
+
+LOGPROB_MISSING = float("-inf")
