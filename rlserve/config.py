@@ -110,6 +110,8 @@ class EngineConfig:
     seed: int = 0
     max_model_len: int | None = None
     attention_backend: str = "auto"         # "torch" | "triton" | "auto"
+    cuda_graph: bool = True                 # capture decode graphs on CUDA (eager when False)
+    cuda_graph_max_bs: int = 256
     tokenizer: str | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

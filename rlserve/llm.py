@@ -22,7 +22,8 @@ class LLM:
                  enable_radix_cache: bool = True, kv_cache_bytes: int | None = None,
                  gpu_memory_fraction: float = 0.85, max_total_tokens: int | None = None,
                  max_running_requests: int = 256, chunked_prefill_size: int = 2048,
-                 schedule_policy: str = "fcfs") -> None:
+                 schedule_policy: str = "fcfs", cuda_graph: bool = True,
+                 cuda_graph_max_bs: int = 256) -> None:
         cache = CacheConfig(enable_radix_cache=enable_radix_cache, gpu_memory_fraction=gpu_memory_fraction,
                             max_total_tokens=max_total_tokens)
         if kv_cache_bytes is not None:
@@ -31,7 +32,8 @@ class LLM:
                                 chunked_prefill_size=chunked_prefill_size, policy=schedule_policy)
         self.config = EngineConfig(model=model, load_format=load_format, dtype=dtype, device=device,
                                    seed=seed, max_model_len=max_model_len, tokenizer=tokenizer,
-                                   attention_backend=attention_backend, cache=cache, scheduler=sched)
+                                   attention_backend=attention_backend, cuda_graph=cuda_graph,
+                                   cuda_graph_max_bs=cuda_graph_max_bs, cache=cache, scheduler=sched)
         self.engine = Engine(self.config)
 
     def get_tokenizer(self):
@@ -50,7 +52,7 @@ class LLM:
             bar = tqdm(total=len(rids), desc="generating", unit="req")
         try:
             while len(done) < len(rids):
-                for out in self.engine.step():
+                for out in self.engine.step(emit_unfinished=False):
                     if out.finished:
                         done[out.request_id] = out
                         if bar:

@@ -60,11 +60,17 @@ class Engine:
         num_tokens = self._kv_budget_tokens(cfg, dtype)
         self.allocator = TokenAllocator(num_tokens, self.device)
         self.kv_pool = KVPool(cfg.num_layers, num_tokens + 1, cfg.num_kv_heads, cfg.head_dim, dtype, self.device)
-        self.table = ReqToTokenPool(config.scheduler.max_running_requests + 2, self.max_model_len + 1, self.device)
+        self.table = ReqToTokenPool(config.scheduler.max_running_requests + 3, self.max_model_len + 1, self.device)
+        self.pad_row = self.table.alloc()      # stays all zeros: padded graph rows point at KV slot 0
         self.tree = RadixCache(self.allocator) if config.cache.enable_radix_cache else None
         self.memory = RequestMemory(self.allocator, self.table, self.tree)
         self.model.attn_backend = create_backend(config.attention_backend, self.kv_pool, cfg, self.device)
         self.runner = ModelRunner(self.model, self.table, self.device)
+        # The torch backend sizes its masks on the host per batch, so only the triton one is captured.
+        graphable = type(self.model.attn_backend).__name__ == "TritonAttentionBackend"
+        if self.device.type == "cuda" and config.cuda_graph and graphable:
+            self.runner.capture_cuda_graphs(self.pad_row, min(config.cuda_graph_max_bs,
+                                                              config.scheduler.max_running_requests))
         self.scheduler = Scheduler(config.scheduler, self.memory)
         self.sampler = Sampler(seed=config.seed, device=self.device)
         self.groups: dict[str, _Group] = {}
@@ -163,8 +169,9 @@ class Engine:
         return bool(self.groups)
 
     # ---- the step ----
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; return outputs of every request group that changed."""
+    def step(self, emit_unfinished: bool = True) -> list[RequestOutput]:
+        """Run one scheduler step; return outputs of every request group that changed (only the
+        finished ones with emit_unfinished=False, which saves copying growing outputs each step)."""
         batch = self.scheduler.schedule()
         if batch is None:
             return []
@@ -189,7 +196,8 @@ class Engine:
         if result.sampling_reqs:
             self._sample(result.next_logits, result.sampling_reqs)
             for req in result.sampling_reqs:
-                changed[req.group] = self.groups[req.group]
+                if emit_unfinished or req.finished:
+                    changed[req.group] = self.groups[req.group]
         return self._emit(changed)
 
     def _add_prompt_logprobs(self, req: Request, logits: torch.Tensor) -> None:

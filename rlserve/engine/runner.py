@@ -23,6 +23,11 @@ class ModelRunner:
         self.model = model
         self.table = table
         self.device = device
+        self.graphs = None            # a CudaGraphRunner once captured
+
+    def capture_cuda_graphs(self, pad_row: int, max_bs: int) -> None:
+        from rlserve.engine.cuda_graph import CudaGraphRunner
+        self.graphs = CudaGraphRunner(self.model, self.table.table, pad_row, max_bs)
 
     def build(self, sb: ScheduledBatch, decode_slots: torch.Tensor | None) -> tuple[ForwardBatch, list, list]:
         ids: list[int] = []
@@ -69,6 +74,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, sb: ScheduledBatch, decode_slots: torch.Tensor | None = None) -> ForwardResult:
         fb, sampling_reqs, prompt_spans = self.build(sb, decode_slots)
+        if self.graphs is not None and self.graphs.can_run(fb):
+            return ForwardResult(self.graphs.run(fb), sampling_reqs, {})
         self.model.attn_backend.prepare(fb)
         hidden = self.model(fb.input_ids, fb.positions, fb)
         logits = self.model.compute_logits(hidden[fb.logits_indices]) if sampling_reqs else None
