@@ -268,7 +268,9 @@ def build_app(args: ServerArgs, client: EngineClient | None = None) -> FastAPI:
         return {"version": "0.1.0", "model": s.model_name, "host": args.host, "port": args.port,
                 "max_waiting_requests": args.max_waiting_requests, "drain_timeout": args.drain_timeout,
                 "max_model_len": s.client.info["max_model_len"], "device": s.client.info["device"],
-                "dtype": s.client.info["dtype"], "frontend_in_flight": s.client.num_in_flight, **engine}
+                "dtype": s.client.info["dtype"], "frontend_in_flight": s.client.num_in_flight,
+                "engine_pid": s.client.proc.pid if s.client.proc else None, "engine_alive": not s.client.dead,
+                **engine}
 
     @app.post("/abort_request")
     async def abort_request(req: P.AbortRequest) -> Any:
