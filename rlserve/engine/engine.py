@@ -235,7 +235,7 @@ class Engine:
             req.detokenizer.add(token)
             if req.detokenizer.stopped:
                 return self._finish(req, "stop", req.detokenizer.stop_string)
-        if len(req.output_ids) >= req.max_new_tokens or len(req.fill_ids) >= self.max_model_len:
+        if len(req.output_ids) >= req.max_new_tokens or req.num_tokens >= self.max_model_len:
             return self._finish(req, "length")
 
     def _finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:

@@ -97,7 +97,7 @@ class Scheduler:
                 if self._must_wait_for_sibling(req):
                     continue
                 self.memory.match_and_lock(req, use_cache=req.params.prompt_logprobs is None)
-            extend = len(req.fill_ids) - req.kv_len
+            extend = req.num_tokens - req.kv_len
             chunk = min(extend, budget)
             done = chunk == extend
             need = chunk + (req.remaining_new_tokens() * self.new_token_ratio if done else 0)
