@@ -94,6 +94,12 @@ def server_factory(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_args(default_model_dir) -> list[str]:
+    """Server flags for the tiny random model (it borrows the default model's tokenizer)."""
+    return list(TINY_ARGS)
+
+
+@pytest.fixture(scope="session")
 def tiny_server(server_factory, default_model_dir) -> Server:
     """A tiny random model: fast enough for load, bad-input and schema tests."""
     return server_factory(TINY_ARGS).wait_ready()

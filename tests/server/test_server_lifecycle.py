@@ -1,0 +1,134 @@
+"""Auth, overload, SIGTERM drain and engine death, each against its own server."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+KEY = "sk-test-key"
+
+
+@pytest.fixture(scope="module")
+def guarded_server(server_factory, tiny_args):
+    """--api-key, and a waiting queue of 1 behind a single running slot, so overload is easy to reach."""
+    return server_factory([*tiny_args, "--max-waiting-requests", "1", "--max-running-requests", "1"],
+                          api_key=KEY).wait_ready()
+
+
+def test_api_key(guarded_server):
+    url = guarded_server.url
+    assert httpx.get(url + "/health").status_code == 200          # open for load balancers
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("GET", "/metrics"),
+                             ("POST", "/generate"), ("GET", "/get_server_info")):
+            r = httpx.request(method, url + path, headers=headers, json={"prompt": "x"})
+            assert r.status_code == 401, (path, headers)
+            assert r.json()["error"]["type"] == "authentication_error"
+    ok = httpx.post(url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                    json={"prompt": "hi", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_openai_client_with_key(guarded_server):
+    openai = pytest.importorskip("openai")
+    good = openai.OpenAI(base_url=guarded_server.url + "/v1", api_key=KEY, max_retries=0)
+    assert good.completions.create(model="tiny-llama", prompt="hi", max_tokens=2).choices
+    bad = openai.OpenAI(base_url=guarded_server.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_overload_is_503_and_recovers(guarded_server):
+    url, headers = guarded_server.url, guarded_server.headers()
+    results: list[int] = []
+
+    def post() -> None:
+        r = httpx.post(url + "/v1/completions", headers=headers, timeout=120,
+                       json={"prompt": "flood", "max_tokens": 40, "ignore_eos": True})
+        results.append(r.status_code)
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "overloaded"
+
+    threads = [threading.Thread(target=post) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 8 and set(results) <= {200, 503}
+    assert 503 in results and 200 in results
+    r = httpx.post(url + "/v1/completions", headers=headers, json={"prompt": "after", "max_tokens": 2})
+    assert r.status_code == 200
+
+
+def test_sigterm_drains_in_flight_requests(server_factory, tiny_args):
+    server = server_factory([*tiny_args, "--drain-timeout", "30"]).wait_ready()
+    result: dict = {}
+
+    def long_request() -> None:
+        result["r"] = httpx.post(server.url + "/v1/completions", timeout=60,
+                                 json={"prompt": "drain me", "max_tokens": 60, "ignore_eos": True})
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(1.0)
+    server.proc.send_signal(signal.SIGTERM)
+    t.join(60)
+    assert result["r"].status_code == 200
+    assert result["r"].json()["usage"]["completion_tokens"] == 60     # finished, not cut off
+    assert server.proc.wait(60) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/health", timeout=2)
+
+
+def test_sigterm_aborts_what_outlives_the_drain_timeout(server_factory, tiny_args):
+    server = server_factory([*tiny_args, "--max-model-len", "2048", "--drain-timeout", "1"]).wait_ready()
+    result: dict = {}
+
+    def endless() -> None:
+        try:
+            result["r"] = httpx.post(server.url + "/v1/completions", timeout=60,
+                                     json={"prompt": "forever", "max_tokens": 2000, "ignore_eos": True})
+        except httpx.HTTPError as e:
+            result["r"] = e
+
+    t = threading.Thread(target=endless)
+    t.start()
+    time.sleep(1.0)
+    start = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+    assert time.monotonic() - start < 20
+    t.join(10)
+    assert not t.is_alive()
+
+
+def test_engine_death_fails_fast(server_factory, tiny_args):
+    server = server_factory(tiny_args).wait_ready()
+    engine_pid = server.info()["engine_pid"]
+    result: dict = {}
+
+    def in_flight() -> None:
+        result["r"] = httpx.post(server.url + "/v1/completions", timeout=60,
+                                 json={"prompt": "doomed", "max_tokens": 400, "ignore_eos": True})
+
+    t = threading.Thread(target=in_flight)
+    t.start()
+    time.sleep(0.5)
+    os.kill(engine_pid, signal.SIGKILL)
+    start = time.monotonic()
+    t.join(10)
+    assert result["r"].status_code == 503 and result["r"].json()["error"]["code"] == "engine_dead"
+    deadline = start + 5
+    while httpx.get(server.url + "/health").status_code == 200:
+        assert time.monotonic() < deadline, "/health still healthy after the engine died"
+        time.sleep(0.1)
+    assert httpx.get(server.url + "/health").status_code == 503
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=5,
+                   json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
+    assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable_error"
+    assert time.monotonic() - start < 10
+    assert server.stop() == 0
