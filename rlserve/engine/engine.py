@@ -13,7 +13,8 @@ from rlserve.engine.detokenizer import IncrementalDetokenizer
 from rlserve.engine.memory import RequestMemory
 from rlserve.engine.request import Request
 from rlserve.engine.runner import ModelRunner
-from rlserve.engine.sampler import Sampler, SampleRow, prompt_logprobs
+from rlserve.engine.sampler import (Sampler, SampleRow, has_penalties, logprob_dicts, logprob_tensors,
+                                    prompt_logprobs)
 from rlserve.engine.scheduler import Scheduler
 from rlserve.layers.attention import create_backend
 from rlserve.models.loader import load_tokenizer, resolve_model
@@ -23,6 +24,13 @@ from rlserve.sampling import SamplingParams
 
 log = logging.getLogger("rlserve")
 DEFAULT_MAX_MODEL_LEN = 32768   # keeps the request-to-token table small for 128k-context models
+
+
+@dataclass
+class _Pending:
+    reqs: list[Request]
+    tokens: torch.Tensor          # sampled ids on the device, one per request
+    logprobs: tuple | None        # logprob_tensors(...) when some request asked for logprobs
 
 
 @dataclass
@@ -74,9 +82,12 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.memory)
         self.sampler = Sampler(seed=config.seed, device=self.device)
         self.groups: dict[str, _Group] = {}
+        overlap = config.overlap_schedule
+        self.overlap = self.device.type == "cuda" if overlap == "auto" else bool(overlap)
+        self._pending: _Pending | None = None
         self._arrival = itertools.count()
         self._auto_rid = itertools.count()
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0}
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0, "overlapped_steps": 0}
 
     # ---- construction ----
     def _build_model(self, cfg: ModelConfig, source, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -172,9 +183,63 @@ class Engine:
     def step(self, emit_unfinished: bool = True) -> list[RequestOutput]:
         """Run one scheduler step; return outputs of every request group that changed (only the
         finished ones with emit_unfinished=False, which saves copying growing outputs each step)."""
+        if self._pending is not None:
+            return self._step_overlapped(emit_unfinished)
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        if self.overlap and batch.is_decode and self._overlappable(batch.reqs):
+            self._pending = self._launch_decode(batch, None)
+            if self._pending is not None:
+                return []
+        return self._step_sync(batch, emit_unfinished)
+
+    # Overlapped decode: launch step N+1 on the device (its inputs are step N's samples, still on the
+    # device), then read step N's tokens and do the host work (stops, detokenizing) while N+1 runs.
+    # A request that stops at step N has had one extra token computed at N+1; it is dropped.
+    def _overlappable(self, reqs: list[Request]) -> bool:
+        return all(not has_penalties(r.params) and len(r.output_ids) >= r.params.min_tokens for r in reqs)
+
+    def _launch_decode(self, batch, input_ids: torch.Tensor | None) -> _Pending | None:
+        slots = self.scheduler.alloc_decode_slots(batch)
+        if slots is None:
+            return None
+        result = self.runner.forward(batch, slots, input_ids)
+        for req in batch.reqs:
+            req.kv_len += 1
+        rows = [SampleRow(r.params, r.generator, r.prompt_ids, r.output_ids) for r in batch.reqs]
+        tokens = self.sampler.sample_tensor(result.next_logits, rows)
+        ks = [r.params.logprobs for r in batch.reqs]
+        lps = None
+        if any(k is not None for k in ks):
+            lps = logprob_tensors(result.next_logits, tokens, max(k or 0 for k in ks))
+        return _Pending(batch.reqs, tokens, lps)
+
+    def _step_overlapped(self, emit_unfinished: bool) -> list[RequestOutput]:
+        pending, sched = self._pending, self.scheduler
+        self._pending = None
+        chain = (not sched.waiting and sched.chunked is None and sched.running
+                 and self.memory.available_tokens() >= 2 * len(sched.running)
+                 and self._overlappable(sched.running))
+        if chain:
+            batch = sched.schedule()
+            where = {id(r): i for i, r in enumerate(pending.reqs)}
+            index = torch.tensor([where[id(r)] for r in batch.reqs], device=self.device)
+            self._pending = self._launch_decode(batch, pending.tokens[index])
+            self.stats["overlapped_steps"] += 1
+        changed: dict[str, _Group] = {}
+        lps: list = [None] * len(pending.reqs)
+        if pending.logprobs is not None:
+            lps = logprob_dicts(pending.logprobs, [r.params.logprobs or 0 for r in pending.reqs])
+        for req, token, lp in zip(pending.reqs, pending.tokens.tolist(), lps):
+            if req.finished:
+                continue
+            self._accept(req, token, lp)
+            if emit_unfinished or req.finished:
+                changed[req.group] = self.groups[req.group]
+        return self._emit(changed)
+
+    def _step_sync(self, batch, emit_unfinished: bool) -> list[RequestOutput]:
         changed: dict[str, _Group] = {}
         decode_slots = None
         if batch.is_decode:
@@ -219,11 +284,14 @@ class Engine:
             rows.append(SampleRow(req.params, req.generator, req.prompt_ids, req.output_ids, banned))
         out = self.sampler(logits, rows)
         for req, token, lp in zip(reqs, out.token_ids, out.logprobs):
-            req.output_ids.append(token)
-            if req.logprobs is not None:
-                req.logprobs.append(lp)
-            self.stats["generation_tokens"] += 1
-            self._check_stop(req, token)
+            self._accept(req, token, lp)
+
+    def _accept(self, req: Request, token: int, logprobs: dict[int, float] | None) -> None:
+        req.output_ids.append(token)
+        if req.logprobs is not None:
+            req.logprobs.append(logprobs)
+        self.stats["generation_tokens"] += 1
+        self._check_stop(req, token)
 
     def _check_stop(self, req: Request, token: int) -> None:
         p = req.params

@@ -48,18 +48,21 @@ class RequestMemory:
     def cache_written(self, req: Request) -> None:
         """Hand the request's written KV to the tree (it learns a prefix only once its KV exists), then
         point the request's row at the tree's slots and move its lock down to the new node."""
-        if self.tree is None or req.kv_len == req.cached_len:
+        # With overlapped decode, the KV of a token the host hasn't seen yet may exist: it stays the
+        # request's own until release.
+        n = min(req.kv_len, req.num_tokens)
+        if self.tree is None or n <= req.cached_len:
             return
-        key = req.fill_ids[:req.kv_len]
+        key = req.fill_ids[:n]
         row = self.table.table[req.row]
-        already = self.tree.insert(key, row[:req.kv_len].clone())
+        already = self.tree.insert(key, row[:n].clone())
         if already > req.cached_len:       # another request cached these meanwhile: drop our copies
             self.allocator.free(row[req.cached_len:already].clone())
         match = self.tree.match_prefix(key)
-        row[:req.kv_len] = match.indices
+        row[:n] = match.indices
         self.tree.inc_lock_ref(match.last_node)
         self.unlock(req)
-        req.last_node, req.cached_len = match.last_node, req.kv_len
+        req.last_node, req.cached_len = match.last_node, n
 
     def release(self, req: Request, cache: bool) -> None:
         """Free everything the request holds. With cache=True its written KV first goes to the tree."""

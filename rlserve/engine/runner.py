@@ -29,7 +29,8 @@ class ModelRunner:
         from rlserve.engine.cuda_graph import CudaGraphRunner
         self.graphs = CudaGraphRunner(self.model, self.table.table, pad_row, max_bs)
 
-    def build(self, sb: ScheduledBatch, decode_slots: torch.Tensor | None) -> tuple[ForwardBatch, list, list]:
+    def build(self, sb: ScheduledBatch, decode_slots: torch.Tensor | None,
+              input_ids: torch.Tensor | None = None) -> tuple[ForwardBatch, list, list]:
         ids: list[int] = []
         positions: list[int] = []
         extend_lens: list[int] = []
@@ -42,8 +43,8 @@ class ModelRunner:
         for i, req in enumerate(sb.reqs):
             if sb.is_decode:
                 start, n = req.kv_len, 1
-                table[req.row, start] = decode_slots[i]
-                ids.append(req.output_ids[-1])
+                if input_ids is None:
+                    ids.append(req.output_ids[-1])
             else:
                 start, n = req.kv_len, req.chunk_len
                 ids.extend(req.fill_ids[start:start + n])
@@ -57,9 +58,13 @@ class ModelRunner:
                 logit_rows.append(len(positions) - 1)
                 sampling_reqs.append(req)
         dev = self.device
+        if sb.is_decode:
+            rows = torch.tensor([r.row for r in sb.reqs], dtype=torch.int64, device=dev)
+            starts = torch.tensor([r.kv_len for r in sb.reqs], dtype=torch.int64, device=dev)
+            table[rows, starts] = decode_slots
         loc = decode_slots if sb.is_decode else torch.cat(out_loc)
         fb = ForwardBatch(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            input_ids=input_ids if input_ids is not None else torch.tensor(ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
             out_cache_loc=loc.to(dev),
             req_rows=torch.tensor([r.row for r in sb.reqs], dtype=torch.int64, device=dev),
@@ -72,8 +77,10 @@ class ModelRunner:
         return fb, sampling_reqs, prompt_spans
 
     @torch.inference_mode()
-    def forward(self, sb: ScheduledBatch, decode_slots: torch.Tensor | None = None) -> ForwardResult:
-        fb, sampling_reqs, prompt_spans = self.build(sb, decode_slots)
+    def forward(self, sb: ScheduledBatch, decode_slots: torch.Tensor | None = None,
+                input_ids: torch.Tensor | None = None) -> ForwardResult:
+        """input_ids: decode inputs still on the device (the previous step's samples, overlapped)."""
+        fb, sampling_reqs, prompt_spans = self.build(sb, decode_slots, input_ids)
         if self.graphs is not None and self.graphs.can_run(fb):
             return ForwardResult(self.graphs.run(fb), sampling_reqs, {})
         self.model.attn_backend.prepare(fb)

@@ -130,9 +130,13 @@ class Sampler:
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleOutput:
+        ids = self.sample_tensor(logits, rows).tolist()
+        return SampleOutput(ids, self._logprobs(logits.float(), ids, [r.params.logprobs for r in rows]))
+
+    def sample_tensor(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """The sampled ids as a device tensor, without waiting for the device (no logprobs)."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
         logits = logits.float()
-        raw = logits
         plain_greedy = all(r.params.greedy and not has_penalties(r.params) and not len(r.banned_ids)
                            for r in rows)
         if plain_greedy:
@@ -155,8 +159,7 @@ class Sampler:
             if other:
                 sel = torch.tensor(other, device=logits.device)
                 token_ids[sel] = self._draw(logits[sel], [rows[i] for i in other])
-        ids = token_ids.tolist()
-        return SampleOutput(ids, self._logprobs(raw, ids, [r.params.logprobs for r in rows]))
+        return token_ids
 
     def _draw_plain(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         """Exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i."""
@@ -188,20 +191,25 @@ class Sampler:
         if want:
             sel = torch.tensor(want, device=raw.device)
             picked = torch.tensor([ids[i] for i in want], device=raw.device)
-            dicts = _logprob_dicts(raw[sel], picked, [ks[i] for i in want])
+            k_want = [ks[i] for i in want]
+            dicts = logprob_dicts(logprob_tensors(raw[sel], picked, max(k_want)), k_want)
             for i, d in zip(want, dicts):
                 out[i] = d
         return out
 
 
-def _logprob_dicts(logits: torch.Tensor, picked: torch.Tensor, ks: list[int]) -> list[dict[int, float]]:
-    """Row r: {picked[r]: lp, then the top ks[r] tokens by descending lp}, from log_softmax(logits)."""
+def logprob_tensors(logits: torch.Tensor, picked: torch.Tensor, k_max: int) -> tuple[torch.Tensor, ...]:
+    """Device tensors (picked ids, their logprobs, top-k logprobs, top-k ids); no host sync."""
     lp = torch.log_softmax(logits.float(), dim=-1)
-    picked_lp = lp.gather(-1, picked[:, None]).squeeze(-1).tolist()
-    k_max = max(ks, default=0)
     top_lp, top_ids = lp.topk(k_max, dim=-1)
+    return picked, lp.gather(-1, picked[:, None]).squeeze(-1), top_lp, top_ids
+
+
+def logprob_dicts(tensors: tuple[torch.Tensor, ...], ks: list[int]) -> list[dict[int, float]]:
+    """Row r: {picked[r]: lp, then the top ks[r] tokens by descending lp}."""
+    picked, picked_lp, top_lp, top_ids = (t.tolist() for t in tensors)
     out = []
-    for tok, tlp, k, alt_ids, alt_lps in zip(picked.tolist(), picked_lp, ks, top_ids.tolist(), top_lp.tolist()):
+    for tok, tlp, k, alt_ids, alt_lps in zip(picked, picked_lp, ks, top_ids, top_lp):
         d = {tok: tlp}
         for a, alp in zip(alt_ids[:k], alt_lps[:k]):
             d.setdefault(a, alp)
@@ -212,4 +220,4 @@ def _logprob_dicts(logits: torch.Tensor, picked: torch.Tensor, ks: list[int]) ->
 def prompt_logprobs(logits: torch.Tensor, next_ids: list[int] | torch.Tensor, k: int) -> list[dict[int, float]]:
     """logits[t] predicts next_ids[t]; same dict convention as SampleOutput.logprobs."""
     picked = torch.as_tensor(next_ids, dtype=torch.long, device=logits.device)
-    return _logprob_dicts(logits, picked, [k] * picked.numel())
+    return logprob_dicts(logprob_tensors(logits, picked, k), [k] * picked.numel())

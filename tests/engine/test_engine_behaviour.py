@@ -224,3 +224,24 @@ def test_unknown_model_rejected():
         LLM("no-such-preset")
     with pytest.raises(ValueError):
         LLM("tiny-llama", dtype="float13")
+
+
+def test_overlap_schedule_stops_aborts_and_matches_sync(tiny_model_dir):
+    path = str(tiny_model_dir("tiny-llama"))
+    sync = LLM(path, overlap_schedule=False)
+    over = LLM(path, overlap_schedule=True)
+    ps = rand_prompts(6, seed=21)
+    base = sync.generate(ps, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    stop_ids = [o.outputs[0].token_ids[7] for o in base]
+    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop_token_ids=[t]) for t in stop_ids]
+    want = [o.outputs[0].token_ids for o in sync.generate(ps, params, use_tqdm=False)]
+    got_outs = over.generate(ps, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got_outs] == want
+    assert over.engine.stats["overlapped_steps"] > 0
+    assert_clean(over)
+    # Break out of a stream while a step is in flight: everything is aborted and freed.
+    for i, _ in enumerate(over.stream(ps, SamplingParams(max_tokens=30, ignore_eos=True))):
+        if i == 8:
+            break
+    over.engine.step()            # a launched step may still be pending; it must settle cleanly
+    assert_clean(over)

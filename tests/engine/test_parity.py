@@ -16,6 +16,9 @@ SCENARIOS = {
     "chunked": dict(chunked_prefill_size=24),
     "retract": dict(max_total_tokens=400, chunked_prefill_size=64),
     "lpm": dict(schedule_policy="lpm", max_running_requests=8),
+    # Overlapped decode runs the same logic on CPU (without real concurrency), so parity covers it.
+    "overlap": dict(overlap_schedule=True, chunked_prefill_size=200, max_running_requests=12),
+    "overlap-retract": dict(overlap_schedule=True, max_total_tokens=400, chunked_prefill_size=64),
 }
 
 
@@ -54,12 +57,16 @@ def check_parity(path, scenario: str) -> None:
         assert max(abs(a - b) for a, b in zip(mine, lps)) < 1e-4
     engine = llm.engine
     assert engine.kv_leaked() == 0
-    if scenario in ("radix", "chunked", "lpm"):
+    if scenario in ("radix", "chunked", "lpm", "overlap"):
         assert engine.stats["cached_tokens"] > 0, "shared prefixes should hit the radix cache"
     if scenario == "no-radix":
         assert engine.stats["cached_tokens"] == 0
         assert engine.allocator.available() == engine.allocator.size
-    if scenario == "retract":
+    if scenario.startswith("overlap"):
+        assert engine.stats["overlapped_steps"] > 0
+    else:
+        assert engine.stats["overlapped_steps"] == 0
+    if scenario in ("retract", "overlap-retract"):
         assert engine.scheduler.num_retractions > 0, "the tiny KV budget should force retraction"
     if scenario == "chunked":
         assert any(len(p) > 24 for p in prompts)
