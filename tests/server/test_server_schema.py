@@ -20,14 +20,14 @@ def test_openapi_lists_the_routes(tiny_server):
         assert p in paths
 
 
-def test_schemathesis_finds_no_server_errors(server_factory, tiny_args):
+def test_schemathesis_finds_no_server_errors(server_factory, tiny_args, tmp_path):
     # A short context keeps every generated request quick, whatever max_tokens it asks for.
     server = server_factory([*tiny_args, "--max-model-len", "64"]).wait_ready()
     st = shutil.which("st", path=str(Path(sys.executable).parent)) or "st"
     run = subprocess.run(
         [st, "run", server.url + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "5",
          "--max-time", "40", "--request-timeout", "60", "--generation-deterministic", "--no-color"],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "passed" in run.stdout
     assert httpx.get(server.url + "/health").status_code == 200
