@@ -29,22 +29,22 @@ def test_greedy_matches_offline_llm(client, model):
     from rlserve.sampling import SamplingParams
 
     llm = LLM(max_total_tokens=4096, max_model_len=2048)
-    params = SamplingParams(temperature=0, max_tokens=16)
+    params = SamplingParams(temperature=0, max_tokens=8)
     offline = [o.outputs[0] for o in llm.generate(PROMPTS, params, use_tqdm=False)]
-    served = client.completions.create(model=model, prompt=PROMPTS, max_tokens=16, temperature=0)
+    served = client.completions.create(model=model, prompt=PROMPTS, max_tokens=8, temperature=0)
     assert [c.text for c in sorted(served.choices, key=lambda c: c.index)] == [o.text for o in offline]
     assert served.usage.completion_tokens == sum(len(o.token_ids) for o in offline)
 
     chat_offline = llm.chat(CHAT, params, use_tqdm=False)[0].outputs[0]
-    chat = client.chat.completions.create(model=model, messages=CHAT, max_tokens=16, temperature=0)
+    chat = client.chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0)
     assert chat.choices[0].message.content == chat_offline.text
     assert chat.choices[0].message.role == "assistant"
     assert chat.choices[0].finish_reason == chat_offline.finish_reason
 
 
 def test_chat_stream_equals_non_stream(client, model):
-    full = client.chat.completions.create(model=model, messages=CHAT, max_tokens=12, temperature=0)
-    chunks = list(client.chat.completions.create(model=model, messages=CHAT, max_tokens=12, temperature=0,
+    full = client.chat.completions.create(model=model, messages=CHAT, max_tokens=6, temperature=0)
+    chunks = list(client.chat.completions.create(model=model, messages=CHAT, max_tokens=6, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content
@@ -56,14 +56,14 @@ def test_chat_stream_equals_non_stream(client, model):
 
 
 def test_completion_stream_equals_non_stream(client, model):
-    full = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=10, temperature=0)
-    stream = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=10, temperature=0, stream=True)
+    full = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=6, temperature=0)
+    stream = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=6, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in stream if c.choices) == full.choices[0].text
 
 
 def test_n_and_seed_reproducibility(client, model):
     def sample(seed: int):
-        r = client.chat.completions.create(model=model, messages=CHAT, max_tokens=12, temperature=1.0,
+        r = client.chat.completions.create(model=model, messages=CHAT, max_tokens=6, temperature=1.0,
                                            n=2, seed=seed)
         assert [c.index for c in r.choices] == [0, 1]
         return [c.message.content for c in r.choices]

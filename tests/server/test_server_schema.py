@@ -26,7 +26,7 @@ def test_schemathesis_finds_no_server_errors(server_factory, tiny_args, tmp_path
     st = shutil.which("st", path=str(Path(sys.executable).parent)) or "st"
     run = subprocess.run(
         [st, "run", server.url + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "5",
-         "--max-time", "40", "--request-timeout", "60", "--generation-deterministic", "--no-color"],
+         "--max-time", "30", "--request-timeout", "60", "--generation-deterministic", "--no-color"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "passed" in run.stdout
