@@ -300,6 +300,12 @@ def build_app(args: ServerArgs, client: EngineClient | None = None) -> FastAPI:
     return app
 
 
+async def _abort_all(state: ServerState) -> None:
+    if state.client.num_in_flight and not state.client.dead:
+        log.warning("drain timeout: aborting %d request(s)", state.client.num_in_flight)
+        await state.client.abort(None)
+
+
 def run_server(args: ServerArgs) -> int:
     """Serve until SIGTERM/SIGINT, drain in-flight requests for args.drain_timeout seconds, exit 0."""
     import uvicorn
@@ -312,12 +318,17 @@ def run_server(args: ServerArgs) -> int:
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
             state = app.state.rl if hasattr(app.state, "rl") else None
-            if state is not None:
+            if state is not None and not state.draining:
                 state.draining = True
+                loop = asyncio.get_event_loop()
+                # At the deadline, abort what is left: those requests still answer, with finish_reason
+                # "abort", before uvicorn's own (later) timeout would cut their connections.
+                loop.call_soon_threadsafe(loop.call_later, args.drain_timeout,
+                                          lambda: asyncio.ensure_future(_abort_all(state)))
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=max(args.drain_timeout, 0.1), timeout_keep_alive=5,
+                            timeout_graceful_shutdown=args.drain_timeout + 5, timeout_keep_alive=5,
                             access_log=False)
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler lets us exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
