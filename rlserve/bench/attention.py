@@ -1,0 +1,148 @@
+"""Decode-attention micro-benchmark: the triton backend vs the torch reference over one KV pool layer.
+
+    python -m rlserve.bench.attention [--batch 64 128 256] [--context 1024] [--splits 1 2 4 8]
+
+Shapes default to qwen3-0.6b (16 query heads, 8 kv heads, head_dim 128, bf16). Contexts are drawn
+uniformly from ±25% around --context and scattered over random pool slots, as a busy server leaves
+them. Bandwidth counts the K and V bytes of every context token once, the least a decode step must
+read; the device-to-device copy rate printed first is the practical ceiling.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+from collections.abc import Callable
+
+import torch
+
+from rlserve.config import parse_dtype
+from rlserve.engine.cache import KVPool
+from rlserve.layers.attention.base import ForwardBatch
+from rlserve.layers.attention.torch_backend import TorchAttentionBackend
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 5, reps: int = 20, inner: int = 10) -> float:
+    """Median over `reps` CUDA-event timings of `inner` back-to-back calls, per call."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / inner)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), reps=10, inner=5)
+    return 2 * nbytes / ms / 1e6
+
+
+def decode_batch(batch_size: int, context: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 seed: int) -> tuple[KVPool, ForwardBatch, list[int]]:
+    rng = random.Random(seed)
+    seq = [rng.randint(context * 3 // 4, context * 5 // 4) for _ in range(batch_size)]
+    total = sum(seq)
+    pool = KVPool(1, total + 1, kv_heads, head_dim, dtype, "cuda")
+    for buf in pool.k_buffers + pool.v_buffers:
+        buf.normal_()
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    slots = torch.randperm(total, device="cuda", generator=gen) + 1
+    table = torch.zeros(batch_size, max(seq), dtype=torch.int64, device="cuda")
+    at = 0
+    for i, s in enumerate(seq):
+        table[i, :s] = slots[at:at + s]
+        at += s
+    seq_t = torch.tensor(seq, device="cuda")
+    rows = torch.arange(batch_size, device="cuda")
+    batch = ForwardBatch(
+        input_ids=torch.zeros(batch_size, dtype=torch.int64, device="cuda"), positions=seq_t - 1,
+        out_cache_loc=table[rows, seq_t - 1], req_rows=rows, seq_lens=seq_t,
+        extend_lens=torch.ones(batch_size, dtype=torch.int64, device="cuda"),
+        seq_lens_cpu=seq, extend_lens_cpu=[1] * batch_size, is_decode=True, logits_indices=rows,
+        req_to_token=table)
+    return pool, batch, seq
+
+
+def graph_time_ms(fn: Callable[[], object], calls: int = 10) -> float:
+    """Per-call time of `calls` captured back to back and replayed: kernel time without launch gaps."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return time_ms(graph.replay, warmup=3, reps=10, inner=1) / calls
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--splits", type=int, nargs="*", default=[1, 2, 4, 8],
+                   help="fixed KV-split counts to time beside the automatic choice")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("the attention benchmark needs a CUDA device")
+    from rlserve.layers.attention.triton_backend import TritonAttentionBackend, decode_kv_splits, num_sms, store_kv
+
+    dtype = parse_dtype(args.dtype)
+    torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"heads {args.heads}/{args.kv_heads}  head_dim {args.head_dim}  {dtype}")
+    print(f"device-to-device copy: {copy_bandwidth_gbs():.0f} GB/s (read + write)")
+    header = f"{'batch':>5} {'ctx':>5} {'backend':<18} {'mode':<6} {'us':>9} {'GB/s':>7}"
+    print(header)
+    print("-" * len(header))
+    sms = num_sms(torch.device("cuda"))
+    scale = args.head_dim ** -0.5
+    for bs in args.batch:
+        pool, batch, seq = decode_batch(bs, args.context, args.kv_heads, args.head_dim, dtype, seed=bs)
+        kv_bytes = sum(seq) * args.kv_heads * args.head_dim * pool.k_buffers[0].element_size() * 2
+        q = torch.randn(bs, args.heads, args.head_dim, dtype=dtype, device="cuda")
+        k = torch.randn(bs, args.kv_heads, args.head_dim, dtype=dtype, device="cuda")
+        v = torch.randn_like(k)
+        auto = decode_kv_splits(bs, args.kv_heads, sms)
+        runs: list[tuple[str, object]] = [("torch", TorchAttentionBackend(pool, scale)),
+                                          (f"triton auto={auto}", TritonAttentionBackend(pool, scale))]
+        runs += [(f"triton splits={s}", TritonAttentionBackend(pool, scale, max_kv_splits=s))
+                 for s in args.splits if s != auto]
+        ctx = round(sum(seq) / bs)
+        outputs = {}
+        for name, backend in runs:
+            backend.prepare(batch)
+            fn = lambda b=backend: b.forward(q, k, v, 0, batch)  # noqa: E731
+            outputs[name] = fn()
+            modes = [("eager", time_ms(fn))]
+            if name != "torch":
+                backend.prepare(batch)
+                modes.append(("graph", graph_time_ms(fn)))
+            for mode, ms in modes:
+                print(f"{bs:>5} {ctx:>5} {name:<18} {mode:<6} {ms * 1e3:>9.1f} {kv_bytes / ms / 1e6:>7.0f}")
+        ref = outputs["torch"].float()
+        worst = max((o.float() - ref).abs().max().item() for o in outputs.values())
+        print(f"      max |triton - torch| over the runs above: {worst:.2e}")
+
+        loc = batch.out_cache_loc
+        kb, vb = pool.k_buffers[0], pool.v_buffers[0]
+        fused = time_ms(lambda: store_kv(kb, vb, loc, k, v))
+        indexed = time_ms(lambda: pool.store(0, loc, k, v))
+        print(f"      kv store of {bs} tokens: triton {fused * 1e3:.1f} us, index_put {indexed * 1e3:.1f} us")
+        del pool, batch, runs, outputs
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
