@@ -66,7 +66,7 @@ def test_overload_is_503_and_recovers(guarded_server):
 
 def test_sigterm_drains_then_aborts_and_exits_0(server_factory, tiny_args):
     """A short request finishes during the drain; an endless one is cut off at --drain-timeout."""
-    server = server_factory([*tiny_args, "--max-model-len", "2048", "--drain-timeout", "4"]).wait_ready()
+    server = server_factory([*tiny_args, "--max-model-len", "2048", "--drain-timeout", "10"]).wait_ready()
     results: dict = {}
 
     def post(name: str, max_tokens: int) -> None:
@@ -76,13 +76,13 @@ def test_sigterm_drains_then_aborts_and_exits_0(server_factory, tiny_args):
         except httpx.HTTPError as e:
             results[name] = e
 
-    threads = [threading.Thread(target=post, args=("short", 20)), threading.Thread(target=post, args=("endless", 2000))]
+    threads = [threading.Thread(target=post, args=("short", 8)), threading.Thread(target=post, args=("endless", 2000))]
     for t in threads:
         t.start()
     time.sleep(1.0)
     start = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    time.sleep(1.0)
     with pytest.raises(httpx.ConnectError):     # no new connections while draining
         httpx.get(server.url + "/health", timeout=2)
     assert server.proc.wait(60) == 0
@@ -91,7 +91,8 @@ def test_sigterm_drains_then_aborts_and_exits_0(server_factory, tiny_args):
         t.join(10)
         assert not t.is_alive()
     short = results["short"]
-    assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 20
+    assert isinstance(short, httpx.Response), short
+    assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 8
     endless = results["endless"]   # answered with what it had, marked aborted
     assert endless.status_code == 200, endless
     assert endless.json()["choices"][0]["finish_reason"] == "abort"

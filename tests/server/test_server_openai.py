@@ -19,6 +19,12 @@ def model(client) -> str:
     return client.models.list().data[0].id
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_server):
+    """The tiny random model: sampling behaviour, not text quality, so speed wins."""
+    return openai.OpenAI(base_url=tiny_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
 def test_models_lists_the_served_model(client, model):
     models = client.models.list().data
     assert [m.id for m in models] == [model] and model == "SmolLM2-135M-Instruct"
@@ -61,9 +67,11 @@ def test_completion_stream_equals_non_stream(client, model):
     assert "".join(c.choices[0].text for c in stream if c.choices) == full.choices[0].text
 
 
-def test_n_and_seed_reproducibility(client, model):
+def test_n_and_seed_reproducibility(tiny):
+    model = "tiny-llama"
+
     def sample(seed: int):
-        r = client.chat.completions.create(model=model, messages=CHAT, max_tokens=6, temperature=1.0,
+        r = tiny.chat.completions.create(model=model, messages=CHAT, max_tokens=6, temperature=1.0,
                                            n=2, seed=seed)
         assert [c.index for c in r.choices] == [0, 1]
         return [c.message.content for c in r.choices]
@@ -74,8 +82,9 @@ def test_n_and_seed_reproducibility(client, model):
     assert a[0] != a[1]   # the two choices draw from different streams
 
 
-def test_completion_n_with_several_prompts(client, model):
-    r = client.completions.create(model=model, prompt=PROMPTS, max_tokens=4, n=2, temperature=1.0, seed=1)
+def test_completion_n_with_several_prompts(tiny):
+    model = "tiny-llama"
+    r = tiny.completions.create(model=model, prompt=PROMPTS, max_tokens=4, n=2, temperature=1.0, seed=1)
     assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
     assert 4 <= r.usage.completion_tokens <= 16
 
@@ -92,7 +101,8 @@ def test_chat_logprobs(client, model):
         assert t.logprob == pytest.approx(max(x.logprob for x in t.top_logprobs), abs=1e-5)
 
 
-def test_completion_logprobs_and_echo(client, model):
+def test_completion_logprobs_and_echo(tiny):
+    client, model = tiny, "tiny-llama"
     r = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=4, temperature=0, logprobs=2)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == 4 == len(lp.token_logprobs) == len(lp.top_logprobs)
