@@ -1,6 +1,7 @@
 """SamplingParams: validated on construction so bad values never reach the engine."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
@@ -26,6 +27,11 @@ class SamplingParams:
     logprobs: int | None = None             # number of top alternatives besides the sampled token
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Structured output (at most one): a JSON schema (dict or JSON text), any JSON object, a regex, EBNF.
+    json_schema: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    ebnf: str | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -65,6 +71,23 @@ class SamplingParams:
             bad("stop_token_ids must be non-negative integers")
         if self.top_k == 0:
             self.top_k = -1
+        constraints = [n for n in ("json_schema", "regex", "ebnf") if getattr(self, n) is not None]
+        constraints += ["json_object"] if self.json_object else []
+        if len(constraints) > 1:
+            bad(f"use one structured-output constraint at a time, got {', '.join(constraints)}")
+        if isinstance(self.json_schema, str):
+            try:
+                parsed = json.loads(self.json_schema)
+            except json.JSONDecodeError as e:
+                bad(f"json_schema is not valid JSON: {e}")
+            if not isinstance(parsed, (dict, bool)):
+                bad("json_schema must be a JSON object")
+        elif self.json_schema is not None and not isinstance(self.json_schema, dict):
+            bad("json_schema must be a dict or a JSON string")
+        for name in ("regex", "ebnf"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                bad(f"{name} must be a non-empty string")
 
     @property
     def greedy(self) -> bool:

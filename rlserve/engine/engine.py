@@ -10,12 +10,14 @@ import torch
 from rlserve.config import EngineConfig, ModelConfig, parse_dtype
 from rlserve.engine.cache import KVPool, RadixCache, ReqToTokenPool, TokenAllocator
 from rlserve.engine.detokenizer import IncrementalDetokenizer
+from rlserve.engine.grammar import GrammarBackend, GrammarSpec
 from rlserve.engine.memory import RequestMemory
 from rlserve.engine.request import Request
 from rlserve.engine.runner import ModelRunner
 from rlserve.engine.sampler import (Sampler, SampleRow, has_penalties, logprob_dicts, logprob_tensors,
                                     prompt_logprobs)
 from rlserve.engine.scheduler import Scheduler
+from rlserve.engine.transfer import HostCopy, to_device
 from rlserve.layers.attention import create_backend
 from rlserve.models.loader import load_tokenizer, resolve_model
 from rlserve.models.llama import LlamaForCausalLM
@@ -29,8 +31,9 @@ DEFAULT_MAX_MODEL_LEN = 32768   # keeps the request-to-token table small for 128
 @dataclass
 class _Pending:
     reqs: list[Request]
-    tokens: torch.Tensor          # sampled ids on the device, one per request
-    logprobs: tuple | None        # logprob_tensors(...) when some request asked for logprobs
+    tokens: torch.Tensor          # sampled ids on the device, one per request (next step's inputs)
+    host: HostCopy                # the same ids (and logprob tensors) on their way to the host
+    has_logprobs: bool
 
 
 @dataclass
@@ -85,6 +88,7 @@ class Engine:
         overlap = config.overlap_schedule
         self.overlap = self.device.type == "cuda" if overlap == "auto" else bool(overlap)
         self._pending: _Pending | None = None
+        self._grammar: GrammarBackend | None = None
         self._arrival = itertools.count()
         self._auto_rid = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0, "overlapped_steps": 0}
@@ -124,6 +128,7 @@ class Engine:
         prompt_ids = self._validate_prompt(prompt_ids)
         room = self.max_model_len - len(prompt_ids)
         max_new = min(params.max_tokens or room, room)
+        compiled = self._compile_grammar(params)
         group = _Group(rid, prompt, prompt_ids)
         for i in range(params.n):
             gen = None
@@ -138,12 +143,23 @@ class Engine:
             req = Request(rid=rid if params.n == 1 else f"{rid}-{i}", group=rid, index=i,
                           prompt_ids=prompt_ids, params=params, max_new_tokens=max_new,
                           arrival=next(self._arrival), generator=gen, detokenizer=detok, prompt=prompt,
-                          logprobs=[] if params.logprobs is not None else None)
+                          logprobs=[] if params.logprobs is not None else None,
+                          grammar=self._grammar.matcher(compiled) if compiled is not None else None)
             group.reqs.append(req)
         self.groups[rid] = group
         for req in group.reqs:
             self.scheduler.add(req)
         return rid
+
+    def _compile_grammar(self, params: SamplingParams):
+        spec = GrammarSpec.from_params(params)
+        if spec is None:
+            return None
+        if self._grammar is None:
+            if self.tokenizer is None:
+                raise ValueError("structured output needs a tokenizer; this model has none")
+            self._grammar = GrammarBackend(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_ids))
+        return self._grammar.compile(spec)
 
     def _validate_prompt(self, prompt_ids) -> list[int]:
         if isinstance(prompt_ids, torch.Tensor):
@@ -198,7 +214,8 @@ class Engine:
     # device), then read step N's tokens and do the host work (stops, detokenizing) while N+1 runs.
     # A request that stops at step N has had one extra token computed at N+1; it is dropped.
     def _overlappable(self, reqs: list[Request]) -> bool:
-        return all(not has_penalties(r.params) and len(r.output_ids) >= r.params.min_tokens for r in reqs)
+        return all(not has_penalties(r.params) and len(r.output_ids) >= r.params.min_tokens
+                   and r.grammar is None for r in reqs)
 
     def _launch_decode(self, batch, input_ids: torch.Tensor | None) -> _Pending | None:
         slots = self.scheduler.alloc_decode_slots(batch)
@@ -213,7 +230,7 @@ class Engine:
         lps = None
         if any(k is not None for k in ks):
             lps = logprob_tensors(result.next_logits, tokens, max(k or 0 for k in ks))
-        return _Pending(batch.reqs, tokens, lps)
+        return _Pending(batch.reqs, tokens, HostCopy([tokens, *(lps or ())]), lps is not None)
 
     def _step_overlapped(self, emit_unfinished: bool) -> list[RequestOutput]:
         pending, sched = self._pending, self.scheduler
@@ -223,15 +240,19 @@ class Engine:
                  and self._overlappable(sched.running))
         if chain:
             batch = sched.schedule()
-            where = {id(r): i for i, r in enumerate(pending.reqs)}
-            index = torch.tensor([where[id(r)] for r in batch.reqs], device=self.device)
-            self._pending = self._launch_decode(batch, pending.tokens[index])
+            if len(batch.reqs) == len(pending.reqs) and all(a is b for a, b in zip(batch.reqs, pending.reqs)):
+                inputs = pending.tokens
+            else:
+                where = {id(r): i for i, r in enumerate(pending.reqs)}
+                inputs = pending.tokens[to_device([where[id(r)] for r in batch.reqs], torch.int64, self.device)]
+            self._pending = self._launch_decode(batch, inputs)
             self.stats["overlapped_steps"] += 1
         changed: dict[str, _Group] = {}
+        host = pending.host.get()
         lps: list = [None] * len(pending.reqs)
-        if pending.logprobs is not None:
-            lps = logprob_dicts(pending.logprobs, [r.params.logprobs or 0 for r in pending.reqs])
-        for req, token, lp in zip(pending.reqs, pending.tokens.tolist(), lps):
+        if pending.has_logprobs:
+            lps = logprob_dicts(tuple(host[1:]), [r.params.logprobs or 0 for r in pending.reqs])
+        for req, token, lp in zip(pending.reqs, host[0].tolist(), lps):
             if req.finished:
                 continue
             self._accept(req, token, lp)
@@ -282,6 +303,8 @@ class Engine:
                 banned = sorted((set() if req.params.ignore_eos else self.eos_ids)
                                 | set(req.params.stop_token_ids or ()))
             rows.append(SampleRow(req.params, req.generator, req.prompt_ids, req.output_ids, banned))
+        if self._grammar is not None:
+            self._grammar.apply_masks(logits, [r.grammar for r in reqs])
         out = self.sampler(logits, rows)
         for req, token, lp in zip(reqs, out.token_ids, out.logprobs):
             self._accept(req, token, lp)
@@ -295,6 +318,11 @@ class Engine:
 
     def _check_stop(self, req: Request, token: int) -> None:
         p = req.params
+        if req.grammar is not None:
+            if not req.grammar.accept_token(token):
+                return self._finish(req, "abort", "grammar rejected the sampled token")
+            if req.grammar.is_terminated():        # the grammar is complete and took its stop token
+                return self._finish(req, "stop")
         if p.stop_token_ids and token in p.stop_token_ids:
             return self._finish(req, "stop", token)
         if not p.ignore_eos and token in self.eos_ids:

@@ -35,6 +35,7 @@ class Request:
     cached_tokens: int = 0                    # prompt tokens served from the prefix cache (first admission)
     admitted_once: bool = False
     chunk_len: int = 0                        # tokens being prefilled in the current step
+    grammar: Any = None                       # an xgrammar matcher when output is constrained
 
     @property
     def fill_ids(self) -> list[int]:

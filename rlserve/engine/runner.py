@@ -7,6 +7,7 @@ import torch
 
 from rlserve.engine.cache import ReqToTokenPool
 from rlserve.engine.scheduler import ScheduledBatch
+from rlserve.engine.transfer import pack_to_device
 from rlserve.layers.attention.base import ForwardBatch
 from rlserve.models.llama import LlamaForCausalLM
 
@@ -58,21 +59,17 @@ class ModelRunner:
                 logit_rows.append(len(positions) - 1)
                 sampling_reqs.append(req)
         dev = self.device
+        decode_ids = [] if input_ids is not None else ids
+        t_ids, t_pos, t_rows, t_seq, t_ext, t_logit = pack_to_device(
+            [decode_ids, positions, [r.row for r in sb.reqs], seq_lens, extend_lens, logit_rows], dev)
         if sb.is_decode:
-            rows = torch.tensor([r.row for r in sb.reqs], dtype=torch.int64, device=dev)
-            starts = torch.tensor([r.kv_len for r in sb.reqs], dtype=torch.int64, device=dev)
-            table[rows, starts] = decode_slots
+            table[t_rows, t_pos] = decode_slots       # decode writes at position == kv_len
         loc = decode_slots if sb.is_decode else torch.cat(out_loc)
         fb = ForwardBatch(
-            input_ids=input_ids if input_ids is not None else torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            out_cache_loc=loc.to(dev),
-            req_rows=torch.tensor([r.row for r in sb.reqs], dtype=torch.int64, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
-            extend_lens=torch.tensor(extend_lens, dtype=torch.int64, device=dev),
+            input_ids=input_ids if input_ids is not None else t_ids,
+            positions=t_pos, out_cache_loc=loc, req_rows=t_rows, seq_lens=t_seq, extend_lens=t_ext,
             seq_lens_cpu=seq_lens, extend_lens_cpu=extend_lens, is_decode=sb.is_decode,
-            logits_indices=torch.tensor(logit_rows, dtype=torch.int64, device=dev),
-            req_to_token=table,
+            logits_indices=t_logit, req_to_token=table,
         )
         return fb, sampling_reqs, prompt_spans
 

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from rlserve.engine.transfer import to_device
 from rlserve.sampling import SamplingParams
 
 
@@ -92,15 +93,15 @@ def _filtered_sorted_probs(logits: torch.Tensor, rows: list[SampleRow]) -> tuple
     B, V = logits.shape
     dev = logits.device
     params = [r.params for r in rows]
-    temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)
+    temps = to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, dev)
     # Subtracting the max first keeps tiny temperatures finite: the top logit becomes exactly 0.
     scaled = (logits - logits.max(dim=-1, keepdim=True).values) / temps[:, None]
     probs = torch.softmax(scaled, dim=-1)
     probs, ids = probs.sort(dim=-1, descending=True, stable=True)
 
-    min_p = torch.tensor([p.min_p for p in params], device=dev)
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=dev)
-    top_p = torch.tensor([p.top_p for p in params], device=dev)
+    min_p = to_device([p.min_p for p in params], torch.float32, dev)
+    top_k = to_device([p.top_k if p.top_k > 0 else V for p in params], torch.int64, dev)
+    top_p = to_device([p.top_p for p in params], torch.float32, dev)
 
     keep = (probs >= min_p[:, None] * probs[:, :1]).sum(dim=-1)
     keep = torch.minimum(keep, top_k)
@@ -153,17 +154,19 @@ class Sampler:
             # and a sorted distribution.
             plain = [i for i in random_rows if _unfiltered(rows[i])]
             other = [i for i in random_rows if not _unfiltered(rows[i])]
-            if plain:
-                sel = torch.tensor(plain, device=logits.device)
+            if len(plain) == len(rows):              # the common case: no gather/scatter needed
+                token_ids = self._draw_plain(logits, rows)
+            elif plain:
+                sel = to_device(plain, torch.int64, logits.device)
                 token_ids[sel] = self._draw_plain(logits[sel], [rows[i] for i in plain])
             if other:
-                sel = torch.tensor(other, device=logits.device)
+                sel = to_device(other, torch.int64, logits.device)
                 token_ids[sel] = self._draw(logits[sel], [rows[i] for i in other])
         return token_ids
 
     def _draw_plain(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         """Exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i."""
-        temps = torch.tensor([r.params.temperature for r in rows], device=logits.device)
+        temps = to_device([r.params.temperature for r in rows], torch.float32, logits.device)
         probs = torch.softmax((logits - logits.max(dim=-1, keepdim=True).values) / temps[:, None], dim=-1)
         race = torch.empty_like(probs).exponential_(generator=self.generator)
         return (probs / race).argmax(dim=-1)

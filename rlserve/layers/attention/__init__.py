@@ -23,7 +23,7 @@ def create_backend(name: str, pool, cfg: ModelConfig, device: torch.device):
 
 def _triton_available() -> bool:
     try:
-        import rlserve.layers.attention.triton_backend  # noqa: F401
-        return True
+        from rlserve.layers.attention.triton_backend import HAS_TRITON
     except ImportError:
         return False
+    return HAS_TRITON

@@ -1,0 +1,86 @@
+"""Grammar-constrained decoding through xgrammar: compile once per distinct constraint, one matcher
+per sample, a vocabulary bitmask applied to the logits before every sampling mode."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    kind: str      # "json_schema" | "json_object" | "regex" | "ebnf"
+    source: str    # the schema as canonical JSON text, the regex, or the EBNF grammar
+
+    @staticmethod
+    def from_params(params: Any) -> GrammarSpec | None:
+        if params.json_schema is not None:
+            schema = params.json_schema
+            text = json.dumps(schema, sort_keys=True) if isinstance(schema, dict) else schema
+            return GrammarSpec("json_schema", text)
+        if params.json_object:
+            return GrammarSpec("json_object", "")
+        if params.regex is not None:
+            return GrammarSpec("regex", params.regex)
+        if params.ebnf is not None:
+            return GrammarSpec("ebnf", params.ebnf)
+        return None
+
+
+class GrammarBackend:
+    """Owns the xgrammar compiler for one tokenizer; compiled grammars are cached by spec."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], max_cache: int = 256) -> None:
+        import xgrammar as xgr   # imported on first use: the engine core doesn't need it otherwise
+
+        self.xgr = xgr
+        self.vocab_size = vocab_size
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        self.compiler = xgr.GrammarCompiler(info, max_threads=4)
+        self.cache: dict[GrammarSpec, Any] = {}
+        self.max_cache = max_cache
+
+    def compile(self, spec: GrammarSpec) -> Any:
+        """Compile (or fetch) a grammar; a bad constraint raises ValueError with the compiler's words."""
+        if spec in self.cache:
+            return self.cache[spec]
+        try:
+            if spec.kind == "json_schema":
+                compiled = self.compiler.compile_json_schema(spec.source, any_whitespace=False)
+            elif spec.kind == "json_object":
+                compiled = self.compiler.compile_builtin_json_grammar()
+            elif spec.kind == "regex":
+                compiled = self.compiler.compile_regex(spec.source)
+            else:
+                compiled = self.compiler.compile_grammar(spec.source)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise ValueError(f"invalid {spec.kind} constraint: {_first_line(e)}") from None
+        if len(self.cache) >= self.max_cache:
+            self.cache.pop(next(iter(self.cache)))
+        self.cache[spec] = compiled
+        return compiled
+
+    def matcher(self, compiled: Any) -> Any:
+        return self.xgr.GrammarMatcher(compiled)
+
+    def apply_masks(self, logits: torch.Tensor, matchers: list[Any | None]) -> None:
+        """Mask, in place, every row whose request is constrained. The bitmask is filled on the host,
+        which overlaps with the device still finishing the forward pass."""
+        rows = [i for i, m in enumerate(matchers) if m is not None]
+        if not rows:
+            return
+        bitmask = self.xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
+        for i in rows:
+            matchers[i].fill_next_token_bitmask(bitmask, i)
+        self.xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
+                                             vocab_size=self.vocab_size, indices=rows)
+
+
+def _first_line(e: Exception) -> str:
+    msg = str(e).strip()
+    # xgrammar prefixes messages with "[time] file.cc:line: "; keep the human part.
+    if "] " in msg and ".cc:" in msg:
+        msg = msg.split(": ", 1)[-1]
+    return msg.splitlines()[0] if msg else type(e).__name__
