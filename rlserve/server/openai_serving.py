@@ -246,9 +246,6 @@ class OpenAIServing:
     # ---- /v1/chat/completions ----
     def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
         self.state.check_model(req.model)
-        if req.response_format is not None and req.response_format.type != "text":
-            raise APIError(400, f"response_format {req.response_format.type!r} is not supported yet",
-                           param="response_format")
         if req.tools:
             raise APIError(400, "tools are not supported", param="tools")
         messages = []
@@ -266,6 +263,14 @@ class OpenAIServing:
         self.client.check_prompt(ids)
         k = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling_kwargs(req, req.max_completion_tokens or req.max_tokens, k)
+        rf = req.response_format
+        if rf is not None and rf.type == "json_object":
+            params = validated({**params, "json_object": True})
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None:
+                raise APIError(400, "response_format json_schema needs a json_schema.schema",
+                               param="response_format")
+            params = validated({**params, "json_schema": rf.json_schema.schema_})
         return Prepared(new_id("chatcmpl"), [(text, ids)], params)
 
     def _chat_logprobs(self, tokens: list[int], lps: list[dict[int, float]] | None, k: int) -> dict[str, list]:

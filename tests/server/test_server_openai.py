@@ -133,3 +133,17 @@ def test_bad_request_is_400(client, model):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=model, prompt="hi", max_tokens=2, suffix="x")
     assert "suffix" in e.value.message
+
+
+def test_response_format_json_schema(client, model):
+    import json
+
+    schema = {"type": "object", "properties": {"colour": {"type": "string", "enum": ["red", "green"]}},
+              "required": ["colour"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Pick a colour as JSON."}], max_tokens=30,
+        temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+    assert json.loads(r.choices[0].message.content)["colour"] in ("red", "green")
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=model, messages=CHAT, max_tokens=2, response_format={
+            "type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "no-such-type"}}})
