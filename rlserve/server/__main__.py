@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from rlserve.cli import add_engine_args
-from rlserve.server.app import add_server_args, serve_from_args
+from rlserve.server.args import add_server_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     add_server_args(parser)
     args = parser.parse_args(argv)
     try:
+        from rlserve.server.app import serve_from_args
         return serve_from_args(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

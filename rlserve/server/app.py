@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from rlserve.server import protocol as P
 from rlserve.server.errors import APIError, error_body, error_response
 from rlserve.server.frontend import EngineClient, EngineDeadError, RequestFailed
+from rlserve.server.args import add_server_args  # noqa: F401  (re-exported for the CLI)
 from rlserve.server.metrics import Metrics
 from rlserve.server.native import NativeServing
 from rlserve.server.openai_serving import OpenAIServing
@@ -339,20 +340,6 @@ def run_server(args: ServerArgs) -> int:
 
 
 # ---- command line (`rlserve serve`) ----
-def add_server_args(parser: Any) -> None:
-    g = parser.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
-    g.add_argument("--port", type=int, default=8000)
-    g.add_argument("--api-key", default=os.environ.get("RLSERVE_API_KEY"),
-                   help="require 'Authorization: Bearer <key>' on every route but /health")
-    g.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
-    g.add_argument("--max-waiting-requests", type=int, default=1024,
-                   help="beyond this many waiting requests new ones get 503 (default 1024)")
-    g.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests get to finish after SIGTERM (default 30)")
-    g.add_argument("--log-level", default="info")
-
-
 def serve_from_args(args: Any) -> int:
     from rlserve.cli import engine_kwargs
     from rlserve.server.state import engine_config
