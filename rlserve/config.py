@@ -112,6 +112,7 @@ class EngineConfig:
     attention_backend: str = "auto"         # "torch" | "triton" | "auto"
     cuda_graph: bool = True                 # capture decode graphs on CUDA (eager when False)
     cuda_graph_max_bs: int = 256
+    compile: bool | str = "auto"            # "auto": fuse elementwise chains with torch.compile on CUDA
     overlap_schedule: bool | str = "auto"   # "auto": overlap host work with the device on CUDA
     tokenizer: str | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)

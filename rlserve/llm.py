@@ -23,7 +23,8 @@ class LLM:
                  gpu_memory_fraction: float = 0.85, max_total_tokens: int | None = None,
                  max_running_requests: int = 256, chunked_prefill_size: int = 2048,
                  schedule_policy: str = "fcfs", cuda_graph: bool = True,
-                 cuda_graph_max_bs: int = 256, overlap_schedule: bool | str = "auto") -> None:
+                 cuda_graph_max_bs: int = 256, overlap_schedule: bool | str = "auto",
+                 compile: bool | str = "auto") -> None:
         cache = CacheConfig(enable_radix_cache=enable_radix_cache, gpu_memory_fraction=gpu_memory_fraction,
                             max_total_tokens=max_total_tokens)
         if kv_cache_bytes is not None:
@@ -33,7 +34,7 @@ class LLM:
         self.config = EngineConfig(model=model, load_format=load_format, dtype=dtype, device=device,
                                    seed=seed, max_model_len=max_model_len, tokenizer=tokenizer,
                                    attention_backend=attention_backend, cuda_graph=cuda_graph,
-                                   cuda_graph_max_bs=cuda_graph_max_bs, overlap_schedule=overlap_schedule,
+                                   cuda_graph_max_bs=cuda_graph_max_bs, overlap_schedule=overlap_schedule, compile=compile,
                                    cache=cache, scheduler=sched)
         self.engine = Engine(self.config)
 

@@ -19,9 +19,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--no-cuda-graph", action="store_true")
     ap.add_argument("--no-overlap", action="store_true")
+    ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--trace", action="store_true")
     a = ap.parse_args()
-    llm = LLM(a.model, cuda_graph=not a.no_cuda_graph, overlap_schedule=not a.no_overlap)
+    llm = LLM(a.model, cuda_graph=not a.no_cuda_graph, overlap_schedule=not a.no_overlap,
+              compile=not a.no_compile)
     e = llm.engine
     rng = random.Random(0)
     for _ in range(a.batch):
@@ -38,7 +40,7 @@ def main() -> None:
     torch.cuda.synchronize()
     per_step = (time.perf_counter() - t) / a.steps
     print(f"batch {a.batch}, context ~{a.context}: {per_step * 1e3:.2f} ms/step, "
-          f"{a.batch / per_step:,.0f} tok/s (graph={not a.no_cuda_graph}, overlap={not a.no_overlap})")
+          f"{a.batch / per_step:,.0f} tok/s (graph={not a.no_cuda_graph}, overlap={not a.no_overlap}, compile={not a.no_compile})")
     if a.trace:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

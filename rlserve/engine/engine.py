@@ -19,6 +19,7 @@ from rlserve.engine.sampler import (Sampler, SampleRow, has_penalties, logprob_d
 from rlserve.engine.scheduler import Scheduler
 from rlserve.engine.transfer import HostCopy, to_device
 from rlserve.layers.attention import create_backend
+from rlserve.layers.fused import Kernels
 from rlserve.models.loader import load_tokenizer, resolve_model
 from rlserve.models.llama import LlamaForCausalLM
 from rlserve.outputs import CompletionOutput, RequestOutput
@@ -60,6 +61,8 @@ class Engine:
         source = resolve_model(config.model, config.load_format)
         self.model_config = cfg = ModelConfig.from_hf(source.hf_config)
         self.tokenizer = load_tokenizer(config.tokenizer or source.tokenizer_dir)
+        if config.compile is True or (config.compile == "auto" and self.device.type == "cuda"):
+            Kernels.compile()
         self.model = self._build_model(cfg, source, dtype)
         self.max_model_len = min(cfg.max_position, config.max_model_len or DEFAULT_MAX_MODEL_LEN)
         if config.max_model_len and config.max_model_len > cfg.max_position:

@@ -3,6 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rlserve.layers.fused import Kernels
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -12,7 +14,4 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 and cast back before the weight, as the reference implementation does.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return Kernels.rms_norm(x, self.weight, self.eps)

@@ -8,12 +8,12 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rlserve.config import ModelConfig
 from rlserve.layers.attention.base import AttentionBackend, ForwardBatch
 from rlserve.layers.attention.torch_backend import causal_attention
+from rlserve.layers.fused import Kernels
 from rlserve.layers.norm import RMSNorm
 from rlserve.layers.rotary import RotaryEmbedding
 
@@ -59,7 +59,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(Kernels.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -124,9 +124,10 @@ def _decode_split_kernel(Q, K_buf, V_buf, ReqToToken, ReqRows, SeqLens, MidO, Mi
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         slots = tl.load(ReqToToken + row * stride_req + offs_n, mask=mask_n, other=0).to(tl.int64)
-        k = tl.load(K_buf + slots[None, :] * stride_kbt + kvh * stride_kbh + offs_d[:, None],
-                    mask=mask_n[None, :] & mask_d[:, None], other=0.0)          # [D, N]
-        qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale
+        # Rows of K are contiguous in the pool: load [N, D] (coalesced) and transpose in registers.
+        k = tl.load(K_buf + slots[:, None] * stride_kbt + kvh * stride_kbh + offs_d[None, :],
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)          # [N, D]
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
