@@ -19,7 +19,7 @@ model: setup
 	$(PY) -m rlserve.models.default
 
 serve: model
-	$(VENV)/bin/rlserve chat
+	$(VENV)/bin/rlserve serve
 
 test: model
 	$(PY) -m pytest -q

@@ -1,7 +1,7 @@
 """Typed configuration, layered model → cache → scheduler → engine."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -117,3 +117,24 @@ class EngineConfig:
     tokenizer: str | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+def engine_config(model: str | None = None, *, load_format: str = "auto", dtype: str = "auto",
+                  device: str = "auto", seed: int = 0, max_model_len: int | None = None,
+                  tokenizer: str | None = None, attention_backend: str = "auto",
+                  enable_radix_cache: bool = True, kv_cache_bytes: int | None = None,
+                  gpu_memory_fraction: float = 0.85, max_total_tokens: int | None = None,
+                  max_running_requests: int = 256, chunked_prefill_size: int = 2048,
+                  schedule_policy: str = "fcfs", cuda_graph: bool = True, cuda_graph_max_bs: int = 256,
+                  overlap_schedule: bool | str = "auto", compile: bool | str = "auto") -> EngineConfig:
+    """The layered EngineConfig from flat keyword arguments (what LLM(...) and the CLI flags take)."""
+    cache = CacheConfig(enable_radix_cache=enable_radix_cache, gpu_memory_fraction=gpu_memory_fraction,
+                        max_total_tokens=max_total_tokens)
+    if kv_cache_bytes is not None:
+        cache = replace(cache, kv_cache_bytes=kv_cache_bytes)
+    sched = SchedulerConfig(max_running_requests=max_running_requests,
+                            chunked_prefill_size=chunked_prefill_size, policy=schedule_policy)
+    return EngineConfig(model=model, load_format=load_format, dtype=dtype, device=device, seed=seed,
+                        max_model_len=max_model_len, tokenizer=tokenizer, attention_backend=attention_backend,
+                        cuda_graph=cuda_graph, cuda_graph_max_bs=cuda_graph_max_bs,
+                        overlap_schedule=overlap_schedule, compile=compile, cache=cache, scheduler=sched)

@@ -1,10 +1,9 @@
 """LLM: the offline, in-process API (shaped like vLLM's so it feels familiar)."""
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any, Iterator, Sequence
 
-from rlserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from rlserve.config import engine_config
 from rlserve.engine.engine import Engine
 from rlserve.outputs import RequestOutput
 from rlserve.sampling import SamplingParams
@@ -16,26 +15,12 @@ Message = dict[str, Any]
 class LLM:
     """`LLM(model=None | path | .gguf | preset)`; None serves the default SmolLM2-135M-Instruct."""
 
-    def __init__(self, model: str | None = None, *, load_format: str = "auto", dtype: str = "auto",
-                 device: str = "auto", seed: int = 0, max_model_len: int | None = None,
-                 tokenizer: str | None = None, attention_backend: str = "auto",
-                 enable_radix_cache: bool = True, kv_cache_bytes: int | None = None,
-                 gpu_memory_fraction: float = 0.85, max_total_tokens: int | None = None,
-                 max_running_requests: int = 256, chunked_prefill_size: int = 2048,
-                 schedule_policy: str = "fcfs", cuda_graph: bool = True,
-                 cuda_graph_max_bs: int = 256, overlap_schedule: bool | str = "auto",
-                 compile: bool | str = "auto") -> None:
-        cache = CacheConfig(enable_radix_cache=enable_radix_cache, gpu_memory_fraction=gpu_memory_fraction,
-                            max_total_tokens=max_total_tokens)
-        if kv_cache_bytes is not None:
-            cache = replace(cache, kv_cache_bytes=kv_cache_bytes)
-        sched = SchedulerConfig(max_running_requests=max_running_requests,
-                                chunked_prefill_size=chunked_prefill_size, policy=schedule_policy)
-        self.config = EngineConfig(model=model, load_format=load_format, dtype=dtype, device=device,
-                                   seed=seed, max_model_len=max_model_len, tokenizer=tokenizer,
-                                   attention_backend=attention_backend, cuda_graph=cuda_graph,
-                                   cuda_graph_max_bs=cuda_graph_max_bs, overlap_schedule=overlap_schedule, compile=compile,
-                                   cache=cache, scheduler=sched)
+    def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
+        """engine_kwargs: load_format, dtype, device, seed, max_model_len, tokenizer, attention_backend,
+        enable_radix_cache, kv_cache_bytes, gpu_memory_fraction, max_total_tokens, max_running_requests,
+        chunked_prefill_size, schedule_policy, cuda_graph, cuda_graph_max_bs, overlap_schedule, compile
+        (see rlserve.config.engine_config)."""
+        self.config = engine_config(model, **engine_kwargs)
         self.engine = Engine(self.config)
 
     def get_tokenizer(self):

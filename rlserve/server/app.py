@@ -342,7 +342,7 @@ def run_server(args: ServerArgs) -> int:
 # ---- command line (`rlserve serve`) ----
 def serve_from_args(args: Any) -> int:
     from rlserve.cli import engine_kwargs
-    from rlserve.server.state import engine_config
+    from rlserve.config import engine_config
 
     if args.max_waiting_requests is not None and args.max_waiting_requests < 1:
         raise ValueError(f"--max-waiting-requests must be positive, got {args.max_waiting_requests}")

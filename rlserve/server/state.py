@@ -70,22 +70,3 @@ def model_name_for(args: ServerArgs) -> str:
     return model.rstrip("/").rsplit("/", 1)[-1]
 
 
-def engine_config(model: str | None = None, *, load_format: str = "auto", dtype: str = "auto",
-                  device: str = "auto", seed: int = 0, max_model_len: int | None = None,
-                  tokenizer: str | None = None, attention_backend: str = "auto", enable_radix_cache: bool = True,
-                  kv_cache_bytes: int | None = None, gpu_memory_fraction: float = 0.85,
-                  max_total_tokens: int | None = None, max_running_requests: int = 256,
-                  chunked_prefill_size: int = 2048, schedule_policy: str = "fcfs") -> EngineConfig:
-    """EngineConfig from the same keyword arguments LLM(...) takes (what the CLI's engine flags produce)."""
-    from dataclasses import replace
-
-    from rlserve.config import CacheConfig, SchedulerConfig
-    cache = CacheConfig(enable_radix_cache=enable_radix_cache, gpu_memory_fraction=gpu_memory_fraction,
-                        max_total_tokens=max_total_tokens)
-    if kv_cache_bytes is not None:
-        cache = replace(cache, kv_cache_bytes=kv_cache_bytes)
-    sched = SchedulerConfig(max_running_requests=max_running_requests, chunked_prefill_size=chunked_prefill_size,
-                            policy=schedule_policy)
-    return EngineConfig(model=model, load_format=load_format, dtype=dtype, device=device, seed=seed,
-                        max_model_len=max_model_len, tokenizer=tokenizer, attention_backend=attention_backend,
-                        cache=cache, scheduler=sched)

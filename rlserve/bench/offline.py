@@ -1,0 +1,456 @@
+"""Offline throughput: rlserve vs transformers on the same weights, beside a roofline estimate.
+
+The default workload is nano-vllm's bench.py: random.seed(0); 256 requests whose prompts are
+randint(100, 1024) random token ids in [0, 10000], then, drawn after all prompts, max_tokens =
+randint(100, 1024) per request; temperature 0.6, ignore_eos. That is 142,827 input and 133,966
+output tokens.
+
+transformers runs `generate` in static left-padded batches of --batch-size. Each batch decodes for
+its longest request (min_new_tokens = max_new_tokens = the batch's max of max_tokens), so the shorter
+requests' extra tokens are wasted work: only the requested tokens count as output for both backends.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from rlserve.config import ModelConfig
+
+TEMPERATURE = 0.6
+
+# (substring of torch.cuda.get_device_name(), HBM bytes/s, dense bf16 FLOP/s); first match wins.
+GPU_PEAKS: tuple[tuple[str, float, float], ...] = (
+    ("H200", 4.8e12, 989e12),
+    ("H100 PCIe", 2.0e12, 756e12),
+    ("H100", 3.35e12, 989e12),      # SXM
+)
+
+
+# ---- workload ----
+@dataclass(frozen=True)
+class Workload:
+    prompt_token_ids: list[list[int]]
+    max_tokens: list[int]
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def input_tokens(self) -> int:
+        return sum(map(len, self.prompt_token_ids))
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.max_tokens)
+
+
+def make_workload(num_prompts: int = 256, min_input: int = 100, max_input: int = 1024,
+                  min_output: int = 100, max_output: int = 1024, seed: int = 0,
+                  max_token_id: int = 10000) -> Workload:
+    """nano-vllm's draw order: every prompt (its length, then its ids) first, then every max_tokens."""
+    if not 1 <= min_input <= max_input or not 1 <= min_output <= max_output or num_prompts < 1:
+        raise ValueError(f"bad workload: need num prompts >= 1 (got {num_prompts}), 1 <= min input <= max input "
+                         f"(got {min_input}, {max_input}), 1 <= min output <= max output "
+                         f"(got {min_output}, {max_output})")
+    rng = random.Random(seed)     # the same stream as random.seed(seed), without touching global state
+    prompts = [[rng.randint(0, max_token_id) for _ in range(rng.randint(min_input, max_input))]
+               for _ in range(num_prompts)]
+    max_tokens = [rng.randint(min_output, max_output) for _ in range(num_prompts)]
+    return Workload(prompts, max_tokens)
+
+
+# ---- roofline ----
+def count_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(all parameters, parameters a decode step streams from memory).
+
+    A step reads every weight once, except an untied input embedding, of which it gathers only the
+    rows of the batch's tokens; a tied embedding is read in full as the LM head.
+    """
+    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    attn = h * q + 2 * h * kv + q * h
+    if cfg.attention_bias:
+        attn += q + 2 * kv
+    if cfg.qk_norm:
+        attn += 2 * cfg.head_dim
+    layer = attn + 3 * h * cfg.intermediate_size + 2 * h
+    embed = cfg.vocab_size * h
+    body = cfg.num_layers * layer + h
+    total = body + embed + (0 if cfg.tie_word_embeddings else embed)
+    return total, body + embed
+
+
+@dataclass(frozen=True)
+class Roofline:
+    min_time_s: float
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    output_tok_per_s: float
+    total_tok_per_s: float
+    hbm_bytes_per_s: float
+    peak_flops: float
+
+
+def decode_roofline(model_config: ModelConfig, dtype_bytes: int, kv_bytes_per_token: int,
+                    workload: Workload, hbm_bytes_per_s: float, peak_flops: float,
+                    max_running: int | None = None) -> Roofline:
+    """The least time any engine could take for `workload` on this hardware.
+
+    Prefill: 2 × params FLOPs per prompt token at peak (attention FLOPs left out). Decode is simulated
+    step by step: request r runs its max_tokens steps, attending at step s to its prompt plus s tokens;
+    all requests start at once unless `max_running` caps concurrency (then a finished request's slot
+    goes to the next in line). A step costs the larger of its memory time (every streamed weight once +
+    the KV of every active context token, over `hbm_bytes_per_s`) and its compute time (2 × params
+    FLOPs per active request, at `peak_flops`). Pass peak_flops=inf to bound by bandwidth alone.
+    """
+    _, streamed = count_params(model_config)
+    weight_bytes = streamed * dtype_bytes
+    prefill_s = 2 * streamed * workload.input_tokens / peak_flops
+
+    cap = workload.num_requests if max_running is None else max(1, min(max_running, workload.num_requests))
+    prompt_lens = [len(p) for p in workload.prompt_token_ids]
+    waiting = list(range(workload.num_requests))[::-1]     # pop() takes the next in line
+    active: dict[int, int] = {}                             # request → tokens generated so far
+    decode_s, steps = 0.0, 0
+    while waiting or active:
+        while waiting and len(active) < cap:
+            active[waiting.pop()] = 0
+        context = sum(prompt_lens[r] + done + 1 for r, done in active.items())
+        memory_s = (weight_bytes + context * kv_bytes_per_token) / hbm_bytes_per_s
+        compute_s = 2 * streamed * len(active) / peak_flops
+        decode_s += max(memory_s, compute_s)
+        steps += 1
+        for r in list(active):
+            active[r] += 1
+            if active[r] >= workload.max_tokens[r]:
+                del active[r]
+
+    total = prefill_s + decode_s
+    return Roofline(min_time_s=total, prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps,
+                    output_tok_per_s=workload.output_tokens / total,
+                    total_tok_per_s=(workload.input_tokens + workload.output_tokens) / total,
+                    hbm_bytes_per_s=hbm_bytes_per_s, peak_flops=peak_flops)
+
+
+def device_peaks(device: torch.device) -> tuple[float, float] | None:
+    """(HBM bytes/s, bf16 FLOP/s) of a known GPU, else None."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, bw, flops in GPU_PEAKS:
+        if key in name:
+            return bw, flops
+    return None
+
+
+# ---- results ----
+@dataclass
+class BackendResult:
+    backend: str
+    elapsed_s: float
+    num_requests: int
+    input_tokens: int
+    output_tokens: int              # requested (useful) output tokens
+    generated_tokens: int           # tokens actually decoded, padding waste included
+    notes: str = ""
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.num_requests / self.elapsed_s
+
+    @property
+    def output_tok_per_s(self) -> float:
+        return self.output_tokens / self.elapsed_s
+
+    @property
+    def total_tok_per_s(self) -> float:
+        return (self.input_tokens + self.output_tokens) / self.elapsed_s
+
+    def line(self, name_width: int = 12) -> str:
+        return (f"{self.backend + ':':<{name_width + 1}} {self.elapsed_s:8.2f} s  {self.requests_per_s:8.2f} req/s  "
+                f"{self.output_tok_per_s:10,.1f} output tok/s  {self.total_tok_per_s:10,.1f} total tok/s")
+
+
+@dataclass
+class OfflineResult:
+    model: str
+    device: str
+    dtype: str
+    num_requests: int
+    input_tokens: int
+    output_tokens: int
+    rlserve: BackendResult | None = None
+    hf: BackendResult | None = None
+    roofline: Roofline | None = None
+    kv_leaked: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        """rlserve's output throughput over transformers'."""
+        if self.rlserve is None or self.hf is None:
+            return None
+        return self.rlserve.output_tok_per_s / self.hf.output_tok_per_s
+
+    @property
+    def roofline_fraction(self) -> float | None:
+        if self.rlserve is None or self.roofline is None:
+            return None
+        return self.rlserve.output_tok_per_s / self.roofline.output_tok_per_s
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for name in ("rlserve", "hf"):
+            res = getattr(self, name)
+            if res is not None:
+                data[name].update(requests_per_s=res.requests_per_s, output_tok_per_s=res.output_tok_per_s,
+                                  total_tok_per_s=res.total_tok_per_s)
+        data.update(ratio=self.ratio, roofline_fraction=self.roofline_fraction)
+        return data
+
+
+# ---- the runs ----
+def _sync(device: torch.device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _warmup_workload(vocab_limit: int) -> Workload:
+    # Its own random ids, so the timed prompts find no warm prefix in the radix cache.
+    return make_workload(num_prompts=4, min_input=16, max_input=32, min_output=4, max_output=4, seed=12345,
+                         max_token_id=vocab_limit)
+
+
+def run_rlserve(llm: Any, workload: Workload, warmup: bool = False, use_tqdm: bool = True) -> BackendResult:
+    from rlserve.sampling import SamplingParams
+
+    def params(w: Workload) -> list[SamplingParams]:
+        return [SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=m) for m in w.max_tokens]
+
+    if warmup:
+        w = _warmup_workload(10000)
+        llm.generate(w.prompt_token_ids, params(w), use_tqdm=False)
+    _sync(llm.engine.device)
+    start = time.perf_counter()
+    outputs = llm.generate(workload.prompt_token_ids, params(workload), use_tqdm=use_tqdm)
+    _sync(llm.engine.device)
+    elapsed = time.perf_counter() - start
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    notes = "" if generated == workload.output_tokens else (
+        f"generated {generated} of {workload.output_tokens} requested tokens (context-length cap)")
+    return BackendResult("rlserve", elapsed, workload.num_requests, workload.input_tokens,
+                         generated, generated, notes)
+
+
+def load_hf_model(model: str | None, load_format: str, device: torch.device, dtype: torch.dtype):
+    """The same model in transformers: its weights for a real model, a random init for a dummy one."""
+    from transformers import AutoModelForCausalLM
+
+    from rlserve.models.loader import resolve_model
+
+    source = resolve_model(model, load_format)
+    if source.load_format == "dummy":
+        hf = AutoModelForCausalLM.from_config(source.hf_config, dtype=dtype)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(str(source.model_dir), dtype=dtype)
+    return hf.to(device).eval()
+
+
+def run_hf(hf_model: Any, workload: Workload, batch_size: int, device: torch.device,
+           warmup: bool = False, pad_token_id: int = 0) -> BackendResult:
+    import torch
+
+    def run_batch(prompts: list[list[int]], new_tokens: int) -> None:
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):        # left padding: every prompt ends at the last column
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        with torch.inference_mode():
+            hf_model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
+                              temperature=TEMPERATURE, top_k=0, top_p=1.0, min_new_tokens=new_tokens,
+                              max_new_tokens=new_tokens, pad_token_id=pad_token_id)
+
+    if warmup:
+        w = _warmup_workload(10000)
+        run_batch(w.prompt_token_ids, max(w.max_tokens))
+    _sync(device)
+    start = time.perf_counter()
+    decoded = 0
+    for i in range(0, workload.num_requests, batch_size):
+        prompts = workload.prompt_token_ids[i:i + batch_size]
+        new_tokens = max(workload.max_tokens[i:i + batch_size])
+        run_batch(prompts, new_tokens)
+        decoded += new_tokens * len(prompts)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    return BackendResult("transformers", elapsed, workload.num_requests, workload.input_tokens,
+                         workload.output_tokens, decoded,
+                         f"static batches of {batch_size}, left-padded; {decoded:,} tokens decoded, "
+                         f"{workload.output_tokens:,} of them requested")
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """The engine's rule: auto is CUDA when present; auto dtype is float32 on CPU, bfloat16 on CUDA."""
+    import torch
+
+    from rlserve.config import parse_dtype
+    from rlserve.engine.engine import pick_device
+
+    dev = pick_device(device)
+    if dtype == "auto":
+        return dev, torch.float32 if dev.type == "cpu" else torch.bfloat16
+    return dev, parse_dtype(dtype)
+
+
+def run_offline(workload: Workload | None = None, backend: str = "rlserve", batch_size: int = 32,
+                warmup: bool = False, engine_kwargs: dict[str, Any] | None = None,
+                hbm_bytes_per_s: float | None = None, peak_flops: float | None = None,
+                use_tqdm: bool = True) -> OfflineResult:
+    """Run the workload on rlserve and/or transformers (one after the other, same process)."""
+    import torch
+
+    from rlserve.engine.cache import KVPool
+    from rlserve.models.loader import resolve_model
+
+    if backend not in ("rlserve", "hf", "both"):
+        raise ValueError(f"unknown backend {backend!r}; choose rlserve, hf or both")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be positive, got {batch_size}")
+    workload = workload or make_workload()
+    kwargs = dict(engine_kwargs or {})
+    model, load_format = kwargs.get("model"), kwargs.get("load_format", "auto")
+    device, dtype = resolve_device_dtype(kwargs.get("device", "auto"), kwargs.get("dtype", "auto"))
+    cfg = resolve_model(model, load_format).model_config
+    if max(map(max, workload.prompt_token_ids)) >= cfg.vocab_size:
+        raise ValueError(f"workload token ids reach past the model's vocabulary of {cfg.vocab_size}")
+
+    result = OfflineResult(model=model or "SmolLM2-135M-Instruct (default)", device=str(device),
+                           dtype=str(dtype).removeprefix("torch."), num_requests=workload.num_requests,
+                           input_tokens=workload.input_tokens, output_tokens=workload.output_tokens)
+    if device.type == "cuda":
+        result.extra["gpu"] = torch.cuda.get_device_name(device)
+
+    if backend in ("rlserve", "both"):
+        from rlserve.llm import LLM
+
+        llm = LLM(**kwargs)
+        result.rlserve = run_rlserve(llm, workload, warmup, use_tqdm)
+        result.kv_leaked = llm.engine.kv_leaked()
+        del llm      # frees the KV pool before transformers needs the memory
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    if backend in ("hf", "both"):
+        hf = load_hf_model(model, load_format, device, dtype)
+        result.hf = run_hf(hf, workload, batch_size, device, warmup)
+        del hf
+        gc.collect()
+
+    peaks = device_peaks(device)
+    if hbm_bytes_per_s is not None:
+        peaks = (hbm_bytes_per_s, peak_flops if peak_flops is not None else (peaks[1] if peaks else float("inf")))
+    elif peaks is not None and peak_flops is not None:
+        peaks = (peaks[0], peak_flops)
+    if peaks is not None:
+        dtype_bytes = torch.empty((), dtype=dtype).element_size()
+        kv_bytes = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
+        result.roofline = decode_roofline(cfg, dtype_bytes, kv_bytes, workload, peaks[0], peaks[1],
+                                          kwargs.get("max_running_requests"))
+    return result
+
+
+# ---- command line ----
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from rlserve.cli import add_engine_args
+
+    w = parser.add_argument_group("workload (defaults: nano-vllm's bench.py)")
+    w.add_argument("--num-prompts", type=int, default=256)
+    w.add_argument("--min-input", type=int, default=None, help="default 100 (or --max-input if smaller)")
+    w.add_argument("--max-input", type=int, default=1024)
+    w.add_argument("--min-output", type=int, default=None, help="default 100 (or --max-output if smaller)")
+    w.add_argument("--max-output", type=int, default=1024)
+    w.add_argument("--workload-seed", type=int, default=0)
+    b = parser.add_argument_group("benchmark")
+    b.add_argument("--backend", choices=("rlserve", "hf", "both"), default="rlserve")
+    b.add_argument("--batch-size", type=int, default=32, help="transformers' static batch size (default 32)")
+    b.add_argument("--warmup", action="store_true", help="run a few small requests before timing")
+    b.add_argument("--json-out", metavar="FILE", help="append the result as one JSON line")
+    b.add_argument("--hbm-gbps", type=float, default=None,
+                   help="memory bandwidth in GB/s for the roofline (default: known GPUs only)")
+    b.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak TFLOP/s for the roofline (default: known GPUs; else prefill is not bounded)")
+    b.add_argument("--no-tqdm", action="store_true", help="no progress bar")
+    add_engine_args(parser)
+
+
+def report(result: OfflineResult) -> str:
+    lines = [f"workload: {result.num_requests} requests, {result.input_tokens:,} input tokens, "
+             f"{result.output_tokens:,} output tokens; temperature {TEMPERATURE}, ignore_eos",
+             f"model: {result.model}  dtype: {result.dtype}  device: {result.device}"
+             + (f" ({result.extra['gpu']})" if "gpu" in result.extra else "")]
+    for res in (result.rlserve, result.hf):
+        if res is not None:
+            lines.append(res.line())
+            if res.notes:
+                lines.append(f"{'':14}{res.notes}")
+    if result.ratio is not None:
+        lines.append(f"ratio rlserve/transformers (output tok/s): {result.ratio:.2f}x")
+    if result.roofline is not None:
+        r = result.roofline
+        flops = "unbounded" if r.peak_flops == float("inf") else f"{r.peak_flops / 1e12:,.0f} TFLOP/s"
+        lines.append(f"roofline ({r.hbm_bytes_per_s / 1e9:,.0f} GB/s, {flops}): {r.min_time_s:.3f} s minimum "
+                     f"(prefill {r.prefill_s:.3f} s, decode {r.decode_s:.3f} s over {r.decode_steps} steps) "
+                     f"→ {r.output_tok_per_s:,.1f} output tok/s")
+        if result.roofline_fraction is not None:
+            lines.append(f"rlserve reaches {result.roofline_fraction:.1%} of the roofline")
+    if result.kv_leaked is not None:
+        lines.append(f"kv leaked: {result.kv_leaked}")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
+    if not isinstance(args, argparse.Namespace):
+        parser = argparse.ArgumentParser(prog="rlserve bench offline", description=__doc__,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_arguments(parser)
+        args = parser.parse_args(args)
+    from rlserve.cli import engine_kwargs
+
+    # A lone --max-input/--max-output below the default minimum of 100 pulls the minimum down with it.
+    min_input = args.min_input if args.min_input is not None else min(100, args.max_input)
+    min_output = args.min_output if args.min_output is not None else min(100, args.max_output)
+    workload = make_workload(args.num_prompts, min_input, args.max_input, min_output, args.max_output,
+                             seed=args.workload_seed)
+    result = run_offline(workload, args.backend, args.batch_size, args.warmup, engine_kwargs(args),
+                         hbm_bytes_per_s=args.hbm_gbps * 1e9 if args.hbm_gbps else None,
+                         peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None,
+                         use_tqdm=not args.no_tqdm)
+    print(report(result))
+    if args.json_out:
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "argv": sys.argv[1:], **result.to_json()}
+        with open(args.json_out, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return 1 if result.kv_leaked else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
