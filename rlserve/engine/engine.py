@@ -48,7 +48,15 @@ class _Group:
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"invalid device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; use cpu or cuda")
+    return dev
 
 
 class Engine:
@@ -63,10 +71,11 @@ class Engine:
         self.tokenizer = load_tokenizer(config.tokenizer or source.tokenizer_dir)
         if config.compile is True or (config.compile == "auto" and self.device.type == "cuda"):
             Kernels.compile()
-        self.model = self._build_model(cfg, source, dtype)
+        if config.max_model_len is not None and not 1 < config.max_model_len <= cfg.max_position:
+            raise ValueError(f"max_model_len must be in [2, {cfg.max_position}] for this model, "
+                             f"got {config.max_model_len}")
         self.max_model_len = min(cfg.max_position, config.max_model_len or DEFAULT_MAX_MODEL_LEN)
-        if config.max_model_len and config.max_model_len > cfg.max_position:
-            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's {cfg.max_position}")
+        self.model = self._build_model(cfg, source, dtype)
         self.eos_ids = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
