@@ -349,4 +349,5 @@ def serve_from_args(args: Any) -> int:
     return run_server(ServerArgs(engine=engine_config(**engine_kwargs(args)), host=args.host, port=args.port,
                                  api_key=args.api_key or None, served_model_name=args.served_model_name,
                                  max_waiting_requests=args.max_waiting_requests,
-                                 drain_timeout=args.drain_timeout, log_level=args.log_level))
+                                 drain_timeout=args.drain_timeout, log_level=args.log_level,
+                                 tool_call_parser=args.tool_call_parser))

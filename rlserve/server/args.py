@@ -17,3 +17,5 @@ def add_server_args(parser: Any) -> None:
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default 30)")
     g.add_argument("--log-level", default="info")
+    g.add_argument("--tool-call-parser", default="auto", choices=["auto", "qwen", "llama3"],
+                   help="how tool calls are read from generated text (default: from the model family)")

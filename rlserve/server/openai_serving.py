@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request
 
-from rlserve.server import ipc
+from rlserve.server import ipc, tools
 from rlserve.server.errors import APIError, error_body
 from rlserve.server.frontend import EngineDeadError, RequestFailed, RequestResult, SeqState
 from rlserve.server.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
@@ -39,6 +39,7 @@ class Prepared:
     rid: str
     prompts: list[tuple[str | None, list[int]]]
     params: dict[str, Any]
+    tools: list[tools.Tool] = field(default_factory=list)   # callable tools, when the reply may call them
 
     @property
     def n(self) -> int:
@@ -246,19 +247,16 @@ class OpenAIServing:
     # ---- /v1/chat/completions ----
     def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
         self.state.check_model(req.model)
-        if req.tools:
-            raise APIError(400, "tools are not supported", param="tools")
-        messages = []
-        for m in req.messages:
-            content = m.content if isinstance(m.content, str) or m.content is None else \
-                "".join(p.text for p in m.content)
-            msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
-                                   "content": content or ""}
-            if m.name:
-                msg["name"] = m.name
-            messages.append(msg)
-        text = self.client.apply_chat_template(messages, req.add_generation_prompt,
-                                               **(req.chat_template_kwargs or {}))
+        messages = tools.messages_for_template(req.messages)
+        offered = tools.parse_tools(req.tools or [])
+        mode, callable_tools = tools.resolve_choice(offered, req.tool_choice)
+        template_kwargs = dict(req.chat_template_kwargs or {})
+        if mode != "none":
+            if tools.template_supports_tools(getattr(self.client.tokenizer, 'chat_template', None)):
+                template_kwargs["tools"] = req.tools
+            else:
+                messages = [{"role": "system", "content": tools.tools_system_prompt(callable_tools)}] + messages
+        text = self.client.apply_chat_template(messages, req.add_generation_prompt, **template_kwargs)
         ids = self.client.encode(text)
         self.client.check_prompt(ids)
         k = (req.top_logprobs or 0) if req.logprobs else None
@@ -271,7 +269,26 @@ class OpenAIServing:
                 raise APIError(400, "response_format json_schema needs a json_schema.schema",
                                param="response_format")
             params = validated({**params, "json_schema": rf.json_schema.schema_})
-        return Prepared(new_id("chatcmpl"), [(text, ids)], params)
+        if mode == "forced":
+            if rf is not None and rf.type != "text":
+                raise APIError(400, "response_format can't be combined with a forced tool_choice",
+                               param="tool_choice")
+            params = validated({**params, "json_schema": tools.forced_call_schema(callable_tools)})
+        return Prepared(new_id("chatcmpl"), [(text, ids)], params,
+                        callable_tools if mode != "none" else [])
+
+    def _tool_family(self) -> str:
+        chosen = self.state.args.tool_call_parser
+        return tools.family_for(self.client.info["architecture"]) if chosen == "auto" else chosen
+
+    def _message(self, text: str, prep: Prepared) -> tuple[dict[str, Any], bool]:
+        """The assistant message for a finished choice, and whether it called tools."""
+        if prep.tools:
+            content, calls = tools.parse_tool_calls(text, prep.tools, self._tool_family())
+            if calls:
+                return {"role": "assistant", "content": content,
+                        "tool_calls": [c.to_openai() for c in calls]}, True
+        return {"role": "assistant", "content": text}, False
 
     def _chat_logprobs(self, tokens: list[int], lps: list[dict[int, float]] | None, k: int) -> dict[str, list]:
         def entry(s: str, lp: float) -> dict[str, Any]:
@@ -287,10 +304,13 @@ class OpenAIServing:
             return StreamingResponse(self._guarded(prep, self._chat_stream(req, prep, merged, first)),
                                      media_type="text/event-stream")
         (res,) = await self._collect(request, prep)
-        choices = [{"index": j, "message": {"role": "assistant", "content": seq.text},
-                    "logprobs": self._chat_logprobs(seq.token_ids, seq.logprobs, k) if req.logprobs else None,
-                    "finish_reason": seq.finish_reason, "stop_reason": seq.stop_reason}
-                   for j, seq in enumerate(res.seqs)]
+        choices = []
+        for j, seq in enumerate(res.seqs):
+            message, called = self._message(seq.text, prep)
+            choices.append({"index": j, "message": message,
+                            "logprobs": self._chat_logprobs(seq.token_ids, seq.logprobs, k) if req.logprobs else None,
+                            "finish_reason": "tool_calls" if called and seq.finish_reason == "stop"
+                            else seq.finish_reason, "stop_reason": seq.stop_reason})
         return JSONResponse({"id": prep.rid, "object": "chat.completion", "created": int(time.time()),
                              "model": self.state.model_name, "choices": choices, "usage": usage([res])})
 
@@ -325,6 +345,17 @@ class OpenAIServing:
                 choices = []
                 for d in u.seqs:
                     if not (d.text or d.token_ids or d.finish_reason):
+                        continue
+                    if prep.tools:   # a call is only known once the choice is complete
+                        if not d.finish_reason:
+                            continue
+                        message, called = self._message(res.seqs[d.index].text, prep)
+                        delta = {k: v for k, v in message.items() if k != "role" and v is not None}
+                        if called:
+                            delta["tool_calls"] = [{**c, "index": i} for i, c in enumerate(delta["tool_calls"])]
+                        choices.append({"index": d.index, "delta": delta, "logprobs": None,
+                                        "finish_reason": "tool_calls" if called and d.finish_reason == "stop"
+                                        else d.finish_reason, "stop_reason": d.stop_reason})
                         continue
                     choices.append({"index": d.index, "delta": {"content": d.text} if d.text else {},
                                     "logprobs": self._chat_logprobs(d.token_ids, d.logprobs, k)

@@ -119,6 +119,8 @@ class ChatMessage(_Model):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None     # an assistant turn that called tools
+    tool_call_id: str | None = None                     # a tool result answers this call
 
 
 class JsonSchemaFormat(_Model):
@@ -143,6 +145,8 @@ class ChatCompletionRequest(_Sampling):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -164,6 +168,7 @@ class ChoiceLogprobs(_Model):
 class AssistantMessage(_Model):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(_Model):

@@ -27,6 +27,7 @@ class ServerArgs:
     max_body_bytes: int = 8 << 20
     max_prompts_per_request: int = 256
     log_level: str = "info"
+    tool_call_parser: str = "auto"           # "auto" (from the architecture) | "qwen" | "llama3"
 
 
 @dataclass

@@ -1,0 +1,163 @@
+"""OpenAI tool calling: validate `tools`, render them for the model, constrain forced calls with a
+JSON schema, and parse calls out of generated text for the model families we know.
+
+Formats understood in generated text:
+- "qwen":   <tool_call>{"name": ..., "arguments": {...}}</tool_call> (one or more)
+- "llama3": the whole reply is {"name": ..., "parameters"|"arguments": {...}} (optionally after
+            <|python_tag|>), or a list of such objects
+With tool_choice "required" or a named function the model is constrained to a bare JSON call
+{"name": ..., "arguments": {...}}, which both parsers read.
+"""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from rlserve.server.errors import APIError
+
+_QWEN_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+FAMILIES = ("qwen", "llama3")
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: dict[str, Any]
+
+    def to_openai(self, index: int | None = None) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                             "function": {"name": self.name, "arguments": json.dumps(self.arguments)}}
+        if index is not None:
+            d["index"] = index
+        return d
+
+
+def parse_tools(tools: list[dict[str, Any]]) -> list[Tool]:
+    out = []
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict):
+            raise APIError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", param="tools")
+        name = fn.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
+            raise APIError(400, f"tools[{i}].function.name must be 1-64 letters, digits, _ . or -", param="tools")
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(params, dict):
+            raise APIError(400, f"tools[{i}].function.parameters must be a JSON schema object", param="tools")
+        out.append(Tool(name, str(fn.get("description") or ""), params))
+    if len({t.name for t in out}) != len(out):
+        raise APIError(400, "tool names must be unique", param="tools")
+    return out
+
+
+def resolve_choice(tools: list[Tool], choice: Any) -> tuple[str, list[Tool]]:
+    """("none" | "auto" | "forced", the tools the model may call)."""
+    if choice is None:
+        return ("auto" if tools else "none"), tools
+    if choice in ("none", "auto"):
+        return choice, tools
+    if choice == "required":
+        if not tools:
+            raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice")
+        return "forced", tools
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        picked = [t for t in tools if t.name == name]
+        if not picked:
+            raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+        return "forced", picked
+    raise APIError(400, "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', "
+                        "'function': {'name': ...}}", param="tool_choice")
+
+
+def forced_call_schema(tools: list[Tool]) -> dict[str, Any]:
+    """A JSON schema every string of which is a call of one of `tools` with valid arguments."""
+    def one(t: Tool) -> dict[str, Any]:
+        return {"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                "required": ["name", "arguments"], "additionalProperties": False}
+    return one(tools[0]) if len(tools) == 1 else {"anyOf": [one(t) for t in tools]}
+
+
+def tools_system_prompt(tools: list[Tool]) -> str:
+    """For chat templates that ignore `tools`: describe them in a system message, Qwen-style."""
+    specs = "\n".join(json.dumps({"type": "function", "function": {
+        "name": t.name, "description": t.description, "parameters": t.parameters}}) for t in tools)
+    return ("You may call one or more functions to assist with the user query. Available functions:\n"
+            f"{specs}\nTo call a function, reply with <tool_call>{{\"name\": <function-name>, "
+            "\"arguments\": <args-json-object>}</tool_call> and nothing else.")
+
+
+def template_supports_tools(chat_template: str | None) -> bool:
+    return bool(chat_template) and "tools" in chat_template
+
+
+def family_for(architecture: str) -> str:
+    return "qwen" if architecture.startswith("Qwen") else "llama3"
+
+
+def parse_tool_calls(text: str, tools: list[Tool], family: str) -> tuple[str | None, list[ToolCall]]:
+    """(remaining content or None, calls). Calls must name an offered tool; otherwise the text is
+    returned as plain content."""
+    names = {t.name for t in tools}
+    calls: list[ToolCall] = []
+    if family == "qwen" and "<tool_call>" in text:
+        for raw in _QWEN_CALL.findall(text):
+            call = _call_from(_loads(raw), names)
+            if call is None:
+                return text, []
+            calls.append(call)
+        rest = _QWEN_CALL.sub("", text).strip()
+        return (rest or None), calls
+    body = text.strip().removeprefix("<|python_tag|>").strip()
+    obj = _loads(body)
+    for item in (obj if isinstance(obj, list) else [obj]):
+        call = _call_from(item, names)
+        if call is None:
+            return text, []
+        calls.append(call)
+    return (None, calls) if calls else (text, [])
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, ValueError):
+        return None
+
+
+def _call_from(obj: Any, names: set[str]) -> ToolCall | None:
+    if not isinstance(obj, dict) or obj.get("name") not in names:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        args = _loads(args)
+    return ToolCall(obj["name"], args) if isinstance(args, dict) else None
+
+
+def messages_for_template(messages: list[Any]) -> list[dict[str, Any]]:
+    """OpenAI messages (incl. assistant tool_calls and role 'tool' results) as chat-template dicts."""
+    out = []
+    for m in messages:
+        content = m.content if isinstance(m.content, str) or m.content is None else \
+            "".join(p.text for p in m.content)
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        if m.name:
+            msg["name"] = m.name
+        if m.tool_calls:
+            msg["tool_calls"] = [{"type": "function", "id": c.get("id"), "function": {
+                "name": c["function"]["name"],
+                "arguments": _loads(c["function"].get("arguments", "{}")) or {}}} for c in m.tool_calls]
+        if m.tool_call_id:
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
+    return out
