@@ -46,6 +46,17 @@ class Prepared:
         return self.params["n"]
 
 
+def with_response_format(params: dict[str, Any], rf: Any) -> dict[str, Any]:
+    """Sampling params constrained by an OpenAI response_format (json_object or json_schema)."""
+    if rf is not None and rf.type == "json_object":
+        return validated({**params, "json_object": True})
+    if rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None:
+            raise APIError(400, "response_format json_schema needs a json_schema.schema", param="response_format")
+        return validated({**params, "json_schema": rf.json_schema.schema_})
+    return params
+
+
 def usage(results: list[RequestResult]) -> dict[str, int | dict[str, int]]:
     prompt = sum(r.prompt_tokens or len(r.prompt_ids) for r in results)
     completion = sum(r.completion_tokens for r in results)
@@ -141,6 +152,7 @@ class OpenAIServing:
         params = sampling_kwargs(req, req.max_tokens, req.logprobs)
         if req.echo and req.logprobs is not None:
             params["prompt_logprobs"] = req.logprobs
+        params = with_response_format(params, req.response_format)
         return Prepared(new_id("cmpl"), self._encode_prompts(req.prompt), params)
 
     def _completion_logprobs(self, tokens: list[int], lps: list[dict[int, float]] | None, k: int,
@@ -262,13 +274,7 @@ class OpenAIServing:
         k = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling_kwargs(req, req.max_completion_tokens or req.max_tokens, k)
         rf = req.response_format
-        if rf is not None and rf.type == "json_object":
-            params = validated({**params, "json_object": True})
-        elif rf is not None and rf.type == "json_schema":
-            if rf.json_schema is None:
-                raise APIError(400, "response_format json_schema needs a json_schema.schema",
-                               param="response_format")
-            params = validated({**params, "json_schema": rf.json_schema.schema_})
+        params = with_response_format(params, rf)
         if mode == "forced":
             if rf is not None and rf.type != "text":
                 raise APIError(400, "response_format can't be combined with a forced tool_choice",

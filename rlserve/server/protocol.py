@@ -72,6 +72,7 @@ class CompletionRequest(_Sampling):
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
 
 
 class CompletionLogprobs(_Model):
@@ -264,3 +265,6 @@ class DetokenizeResponse(_Model):
 class AbortRequest(_Model):
     rid: str | None = None
     abort_all: bool = False
+
+
+CompletionRequest.model_rebuild()   # its response_format type is defined further down

@@ -9,7 +9,7 @@ import pytest
 from lark import Lark
 
 from rlserve import LLM, SamplingParams
-from schemas import EBNF, REGEXES, SCHEMAS
+from structured_schemas import EBNF, REGEXES, SCHEMAS
 
 
 @pytest.fixture(scope="module")
