@@ -154,10 +154,19 @@ def messages_for_template(messages: list[Any]) -> list[dict[str, Any]]:
         if m.name:
             msg["name"] = m.name
         if m.tool_calls:
-            msg["tool_calls"] = [{"type": "function", "id": c.get("id"), "function": {
-                "name": c["function"]["name"],
-                "arguments": _loads(c["function"].get("arguments", "{}")) or {}}} for c in m.tool_calls]
+            msg["tool_calls"] = [_template_call(c) for c in m.tool_calls]
         if m.tool_call_id:
             msg["tool_call_id"] = m.tool_call_id
         out.append(msg)
     return out
+
+
+def _template_call(call: Any) -> dict[str, Any]:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise APIError(400, "each assistant tool_calls entry needs function.name", param="messages")
+    args = fn.get("arguments", "{}")
+    parsed = _loads(args) if isinstance(args, str) else args
+    if not isinstance(parsed, dict):
+        raise APIError(400, "tool_calls function.arguments must be a JSON object (as a string)", param="messages")
+    return {"type": "function", "id": call.get("id"), "function": {"name": fn["name"], "arguments": parsed}}

@@ -119,3 +119,10 @@ def test_parsers():
     assert tool_lib.parse_tool_calls('{"name": "rm", "arguments": {}}', offered, "llama3") == \
            ('{"name": "rm", "arguments": {}}', [])
     assert tool_lib.parse_tool_calls("<tool_call>{oops</tool_call>", offered, "qwen")[1] == []
+
+
+@pytest.mark.parametrize("calls", [[{}], [{"function": {"arguments": "{}"}}], [{"function": {"name": "add", "arguments": "[1]"}}]])
+def test_malformed_assistant_tool_calls_are_400(client, model, calls):
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=model, max_tokens=3, messages=[
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": calls}])
