@@ -374,6 +374,27 @@ class Engine:
                              outputs=comps, prompt_logprobs=first.prompt_logprobs,
                              cached_tokens=first.cached_tokens)
 
+    # ---- weights (RL) ----
+    @torch.no_grad()
+    def update_weights(self, weights) -> int:
+        """Copy new parameters in place (a module with our parameter names, or (name, tensor) pairs);
+        addresses don't change, so captured CUDA graphs stay valid. The prefix cache is dropped since
+        its KV was computed with the old weights. Returns how many tensors were updated."""
+        if self.has_unfinished() or self._pending is not None:
+            raise RuntimeError("update_weights needs an idle engine: finish or abort running requests first")
+        pairs = weights.named_parameters() if isinstance(weights, torch.nn.Module) else weights
+        params = dict(self.model.named_parameters())
+        n = 0
+        for name, tensor in pairs:
+            if name not in params:
+                raise KeyError(f"unknown parameter {name!r}")
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)} != {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+            n += 1
+        self.flush_cache()
+        return n
+
     # ---- maintenance ----
     def flush_cache(self) -> bool:
         """Drop the whole prefix cache; refused (False) while requests hold parts of it."""
