@@ -65,7 +65,10 @@ class Metrics:
                 self.requests.labels(m, d.finish_reason or "unknown").inc()
 
     def forget(self, rid: str) -> None:
-        self._timing.pop(rid, None)
+        """The request is done with; if it never finished (the client left, or it failed), count it
+        as aborted."""
+        if self._timing.pop(rid, None) is not None:
+            self.requests.labels(self.model_name, "abort").inc()
 
     def error(self, status: int) -> None:
         self.http_errors.labels(self.model_name, str(status)).inc()
