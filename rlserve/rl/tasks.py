@@ -1,0 +1,58 @@
+"""Synthetic verifiable tasks with fixed train / held-out splits.
+
+Each sample is a dict: {"prompt": chat messages, plus the ground-truth fields its reward reads}.
+Splits are decided by a hash of the problem itself, so a held-out problem never appears in training
+whatever the seed or the number of samples drawn.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Any, Iterator
+
+Sample = dict[str, Any]
+
+
+def _in_split(key: str, split: str, held_out_fraction: float) -> bool:
+    h = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return (h < held_out_fraction) == (split == "test")
+
+
+def arithmetic(split: str = "train", seed: int = 0, max_operand: int = 50, held_out_fraction: float = 0.2
+               ) -> Iterator[Sample]:
+    """a ± b problems; the reward field is `answer` (see rewards.numeric_reward)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    rng = random.Random(seed)
+    while True:
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        op = rng.choice("+-")
+        key = f"{a}{op}{b}"
+        if not _in_split(key, split, held_out_fraction):
+            continue
+        answer = a + b if op == "+" else a - b
+        yield {"prompt": [{"role": "user", "content": f"What is {a} {op} {b}? Put the final answer in \\boxed{{}}."}],
+               "answer": answer}
+
+
+def countdown(split: str = "train", seed: int = 0, num_numbers: int = 3, max_number: int = 20,
+              held_out_fraction: float = 0.2) -> Iterator[Sample]:
+    """Reach `target` from `numbers` with + - * / (each number once); reward: rewards.countdown_reward.
+    Targets come from a random expression over the numbers, so every problem is solvable."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    rng = random.Random(seed)
+    while True:
+        numbers = [rng.randint(1, max_number) for _ in range(num_numbers)]
+        value = numbers[0]
+        for n in numbers[1:]:
+            value = rng.choice([value + n, value - n, value * n])
+        key = f"{sorted(numbers)}->{value}"
+        if not _in_split(key, split, held_out_fraction):
+            continue
+        text = (f"Using the numbers {numbers} once each with + - * /, make {value}. "
+                "Give the expression in <answer></answer>.")
+        yield {"prompt": [{"role": "user", "content": text}], "numbers": numbers, "target": value}
+
+
+TASKS = {"arithmetic": arithmetic, "countdown": countdown}
