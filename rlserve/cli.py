@@ -285,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     from rlserve.server.args import add_server_args   # light: FastAPI is imported only when serving
     add_server_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    tr = sub.add_parser("train", help="RL post-training (colocated GRPO)",
+                        description="Train with the engine as the rollout engine: rlserve train --config x.yaml "
+                                    "rollout.group_size=8 optim.lr=1e-5")
+    tr.add_argument("--config", default=None, help="YAML file (see rlserve.rl.config.TrainConfig)")
+    tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=100 task.name=countdown")
+    tr.set_defaults(func=lambda a: __import__("rlserve.rl.train", fromlist=["main"]).main(a.config, a.overrides))
     return parser
 
 
