@@ -57,6 +57,22 @@ def with_response_format(params: dict[str, Any], rf: Any) -> dict[str, Any]:
     return params
 
 
+def stream_chunk(rid: str, obj: str, created: int, model: str, choices: list[dict], include_usage: bool) -> str:
+    """One SSE chunk; with include_usage every chunk carries "usage": null until the final one."""
+    body: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+    if include_usage:
+        body["usage"] = None
+    return sse(body)
+
+
+async def first_then(first: tuple[int, ipc.Update], rest: AsyncIterator[tuple[int, ipc.Update]]
+                     ) -> AsyncIterator[tuple[int, ipc.Update]]:
+    """The update that was awaited before the response started, then the rest of the stream."""
+    yield first
+    async for x in rest:
+        yield x
+
+
 def usage(results: list[RequestResult]) -> dict[str, int | dict[str, int]]:
     prompt = sum(r.prompt_tokens or len(r.prompt_ids) for r in results)
     completion = sum(r.completion_tokens for r in results)
@@ -219,19 +235,10 @@ class OpenAIServing:
         echoed = [[not req.echo] * prep.n for _ in prep.prompts]
 
         def chunk(choices: list[dict]) -> str:
-            body = {"id": prep.rid, "object": "text_completion", "created": created, "model": model,
-                    "choices": choices}
-            if include_usage:
-                body["usage"] = None
-            return sse(body)
-
-        async def items() -> AsyncIterator[tuple[int, ipc.Update]]:
-            yield first
-            async for x in merged:
-                yield x
+            return stream_chunk(prep.rid, "text_completion", created, model, choices, include_usage)
 
         try:
-            async for i, u in items():
+            async for i, u in first_then(first, merged):
                 results[i].apply(u)
                 choices = []
                 for d in u.seqs:
@@ -329,24 +336,12 @@ class OpenAIServing:
         k = req.top_logprobs or 0
 
         def chunk(choices: list[dict]) -> str:
-            body = {"id": prep.rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": choices}
-            if include_usage:
-                body["usage"] = None
-            return sse(body)
+            return stream_chunk(prep.rid, "chat.completion.chunk", created, model, choices, include_usage)
 
         try:
             yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for j in range(prep.n)])
-            pending = [first]
-            while True:
-                if pending:
-                    _, u = pending.pop()
-                else:
-                    nxt = await anext(merged, None)
-                    if nxt is None:
-                        break
-                    _, u = nxt
+            async for _, u in first_then(first, merged):
                 res.apply(u)
                 choices = []
                 for d in u.seqs:
