@@ -109,3 +109,15 @@ def tiny_server(server_factory, default_model_dir) -> Server:
 def default_server(server_factory, default_model_dir) -> Server:
     """The default SmolLM2 model, for tests that need meaningful text and chat templates."""
     return server_factory(["--max-total-tokens", "16384", "--max-model-len", "2048"]).wait_ready()
+
+
+@pytest.fixture(scope="session")
+def client(default_server):
+    """The official openai client against the default-model server."""
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=default_server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def model(client) -> str:
+    return client.models.list().data[0].id

@@ -11,16 +11,6 @@ import pytest
 from structured_schemas import SCHEMAS
 
 
-@pytest.fixture(scope="module")
-def client(default_server):
-    return openai.OpenAI(base_url=default_server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
-
-
 def test_every_schema_validates_through_chat(client, model):
     def ask(item):
         i, (name, schema) = item

@@ -26,16 +26,6 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 MESSAGES = [{"role": "user", "content": "What's the weather in Paris? Also, what is 2 + 40?"}]
 
 
-@pytest.fixture(scope="module")
-def client(default_server):
-    return openai.OpenAI(base_url=default_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
-
-
 def check_calls(message, allowed: set[str]) -> None:
     assert message.tool_calls, message
     for call in message.tool_calls:
