@@ -64,6 +64,8 @@ def add_engine_args(parser: argparse.ArgumentParser, default_model_help: str = "
     g.add_argument("--disable-overlap-schedule", action="store_true",
                    help="don't overlap host work with the device's decode step")
     g.add_argument("--disable-compile", action="store_true", help="don't fuse elementwise ops with torch.compile")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"],
+                   help="auto (the model's dtype) | fp8_e4m3 (scaled per token and head; half the KV bytes)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -72,7 +74,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(model=args.model, load_format=args.load_format, dtype=args.dtype,
                                   device=args.device, seed=args.seed,
                                   enable_radix_cache=not args.disable_radix_cache,
-                                  attention_backend=args.attention_backend)
+                                  attention_backend=args.attention_backend,
+                                  kv_cache_dtype=args.kv_cache_dtype)
     if args.disable_cuda_graph:
         kwargs["cuda_graph"] = False
     if args.disable_overlap_schedule:
@@ -244,6 +247,12 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
     return offline.main(args)
 
 
+def cmd_bench_serving(args: argparse.Namespace) -> int:
+    from rlserve.bench import serving
+
+    return serving.main(args)
+
+
 # ---- parser ----
 def build_parser() -> argparse.ArgumentParser:
     from rlserve.bench import offline
@@ -278,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     offline.add_arguments(off)
     off.set_defaults(func=cmd_bench_offline)
+    from rlserve.bench import serving   # light: httpx is imported only when it runs
+    srv = bench_sub.add_parser("serving", help="load a running server: throughput, TTFT, ITL, latency",
+                               description=serving.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serving.add_arguments(srv)
+    srv.set_defaults(func=cmd_bench_serving)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible and native HTTP server",
                            description="Serve the engine over HTTP (engine in its own process).")
