@@ -397,13 +397,37 @@ async def bench(args: argparse.Namespace) -> tuple[Summary, dict[str, Any]]:
         if args.flush_cache:
             await flush_cache(client)
         results, duration = await run_requests(client, requests, cfg)
+        after = await server_state(client)
     summary = summarize(requests, results, duration)
-    config = {k: v for k, v in vars(args).items() if k not in ("func", "api_key", "json_out", "no_tqdm")}
-    config["request_rate"] = str(args.request_rate) if math.isinf(args.request_rate) else args.request_rate
-    record = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": config,
-              "server": {k: info.get(k) for k in ("served_model_name", "model_path", "max_model_len", "vocab_size")},
-              "num_requests": len(requests), **asdict(summary)}
+    server = {k: info.get(k) for k in ("served_model_name", "model_path", "max_model_len", "vocab_size")}
+    server.update(after)
+    record = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": run_config(args),
+              "server": server, "num_requests": len(requests), **asdict(summary)}
     return summary, json_safe(record)
+
+
+_NOT_CONFIG = {"command", "bench_command", "func", "api_key", "json_out", "no_tqdm"}
+_DATASET_ONLY = {"random": {"num_prompts", "input_len"},
+                 "shared-prefix": {"num_groups", "questions_per_group", "prefix_len", "question_len"}}
+
+
+def run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that shaped the run (the other dataset's flags and the API key left out)."""
+    other = set().union(*(v for k, v in _DATASET_ONLY.items() if k != args.dataset))
+    config = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG | other}
+    config["request_rate"] = str(args.request_rate) if math.isinf(args.request_rate) else args.request_rate
+    return config
+
+
+async def server_state(client: httpx.AsyncClient) -> dict[str, Any]:
+    """Device, dtype and KV bookkeeping after the run (kv_leaked should be 0); {} if unavailable."""
+    try:
+        r = await client.get("/get_server_info")
+        r.raise_for_status()
+        info = r.json()
+    except Exception:     # an older or different server: the record just lacks these
+        return {}
+    return {k: info[k] for k in ("device", "dtype", "kv_total", "kv_leaked") if k in info}
 
 
 def json_safe(x: Any) -> Any:
@@ -420,7 +444,8 @@ def json_safe(x: Any) -> Any:
 def title(args: argparse.Namespace) -> str:
     rate = "inf" if math.isinf(args.request_rate) else f"{args.request_rate:g}/s"
     conc = args.max_concurrency or "unlimited"
-    return f"rlserve bench serving: {args.dataset}, rate {rate}, max concurrency {conc}"
+    label = f" [{args.label}]" if args.label else ""
+    return f"rlserve bench serving{label}: {args.dataset}, rate {rate}, max concurrency {conc}"
 
 
 # ---- CLI ----
@@ -454,6 +479,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--timeout", type=float, default=3600.0, help="per-request read timeout in s (default 3600)")
     b.add_argument("--seed", type=int, default=0, help="seeds the dataset and the arrival times")
     b.add_argument("--json-out", metavar="FILE", help="append the result as one JSON line")
+    b.add_argument("--label", default=None, help="a free-form tag stored in the JSON line, e.g. radix-off")
     b.add_argument("--no-tqdm", action="store_true", help="no progress bar")
 
 

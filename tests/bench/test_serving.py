@@ -230,5 +230,7 @@ def test_cli_random_and_shared_prefix_runs(bench_server, tmp_path, capsys):
             rec["total_output_tokens"] / rec["duration_s"])
     assert lines[0]["config"]["dataset"] == "random" and lines[0]["config"]["flush_cache"] is True
     assert lines[1]["config"]["request_rate"] == 100.0
+    assert "num_groups" not in lines[0]["config"] and "num_prompts" not in lines[1]["config"]
+    assert all(rec["server"]["kv_leaked"] == 0 for rec in lines)     # the bench's requests freed their KV
     # Later questions of a group find the group's prefix in the radix cache.
     assert lines[1]["cached_tokens"] >= 64
