@@ -1,5 +1,5 @@
 """Training configuration: typed dataclasses, loadable from YAML, with dotted command-line overrides
-(`rollout.group_size=16 optim.lr=1e-5`)."""
+(`rollout.group_size=16 optim.lr=1e-5 kl.coef=0.01`). Every key is documented in docs/rl.md."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,30 +7,98 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlserve.rl.grpo import GRPOConfig
+ADVANTAGES = ("grpo", "rloo", "reinforce++", "reinforce++-baseline", "gae")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_MODES = ("reward", "loss")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def _one_of(where: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"config key {where!r} must be one of {', '.join(allowed)}; got {value!r}")
 
 
 @dataclass
 class ModelSection:
     path: str | None = None              # None → the default SmolLM2; a HF dir, .gguf or preset
     dtype: str = "float32"
-    max_total_tokens: int | None = None
+    device: str = "auto"                 # rollout and trainer share it: "auto", "cpu", "cuda", "cuda:1"
+    max_total_tokens: int | None = None  # KV pool size in tokens (None: the engine decides)
 
 
 @dataclass
 class TaskSection:
-    name: str = "arithmetic"             # see rlserve.rl.tasks.TASKS
+    name: str = "arithmetic"             # see rlserve.rl.tasks.TASKS; ignored when `dataset` is set
     reward: str = "numeric"              # see rlserve.rl.rewards.BUILTIN_REWARDS
+    options: dict[str, Any] = field(default_factory=dict)   # extra keyword arguments for the task
+    dataset: str | None = None           # JSONL/parquet train file instead of the synthetic generator
+    eval_dataset: str | None = None      # held-out file (default: the task's "test" split)
     prompts_per_step: int = 8
     eval_prompts: int = 32
-    eval_every: int = 5
+    eval_every: int = 5                  # 0: never
+
+
+@dataclass
+class RolloutSection:
+    group_size: int = 8                  # completions per prompt
+    max_tokens: int = 16
+    temperature: float = 1.0
+    constraint: dict[str, Any] | None = None   # structured rollouts, e.g. {"regex": "[ab]{8}"}
+
+
+@dataclass
+class AlgorithmSection:
+    advantage: str = "grpo"              # grpo | rloo | reinforce++ | reinforce++-baseline | gae (PPO)
+    normalize_std: bool = True           # grpo only: divide by the group's std (off = Dr. GRPO)
+    loss_agg: str = "token-mean"         # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    clip_low: float = 0.2
+    clip_high: float = 0.28              # > clip_low is DAPO's clip-higher
+    entropy_coef: float = 0.0            # loss −= coef · entropy
+    dynamic_sampling: bool = False       # drop groups whose rewards all agree (no gradient signal)
+    ppo_epochs: int = 1                  # passes over the step's samples
+    minibatch_size: int = 0              # samples per optimizer step; 0 = the whole step at once
+    tis_cap: float | None = None         # truncated importance sampling: w = min(π_old / π_engine, cap)
+    gamma: float = 1.0                   # discount for gae and reinforce++
+    lam: float = 1.0                     # GAE λ
+
+    def __post_init__(self) -> None:
+        _one_of("algorithm.advantage", self.advantage, ADVANTAGES)
+        _one_of("algorithm.loss_agg", self.loss_agg, LOSS_AGGREGATIONS)
+        if self.ppo_epochs < 1 or self.minibatch_size < 0:
+            raise ValueError("algorithm.ppo_epochs must be ≥ 1 and algorithm.minibatch_size ≥ 0")
+
+
+@dataclass
+class KLSection:
+    coef: float = 0.0                    # > 0 builds a frozen reference copy of the initial policy
+    mode: str = "loss"                   # loss: a loss term; reward: a per-token reward penalty
+    estimator: str = "k3"                # k1 | k2 | k3
+
+    def __post_init__(self) -> None:
+        _one_of("kl.mode", self.mode, KL_MODES)
+        _one_of("kl.estimator", self.estimator, KL_ESTIMATORS)
+
+
+@dataclass
+class CriticSection:
+    """The value model of PPO (algorithm.advantage=gae): a copy of the policy's trunk + a value head."""
+    lr: float = 1e-5
+    value_clip: float = 0.2
 
 
 @dataclass
 class OptimSection:
     lr: float = 1e-5
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0           # 0: no clipping (the norm is still logged)
+    warmup_steps: int = 0                # linear warmup over this many train steps, then constant
+
+
+@dataclass
+class LoggingSection:
+    progress_bar: bool = True
+    tensorboard: bool = False            # <output_dir>/tensorboard
+    plot_every: int = 0                  # rewrite <output_dir>/metrics.png every N steps (always at the end)
 
 
 @dataclass
@@ -38,10 +106,18 @@ class TrainConfig:
     steps: int = 50
     seed: int = 0
     output_dir: str = "runs/rl"
+    checkpoint_every: int = 0            # 0: no checkpoints
+    checkpoint_keep: int = 2             # newest checkpoints kept on disk
+    resume: bool = False                 # continue from the newest checkpoint in output_dir
+    resume_from: str | None = None       # ... or from this checkpoint directory
     model: ModelSection = field(default_factory=ModelSection)
     task: TaskSection = field(default_factory=TaskSection)
-    rollout: GRPOConfig = field(default_factory=GRPOConfig)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
+    kl: KLSection = field(default_factory=KLSection)
+    critic: CriticSection = field(default_factory=CriticSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -55,6 +131,10 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             if not isinstance(value, dict):
                 raise ValueError(f"config key {where}{key!r} is a section, got {value!r}")
             kwargs[key] = _build(sub, value, f"{where}{key}.")
+        elif sub is dict:
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {where}{key!r} expects a mapping, got {value!r}")
+            kwargs[key] = value
         else:
             kwargs[key] = _coerce(value, fields[key].default, f"{where}{key}")
     return cls(**kwargs)

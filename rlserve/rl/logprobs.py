@@ -7,9 +7,10 @@ import torch
 from rlserve.models.llama import LlamaForCausalLM
 
 
-def completion_logprobs(model: LlamaForCausalLM, prompts: list[list[int]], completions: list[list[int]],
-                        temperature: float = 1.0) -> list[torch.Tensor]:
-    """log p(completion token | everything before it), one tensor per sample, with gradients if enabled."""
+def completion_hidden(model: LlamaForCausalLM, prompts: list[list[int]], completions: list[list[int]]
+                      ) -> list[torch.Tensor]:
+    """Per sample, the hidden states [len(completion), hidden] of the positions that predict its
+    completion tokens: the last prompt token through the second-to-last completion token."""
     seqs = [p + c for p, c in zip(prompts, completions)]
     device = next(model.parameters()).device
     ids = torch.tensor([t for s in seqs for t in s], device=device)
@@ -18,11 +19,28 @@ def completion_logprobs(model: LlamaForCausalLM, prompts: list[list[int]], compl
     for s in seqs:
         cu.append(cu[-1] + len(s))
     hidden = model(ids, positions, cu_seqlens=cu)
-    out = []
-    for (start, _), p, c in zip(zip(cu[:-1], cu[1:]), prompts, completions):
-        # Positions predicting the completion: the last prompt token through the second-to-last output.
-        h = hidden[start + len(p) - 1:start + len(p) + len(c) - 1]
-        logits = model.compute_logits(h) / temperature
-        target = torch.tensor(c, device=device)
-        out.append(torch.log_softmax(logits, -1).gather(-1, target[:, None]).squeeze(-1))
-    return out
+    return [hidden[start + len(p) - 1:start + len(p) + len(c) - 1]
+            for start, p, c in zip(cu[:-1], prompts, completions)]
+
+
+def completion_logprobs(model: LlamaForCausalLM, prompts: list[list[int]], completions: list[list[int]],
+                        temperature: float = 1.0) -> list[torch.Tensor]:
+    """log p(completion token | everything before it), one tensor per sample, with gradients if enabled."""
+    return completion_logprobs_entropy(model, prompts, completions, temperature, with_entropy=False)[0]
+
+
+def completion_logprobs_entropy(model: LlamaForCausalLM, prompts: list[list[int]], completions: list[list[int]],
+                                temperature: float = 1.0, with_entropy: bool = True
+                                ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Sampled-token logprobs and (optionally) the entropy of the sampling distribution, per sample.
+    Both come from one log-softmax, so the entropy costs one extra elementwise pass over the vocabulary."""
+    device = next(model.parameters()).device
+    logps: list[torch.Tensor] = []
+    entropies: list[torch.Tensor] = []
+    for h, c in zip(completion_hidden(model, prompts, completions), completions):
+        log_probs = torch.log_softmax(model.compute_logits(h) / temperature, -1)
+        target = torch.tensor(c, device=device, dtype=torch.long)
+        logps.append(log_probs.gather(-1, target[:, None]).squeeze(-1))
+        if with_entropy:
+            entropies.append(-(log_probs.exp() * log_probs).sum(-1))
+    return logps, (entropies if with_entropy else None)

@@ -1,76 +1,306 @@
-"""The colocated training loop, top to bottom: prompts → rollout → rewards → advantages → update →
-(the engine serves the updated module directly) → log → evaluate. `rlserve train --config x.yaml k=v`."""
+"""The colocated training loop, top to bottom:
+
+    prompts → rollout (n per prompt, engine logprobs kept) → rewards → [dynamic sampling] →
+    trainer recompute (old logprobs, reference logprobs, values) → advantages → policy (+ critic)
+    update over minibatches and epochs → the engine serves the updated module (flush its stale
+    prefix cache) → log → evaluate → checkpoint.
+
+The engine's model *is* the policy: the optimizer updates the very parameters the next rollout reads,
+so weight sync is a cache flush. `rlserve train --config x.yaml key=value ... [resume=true]`.
+"""
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import random
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from rlserve.llm import LLM
+from rlserve.models.llama import LlamaForCausalLM
+from rlserve.rl.advantages import compute_advantages
+from rlserve.rl.algorithms import dynamic_sampling_keep, kl_estimate, masked_mean
+from rlserve.rl.batch import Rollout, TrainBatch, pad
+from rlserve.rl.checkpoint import (latest_checkpoint, load_checkpoint, restore_rng_state, rng_state,
+                                   save_checkpoint)
 from rlserve.rl.config import TrainConfig, to_dict
-from rlserve.rl.grpo import grpo_step
-from rlserve.rl.rewards import BUILTIN_REWARDS, score_batch
-from rlserve.rl.tasks import TASKS
-from rlserve.sampling import SamplingParams
+from rlserve.rl.logprobs import completion_logprobs
+from rlserve.rl.metrics_log import MetricLog
+from rlserve.rl.models import ValueModel, frozen_reference
+from rlserve.rl.prompts import PromptStream, Sample
+from rlserve.rl.rewards import BUILTIN_REWARDS, RewardFn
+from rlserve.rl.rollout import encode_prompt, generate_rollout, greedy_accuracy
+from rlserve.rl.update import Critic, ppo_update
 
 
-def _encode(llm: LLM, sample: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
-    prompt = sample["prompt"]
-    text = llm.apply_chat_template(prompt) if isinstance(prompt, list) else prompt
-    fields = {k: v for k, v in sample.items() if k != "prompt"}
-    return llm.encode(text)[1], fields
+# ----------------------------------------------------------------------------- setup
+
+@dataclass
+class Run:
+    """Everything the loop reads and changes, which is also everything a checkpoint must hold."""
+    cfg: TrainConfig
+    llm: LLM
+    policy: LlamaForCausalLM
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    reward_fn: RewardFn
+    prompts: PromptStream
+    held_out: list[Sample]
+    rng: random.Random                   # draws each step's seed
+    reference: LlamaForCausalLM | None = None
+    critic: Critic | None = None
+    critic_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    next_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def evaluate(llm: LLM, cfg: TrainConfig, samples: list[dict[str, Any]]) -> float:
-    """Greedy accuracy (mean reward) on held-out samples."""
-    reward = BUILTIN_REWARDS[cfg.task.reward]
-    encoded = [_encode(llm, s) for s in samples]
-    outs = llm.generate([ids for ids, _ in encoded], SamplingParams(temperature=0, max_tokens=cfg.rollout.max_tokens),
-                        use_tqdm=False)
-    scores = score_batch(reward, [o.prompt or "" for o in outs], [o.outputs[0].text for o in outs],
-                         [f for _, f in encoded])
-    return sum(scores) / len(scores)
+def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over `warmup_steps` train steps, then constant."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
 
 
-def train(cfg: TrainConfig) -> list[dict[str, Any]]:
+def _data_sources(cfg: TrainConfig) -> tuple[PromptStream, list[Sample]]:
+    """The train stream and the held-out samples: from dataset files when configured, else the task."""
+    task = cfg.task
+    if task.dataset is not None:
+        from rlserve.rl.data import load_dataset
+        train_stream = PromptStream(items=load_dataset(task.dataset), seed=cfg.seed)
+    else:
+        from rlserve.rl.tasks import TASKS
+        if task.name not in TASKS:
+            raise ValueError(f"unknown task {task.name!r}; tasks: {', '.join(TASKS)}")
+        train_stream = PromptStream(generator=lambda: TASKS[task.name]("train", seed=cfg.seed, **task.options))
+    if task.eval_dataset is not None:
+        from rlserve.rl.data import load_dataset
+        held_out = load_dataset(task.eval_dataset)[:task.eval_prompts]
+    elif task.dataset is not None:
+        held_out = []                    # a train file alone has no held-out split
+    else:
+        from rlserve.rl.tasks import TASKS
+        held_out = list(itertools.islice(TASKS[task.name]("test", seed=cfg.seed, **task.options),
+                                         task.eval_prompts))
+    return train_stream, held_out
+
+
+def setup(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptStream | None = None,
+          held_out: list[Sample] | None = None) -> Run:
+    """Build the engine (whose module is the policy), optimizers, reference, critic and data.
+    `reward_fn`, `prompts` and `held_out` replace the configured task (tests and library use)."""
+    random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    if reward_fn is None:
+        if cfg.task.reward not in BUILTIN_REWARDS:
+            raise ValueError(f"unknown reward {cfg.task.reward!r}; rewards: {', '.join(BUILTIN_REWARDS)}")
+        reward_fn = BUILTIN_REWARDS[cfg.task.reward]
+    if prompts is None:
+        prompts, default_held_out = _data_sources(cfg)
+        held_out = default_held_out if held_out is None else held_out
+    llm = LLM(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device, seed=cfg.seed,
+              max_total_tokens=cfg.model.max_total_tokens)
+    policy = llm.engine.model
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    run = Run(cfg, llm, policy, optimizer, warmup_scheduler(optimizer, cfg.optim.warmup_steps), reward_fn,
+              prompts, held_out or [], random.Random(cfg.seed))
+    # Both copies are taken from the initial weights, before any checkpoint is loaded: the reference
+    # stays the initial policy for the whole run.
+    if cfg.kl.coef > 0:
+        run.reference = frozen_reference(policy)
+    if cfg.algorithm.advantage == "gae":
+        value_model = ValueModel.from_policy(policy)
+        critic_opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.critic.lr,
+                                       weight_decay=cfg.optim.weight_decay)
+        run.critic = Critic(value_model, critic_opt)
+        run.critic_scheduler = warmup_scheduler(critic_opt, cfg.optim.warmup_steps)
+    return run
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoint_state(run: Run) -> dict[str, Any]:
+    state = {"next_step": run.next_step, "config": to_dict(run.cfg), "history": run.history,
+             "data_consumed": run.prompts.consumed, "policy": run.policy.state_dict(),
+             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+             "rng": rng_state(run.rng, run.llm.engine.sampler.generator)}
+    if run.critic is not None:
+        state |= {"critic": run.critic.model.state_dict(), "critic_optimizer": run.critic.optimizer.state_dict(),
+                  "critic_scheduler": run.critic_scheduler.state_dict()}
+    return state
+
+
+def restore(run: Run, path: Path) -> None:
+    state = load_checkpoint(path)
+    run.policy.load_state_dict(state["policy"])      # in place: the engine serves the restored weights
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.critic is not None:
+        if "critic" not in state:
+            raise ValueError(f"{path} has no critic, but algorithm.advantage=gae needs one")
+        run.critic.model.load_state_dict(state["critic"])
+        run.critic.optimizer.load_state_dict(state["critic_optimizer"])
+        run.critic_scheduler.load_state_dict(state["critic_scheduler"])
+    restore_rng_state(state["rng"], run.rng, run.llm.engine.sampler.generator)
+    run.prompts.seek(state["data_consumed"])
+    run.next_step = state["next_step"]
+    run.history = state["history"]
+    run.llm.engine.flush_cache()
+
+
+def _resume_path(cfg: TrainConfig) -> Path | None:
+    if cfg.resume_from:
+        return Path(cfg.resume_from)
+    if cfg.resume:
+        return latest_checkpoint(cfg.output_dir)   # none yet: start from scratch
+    return None
+
+
+# ----------------------------------------------------------------------------- one step's pieces
+
+class Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+@torch.no_grad()
+def recompute(run: Run, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The trainer's view of the rollout before any update: old logprobs (the PPO ratio's denominator,
+    recomputed rather than taken from the engine so that the ratio starts at exactly 1), reference
+    logprobs, and the critic's values. In chunks of one minibatch to bound activation memory."""
+    cfg = run.cfg
+    width, n = rollout.mask.shape[1], len(rollout.prompt_ids)
+    chunk = cfg.algorithm.minibatch_size or n
+    old, ref, values = [], [], []
+    for start in range(0, n, chunk):
+        p, c = rollout.prompt_ids[start:start + chunk], rollout.completion_ids[start:start + chunk]
+        old += completion_logprobs(run.policy, p, c, cfg.rollout.temperature)
+        if run.reference is not None:
+            ref += completion_logprobs(run.reference, p, c, cfg.rollout.temperature)
+        if run.critic is not None:
+            values += run.critic.model(p, c)
+    cpu = lambda rows: pad([r.float().cpu() for r in rows], width) if rows else None   # noqa: E731
+    return cpu(old), cpu(ref), cpu(values)
+
+
+def rollout_metrics(rollout: Rollout) -> dict[str, float]:
+    rewards = rollout.rewards
+    return {"reward": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            "solve_rate": (rewards >= 1.0).float().mean().item(),   # verifiable tasks score 1 when right
+            "response_length": rollout.mask.sum(-1).mean().item()}
+
+
+def mismatch_metrics(engine_logp: torch.Tensor, trainer_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """How far the engine's sampling distribution is from the trainer's on the sampled tokens: mean
+    |Δ logprob| and KL(engine ‖ trainer) by k3 (the samples come from the engine)."""
+    return {"mismatch_abs": masked_mean((engine_logp - trainer_logp).abs(), mask).item(),
+            "mismatch_kl": masked_mean(kl_estimate(engine_logp, trainer_logp, "k3"), mask).item()}
+
+
+def _prompts_digest(prompts: list[list[int]]) -> str:
+    return hashlib.sha1(json.dumps(prompts).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptStream | None = None,
+          held_out: list[Sample] | None = None) -> list[dict[str, Any]]:
+    """Run cfg.steps steps (continuing a checkpoint if asked); returns the per-step metrics."""
+    from tqdm import tqdm
+
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    llm = LLM(cfg.model.path, dtype=cfg.model.dtype, seed=cfg.seed, max_total_tokens=cfg.model.max_total_tokens)
-    model = llm.engine.model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    if cfg.task.name not in TASKS or cfg.task.reward not in BUILTIN_REWARDS:
-        raise ValueError(f"unknown task {cfg.task.name!r} or reward {cfg.task.reward!r}")
-    task = TASKS[cfg.task.name]
-    train_samples = task("train", seed=cfg.seed)
-    held_out = list(itertools.islice(task("test", seed=cfg.seed), cfg.task.eval_prompts))
-    reward = BUILTIN_REWARDS[cfg.task.reward]
-    history: list[dict[str, Any]] = []
-    rng = random.Random(cfg.seed)
-    with open(out_dir / "metrics.jsonl", "a") as log:
-        for step in range(cfg.steps):
-            t0 = time.perf_counter()
-            batch = [_encode(llm, s) for s in itertools.islice(train_samples, cfg.task.prompts_per_step)]
-            stats = grpo_step(llm, optimizer, cfg.rollout, [ids for ids, _ in batch], reward,
-                              [f for _, f in batch], seed=rng.randrange(2**31))
-            record: dict[str, Any] = {"step": step, "reward": stats.reward_mean, "loss": stats.loss,
-                                      "clip_fraction": stats.clip_fraction,
-                                      "logprob_mismatch": stats.logprob_mismatch,
-                                      "step_seconds": time.perf_counter() - t0}
-            if cfg.task.eval_every and (step + 1) % cfg.task.eval_every == 0:
-                record["eval_accuracy"] = evaluate(llm, cfg, held_out)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            history.append(record)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
-                  flush=True)
-    return history
+    run = setup(cfg, reward_fn, prompts, held_out)
+    if (path := _resume_path(cfg)) is not None:
+        restore(run, path)
+    llm, algo = run.llm, cfg.algorithm
+    log = MetricLog(out_dir, cfg.logging, run.history)
+    bar = tqdm(range(run.next_step, cfg.steps), initial=run.next_step, total=cfg.steps, desc="train",
+               disable=not cfg.logging.progress_bar, dynamic_ncols=True)
+    try:
+        for step in bar:
+            timer = Timer()
+            with timer("total_s"):
+                seed = run.rng.randrange(2**31)
+                # 1. prompts
+                encoded = [encode_prompt(llm, s) for s in run.prompts.take(cfg.task.prompts_per_step)]
+                prompt_ids = [ids for ids, _ in encoded]
+                # 2. rollout n per prompt and 3. rewards
+                with timer("rollout_s"):
+                    rollout = generate_rollout(llm, cfg.rollout, prompt_ids, [f for _, f in encoded],
+                                               run.reward_fn, seed)
+                record: dict[str, Any] = {"step": step, "prompts_sha1": _prompts_digest(prompt_ids),
+                                          **rollout_metrics(rollout)}
+                # 4. dynamic sampling: a group whose rewards all agree has zero advantage everywhere
+                if algo.dynamic_sampling:
+                    rollout = rollout.keep_groups(dynamic_sampling_keep(rollout.rewards, rollout.group_size))
+                record["groups_kept"] = rollout.num_groups
+                if rollout.num_groups > 0:
+                    # 5. the trainer's logprobs (old policy, reference) and values, before any update
+                    with timer("logprob_s"):
+                        old_logp, ref_logp, values = recompute(run, rollout)
+                    mask = rollout.mask
+                    record |= mismatch_metrics(rollout.engine_logprobs, old_logp, mask)
+                    kl_penalty = None
+                    if ref_logp is not None:
+                        kl_tokens = kl_estimate(old_logp, ref_logp, cfg.kl.estimator)
+                        record["kl_ref"] = masked_mean(kl_tokens, mask).item()
+                        if cfg.kl.mode == "reward":
+                            kl_penalty = cfg.kl.coef * kl_tokens
+                    # 6. advantages
+                    advantages, returns = compute_advantages(algo, rollout.rewards, mask, rollout.group_size,
+                                                             kl_penalty, values)
+                    tis = None
+                    if algo.tis_cap:      # truncated importance weights for the engine/trainer mismatch
+                        tis = torch.exp(old_logp - rollout.engine_logprobs).clamp(max=algo.tis_cap) * mask
+                        record["tis_weight_mean"] = masked_mean(tis, mask).item()
+                    batch = TrainBatch(rollout.prompt_ids, rollout.completion_ids, mask, old_logp, advantages,
+                                       ref_logp, values, returns, tis)
+                    # 7. policy (and critic) update over minibatches and epochs
+                    with timer("update_s"):
+                        generator = torch.Generator().manual_seed(seed)   # minibatch order, seeded per step
+                        record |= ppo_update(run.policy, run.optimizer, batch, cfg, generator, run.critic)
+                record["lr"] = run.scheduler.get_last_lr()[0]
+                run.scheduler.step()
+                if run.critic_scheduler is not None:
+                    run.critic_scheduler.step()
+                # 8. weight sync: the engine's module is the policy; its cached KV is from the old weights
+                with timer("sync_s"):
+                    llm.engine.flush_cache()
+                # 9. held-out evaluation; the cache is flushed again so that every step's rollout starts
+                # from an empty prefix cache, as it does after a resume.
+                if cfg.task.eval_every and run.held_out and (step + 1) % cfg.task.eval_every == 0:
+                    with timer("eval_s"):
+                        record["eval_accuracy"] = greedy_accuracy(llm, run.held_out, run.reward_fn,
+                                                                  cfg.rollout.max_tokens)
+                        llm.engine.flush_cache()
+            record |= timer.seconds
+            # 10. log and checkpoint
+            run.history.append(record)
+            run.next_step = step + 1
+            log.log(record)
+            bar.set_postfix({k: f"{record[k]:.3g}" for k in ("reward", "eval_accuracy", "kl_ref", "entropy")
+                             if k in record}, refresh=False)
+            if cfg.checkpoint_every and run.next_step % cfg.checkpoint_every == 0:
+                save_checkpoint(out_dir, step, checkpoint_state(run), keep=cfg.checkpoint_keep)
+    finally:
+        bar.close()
+        log.close()
+    log.plot()
+    return run.history
 
 
 def main(config: str | None, overrides: list[str]) -> int:

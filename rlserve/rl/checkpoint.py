@@ -1,0 +1,100 @@
+"""Training checkpoints: one directory per step, written atomically.
+
+A checkpoint is `<output_dir>/checkpoints/step_<N>/state.pt` holding everything the next step reads:
+model(s), optimizer(s), LR scheduler(s), RNG states, the data position, the step and the metrics
+history. It is written into a hidden temporary directory and renamed into place, so a process killed
+mid-write leaves the previous checkpoint as the newest complete one.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+STATE_FILE = "state.pt"
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories never match the name pattern)."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))
+             and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(output_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write `state` as the checkpoint after `step` (0-based) and keep only the newest `keep`."""
+    root = checkpoint_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp_step_{step:06d}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    with open(tmp / STATE_FILE, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():        # the same step written again after a resume from an older checkpoint
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / STATE_FILE
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def rng_state(loop_rng: random.Random, engine_generator: torch.Generator | None) -> dict[str, Any]:
+    """Every random source a step can read: Python's, torch's (CPU and CUDA), the loop's own Random
+    (it draws the per-step seeds) and the engine sampler's default generator (unseeded rows)."""
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "loop": loop_rng.getstate(),
+            "engine": engine_generator.get_state() if engine_generator is not None else None}
+
+
+def restore_rng_state(state: dict[str, Any], loop_rng: random.Random,
+                      engine_generator: torch.Generator | None) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    loop_rng.setstate(state["loop"])
+    if state["engine"] is not None and engine_generator is not None:
+        engine_generator.set_state(state["engine"])
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,106 @@
+"""The policy (and critic) update: several PPO epochs over shuffled minibatches of one step's samples.
+
+Each minibatch is one optimizer step. Per minibatch the loss is
+
+    clipped surrogate (× TIS weights)  − entropy_coef · entropy  [+ kl.coef · KL(π ‖ π_ref) when kl.mode=loss]
+
+aggregated with the configured loss aggregation; gradients are clipped to optim.max_grad_norm.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from rlserve.models.llama import LlamaForCausalLM
+from rlserve.rl.algorithms import aggregate, kl_estimate, masked_mean, policy_loss, value_loss
+from rlserve.rl.batch import TrainBatch, pad
+from rlserve.rl.config import TrainConfig
+from rlserve.rl.logprobs import completion_logprobs_entropy
+from rlserve.rl.models import ValueModel
+
+
+@dataclass
+class Critic:
+    model: ValueModel
+    optimizer: torch.optim.Optimizer
+
+
+def minibatches(n: int, size: int, generator: torch.Generator) -> list[list[int]]:
+    """A shuffled partition of range(n) into chunks of `size` (0 → one chunk)."""
+    order = torch.randperm(n, generator=generator).tolist()
+    size = size or n
+    return [order[i:i + size] for i in range(0, n, size)]
+
+
+def ppo_update(policy: LlamaForCausalLM, optimizer: torch.optim.Optimizer, batch: TrainBatch,
+               cfg: TrainConfig, generator: torch.Generator, critic: Critic | None = None) -> dict[str, float]:
+    """Run algorithm.ppo_epochs passes; returns metrics averaged over all minibatch steps."""
+    algo = cfg.algorithm
+    width = batch.mask.shape[1]
+    sums: dict[str, float] = defaultdict(float)
+    updates = 0
+    for _ in range(algo.ppo_epochs):
+        for rows in minibatches(len(batch), algo.minibatch_size, generator):
+            mb = batch.select(rows)
+            for key, value in _policy_step(policy, optimizer, mb, cfg, width).items():
+                sums[key] += value
+            if critic is not None:
+                for key, value in _critic_step(critic, mb, cfg, width).items():
+                    sums[key] += value
+            updates += 1
+    return {key: value / updates for key, value in sums.items()} | {"optimizer_steps": updates}
+
+
+def _policy_step(policy: LlamaForCausalLM, optimizer: torch.optim.Optimizer, mb: TrainBatch, cfg: TrainConfig,
+                 width: int) -> dict[str, float]:
+    algo, device = cfg.algorithm, batch_device(policy)
+    logps, entropies = completion_logprobs_entropy(policy, mb.prompt_ids, mb.completion_ids,
+                                                   cfg.rollout.temperature)
+    logp, entropy = pad(logps, width), pad(entropies, width)
+    mask = mb.mask.to(device)
+    loss, metrics = policy_loss(logp, mb.old_logprobs.to(device), mb.advantages.to(device), mask,
+                                clip_low=algo.clip_low, clip_high=algo.clip_high, agg=algo.loss_agg,
+                                max_len=cfg.rollout.max_tokens,
+                                tis_weights=None if mb.tis_weights is None else mb.tis_weights.to(device))
+    out = {"pg_loss": loss.item(), "clip_fraction": metrics["clip_fraction"],
+           "approx_kl_old": metrics["approx_kl"], "entropy": masked_mean(entropy.detach(), mask).item()}
+    if algo.entropy_coef:
+        loss = loss - algo.entropy_coef * aggregate(entropy, mask, algo.loss_agg, cfg.rollout.max_tokens)
+    if cfg.kl.coef > 0 and cfg.kl.mode == "loss":
+        kl = aggregate(kl_estimate(logp, mb.ref_logprobs.to(device), cfg.kl.estimator), mask, algo.loss_agg,
+                       cfg.rollout.max_tokens)
+        loss = loss + cfg.kl.coef * kl
+        out["kl_loss"] = kl.item()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    out["grad_norm"] = _clip(policy.parameters(), cfg.optim.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"] = loss.item()
+    return out
+
+
+def _critic_step(critic: Critic, mb: TrainBatch, cfg: TrainConfig, width: int) -> dict[str, float]:
+    device = batch_device(critic.model)
+    values = pad(critic.model(mb.prompt_ids, mb.completion_ids), width)
+    mask = mb.mask.to(device)
+    loss = value_loss(values, mb.old_values.to(device), mb.returns.to(device), mask, clip=cfg.critic.value_clip)
+    critic.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = _clip(critic.model.parameters(), cfg.optim.max_grad_norm)
+    critic.optimizer.step()
+    critic.optimizer.zero_grad(set_to_none=True)
+    return {"value_loss": loss.item(), "critic_grad_norm": grad_norm}
+
+
+def _clip(params, max_norm: float) -> float:
+    params = [p for p in params if p.grad is not None]
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
+
+
+def batch_device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
