@@ -64,6 +64,8 @@ def add_engine_args(parser: argparse.ArgumentParser, default_model_help: str = "
     g.add_argument("--disable-overlap-schedule", action="store_true",
                    help="don't overlap host work with the device's decode step")
     g.add_argument("--disable-compile", action="store_true", help="don't fuse elementwise ops with torch.compile")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"],
+                   help="auto (the model's dtype) | fp8_e4m3 (scaled per token and head; half the KV bytes)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -72,7 +74,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(model=args.model, load_format=args.load_format, dtype=args.dtype,
                                   device=args.device, seed=args.seed,
                                   enable_radix_cache=not args.disable_radix_cache,
-                                  attention_backend=args.attention_backend)
+                                  attention_backend=args.attention_backend,
+                                  kv_cache_dtype=args.kv_cache_dtype)
     if args.disable_cuda_graph:
         kwargs["cuda_graph"] = False
     if args.disable_overlap_schedule:

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from rlserve.config import EngineConfig, ModelConfig, parse_dtype
-from rlserve.engine.cache import KVPool, RadixCache, ReqToTokenPool, TokenAllocator
+from rlserve.engine.cache import FP8_DTYPE, KVPool, RadixCache, ReqToTokenPool, TokenAllocator
 from rlserve.engine.detokenizer import IncrementalDetokenizer
 from rlserve.engine.grammar import GrammarBackend, GrammarSpec
 from rlserve.engine.memory import RequestMemory
@@ -43,6 +43,14 @@ class _Group:
     prompt: str | None
     prompt_ids: list[int]
     reqs: list[Request] = field(default_factory=list)
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    if name == "auto":
+        return model_dtype
+    if name in ("fp8", "fp8_e4m3"):
+        return FP8_DTYPE
+    raise ValueError(f"unknown kv_cache_dtype {name!r}; choose auto or fp8_e4m3")
 
 
 def pick_device(device: str) -> torch.device:
@@ -80,9 +88,11 @@ class Engine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
 
-        num_tokens = self._kv_budget_tokens(cfg, dtype)
+        self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype)
+        num_tokens = self._kv_budget_tokens(cfg, self.kv_dtype)
         self.allocator = TokenAllocator(num_tokens, self.device)
-        self.kv_pool = KVPool(cfg.num_layers, num_tokens + 1, cfg.num_kv_heads, cfg.head_dim, dtype, self.device)
+        self.kv_pool = KVPool(cfg.num_layers, num_tokens + 1, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype,
+                              self.device)
         self.table = ReqToTokenPool(config.scheduler.max_running_requests + 3, self.max_model_len + 1, self.device)
         self.pad_row = self.table.alloc()      # stays all zeros: padded graph rows point at KV slot 0
         self.tree = RadixCache(self.allocator) if config.cache.enable_radix_cache else None
@@ -94,7 +104,10 @@ class Engine:
         if self.device.type == "cuda" and config.cuda_graph and graphable:
             self.runner.capture_cuda_graphs(self.pad_row, min(config.cuda_graph_max_bs,
                                                               config.scheduler.max_running_requests))
-        self.scheduler = Scheduler(config.scheduler, self.memory)
+        sched_cfg = config.scheduler
+        if sched_cfg.chunked_prefill_size is None:
+            sched_cfg = replace(sched_cfg, chunked_prefill_size=8192 if self.device.type == "cuda" else 2048)
+        self.scheduler = Scheduler(sched_cfg, self.memory)
         self.sampler = Sampler(seed=config.seed, device=self.device)
         self.groups: dict[str, _Group] = {}
         overlap = config.overlap_schedule
@@ -131,6 +144,7 @@ class Engine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, rid: str | None = None,
                     prompt: str | None = None) -> str:
         """Validate and queue a request. Raises ValueError for bad input; the engine is unaffected."""
+        self._check_resident()
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
@@ -405,3 +419,102 @@ class Engine:
 
     def kv_usage(self) -> float:
         return 1 - self.allocator.available() / self.allocator.size
+
+    # Colocated RL: between rollouts the trainer takes back the memory the engine holds. Releasing the
+    # KV cache frees the pool's storage; releasing the weights moves each parameter's data to pinned
+    # host memory (param.data swap, so modules, parameters and optimizer state keep their identity).
+    # Both change device addresses, and captured CUDA graphs bake addresses in: release drops the graphs
+    # (their private memory pool goes too) and resume captures them again once KV and weights are both
+    # back. Keeping addresses fixed instead would mean remapping physical pages under reserved virtual
+    # addresses (the CUDA VMM API), which torch's allocator doesn't offer; re-capture is simple and exact.
+    MEMORY_TAGS = ("kv_cache", "weights")
+
+    def released_memory(self) -> set[str]:
+        """The memory tags released now (empty while the engine can generate)."""
+        return set(self.runner.tags) if isinstance(self.runner, _Released) else set()
+
+    def release_memory(self, tags: tuple[str, ...] | list[str] = MEMORY_TAGS) -> None:
+        """Free the KV pool ("kv_cache", drops the prefix cache) and/or move the weights to host memory
+        ("weights"). Needs an idle engine; generating raises until resume_memory. Releasing a tag twice
+        is a no-op."""
+        tags = self._memory_tags(tags)
+        if self.has_unfinished():
+            raise RuntimeError("release_memory needs an idle engine: finish or abort running requests first")
+        while self._pending is not None:      # an overlapped launch whose requests all finished
+            self.step()
+        if not isinstance(self.runner, _Released):
+            graphs = self.runner.graphs
+            self.runner.graphs = None
+            self.runner = _Released(self.runner, set(), graphs.max_bs if graphs is not None else None)
+        state = self.runner
+        if "kv_cache" in tags - state.tags:
+            if not self.flush_cache():
+                raise RuntimeError("the prefix cache is still in use; cannot release the KV cache")
+            self.kv_pool.set_resident(False)
+            state.tags.add("kv_cache")
+        if "weights" in tags - state.tags:
+            state.host_weights = [(p, self._to_host(p.data)) for p in self.model.parameters()]
+            for p in self.model.parameters():   # tied weights are one parameter, listed once
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+            state.tags.add("weights")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()          # hand the freed blocks back for other processes as well
+
+    def resume_memory(self, tags: tuple[str, ...] | list[str] = MEMORY_TAGS) -> None:
+        """Bring released memory back: the KV pool reallocated (empty, same shapes) and/or the weights
+        copied back into the same parameters. Once nothing is released, CUDA graphs are captured again
+        and generation works as before. Resuming what isn't released is a no-op."""
+        tags = self._memory_tags(tags)
+        state = self.runner
+        if not isinstance(state, _Released):
+            return
+        if "weights" in tags & state.tags:
+            for p, host in state.host_weights:
+                p.data = host.to(self.device, non_blocking=True)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)   # the pinned copies must land before they're freed
+            state.host_weights = []
+            state.tags.discard("weights")
+        if "kv_cache" in tags & state.tags:
+            self.kv_pool.set_resident(True)
+            state.tags.discard("kv_cache")
+        if not state.tags:
+            self.runner = state.runner
+            if state.graph_max_bs is not None:
+                self.runner.capture_cuda_graphs(self.pad_row, state.graph_max_bs)
+
+    def _check_resident(self) -> None:
+        if isinstance(self.runner, _Released):
+            raise self.runner.error()
+
+    def _memory_tags(self, tags: tuple[str, ...] | list[str]) -> set[str]:
+        tags = {tags} if isinstance(tags, str) else set(tags)
+        unknown = tags - set(self.MEMORY_TAGS)
+        if unknown or not tags:
+            raise ValueError(f"memory tags must be among {', '.join(self.MEMORY_TAGS)}; got {sorted(tags)}")
+        return tags
+
+    def _to_host(self, data: torch.Tensor) -> torch.Tensor:
+        if data.device.type == "cpu":
+            return data                       # a CPU engine's weights are host memory already
+        host = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
+        host.copy_(data)
+        return host
+
+
+@dataclass
+class _Released:
+    """Stands in for the engine's runner while memory is released (no forward can reach freed buffers
+    or stale CUDA graphs) and keeps what resume_memory needs."""
+    runner: ModelRunner                     # the real runner, set aside
+    tags: set[str]
+    graph_max_bs: int | None                # CUDA graphs to capture again on resume (None: there were none)
+    host_weights: list[tuple[torch.nn.Parameter, torch.Tensor]] = field(default_factory=list)
+    graphs = None                           # reads like a runner without CUDA graphs
+
+    def error(self) -> RuntimeError:
+        return RuntimeError(f"the engine's memory is released ({', '.join(sorted(self.tags))}); "
+                            f"call resume_memory() before generating")
+
+    def forward(self, *args: object, **kwargs: object) -> None:
+        raise self.error()

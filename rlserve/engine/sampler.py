@@ -7,12 +7,14 @@ generator has made, and its own logits -- never on the other rows of the batch.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from rlserve.engine.transfer import to_device
+from rlserve.layers.gumbel import HAS_TRITON, gumbel_argmax
 from rlserve.sampling import SamplingParams
 
 
@@ -125,6 +127,9 @@ class Sampler:
     def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.generator = self.make_generator(seed)
+        # Seeds for the fused Gumbel-max kernel, drawn on the host so a step never waits on the device.
+        self._kernel_seeds = random.Random(seed)
+        self._fused = self.device.type == "cuda" and HAS_TRITON
 
     def make_generator(self, seed: int) -> torch.Generator:
         """A per-request generator, for rows whose params carry a seed."""
@@ -137,12 +142,18 @@ class Sampler:
     def sample_tensor(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         """The sampled ids as a device tensor, without waiting for the device (no logprobs)."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
-        logits = logits.float()
         plain_greedy = all(r.params.greedy and not has_penalties(r.params) and not len(r.banned_ids)
                            for r in rows)
         if plain_greedy:
             token_ids = logits.argmax(dim=-1)
+        elif self._fused and all((r.params.greedy or _unfiltered(r)) and not has_penalties(r.params)
+                                 and not len(r.banned_ids) for r in rows):
+            # Unseeded rows without filters (greedy ones too): one fused launch, logits read once.
+            temps = to_device([0.0 if r.params.greedy else r.params.temperature for r in rows],
+                              torch.float32, logits.device)
+            token_ids = gumbel_argmax(logits, temps, self._kernel_seeds.randrange(2**31))
         else:
+            logits = logits.float()
             if any(has_penalties(r.params) for r in rows):
                 logits = apply_penalties(logits, rows)
             else:

@@ -42,10 +42,9 @@ class TorchAttentionBackend:
         heads, dim = q.shape[1], q.shape[2]
         qp = q.new_zeros(b, max_ext, heads, dim)
         qp[self._rows, self._cols] = q
-        keys = self.pool.k_buffers[layer][self._kv_index]      # [B, S, KvH, D]
-        values = self.pool.v_buffers[layer][self._kv_index]
+        keys, values = self.pool.load(layer, self._kv_index, q.dtype)     # [B, S, KvH, D]
         out = F.scaled_dot_product_attention(
-            qp.transpose(1, 2), keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
+            qp.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
             attn_mask=self._mask, scale=self.scale, enable_gqa=True)             # [B, H, E, D]
         return out.transpose(1, 2)[self._rows, self._cols].reshape(-1, heads * dim)
 

@@ -8,6 +8,10 @@ seq_lens, so a decode step never syncs with the host and can be captured in a CU
 
 Extend (prefill chunks) runs a flash-attention loop per (sequence, query head, block of new tokens):
 first over the cached prefix, gathered through req_to_token, then causally over the new tokens.
+
+An fp8 (e4m3) pool stores a float32 scale per (slot, kv head). The kernels load the 1-byte values,
+run the dots in the query's dtype and apply the scales after them — a column of q·kᵀ for K, a column
+of the softmax weights for V — so dequantising costs one extra 4-byte load per token and head.
 """
 from __future__ import annotations
 
@@ -44,18 +48,28 @@ def _next_pow2(n: int) -> int:
 # KV store
 # ---------------------------------------------------------------------------------------------
 @_jit
-def _store_kv_kernel(K, V, K_buf, V_buf, Loc,
+def _store_kv_kernel(K, V, K_buf, V_buf, K_scale, V_scale, Loc,
                      stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_kbt, stride_kbh, stride_vbt, stride_vbh,
+                     stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_st,
                      NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(Loc + t).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_h[:, None] < NUM_HEADS) & (offs_d[None, :] < HEAD_DIM)
+    mask_h = offs_h < NUM_HEADS
+    mask = mask_h[:, None] & (offs_d[None, :] < HEAD_DIM)
     k = tl.load(K + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(V + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    if FP8:   # one scale per head: amax / 448, the same rule as cache.quantize_fp8
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+        ks = tl.maximum(tl.max(tl.abs(k), 1), 1e-12) / 448.0
+        vs = tl.maximum(tl.max(tl.abs(v), 1), 1e-12) / 448.0
+        k = tl.clamp(k / ks[:, None], -448.0, 448.0)
+        v = tl.clamp(v / vs[:, None], -448.0, 448.0)
+        tl.store(K_scale + slot * stride_st + offs_h, ks, mask=mask_h)
+        tl.store(V_scale + slot * stride_st + offs_h, vs, mask=mask_h)
     tl.store(K_buf + slot * stride_kbt + offs_h[:, None] * stride_kbh + offs_d[None, :],
              k.to(K_buf.dtype.element_ty), mask=mask)
     tl.store(V_buf + slot * stride_vbt + offs_h[:, None] * stride_vbh + offs_d[None, :],
@@ -63,17 +77,20 @@ def _store_kv_kernel(K, V, K_buf, V_buf, Loc,
 
 
 def store_kv(k_buf: torch.Tensor, v_buf: torch.Tensor, loc: torch.Tensor, k: torch.Tensor,
-             v: torch.Tensor) -> None:
-    """k_buf[loc] = k; v_buf[loc] = v (cast to the pool's dtype) in one launch."""
+             v: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+    """k_buf[loc] = k; v_buf[loc] = v (cast to the pool's dtype; quantised with per-head scales into
+    k_scale/v_scale for an fp8 pool) in one launch."""
     t, heads, dim = k.shape
     if t == 0:
         return
     k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
+    fp8 = k_scale is not None
     _store_kv_kernel[(t,)](
-        k, v, k_buf, v_buf, loc,
+        k, v, k_buf, v_buf, k_scale if fp8 else k_buf, v_scale if fp8 else v_buf, loc,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
-        NUM_HEADS=heads, HEAD_DIM=dim, BLOCK_H=_next_pow2(heads), BLOCK_D=_next_pow2(dim),
+        k_scale.stride(0) if fp8 else 0,
+        NUM_HEADS=heads, HEAD_DIM=dim, BLOCK_H=_next_pow2(heads), BLOCK_D=_next_pow2(dim), FP8=fp8,
         num_warps=4 if heads * dim >= 1024 else 1)
 
 
@@ -90,14 +107,14 @@ def _split_plan(seq_len, MAX_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOC
 
 
 @_jit
-def _decode_split_kernel(Q, K_buf, V_buf, ReqToToken, ReqRows, SeqLens, MidO, MidLse, O,
+def _decode_split_kernel(Q, K_buf, V_buf, K_scale, V_scale, ReqToToken, ReqRows, SeqLens, MidO, MidLse, O,
                          qk_scale,
-                         stride_qb, stride_qh, stride_kbt, stride_kbh, stride_vbt, stride_vbh,
+                         stride_qb, stride_qh, stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_st,
                          stride_req, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
                          stride_ob, stride_oh,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr,
-                         MIN_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         MIN_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -128,6 +145,8 @@ def _decode_split_kernel(Q, K_buf, V_buf, ReqToToken, ReqRows, SeqLens, MidO, Mi
         k = tl.load(K_buf + slots[:, None] * stride_kbt + kvh * stride_kbh + offs_d[None, :],
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)          # [N, D]
         qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
+        if FP8:   # dequantise after the dot: a per-token scale multiplies a column of qk
+            qk = qk * tl.load(K_scale + slots * stride_st + kvh, mask=mask_n, other=0.0)[None, :]
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
@@ -135,7 +154,10 @@ def _decode_split_kernel(Q, K_buf, V_buf, ReqToToken, ReqRows, SeqLens, MidO, Mi
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V_buf + slots[:, None] * stride_vbt + kvh * stride_vbh + offs_d[None, :],
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)          # [N, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        pv = p
+        if FP8:   # p·(s ⊙ v) = (p ⊙ s)·v: fold V's per-token scales into the weights
+            pv = p * tl.load(V_scale + slots * stride_st + kvh, mask=mask_n, other=0.0)[None, :]
+        acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m_i = m_new
 
     out = acc / l_i[:, None]
@@ -180,12 +202,13 @@ def _decode_merge_kernel(MidO, MidLse, SeqLens, O,
 # Extend: new tokens over their cached prefix, then causally over themselves
 # ---------------------------------------------------------------------------------------------
 @_jit
-def _extend_kernel(Q, K, V, O, K_buf, V_buf, ReqToToken, ReqRows, SeqLens, ExtendLens, CuExtend,
-                   qk_scale,
+def _extend_kernel(Q, K, V, O, K_buf, V_buf, K_scale, V_scale, ReqToToken, ReqRows, SeqLens, ExtendLens,
+                   CuExtend, qk_scale,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                   stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_req,
+                   stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_st, stride_req,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   FP8: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     mb = tl.program_id(2)
@@ -216,6 +239,8 @@ def _extend_kernel(Q, K, V, O, K_buf, V_buf, ReqToToken, ReqRows, SeqLens, Exten
         k = tl.load(K_buf + slots[None, :] * stride_kbt + kvh * stride_kbh + offs_d[:, None],
                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)
         qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale
+        if FP8:
+            qk = qk * tl.load(K_scale + slots * stride_st + kvh, mask=mask_n, other=0.0)[None, :]
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
@@ -223,7 +248,10 @@ def _extend_kernel(Q, K, V, O, K_buf, V_buf, ReqToToken, ReqRows, SeqLens, Exten
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V_buf + slots[:, None] * stride_vbt + kvh * stride_vbh + offs_d[None, :],
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        pv = p
+        if FP8:
+            pv = p * tl.load(V_scale + slots * stride_st + kvh, mask=mask_n, other=0.0)[None, :]
+        acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m_i = m_new
 
     # The new tokens themselves, causally; nothing past this query block's last row is needed.
@@ -307,18 +335,19 @@ class TritonAttentionBackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
                 batch: ForwardBatch) -> torch.Tensor:
         k_buf, v_buf = self.pool.k_buffers[layer], self.pool.v_buffers[layer]
-        store_kv(k_buf, v_buf, batch.out_cache_loc, k, v)
+        scales = (self.pool.k_scales[layer], self.pool.v_scales[layer]) if self.pool.fp8 else (None, None)
+        store_kv(k_buf, v_buf, batch.out_cache_loc, k, v, *scales)
         q = _last_dim_contiguous(q)
         t, heads, dim = q.shape
         out = q.new_empty(t, heads, dim)
         if batch.is_decode:
-            self._decode(q, k_buf, v_buf, out, batch)
+            self._decode(q, k_buf, v_buf, scales, out, batch)
         else:
-            self._extend(q, _last_dim_contiguous(k), _last_dim_contiguous(v), k_buf, v_buf, out, batch)
+            self._extend(q, _last_dim_contiguous(k), _last_dim_contiguous(v), k_buf, v_buf, scales, out, batch)
         return out.view(t, heads * dim)
 
-    def _decode(self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, out: torch.Tensor,
-                batch: ForwardBatch) -> None:
+    def _decode(self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, scales: tuple,
+                out: torch.Tensor, batch: ForwardBatch) -> None:
         b, heads, dim = q.shape
         kv_heads = k_buf.shape[1]
         group = heads // kv_heads
@@ -331,15 +360,18 @@ class TritonAttentionBackend:
         block_n = 64 if q.element_size() <= 2 else 32
         block_d = _next_pow2(dim)
         table = batch.req_to_token
+        fp8 = scales[0] is not None
+        k_scale, v_scale = scales if fp8 else (k_buf, v_buf)
         _decode_split_kernel[(b, kv_heads, splits)](
-            q, k_buf, v_buf, table, batch.req_rows, batch.seq_lens, mid_o, mid_lse, out,
+            q, k_buf, v_buf, k_scale, v_scale, table, batch.req_rows, batch.seq_lens, mid_o, mid_lse, out,
             self.scale * _LOG2E,
             q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
+            k_scale.stride(0) if fp8 else 0,
             table.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
             mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
             GROUP=group, HEAD_DIM=dim, BLOCK_H=max(16, _next_pow2(group)), BLOCK_D=block_d,
             BLOCK_N=block_n, MAX_SPLITS=splits, MIN_SPLIT=MIN_SPLIT_TOKENS,
-            DOT_PRECISION=_dot_precision(q.dtype), num_warps=4, num_stages=2)
+            DOT_PRECISION=_dot_precision(q.dtype), FP8=fp8, num_warps=4, num_stages=2)
         if splits > 1:
             _decode_merge_kernel[(b, heads)](
                 mid_o, mid_lse, batch.seq_lens, out,
@@ -349,7 +381,7 @@ class TritonAttentionBackend:
                 MAX_SPLITS=splits, MIN_SPLIT=MIN_SPLIT_TOKENS, num_warps=1 if block_d <= 64 else 2)
 
     def _extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor,
-                v_buf: torch.Tensor, out: torch.Tensor, batch: ForwardBatch) -> None:
+                v_buf: torch.Tensor, scales: tuple, out: torch.Tensor, batch: ForwardBatch) -> None:
         heads, dim = q.shape[1], q.shape[2]
         group = heads // k.shape[1]
         block_d = _next_pow2(dim)
@@ -359,11 +391,14 @@ class TritonAttentionBackend:
             block_m, block_n, warps, stages = 32, 32, 4, 1
         table = batch.req_to_token
         grid = (batch.batch_size, heads, triton.cdiv(self._max_extend, block_m))
+        fp8 = scales[0] is not None
+        k_scale, v_scale = scales if fp8 else (k_buf, v_buf)
         _extend_kernel[grid](
-            q, k, v, out, k_buf, v_buf, table, batch.req_rows, batch.seq_lens, batch.extend_lens,
-            self._cu_extend, self.scale * _LOG2E,
+            q, k, v, out, k_buf, v_buf, k_scale, v_scale, table, batch.req_rows, batch.seq_lens,
+            batch.extend_lens, self._cu_extend, self.scale * _LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1),
-            k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1), table.stride(0),
+            k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
+            k_scale.stride(0) if fp8 else 0, table.stride(0),
             GROUP=group, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
+            DOT_PRECISION=_dot_precision(q.dtype), FP8=fp8, num_warps=warps, num_stages=stages)

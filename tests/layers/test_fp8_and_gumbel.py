@@ -1,0 +1,124 @@
+"""GPU kernels added for the decode fast path: the fp8 (e4m3, per-token-and-head scales) KV pool in
+the triton attention backend against the torch reference reading the same pool, and the fused
+Gumbel-max sampling kernel against the distribution it must draw from."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlserve.engine.cache import FP8_DTYPE, KVPool, quantize_fp8
+from rlserve.layers.attention.torch_backend import TorchAttentionBackend
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+from test_triton_attention import Case, triton_backend  # noqa: E402  (same folder)
+
+
+def fp8_case(prefix_lens, extend_lens, heads=16, kv_heads=8, dim=128, seed=0) -> Case:
+    case = Case(prefix_lens, extend_lens, heads, kv_heads, dim, torch.bfloat16, "cuda", seed)
+    bf16 = case.pool
+    pool = KVPool(bf16.num_layers, bf16.num_slots, kv_heads, dim, FP8_DTYPE, "cuda")
+    every = torch.arange(bf16.num_slots, device="cuda")
+    for layer in range(bf16.num_layers):      # quantise the random bf16 pool, scales included
+        pool.store(layer, every, bf16.k_buffers[layer] * 3, bf16.v_buffers[layer] * 0.01)
+    case.pool = pool
+    return case
+
+
+def copy_pool(p: KVPool) -> KVPool:
+    out = KVPool(p.num_layers, p.num_slots, p.num_kv_heads, p.head_dim, p.dtype, "cuda")
+    for dst, src in zip(out.k_buffers + out.v_buffers + out.k_scales + out.v_scales,
+                        p.k_buffers + p.v_buffers + p.k_scales + p.v_scales):
+        dst.copy_(src)
+    return out
+
+
+def test_quantize_roundtrip_keeps_small_and_large_heads():
+    x = torch.randn(64, 8, 128, device="cuda")
+    x[:, 0] *= 1e-4          # a head of tiny values must not flush to zero
+    x[:, 1] *= 1e3           # nor a large one saturate
+    q, s = quantize_fp8(x)
+    back = q.float() * s[..., None]
+    rel = (back - x).abs().amax(-1) / x.abs().amax(-1)
+    assert rel.max().item() < 0.07           # e4m3 keeps 3 mantissa bits: ≤ 1/16 of the head's max
+
+
+def test_triton_store_matches_torch_quantisation():
+    case = fp8_case([5, 40], [3, 7])
+    ref = KVPool(2, case.pool.num_slots, 8, 128, FP8_DTYPE, "cuda")
+    got = KVPool(2, case.pool.num_slots, 8, 128, FP8_DTYPE, "cuda")
+    from rlserve.layers.attention.triton_backend import store_kv
+    loc = case.batch.out_cache_loc
+    ref.store(1, loc, case.k, case.v)
+    store_kv(got.k_buffers[1], got.v_buffers[1], loc, case.k, case.v, got.k_scales[1], got.v_scales[1])
+    torch.testing.assert_close(got.k_scales[1], ref.k_scales[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(got.v_scales[1], ref.v_scales[1], rtol=1e-6, atol=0)
+    k_ref, v_ref = ref.load(1, loc, torch.float32)
+    k_got, v_got = got.load(1, loc, torch.float32)
+    # Division may round differently by one fp8 step: within 1/8 of each head's max.
+    assert ((k_got - k_ref).abs().amax(-1) <= ref.k_scales[1][loc] * 448 / 8).all()
+    assert ((v_got - v_ref).abs().amax(-1) <= ref.v_scales[1][loc] * 448 / 8).all()
+
+
+@pytest.mark.parametrize("prefix", [[37, 300, 1200, 5], [900] * 8])
+def test_fp8_decode_matches_torch_reference(prefix):
+    case = fp8_case(prefix, [1] * len(prefix))
+    pool_copy = copy_pool(case.pool)
+    ref = case.run(TorchAttentionBackend(pool_copy, case.scale))
+    out = case.run(triton_backend(case.pool, case.scale))
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_fp8_extend_close_to_torch_reference():
+    case = fp8_case([0, 64, 333], [50, 17, 128])
+    pool_copy = copy_pool(case.pool)
+    ref = case.run(TorchAttentionBackend(pool_copy, case.scale)).float()
+    out = case.run(triton_backend(case.pool, case.scale)).float()
+    # The triton kernel attends to the new tokens' own K/V unquantised, the reference reads them back
+    # from the fp8 pool: they differ by the quantisation error, not more.
+    assert (out - ref).abs().mean().item() < 0.02 * ref.abs().mean().item() + 1e-3
+    assert (out - ref).abs().max().item() < 0.25 * ref.abs().max().item()
+
+
+# ---- Gumbel-max sampling ---------------------------------------------------------------------
+def test_gumbel_kernel_draws_softmax_distribution():
+    from rlserve.layers.gumbel import gumbel_argmax
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, 1.5, 0.2], device="cuda")
+    rows, temp = 20000, 0.8
+    batch = logits.repeat(rows, 1).to(torch.bfloat16)
+    ids = gumbel_argmax(batch, torch.full((rows,), temp, device="cuda"), seed=1234)
+    freq = torch.bincount(ids, minlength=8).float() / rows
+    p = torch.softmax(batch[0].float() / temp, -1)
+    sigma = (p * (1 - p) / rows).sqrt()
+    assert ((freq - p).abs() <= 5 * sigma + 1e-4).all(), (freq, p)
+
+
+def test_gumbel_kernel_greedy_rows_seeds_and_odd_vocab():
+    from rlserve.layers.gumbel import gumbel_argmax
+    vocab = 151_936 + 37                      # not a multiple of the block
+    logits = torch.randn(64, vocab, device="cuda", dtype=torch.bfloat16)
+    temps = torch.full((64,), 1.0, device="cuda")
+    temps[::2] = 0.0                          # greedy rows share the launch
+    a = gumbel_argmax(logits, temps, seed=7)
+    b = gumbel_argmax(logits, temps, seed=7)
+    c = gumbel_argmax(logits, temps, seed=8)
+    assert torch.equal(a, b)
+    assert torch.equal(a[::2], logits[::2].float().argmax(-1))
+    assert not torch.equal(a[1::2], c[1::2])
+    assert ((a >= 0) & (a < vocab)).all()
+
+
+def test_engine_fp8_kv_runs_and_frees_everything():
+    from rlserve import LLM, SamplingParams
+    llm = LLM("qwen3-0.6b", kv_cache_dtype="fp8_e4m3", max_total_tokens=60_000, cuda_graph_max_bs=16)
+    assert llm.engine.kv_pool.k_buffers[0].dtype == FP8_DTYPE
+    outs = llm.generate([[i + 1] * (50 + 30 * i) for i in range(24)],
+                        SamplingParams(temperature=0.7, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 40 for o in outs)
+    assert llm.engine.kv_leaked() == 0
+    assert not math.isnan(sum(llm.engine.kv_pool.k_scales[0].tolist()[:10]))
