@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     import httpx
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"     # `rlserve serve`'s default --port
 WARMUP_INPUT_LEN = 32
 WARMUP_OUTPUT_LEN = 16
+CLIENT_BUSY_WARN = 0.8
 FLUSH_RETRIES = 20                              # the flush route refuses while requests still hold the cache
 
 
@@ -248,9 +249,14 @@ def make_client(cfg: RunConfig) -> httpx.AsyncClient:
                              limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
 
 
-async def run_requests(client: httpx.AsyncClient, requests: list[BenchRequest],
-                       cfg: RunConfig) -> tuple[list[RequestResult], float]:
-    """Send on the Poisson schedule under the concurrency cap; (results in request order, wall s)."""
+class RunOutcome(NamedTuple):
+    results: list[RequestResult]     # in request order
+    duration_s: float                # first send to last finish
+    client_cpu_s: float              # this process's CPU time meanwhile: a busy client delays timestamps
+
+
+async def run_requests(client: httpx.AsyncClient, requests: list[BenchRequest], cfg: RunConfig) -> RunOutcome:
+    """Send on the Poisson schedule under the concurrency cap."""
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
     offsets = arrival_times(len(requests), cfg.request_rate, cfg.seed)
     bar = None
@@ -269,7 +275,7 @@ async def run_requests(client: httpx.AsyncClient, requests: list[BenchRequest],
             bar.update(1)
         return res
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     tasks = []
     for req, offset in zip(requests, offsets):
         # Sleep to an absolute offset so that scheduling delays don't accumulate into the rate.
@@ -278,10 +284,10 @@ async def run_requests(client: httpx.AsyncClient, requests: list[BenchRequest],
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(req)))
     results = await asyncio.gather(*tasks)
-    duration = time.perf_counter() - start
+    duration, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if bar is not None:
         bar.close()
-    return list(results), duration
+    return RunOutcome(list(results), duration, cpu)
 
 
 @dataclass(frozen=True)
@@ -301,9 +307,11 @@ class Summary:
     e2e: Stats
     tpot: Stats
     errors: list[str]                  # the first few distinct failure messages
+    client_cpu_util: float = 0.0       # the client's CPU seconds per wall second; near 1 it skews the timings
 
 
-def summarize(requests: list[BenchRequest], results: list[RequestResult], duration_s: float) -> Summary:
+def summarize(requests: list[BenchRequest], results: list[RequestResult], duration_s: float,
+              client_cpu_s: float = 0.0) -> Summary:
     done = [(q, r) for q, r in zip(requests, results) if r.ok]
     ok = [r for _, r in done]
     inp = sum(r.prompt_tokens for r in ok)
@@ -317,7 +325,7 @@ def summarize(requests: list[BenchRequest], results: list[RequestResult], durati
         ttft=Stats.of([r.ttft for r in ok]), itl=Stats.of([x for r in ok for x in r.itl]),
         e2e=Stats.of([r.e2e for r in ok]),
         tpot=Stats.of([(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]),
-        errors=errors)
+        errors=errors, client_cpu_util=client_cpu_s / duration_s)
 
 
 def report(s: Summary, title: str) -> str:
@@ -333,6 +341,10 @@ def report(s: Summary, title: str) -> str:
              f"{'':<28}{'mean':>10}{'median':>10}{'p99':>10}  (ms)"]
     for name, st in (("TTFT", s.ttft), ("ITL", s.itl), ("TPOT", s.tpot), ("E2E", s.e2e)):
         lines.append(f"{name:<28}{st.mean_ms:>10.2f}{st.median_ms:>10.2f}{st.p99_ms:>10.2f}")
+    lines.append(f"{'client CPU busy':<28}{s.client_cpu_util:.0%}")
+    if s.client_cpu_util > CLIENT_BUSY_WARN:
+        lines.append("warning: the client was busy most of the run; its timestamps lag (fewer streams or a "
+                     "faster machine for the client)")
     lines += [f"error: {e}" for e in s.errors]
     return "\n".join(lines)
 
@@ -390,15 +402,15 @@ async def bench(args: argparse.Namespace) -> tuple[Summary, dict[str, Any]]:
             warm = random_requests(args.warmup, (WARMUP_INPUT_LEN,) * 2, (WARMUP_OUTPUT_LEN,) * 2, vocab,
                                    args.seed + 2)
             warm_cfg = RunConfig(**{**asdict(cfg), "request_rate": math.inf, "progress": False})
-            results, _ = await run_requests(client, warm, warm_cfg)
+            results = (await run_requests(client, warm, warm_cfg)).results
             if not all(r.ok for r in results):
                 print(f"warning: {sum(not r.ok for r in results)} warm-up request(s) failed: "
                       f"{next(r.error for r in results if not r.ok)}", file=sys.stderr)
         if args.flush_cache:
             await flush_cache(client)
-        results, duration = await run_requests(client, requests, cfg)
+        run = await run_requests(client, requests, cfg)
         after = await server_state(client)
-    summary = summarize(requests, results, duration)
+    summary = summarize(requests, *run)
     server = {k: info.get(k) for k in ("served_model_name", "model_path", "max_model_len", "vocab_size")}
     server.update(after)
     record = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": run_config(args),

@@ -144,12 +144,13 @@ def test_summary_counts_only_completed_requests():
                              itl=[0.1, 0.1, 0.1], chunks=4),
                RequestResult(error="HTTP 503: busy"),
                RequestResult(ok=True, prompt_tokens=1, output_tokens=2, ttft=0.2, e2e=0.3, itl=[0.1], chunks=2)]
-    s = summarize(reqs, results, duration_s=2.0)
+    s = summarize(reqs, results, duration_s=2.0, client_cpu_s=0.5)
     assert (s.completed, s.failed, s.errors) == (2, 1, ["HTTP 503: busy"])
     assert (s.total_input_tokens, s.total_output_tokens, s.requested_output_tokens, s.cached_tokens) == (4, 6, 6, 1)
     assert s.request_throughput == 1.0 and s.output_throughput == 3.0 and s.input_throughput == 2.0
     assert s.ttft.mean_ms == pytest.approx(150) and s.e2e.median_ms == pytest.approx(350)
     assert s.itl.count == 4 and s.tpot.mean_ms == pytest.approx((100 + 100) / 2)
+    assert s.client_cpu_util == 0.25
 
 
 def test_bad_flags_are_usage_errors(capsys):
@@ -190,7 +191,8 @@ def test_every_request_completes_with_consistent_timings(bench_server):
     async def go():
         async with make_client(cfg) as client:
             return await run_requests(client, reqs, cfg)
-    results, duration = asyncio.run(go())
+    results, duration, cpu = asyncio.run(go())
+    assert 0 < cpu
     good, bad = results[:-1], results[-1]
     assert not bad.ok and "HTTP 400" in bad.error and "maximum context length" in bad.error
     for req, res in zip(reqs, good):
@@ -226,7 +228,7 @@ def test_cli_random_and_shared_prefix_runs(bench_server, tmp_path, capsys):
         assert rec["ttft"]["mean_ms"] <= rec["e2e"]["mean_ms"] and rec["ttft"]["p99_ms"] <= rec["e2e"]["p99_ms"]
         assert rec["itl"]["count"] == rec["total_output_tokens"] - rec["completed"]
         assert rec["ttft"]["count"] == rec["e2e"]["count"] == rec["completed"]
-        assert rec["duration_s"] > 0 and rec["output_throughput"] == pytest.approx(
+        assert 0 < rec["client_cpu_util"] and rec["duration_s"] > 0 and rec["output_throughput"] == pytest.approx(
             rec["total_output_tokens"] / rec["duration_s"])
     assert lines[0]["config"]["dataset"] == "random" and lines[0]["config"]["flush_cache"] is True
     assert lines[1]["config"]["request_rate"] == 100.0
