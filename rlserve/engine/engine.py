@@ -458,6 +458,9 @@ class Engine:
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
             state.tags.add("weights")
         if self.device.type == "cuda":
+            # cuBLAS keeps a workspace per stream it ran on, and each capture runs on a new side stream:
+            # without clearing, every release/resume cycle would strand one workspace (32 MiB on H100).
+            torch._C._cuda_clearCublasWorkspaces()
             torch.cuda.empty_cache()          # hand the freed blocks back for other processes as well
 
     def resume_memory(self, tags: tuple[str, ...] | list[str] = MEMORY_TAGS) -> None:

@@ -1,0 +1,144 @@
+"""release_memory / resume_memory for colocated training: the KV pool's storage and the weights go away
+and come back, the engine refuses to generate in between, and greedy outputs after resume are the same."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlserve import LLM, SamplingParams
+
+PROMPTS = [[5, 17, 300, 42, 9000, 11], [7, 7, 7, 1200], [100 + i for i in range(30)]]
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def greedy(llm: LLM) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+def pool_numel(llm: LLM) -> int:
+    pool = llm.engine.kv_pool
+    return sum(b.numel() for b in pool.k_buffers + pool.v_buffers)
+
+
+@pytest.fixture
+def llm(tiny_model_dir) -> LLM:
+    return LLM(str(tiny_model_dir("tiny-qwen3")), max_total_tokens=512)   # tied embeddings
+
+
+@pytest.mark.parametrize("tags", [("kv_cache", "weights"), ("kv_cache",), ("weights",)])
+def test_release_resume_keeps_greedy_outputs(llm, tags):
+    engine = llm.engine
+    before = greedy(llm)
+    full = pool_numel(llm)
+    params = list(engine.model.parameters())
+    shapes = [p.shape for p in params]
+    values = [p.detach().clone() for p in params]
+    assert engine.tree.total_size() > 0           # the first run left prefixes in the cache
+
+    engine.release_memory(list(tags))
+    assert engine.released_memory() == set(tags)
+    if "kv_cache" in tags:
+        assert pool_numel(llm) == 0
+        assert engine.tree.total_size() == 0      # its KV is gone, so is the prefix cache
+    else:
+        assert pool_numel(llm) == full
+    if "weights" in tags:
+        assert all(p.numel() == 0 for p in engine.model.parameters())
+        # tied: the head is still the embedding's parameter
+        assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
+
+    with pytest.raises(RuntimeError, match="memory is released"):
+        llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert not engine.has_unfinished() and engine.kv_leaked() == 0   # the failed call left nothing behind
+
+    engine.resume_memory(list(tags))
+    assert engine.released_memory() == set()
+    assert pool_numel(llm) == full
+    after = list(engine.model.parameters())
+    assert all(a is b for a, b in zip(after, params))       # same Parameter objects (optimizer state holds them)
+    assert [p.shape for p in after] == shapes
+    assert all(torch.equal(p, v) for p, v in zip(after, values))
+    assert greedy(llm) == before
+    assert engine.kv_leaked() == 0
+
+
+def test_release_in_steps_and_idempotent(llm):
+    engine = llm.engine
+    before = greedy(llm)
+    engine.release_memory(["weights"])
+    engine.release_memory(["weights"])            # twice: no-op
+    engine.release_memory(["kv_cache"])
+    assert engine.released_memory() == {"kv_cache", "weights"}
+    engine.resume_memory(["kv_cache"])
+    assert pool_numel(llm) > 0
+    with pytest.raises(RuntimeError, match=r"released \(weights\)"):
+        llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    engine.resume_memory()
+    engine.resume_memory()                        # nothing released: no-op
+    assert greedy(llm) == before
+
+
+def test_release_needs_an_idle_engine(llm):
+    engine = llm.engine
+    rid = engine.add_request(PROMPTS[0], GREEDY)
+    engine.step()
+    with pytest.raises(RuntimeError, match="idle engine"):
+        engine.release_memory()
+    assert engine.released_memory() == set() and pool_numel(llm) > 0
+    engine.abort(rid)
+    engine.release_memory()
+    assert engine.released_memory() == {"kv_cache", "weights"}
+
+
+def test_unknown_tag(llm):
+    with pytest.raises(ValueError, match="memory tags"):
+        llm.engine.release_memory(["optimizer"])
+    with pytest.raises(ValueError, match="memory tags"):
+        llm.engine.resume_memory([])
+    llm.engine.release_memory("kv_cache")         # a single tag as a string
+    assert llm.engine.released_memory() == {"kv_cache"}
+
+
+def test_overlap_schedule_release(tiny_model_dir):
+    """With overlapped decode a launch can be pending after the last request finished; release drains it."""
+    llm = LLM(str(tiny_model_dir("tiny-qwen3")), max_total_tokens=512, overlap_schedule=True)
+    before = greedy(llm)
+    llm.engine.release_memory()
+    llm.engine.resume_memory()
+    assert greedy(llm) == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_release_returns_memory_and_graphs_still_match():
+    llm = LLM("qwen3-0.6b", dtype="bfloat16", attention_backend="triton", cuda_graph=True,
+              max_total_tokens=200_000, cuda_graph_max_bs=32)
+    engine = llm.engine
+    assert engine.runner.graphs is not None
+    before = greedy(llm)
+    pool_bytes = sum(b.numel() * b.element_size() for b in engine.kv_pool.k_buffers + engine.kv_pool.v_buffers)
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+
+    engine.release_memory(["kv_cache"])
+    freed_kv = held - torch.cuda.memory_allocated()
+    assert pool_bytes <= freed_kv < pool_bytes * 1.1 + (256 << 20)   # the pool, plus the graphs' pool
+    engine.release_memory(["weights"])
+    freed_all = held - torch.cuda.memory_allocated()
+    assert freed_all - freed_kv == pytest.approx(weight_bytes, rel=0.02)
+
+    engine.resume_memory()
+    assert engine.runner.graphs is not None       # captured again over the new buffers
+    assert torch.cuda.memory_allocated() >= held - (256 << 20)
+    assert greedy(llm) == before
+    assert engine.kv_leaked() == 0
+
+    # Cycles (one per RL step) don't strand memory: what stays allocated while released is the same.
+    floors = []
+    for _ in range(3):
+        engine.release_memory()
+        floors.append(torch.cuda.memory_allocated())
+        engine.resume_memory()
+        assert greedy(llm) == before
+    assert max(floors) - min(floors) < (4 << 20)
