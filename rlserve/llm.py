@@ -89,6 +89,13 @@ class LLM:
         return tok.apply_chat_template(conversation, tokenize=False,
                                        add_generation_prompt=add_generation_prompt, **kwargs)
 
+    # ---- colocated training: lend the engine's memory to the trainer between rollouts ----
+    def release_memory(self, tags: tuple[str, ...] | list[str] = ("kv_cache", "weights")) -> None:
+        self.engine.release_memory(tags)
+
+    def resume_memory(self, tags: tuple[str, ...] | list[str] = ("kv_cache", "weights")) -> None:
+        self.engine.resume_memory(tags)
+
     # ---- helpers ----
     def encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

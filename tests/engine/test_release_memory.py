@@ -90,6 +90,14 @@ def test_release_needs_an_idle_engine(llm):
     assert engine.released_memory() == {"kv_cache", "weights"}
 
 
+def test_llm_passthrough(llm):
+    before = greedy(llm)
+    llm.release_memory()
+    assert llm.engine.released_memory() == {"kv_cache", "weights"}
+    llm.resume_memory()
+    assert greedy(llm) == before
+
+
 def test_unknown_tag(llm):
     with pytest.raises(ValueError, match="memory tags"):
         llm.engine.release_memory(["optimizer"])
