@@ -47,7 +47,7 @@ class Panel:
 PANELS = (
     Panel("Reward (train)", ("reward", "reward_mean"), "mean reward"),
     Panel("Held-out accuracy", ("eval_accuracy", "heldout_accuracy", "eval_reward"), "greedy accuracy"),
-    Panel("KL to reference", ("kl", "kl_mean", "kl_ref"), "KL"),
+    Panel("KL to reference", ("kl_ref", "kl", "kl_mean"), "KL"),
     Panel("Entropy", ("entropy", "entropy_mean"), "nats / token"),
     Panel("Response length", ("response_length", "response_length_mean", "completion_length"), "tokens"),
 )
