@@ -44,8 +44,9 @@ def save_checkpoint(output_dir: str | Path, step: int, state: dict[str, Any], ke
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
+    for stale in root.glob(".tmp_step_*"):     # left by a run killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp_step_{step:06d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     with open(tmp / STATE_FILE, "wb") as f:
         torch.save(state, f)

@@ -36,7 +36,7 @@ from rlserve.rl.models import ValueModel, frozen_reference
 from rlserve.rl.prompts import PromptStream, Sample
 from rlserve.rl.rewards import BUILTIN_REWARDS, RewardFn
 from rlserve.rl.rollout import encode_prompt, generate_rollout, greedy_accuracy
-from rlserve.rl.update import Critic, ppo_update
+from rlserve.rl.update import Critic, ppo_update, truncated_is_weights
 
 
 # ----------------------------------------------------------------------------- setup
@@ -265,7 +265,7 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
                                                              kl_penalty, values)
                     tis = None
                     if algo.tis_cap:      # truncated importance weights for the engine/trainer mismatch
-                        tis = torch.exp(old_logp - rollout.engine_logprobs).clamp(max=algo.tis_cap) * mask
+                        tis = truncated_is_weights(old_logp, rollout.engine_logprobs, mask, algo.tis_cap)
                         record["tis_weight_mean"] = masked_mean(tis, mask).item()
                     batch = TrainBatch(rollout.prompt_ids, rollout.completion_ids, mask, old_logp, advantages,
                                        ref_logp, values, returns, tis)
@@ -273,10 +273,11 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
                     with timer("update_s"):
                         generator = torch.Generator().manual_seed(seed)   # minibatch order, seeded per step
                         record |= ppo_update(run.policy, run.optimizer, batch, cfg, generator, run.critic)
-                record["lr"] = run.scheduler.get_last_lr()[0]
-                run.scheduler.step()
-                if run.critic_scheduler is not None:
-                    run.critic_scheduler.step()
+                    # the schedule counts train steps that updated (a step with no kept group didn't)
+                    record["lr"] = run.scheduler.get_last_lr()[0]
+                    run.scheduler.step()
+                    if run.critic_scheduler is not None:
+                        run.critic_scheduler.step()
                 # 8. weight sync: the engine's module is the policy; its cached KV is from the old weights
                 with timer("sync_s"):
                     llm.engine.flush_cache()

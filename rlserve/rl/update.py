@@ -27,6 +27,15 @@ class Critic:
     optimizer: torch.optim.Optimizer
 
 
+@torch.no_grad()
+def truncated_is_weights(old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor,
+                         cap: float) -> torch.Tensor:
+    """TIS: w_t = min(π_trainer_old(y_t) / π_engine(y_t), cap) on completion tokens, 0 elsewhere. The
+    engine sampled the tokens, the trainer's policy is what the update corrects; the cap bounds the
+    variance where the two disagree."""
+    return torch.exp(old_logprobs - engine_logprobs).clamp(max=cap) * mask
+
+
 def minibatches(n: int, size: int, generator: torch.Generator) -> list[list[int]]:
     """A shuffled partition of range(n) into chunks of `size` (0 → one chunk)."""
     order = torch.randperm(n, generator=generator).tolist()
