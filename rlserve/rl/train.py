@@ -226,6 +226,7 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
     run = setup(cfg, reward_fn, prompts, held_out)
     if (path := _resume_path(cfg)) is not None:
         restore(run, path)
+        tqdm.write(f"resumed from {path} at step {run.next_step}")
     llm, algo = run.llm, cfg.algorithm
     log = MetricLog(out_dir, cfg.logging, run.history)
     bar = tqdm(range(run.next_step, cfg.steps), initial=run.next_step, total=cfg.steps, desc="train",

@@ -18,3 +18,14 @@ def test_yaml_and_dotted_overrides(tmp_path):
 def test_bad_keys_are_rejected(overrides):
     with pytest.raises(ValueError):
         load_config(None, overrides)
+
+
+def test_example_configs_load():
+    from pathlib import Path
+    from rlserve.rl.rewards import BUILTIN_REWARDS
+    from rlserve.rl.tasks import TASKS
+    examples = sorted(Path(__file__).parents[2].joinpath("examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        cfg = load_config(path)
+        assert cfg.task.name in TASKS and cfg.task.reward in BUILTIN_REWARDS, path
