@@ -57,6 +57,7 @@ class AlgorithmSection:
     dynamic_sampling: bool = False       # drop groups whose rewards all agree (no gradient signal)
     ppo_epochs: int = 1                  # passes over the step's samples
     minibatch_size: int = 0              # samples per optimizer step; 0 = the whole step at once
+    micro_batch_size: int = 0            # samples per forward/backward inside a minibatch; 0 = all
     tis_cap: float | None = None         # truncated importance sampling: w = min(π_old / π_engine, cap)
     gamma: float = 1.0                   # discount for gae and reinforce++
     lam: float = 1.0                     # GAE λ
@@ -64,8 +65,8 @@ class AlgorithmSection:
     def __post_init__(self) -> None:
         _one_of("algorithm.advantage", self.advantage, ADVANTAGES)
         _one_of("algorithm.loss_agg", self.loss_agg, LOSS_AGGREGATIONS)
-        if self.ppo_epochs < 1 or self.minibatch_size < 0:
-            raise ValueError("algorithm.ppo_epochs must be ≥ 1 and algorithm.minibatch_size ≥ 0")
+        if self.ppo_epochs < 1 or self.minibatch_size < 0 or self.micro_batch_size < 0:
+            raise ValueError("algorithm.ppo_epochs must be ≥ 1, minibatch_size and micro_batch_size ≥ 0")
 
 
 @dataclass

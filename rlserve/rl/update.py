@@ -1,6 +1,7 @@
 """The policy (and critic) update: several PPO epochs over shuffled minibatches of one step's samples.
 
-Each minibatch is one optimizer step. Per minibatch the loss is
+Each minibatch is one optimizer step (gradients accumulated over micro-batches of
+algorithm.micro_batch_size samples to bound activation memory). Per minibatch the loss is
 
     clipped surrogate (× TIS weights)  − entropy_coef · entropy  [+ kl.coef · KL(π ‖ π_ref) when kl.mode=loss]
 
@@ -62,8 +63,36 @@ def ppo_update(policy: LlamaForCausalLM, optimizer: torch.optim.Optimizer, batch
     return {key: value / updates for key, value in sums.items()} | {"optimizer_steps": updates}
 
 
+def micro_batches(mb: TrainBatch, size: int, share_by_tokens: bool) -> list[tuple[TrainBatch, float]]:
+    """Split a minibatch for gradient accumulation: (chunk, the chunk's share of the minibatch loss).
+    A token-mean loss is shared by tokens, a per-sequence one by sequences, so the weighted sum of the
+    chunks' losses equals the whole minibatch's loss."""
+    if not size or size >= len(mb):
+        return [(mb, 1.0)]
+    chunks = [mb.select(list(range(i, min(i + size, len(mb))))) for i in range(0, len(mb), size)]
+    if share_by_tokens:
+        total = mb.mask.sum().clamp_min(1.0).item()
+        return [(c, c.mask.sum().item() / total) for c in chunks]
+    return [(c, len(c) / len(mb)) for c in chunks]
+
+
 def _policy_step(policy: LlamaForCausalLM, optimizer: torch.optim.Optimizer, mb: TrainBatch, cfg: TrainConfig,
                  width: int) -> dict[str, float]:
+    out: dict[str, float] = defaultdict(float)
+    optimizer.zero_grad(set_to_none=True)
+    for chunk, share in micro_batches(mb, cfg.algorithm.micro_batch_size, cfg.algorithm.loss_agg == "token-mean"):
+        loss, metrics = _policy_loss(policy, chunk, cfg, width)
+        (loss * share).backward()
+        for key, value in metrics.items():
+            out[key] += share * value
+    out["grad_norm"] = _clip(policy.parameters(), cfg.optim.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+def _policy_loss(policy: LlamaForCausalLM, mb: TrainBatch, cfg: TrainConfig, width: int
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
     algo, device = cfg.algorithm, batch_device(policy)
     logps, entropies = completion_logprobs_entropy(policy, mb.prompt_ids, mb.completion_ids,
                                                    cfg.rollout.temperature)
@@ -82,26 +111,24 @@ def _policy_step(policy: LlamaForCausalLM, optimizer: torch.optim.Optimizer, mb:
                        cfg.rollout.max_tokens)
         loss = loss + cfg.kl.coef * kl
         out["kl_loss"] = kl.item()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    out["grad_norm"] = _clip(policy.parameters(), cfg.optim.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     out["loss"] = loss.item()
-    return out
+    return loss, out
 
 
 def _critic_step(critic: Critic, mb: TrainBatch, cfg: TrainConfig, width: int) -> dict[str, float]:
     device = batch_device(critic.model)
-    values = pad(critic.model(mb.prompt_ids, mb.completion_ids), width)
-    mask = mb.mask.to(device)
-    loss = value_loss(values, mb.old_values.to(device), mb.returns.to(device), mask, clip=cfg.critic.value_clip)
+    total = 0.0
     critic.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    for chunk, share in micro_batches(mb, cfg.algorithm.micro_batch_size, share_by_tokens=True):
+        values = pad(critic.model(chunk.prompt_ids, chunk.completion_ids), width)
+        loss = value_loss(values, chunk.old_values.to(device), chunk.returns.to(device), chunk.mask.to(device),
+                          clip=cfg.critic.value_clip)
+        (loss * share).backward()
+        total += share * loss.item()
     grad_norm = _clip(critic.model.parameters(), cfg.optim.max_grad_norm)
     critic.optimizer.step()
     critic.optimizer.zero_grad(set_to_none=True)
-    return {"value_loss": loss.item(), "critic_grad_norm": grad_norm}
+    return {"value_loss": total, "critic_grad_norm": grad_norm}
 
 
 def _clip(params, max_norm: float) -> float:

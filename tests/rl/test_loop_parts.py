@@ -62,6 +62,26 @@ def test_tis_weights_scale_the_policy_loss(tis):
     assert moved == (tis > 0)
 
 
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batches_accumulate_the_same_gradient(agg):
+    """Gradient accumulation over micro-batches of one sample equals one pass over the minibatch, with
+    the KL and entropy terms on, for every loss aggregation."""
+    results = []
+    for micro in (0, 1):
+        cfg = load_config(None, ["optim.max_grad_norm=0", f"algorithm.loss_agg={agg}", "kl.coef=0.5",
+                                 "algorithm.entropy_coef=0.1", f"algorithm.micro_batch_size={micro}"])
+        policy = _tiny_policy()
+        batch = _batch(policy, 1.0)
+        batch.ref_logprobs = batch.old_logprobs - 0.3 * batch.mask
+        metrics = ppo_update(policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch, cfg,
+                             torch.Generator().manual_seed(0))
+        results.append((metrics, dict(policy.named_parameters())))
+    (whole, p_whole), (micro, p_micro) = results
+    for key in ("loss", "pg_loss", "kl_loss", "grad_norm"):
+        assert micro[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6), key
+    assert all(torch.allclose(p_whole[n], p_micro[n], atol=1e-6) for n in p_whole)
+
+
 # ----------------------------------------------------------------------------- advantages
 
 def test_grpo_and_rloo_subtract_the_summed_kl_from_the_sequence_reward():

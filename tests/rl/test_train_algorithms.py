@@ -19,7 +19,9 @@ def _mean(xs: list[float]) -> float:
 
 
 def test_ppo_with_a_critic_raises_reward(tiny_model_dir, tmp_path):
-    history = toy_train(tiny_model_dir("tiny-llama"), tmp_path, "algorithm.advantage=gae", "critic.lr=1e-2")
+    # two micro-batches per update: policy and critic gradients are accumulated
+    history = toy_train(tiny_model_dir("tiny-llama"), tmp_path, "algorithm.advantage=gae", "critic.lr=1e-2",
+                        "algorithm.micro_batch_size=16")
     rewards = [r["reward"] for r in history]
     assert _mean(rewards[:2]) < 0.75 and _mean(rewards[-3:]) > 0.9, rewards
     value_losses = [r["value_loss"] for r in history]
