@@ -93,7 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--splits", type=int, nargs="*", default=[1, 2, 4, 8],
                    help="fixed KV-split counts to time beside the automatic choice")
+    p.add_argument("--sweep", action="store_true",
+                   help="time decode launch configs (BLOCK_N, warps, stages) for bf16 and fp8 pools instead")
     args = p.parse_args(argv)
+    if args.sweep:
+        return sweep(args)
     if not torch.cuda.is_available():
         raise SystemExit("the attention benchmark needs a CUDA device")
     from rlserve.layers.attention.triton_backend import TritonAttentionBackend, decode_kv_splits, num_sms, store_kv
@@ -142,6 +146,43 @@ def main(argv: list[str] | None = None) -> None:
         print(f"      kv store of {bs} tokens: triton {fused * 1e3:.1f} us, index_put {indexed * 1e3:.1f} us")
         del pool, batch, runs, outputs
         torch.cuda.empty_cache()
+
+
+def fp8_copy(pool: KVPool) -> KVPool:
+    from rlserve.engine.cache import FP8_DTYPE
+    out = KVPool(pool.num_layers, pool.num_slots, pool.num_kv_heads, pool.head_dim, FP8_DTYPE, "cuda")
+    every = torch.arange(pool.num_slots, device="cuda")
+    for layer in range(pool.num_layers):
+        out.store(layer, every, pool.k_buffers[layer], pool.v_buffers[layer])
+    return out
+
+
+def sweep(args: argparse.Namespace) -> None:
+    """Decode kernel launch configs, graph-timed, bf16 vs fp8 pools; bandwidth counts stored bytes."""
+    from rlserve.layers.attention.triton_backend import TritonAttentionBackend
+    dtype = parse_dtype(args.dtype)
+    scale = args.head_dim ** -0.5
+    for bs in args.batch:
+        pool, batch, seq = decode_batch(bs, args.context, args.kv_heads, args.head_dim, dtype, seed=bs)
+        q = torch.randn(bs, args.heads, args.head_dim, dtype=dtype, device="cuda")
+        k = torch.randn(bs, args.kv_heads, args.head_dim, dtype=dtype, device="cuda")
+        v = torch.randn_like(k)
+        for kv_name, kv_pool in (("bf16", pool), ("fp8", fp8_copy(pool))):
+            per_token = kv_pool.num_kv_heads * (kv_pool.head_dim * kv_pool.k_buffers[0].element_size()
+                                                + (4 if kv_pool.fp8 else 0)) * 2
+            kv_bytes = sum(seq) * per_token
+            for block_n in (32, 64, 128):
+                for warps in (2, 4, 8):
+                    for stages in (1, 2, 3, 4):
+                        backend = TritonAttentionBackend(kv_pool, scale, decode_launch=(block_n, warps, stages))
+                        backend.prepare(batch)
+                        try:
+                            ms = graph_time_ms(lambda b=backend: b.forward(q, k, v, 0, batch))
+                        except Exception as e:  # e.g. out of shared memory for a large tile
+                            print(f"{bs:>5} {kv_name} N={block_n:<3} w={warps} s={stages}: {type(e).__name__}")
+                            continue
+                        print(f"{bs:>5} {kv_name} N={block_n:<3} w={warps} s={stages} {ms * 1e3:>8.1f} us "
+                              f"{kv_bytes / ms / 1e6:>6.0f} GB/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--load-format", default="auto", help="dummy: random weights at the model's architecture")
     a = ap.parse_args()
-    llm = LLM(a.model)
+    llm = LLM(a.model, load_format=a.load_format)
     prompt = llm.apply_chat_template([{"role": "user", "content": "Describe a person as JSON."}])
     prompts = [prompt] * a.batch
     constrained = [SamplingParams(temperature=1.0, seed=i, max_tokens=a.max_tokens, json_schema=SCHEMA)

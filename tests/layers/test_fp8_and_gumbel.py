@@ -3,8 +3,6 @@ the triton attention backend against the torch reference reading the same pool, 
 Gumbel-max sampling kernel against the distribution it must draw from."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -121,4 +119,4 @@ def test_engine_fp8_kv_runs_and_frees_everything():
                         SamplingParams(temperature=0.7, max_tokens=40, ignore_eos=True), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 40 for o in outs)
     assert llm.engine.kv_leaked() == 0
-    assert not math.isnan(sum(llm.engine.kv_pool.k_scales[0].tolist()[:10]))
+    assert torch.isfinite(llm.engine.kv_pool.k_scales[0]).all()
