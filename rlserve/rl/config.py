@@ -24,6 +24,9 @@ class ModelSection:
     dtype: str = "float32"
     device: str = "auto"                 # rollout and trainer share it: "auto", "cpu", "cuda", "cuda:1"
     max_total_tokens: int | None = None  # KV pool size in tokens (None: the engine decides)
+    # torch.compile'd fused elementwise kernels (CUDA). Off by default for training: the trainer calls
+    # them with and without autograd, and each grad mode recompiles them past dynamo's limit.
+    compile: bool = False
 
 
 @dataclass
