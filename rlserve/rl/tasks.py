@@ -18,19 +18,30 @@ def _in_split(key: str, split: str, held_out_fraction: float) -> bool:
     return (h < held_out_fraction) == (split == "test")
 
 
-def arithmetic(split: str = "train", seed: int = 0, max_operand: int = 50, held_out_fraction: float = 0.2
-               ) -> Iterator[Sample]:
-    """a ± b problems; the reward field is `answer` (see rewards.numeric_reward)."""
+def arithmetic(split: str = "train", seed: int = 0, max_operand: int = 50, held_out_fraction: float = 0.2,
+               ops: str = "+-", nonnegative: bool = False) -> Iterator[Sample]:
+    """a ∘ b problems with operands in [0, max_operand] and ∘ drawn from `ops` (any of "+-*");
+    `nonnegative` swaps a and b of a subtraction so that its answer is never negative.
+    The reward field is `answer` (see rewards.numeric_reward).
+
+    SmolLM2-135M-Instruct's greedy held-out accuracy (64 prompts, max_tokens 48–64): the default
+    (± up to 50) ≈ 15%; max_operand=20 ≈ 30–34%; max_operand=20, nonnegative=True ≈ 45–47%."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if not ops or set(ops) - set("+-*"):
+        raise ValueError(f"ops must be a non-empty string of '+', '-', '*'; got {ops!r}")
+    if max_operand < 0:
+        raise ValueError(f"max_operand must be ≥ 0, got {max_operand}")
     rng = random.Random(seed)
     while True:
         a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
-        op = rng.choice("+-")
+        op = rng.choice(ops)
+        if nonnegative and op == "-" and a < b:
+            a, b = b, a
         key = f"{a}{op}{b}"
         if not _in_split(key, split, held_out_fraction):
             continue
-        answer = a + b if op == "+" else a - b
+        answer = a + b if op == "+" else a - b if op == "-" else a * b
         yield {"prompt": [{"role": "user", "content": f"What is {a} {op} {b}? Put the final answer in \\boxed{{}}."}],
                "answer": answer}
 
