@@ -32,9 +32,11 @@ DEFAULT_MAX_MODEL_LEN = 32768   # keeps the request-to-token table small for 128
 @dataclass
 class _Pending:
     reqs: list[Request]
-    tokens: torch.Tensor          # sampled ids on the device, one per request (next step's inputs)
-    host: HostCopy                # the same ids (and logprob tensors) on their way to the host
+    tokens: torch.Tensor | None   # sampled ids on the device, one per request (next step's inputs)
+    host: HostCopy | None         # the same ids (and logprob tensors) on their way to the host
     has_logprobs: bool
+    # Set while sampling waits for the host: grammar masks need the previous step's tokens accepted.
+    logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -240,23 +242,37 @@ class Engine:
     # device), then read step N's tokens and do the host work (stops, detokenizing) while N+1 runs.
     # A request that stops at step N has had one extra token computed at N+1; it is dropped.
     def _overlappable(self, reqs: list[Request]) -> bool:
-        return all(not has_penalties(r.params) and len(r.output_ids) >= r.params.min_tokens
-                   and r.grammar is None for r in reqs)
+        return all(not has_penalties(r.params) and len(r.output_ids) >= r.params.min_tokens for r in reqs)
 
-    def _launch_decode(self, batch, input_ids: torch.Tensor | None) -> _Pending | None:
+    def _launch_decode(self, batch, input_ids: torch.Tensor | None, defer_grammar: bool = False
+                       ) -> _Pending | None:
+        """Launch a decode forward. Rows under a grammar need a mask built from every token before
+        this one; with defer_grammar the sampling waits (pending.logits) until the host has accepted
+        the previous step's tokens, while the forward already runs on the device."""
         slots = self.scheduler.alloc_decode_slots(batch)
         if slots is None:
             return None
         result = self.runner.forward(batch, slots, input_ids)
         for req in batch.reqs:
             req.kv_len += 1
-        rows = [SampleRow(r.params, r.generator, r.prompt_ids, r.output_ids) for r in batch.reqs]
-        tokens = self.sampler.sample_tensor(result.next_logits, rows)
-        ks = [r.params.logprobs for r in batch.reqs]
+        pending = _Pending(batch.reqs, None, None, False, logits=result.next_logits)
+        if not (defer_grammar and any(r.grammar is not None for r in batch.reqs)):
+            self._sample_pending(pending)
+        return pending
+
+    def _sample_pending(self, pending: _Pending) -> None:
+        logits, reqs = pending.logits, pending.reqs
+        pending.logits = None
+        if self._grammar is not None:
+            # A request that finished meanwhile keeps an unmasked row; its token is dropped anyway.
+            self._grammar.apply_masks(logits, [None if r.finished else r.grammar for r in reqs])
+        rows = [SampleRow(r.params, r.generator, r.prompt_ids, r.output_ids) for r in reqs]
+        tokens = self.sampler.sample_tensor(logits, rows)
+        ks = [r.params.logprobs for r in reqs]
         lps = None
         if any(k is not None for k in ks):
-            lps = logprob_tensors(result.next_logits, tokens, max(k or 0 for k in ks))
-        return _Pending(batch.reqs, tokens, HostCopy([tokens, *(lps or ())]), lps is not None)
+            lps = logprob_tensors(logits, tokens, max(k or 0 for k in ks))
+        pending.tokens, pending.host, pending.has_logprobs = tokens, HostCopy([tokens, *(lps or ())]), lps is not None
 
     def _step_overlapped(self, emit_unfinished: bool) -> list[RequestOutput]:
         pending, sched = self._pending, self.scheduler
@@ -271,7 +287,7 @@ class Engine:
             else:
                 where = {id(r): i for i, r in enumerate(pending.reqs)}
                 inputs = pending.tokens[to_device([where[id(r)] for r in batch.reqs], torch.int64, self.device)]
-            self._pending = self._launch_decode(batch, inputs)
+            self._pending = self._launch_decode(batch, inputs, defer_grammar=True)
             self.stats["overlapped_steps"] += 1
         changed: dict[str, _Group] = {}
         host = pending.host.get()
@@ -284,6 +300,8 @@ class Engine:
             self._accept(req, token, lp)
             if emit_unfinished or req.finished:
                 changed[req.group] = self.groups[req.group]
+        if self._pending is not None and self._pending.logits is not None:
+            self._sample_pending(self._pending)     # the grammars have seen every token now
         return self._emit(changed)
 
     def _step_sync(self, batch, emit_unfinished: bool) -> list[RequestOutput]:

@@ -231,6 +231,15 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
     log = MetricLog(out_dir, cfg.logging, run.history)
     bar = tqdm(range(run.next_step, cfg.steps), initial=run.next_step, total=cfg.steps, desc="train",
                disable=not cfg.logging.progress_bar, dynamic_ncols=True)
+    if run.next_step == 0 and cfg.task.eval_every and run.held_out:
+        # The starting point, so a run's own log shows what training gained.
+        t0 = time.perf_counter()
+        start = {"step": -1, "eval_accuracy": greedy_accuracy(llm, run.held_out, run.reward_fn, cfg.rollout.max_tokens)}
+        llm.engine.flush_cache()
+        start["eval_s"] = time.perf_counter() - t0
+        run.history.append(start)
+        log.log(start)
+        tqdm.write(f"held-out accuracy before training: {start['eval_accuracy']:.3f}")
     try:
         for step in bar:
             timer = Timer()
