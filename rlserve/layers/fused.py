@@ -6,8 +6,12 @@ versions stay the reference and run wherever compilation is off.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger("rlserve")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -30,6 +34,29 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return q * cos + rot(q) * sin, k * cos + rot(k) * sin
 
 
+class _Fused:
+    """The compiled version of `fn` for inference calls; the eager one under autograd (training calls
+    the same model with gradients, and every grad mode, dtype and engine in a process would be one
+    more recompile) and for good once dynamo gives up on it (its recompile limit, an unsupported
+    input): a fused kernel is a speed-up, never a reason to fail a forward pass."""
+
+    def __init__(self, fn) -> None:
+        self.eager = fn
+        self.compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        self.failed = False
+
+    def __call__(self, *args):
+        if self.failed or torch.is_grad_enabled():
+            return self.eager(*args)
+        try:
+            return self.compiled(*args)
+        except Exception as e:   # noqa: BLE001 - the eager call below re-raises any real error
+            self.failed = True
+            log.warning("torch.compile of %s failed (%s: %s); using the eager version",
+                        self.eager.__name__, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            return self.eager(*args)
+
+
 class Kernels:
     """The functions the model calls; `compile()` swaps in fused versions."""
     rms_norm = staticmethod(rms_norm)
@@ -41,8 +68,11 @@ class Kernels:
     def compile(cls) -> None:
         if cls.compiled:
             return
-        opts = dict(dynamic=True, fullgraph=True)
-        cls.rms_norm = staticmethod(torch.compile(rms_norm, **opts))
-        cls.silu_mul = staticmethod(torch.compile(silu_mul, **opts))
-        cls.apply_rotary = staticmethod(torch.compile(apply_rotary, **opts))
+        # Several engines (dtypes, devices) in one process each add a specialisation.
+        dynamo = torch._dynamo.config
+        name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo, name, max(getattr(dynamo, name), 64))
+        cls.rms_norm = staticmethod(_Fused(rms_norm))
+        cls.silu_mul = staticmethod(_Fused(silu_mul))
+        cls.apply_rotary = staticmethod(_Fused(apply_rotary))
         cls.compiled = True
