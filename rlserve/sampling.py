@@ -25,6 +25,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     logprobs: int | None = None             # number of top alternatives besides the sampled token
+    # "raw": logprobs of the model's distribution (vLLM's default); "tempered": of softmax(logits / T),
+    # the distribution the tokens were drawn from (what an RL trainer recomputes).
+    logprobs_mode: str = "raw"
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     # Structured output (at most one): a JSON schema (dict or JSON text), any JSON object, a regex, EBNF.
@@ -61,6 +64,8 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and not 0 <= v <= MAX_LOGPROBS:
                 bad(f"{name} must be in [0, {MAX_LOGPROBS}], got {v}")
+        if self.logprobs_mode not in ("raw", "tempered"):
+            bad(f"logprobs_mode must be 'raw' or 'tempered', got {self.logprobs_mode!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             bad(f"seed must be an integer, got {self.seed!r}")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -14,8 +14,8 @@ from rlserve.engine.grammar import GrammarBackend, GrammarSpec
 from rlserve.engine.memory import RequestMemory
 from rlserve.engine.request import Request
 from rlserve.engine.runner import ModelRunner
-from rlserve.engine.sampler import (Sampler, SampleRow, has_penalties, logprob_dicts, logprob_tensors,
-                                    prompt_logprobs)
+from rlserve.engine.sampler import (Sampler, SampleRow, has_penalties, logprob_dicts, logprob_logits,
+                                    logprob_tensors, prompt_logprobs)
 from rlserve.engine.scheduler import Scheduler
 from rlserve.engine.transfer import HostCopy, to_device
 from rlserve.layers.attention import create_backend
@@ -271,7 +271,8 @@ class Engine:
         ks = [r.params.logprobs for r in reqs]
         lps = None
         if any(k is not None for k in ks):
-            lps = logprob_tensors(logits, tokens, max(k or 0 for k in ks))
+            lps = logprob_tensors(logprob_logits(logits, [r.params for r in reqs]), tokens,
+                                  max(k or 0 for k in ks))
         pending.tokens, pending.host, pending.has_logprobs = tokens, HostCopy([tokens, *(lps or ())]), lps is not None
 
     def _step_overlapped(self, emit_unfinished: bool) -> list[RequestOutput]:

@@ -137,7 +137,10 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleOutput:
         ids = self.sample_tensor(logits, rows).tolist()
-        return SampleOutput(ids, self._logprobs(logits.float(), ids, [r.params.logprobs for r in rows]))
+        ks = [r.params.logprobs for r in rows]
+        if all(k is None for k in ks):
+            return SampleOutput(ids, [None] * len(rows))
+        return SampleOutput(ids, self._logprobs(logprob_logits(logits, [r.params for r in rows]), ids, ks))
 
     def sample_tensor(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         """The sampled ids as a device tensor, without waiting for the device (no logprobs)."""
@@ -210,6 +213,16 @@ class Sampler:
             for i, d in zip(want, dicts):
                 out[i] = d
         return out
+
+
+def logprob_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The float32 logits whose log-softmax each row reports: divided by the temperature for rows that
+    ask for `logprobs_mode="tempered"` (and sample), as they are."""
+    logits = logits.float()
+    temps = [p.temperature if p.logprobs_mode == "tempered" and not p.greedy else 1.0 for p in params]
+    if any(t != 1.0 for t in temps):
+        logits = logits / to_device(temps, torch.float32, logits.device)[:, None]
+    return logits
 
 
 def logprob_tensors(logits: torch.Tensor, picked: torch.Tensor, k_max: int) -> tuple[torch.Tensor, ...]:

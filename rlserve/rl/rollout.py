@@ -30,7 +30,8 @@ def generate_rollout(llm: LLM, cfg: RolloutSection, prompts: list[list[int]], fi
     """Sample cfg.group_size completions per prompt. Prompt i draws with seeds seed + i·n … seed + i·n + n − 1,
     so a step's samples depend only on its seed and the weights."""
     params = [SamplingParams(n=cfg.group_size, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                             seed=seed + i * cfg.group_size, logprobs=0, ignore_eos=cfg.constraint is None,
+                             seed=seed + i * cfg.group_size, logprobs=0, logprobs_mode="tempered",
+                             ignore_eos=cfg.constraint is None,
                              **(cfg.constraint or {}))
               for i in range(len(prompts))]
     outs = llm.generate(prompts, params, use_tqdm=False)
