@@ -46,6 +46,7 @@ class RolloutSection:
     group_size: int = 8                  # completions per prompt
     max_tokens: int = 16
     temperature: float = 1.0
+    ignore_eos: bool = False             # true: every completion runs to max_tokens (throughput tests)
     constraint: dict[str, Any] | None = None   # structured rollouts, e.g. {"regex": "[ab]{8}"}
 
 

@@ -31,7 +31,7 @@ def generate_rollout(llm: LLM, cfg: RolloutSection, prompts: list[list[int]], fi
     so a step's samples depend only on its seed and the weights."""
     params = [SamplingParams(n=cfg.group_size, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
                              seed=seed + i * cfg.group_size, logprobs=0, logprobs_mode="tempered",
-                             ignore_eos=cfg.constraint is None,
+                             ignore_eos=cfg.ignore_eos,
                              **(cfg.constraint or {}))
               for i in range(len(prompts))]
     outs = llm.generate(prompts, params, use_tqdm=False)

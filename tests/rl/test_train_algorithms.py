@@ -81,7 +81,7 @@ def test_mismatch_monitor_reads_zero_without_a_grammar(tiny_model_dir, tmp_path)
     # unconstrained sampling: engine and trainer compute the same distribution with the same module,
     # before and after an update (the engine serves the updated parameters)
     history = toy_train(tiny_model_dir("tiny-llama"), tmp_path, "steps=2", "rollout.constraint=null",
-                        "rollout.max_tokens=6", "algorithm.tis_cap=2.0")
+                        "rollout.ignore_eos=true", "rollout.max_tokens=6", "algorithm.tis_cap=2.0")
     for r in history:
         assert r["mismatch_abs"] < 1e-4 and abs(r["mismatch_kl"]) < 1e-6, r
         assert abs(r["tis_weight_mean"] - 1.0) < 1e-4
