@@ -27,6 +27,10 @@ class ModelSection:
     # torch.compile'd fused elementwise kernels (CUDA). Off by default for training: the trainer calls
     # them with and without autograd, and each grad mode recompiles them past dynamo's limit.
     compile: bool = False
+    # Free the engine's KV pool between rollout and the next rollout, so logprob recompute and the
+    # update have that memory (colocated on one GPU). Costs a reallocation (and on CUDA a graph
+    # recapture) per step; off by default.
+    release_kv_cache: bool = False
 
 
 @dataclass

@@ -258,6 +258,8 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
                 if algo.dynamic_sampling:
                     rollout = rollout.keep_groups(dynamic_sampling_keep(rollout.rewards, rollout.group_size))
                 record["groups_kept"] = rollout.num_groups
+                if cfg.model.release_kv_cache:
+                    llm.release_memory(["kv_cache"])
                 if rollout.num_groups > 0:
                     # 5. the trainer's logprobs (old policy, reference) and values, before any update
                     with timer("logprob_s"):
@@ -290,6 +292,7 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
                         run.critic_scheduler.step()
                 # 8. weight sync: the engine's module is the policy; its cached KV is from the old weights
                 with timer("sync_s"):
+                    llm.resume_memory(["kv_cache"])      # a no-op unless released above
                     llm.engine.flush_cache()
                 # 9. held-out evaluation; the cache is flushed again so that every step's rollout starts
                 # from an empty prefix cache, as it does after a resume.

@@ -16,7 +16,9 @@ def test_train_loop_logs_and_evaluates(tiny_model_dir, tmp_path):
                              "logging.tensorboard=true", "logging.plot_every=2"])
     history = train(cfg)
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == [0, 1, 2] == [r["step"] for r in history]
+    assert [r["step"] for r in lines] == [-1, 0, 1, 2] == [r["step"] for r in history]
+    before, lines = lines[0], lines[1:]          # step −1: held-out accuracy before any update
+    assert set(before) == {"step", "eval_accuracy", "eval_s"} and 0.0 <= before["eval_accuracy"] <= 1.0
     assert "eval_accuracy" in lines[2] and "eval_accuracy" not in lines[0]
     assert 0.0 <= lines[2]["eval_accuracy"] <= 1.0
     assert all(0.0 <= r["reward"] <= 1.0 for r in lines)
@@ -37,7 +39,7 @@ def test_train_from_dataset_files(tiny_model_dir, tmp_path):
     eval_file.write_text("".join(json.dumps({"prompt": f"{a} + 2 =", "answer": a + 2}) + "\n" for a in range(3)))
     cfg = load_config(None, [f"model.path={tiny_model_dir('tiny-llama')}", f"output_dir={tmp_path / 'run'}", *SMALL,
                              f"task.dataset={train_file}", f"task.eval_dataset={eval_file}"])
-    history = train(cfg)
+    history = [r for r in train(cfg) if r["step"] >= 0]
     # 3 steps × 2 prompts from the 5 rows (order: see test_loop_parts), held-out accuracy from the eval file
     assert len({r["prompts_sha1"] for r in history}) == 3
     assert "eval_accuracy" in history[2]
