@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
 from rl_toy import toy_train
 
 from rlserve.rl.checkpoint import latest_checkpoint, list_checkpoints
@@ -45,7 +47,17 @@ def _train_until_killed(model_dir: Path, out: Path) -> None:
         child.stderr.close()
 
 
-def test_kill_and_resume_reproduces_the_next_steps(tiny_model_dir, tmp_path):
+@pytest.fixture
+def one_thread():
+    """The killed trainer runs with one thread; float sums over other thread counts round differently,
+    so the in-process runs use one thread too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_kill_and_resume_reproduces_the_next_steps(tiny_model_dir, tmp_path, one_thread):
     model_dir = tiny_model_dir("tiny-llama")
     reference = toy_train(model_dir, tmp_path / "straight", *RUN)
 
