@@ -13,6 +13,14 @@ from rlserve.engine.memory import RequestMemory
 from rlserve.engine.request import Request
 
 LPM_MAX_QUEUE = 128   # sorting by prefix match costs a tree walk per waiting request
+# A waiting request that shares at least this many uncached leading tokens with a prompt being prefilled
+# now waits a step and then reads them from the prefix cache instead of computing them again.
+IN_BATCH_SHARED_MIN = 64
+
+
+def _head(req: Request, n: int) -> list[int]:
+    """The first n tokens of req.fill_ids without building the whole list (the prompt usually has them)."""
+    return req.prompt_ids[:n] if n <= len(req.prompt_ids) else req.fill_ids[:n]
 
 
 @dataclass
@@ -82,6 +90,18 @@ class Scheduler:
         return (self.memory.tree is not None and req.params.n > 1 and req.index > 0
                 and req.group not in self.prefilled_groups)
 
+    def _shares_with_inflight(self, req: Request, admitted: list[Request]) -> bool:
+        """Whether `req`'s next uncached tokens are also the prompt of a request being prefilled (in this
+        batch, or chunk by chunk): then they will be in the prefix cache after this step."""
+        if self.memory.tree is None:
+            return False
+        end = req.kv_len + IN_BATCH_SHARED_MIN
+        if req.num_tokens <= end:
+            return False
+        head = _head(req, end)
+        inflight = admitted + ([self.chunked] if self.chunked is not None and self.chunked not in admitted else [])
+        return any(other.num_tokens > end and _head(other, end) == head for other in inflight)
+
     def _schedule_prefill(self) -> ScheduledBatch | None:
         budget = self.cfg.chunked_prefill_size
         room = self.memory.available_tokens() - self._reserved()
@@ -96,7 +116,11 @@ class Scheduler:
                     break
                 if self._must_wait_for_sibling(req):
                     continue
-                self.memory.match_and_lock(req, use_cache=req.params.prompt_logprobs is None)
+                use_cache = req.params.prompt_logprobs is None
+                self.memory.match_and_lock(req, use_cache=use_cache)
+                if use_cache and self._shares_with_inflight(req, reqs):
+                    self.memory.release(req, cache=False)
+                    continue
             extend = req.num_tokens - req.kv_len
             chunk = min(extend, budget)
             done = chunk == extend
