@@ -215,6 +215,14 @@ def _prompts_digest(prompts: list[list[int]]) -> str:
 
 # ----------------------------------------------------------------------------- the loop
 
+def evaluate(run: Run, cfg: TrainConfig) -> float:
+    """Greedy held-out accuracy. The prefix cache is flushed afterwards so that every rollout starts
+    from an empty cache, as it does after a resume."""
+    accuracy = greedy_accuracy(run.llm, run.held_out, run.reward_fn, cfg.rollout.max_tokens)
+    run.llm.engine.flush_cache()
+    return accuracy
+
+
 def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptStream | None = None,
           held_out: list[Sample] | None = None) -> list[dict[str, Any]]:
     """Run cfg.steps steps (continuing a checkpoint if asked); returns the per-step metrics."""
@@ -233,10 +241,10 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
                disable=not cfg.logging.progress_bar, dynamic_ncols=True)
     if run.next_step == 0 and cfg.task.eval_every and run.held_out:
         # The starting point, so a run's own log shows what training gained.
-        t0 = time.perf_counter()
-        start = {"step": -1, "eval_accuracy": greedy_accuracy(llm, run.held_out, run.reward_fn, cfg.rollout.max_tokens)}
-        llm.engine.flush_cache()
-        start["eval_s"] = time.perf_counter() - t0
+        timer = Timer()
+        with timer("eval_s"):
+            start = {"step": -1, "eval_accuracy": evaluate(run, cfg)}
+        start |= timer.seconds
         run.history.append(start)
         log.log(start)
         tqdm.write(f"held-out accuracy before training: {start['eval_accuracy']:.3f}")
@@ -294,13 +302,10 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
                 with timer("sync_s"):
                     llm.resume_memory(["kv_cache"])      # a no-op unless released above
                     llm.engine.flush_cache()
-                # 9. held-out evaluation; the cache is flushed again so that every step's rollout starts
-                # from an empty prefix cache, as it does after a resume.
+                # 9. held-out evaluation
                 if cfg.task.eval_every and run.held_out and (step + 1) % cfg.task.eval_every == 0:
                     with timer("eval_s"):
-                        record["eval_accuracy"] = greedy_accuracy(llm, run.held_out, run.reward_fn,
-                                                                  cfg.rollout.max_tokens)
-                        llm.engine.flush_cache()
+                        record["eval_accuracy"] = evaluate(run, cfg)
             record |= timer.seconds
             # 10. log and checkpoint
             run.history.append(record)
