@@ -21,6 +21,7 @@ def _one_of(where: str, value: str, allowed: tuple[str, ...]) -> None:
 @dataclass
 class ModelSection:
     path: str | None = None              # None → the default SmolLM2; a HF dir, .gguf or preset
+    load_format: str = "auto"            # "dummy": random weights at the architecture (benchmarks)
     dtype: str = "float32"
     device: str = "auto"                 # rollout and trainer share it: "auto", "cpu", "cuda", "cuda:1"
     max_total_tokens: int | None = None  # KV pool size in tokens (None: the engine decides)

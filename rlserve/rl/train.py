@@ -102,7 +102,7 @@ def setup(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
     if prompts is None:
         prompts, default_held_out = _data_sources(cfg)
         held_out = default_held_out if held_out is None else held_out
-    llm = LLM(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device, seed=cfg.seed,
+    llm = LLM(cfg.model.path, load_format=cfg.model.load_format, dtype=cfg.model.dtype, device=cfg.model.device, seed=cfg.seed,
               max_total_tokens=cfg.model.max_total_tokens, compile=cfg.model.compile)
     policy = llm.engine.model
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
