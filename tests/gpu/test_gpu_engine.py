@@ -37,27 +37,78 @@ def test_cuda_graph_matches_eager(dtype):
     assert got == greedy_tokens(eager, ps)
 
 
-@torch.inference_mode()
-def test_teacher_forced_argmax_triton_torch_transformers_bf16():
-    from transformers import AutoModelForCausalLM
-    from rlserve.models.presets import preset_hf_config
+def _default_model_cached() -> bool:
+    from rlserve.models.default import DEFAULT_GGUF_NAME, DEFAULT_MODEL_NAME, cache_dir
+    return (cache_dir() / DEFAULT_MODEL_NAME).is_dir() or (cache_dir() / "gguf" / DEFAULT_GGUF_NAME).is_file()
 
-    llm = LLM("qwen3-0.6b", dtype="bfloat16", attention_backend="triton", cuda_graph=False)
-    hf = AutoModelForCausalLM.from_config(preset_hf_config("qwen3-0.6b"), dtype=torch.bfloat16).cuda().eval()
+
+def _text_prompts(llm: LLM, n: int = 8, length: int = 400) -> list[list[int]]:
+    """Real English: consecutive chunks of the project's own docs, tokenized."""
+    from pathlib import Path
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    ids = llm.encode("\n\n".join(p.read_text() for p in sorted(docs.glob("*.md"))))[1]
+    assert len(ids) >= n * length
+    return [ids[i * length:(i + 1) * length] for i in range(n)]
+
+
+def _agreement(llm: LLM, hf, ps: list[list[int]]) -> dict[str, float]:
+    """Share of positions where two of {triton, torch, transformers} pick the same argmax."""
+    pairs = {"triton/torch": 0, "triton/hf": 0, "torch/hf": 0}
+    total = 0
+    for p in ps:
+        hf_arg = hf(torch.tensor([p], device="cuda")).logits[0, :-1].argmax(-1).tolist()
+        tri, ref = _argmax_positions(llm, p, "triton"), _argmax_positions(llm, p, "torch")
+        assert len(tri) == len(ref) == len(hf_arg)
+        pairs["triton/torch"] += sum(x == y for x, y in zip(tri, ref))
+        pairs["triton/hf"] += sum(x == y for x, y in zip(tri, hf_arg))
+        pairs["torch/hf"] += sum(x == y for x, y in zip(ref, hf_arg))
+        total += len(hf_arg)
+    out = {k: v / total for k, v in pairs.items()}
+    print("argmax agreement over", total, "positions:", {k: round(v, 4) for k, v in out.items()})
+    return out
+
+
+def _hf_twin(llm: LLM, hf_config, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).cuda().eval()
     missing, _ = hf.load_state_dict(llm.engine.model.state_dict(), strict=False)
     assert not [k for k in missing if "lm_head" not in k]
-    agree_torch = agree_hf = total = 0
-    for p in prompts(8, seed=3, lo=200, hi=600):
-        hf_arg = hf(torch.tensor([p], device="cuda")).logits[0, :-1].argmax(-1).tolist()
-        mine_t = _argmax_positions(llm, p, "triton")
-        mine_r = _argmax_positions(llm, p, "torch")
-        assert len(mine_t) == len(mine_r) == len(hf_arg)
-        agree_torch += sum(x == y for x, y in zip(mine_t, mine_r))
-        agree_hf += sum(x == y for x, y in zip(mine_t, hf_arg))
-        total += len(hf_arg)
-    print(f"argmax agreement: triton/torch {agree_torch / total:.4f}, triton/transformers {agree_hf / total:.4f}")
-    assert agree_torch / total >= 0.995
-    assert agree_hf / total >= 0.99
+    hf.tie_weights()
+    return hf
+
+
+@torch.inference_mode()
+@pytest.mark.skipif(not _default_model_cached(), reason="the default model's GGUF is not in the cache")
+def test_teacher_forced_argmax_real_weights_bf16():
+    """The issue's exactness target, on a trained model (SmolLM2-135M-Instruct) reading real text."""
+    from transformers import AutoConfig
+    from rlserve.models.default import ensure_default_model
+    llm = LLM(dtype="bfloat16", attention_backend="triton", cuda_graph=False)
+    hf = _hf_twin(llm, AutoConfig.from_pretrained(ensure_default_model()), torch.bfloat16)
+    got = _agreement(llm, hf, _text_prompts(llm))
+    assert got["triton/torch"] >= 0.995
+    assert got["triton/hf"] >= 0.99
+
+
+@torch.inference_mode()
+def test_teacher_forced_argmax_dummy_weights_bf16_within_noise_floor():
+    """Random weights give near-tied logits, so bf16 rounding alone flips some argmaxes: the triton
+    backend must stay as close to the torch reference as transformers itself is."""
+    from rlserve.models.presets import preset_hf_config
+    llm = LLM("qwen3-0.6b", dtype="bfloat16", attention_backend="triton", cuda_graph=False)
+    hf = _hf_twin(llm, preset_hf_config("qwen3-0.6b"), torch.bfloat16)
+    got = _agreement(llm, hf, prompts(8, seed=3, lo=200, hi=600))
+    assert got["triton/torch"] >= got["torch/hf"] - 0.01
+
+
+@torch.inference_mode()
+def test_teacher_forced_argmax_dummy_weights_fp32():
+    from rlserve.models.presets import preset_hf_config
+    llm = LLM("qwen3-0.6b", dtype="float32", attention_backend="triton", cuda_graph=False)
+    hf = _hf_twin(llm, preset_hf_config("qwen3-0.6b"), torch.float32)
+    got = _agreement(llm, hf, prompts(4, seed=3, lo=200, hi=600))
+    assert got["triton/torch"] >= 0.995
+    assert got["triton/hf"] >= 0.995
 
 
 def _argmax_positions(llm: LLM, prompt: list[int], backend: str) -> list[int]:
