@@ -1,4 +1,4 @@
-"""The `rlserve` command: generate, chat, bench and serve (router and train are still to come).
+"""The `rlserve` command: generate, chat, bench, serve and train (the router is still to come).
 
 Every subcommand shares the engine flags of `add_engine_args`; `engine_kwargs` maps them onto LLM(...).
 Bad values end in one `error: ...` line on stderr and exit status 2, never a traceback.
