@@ -77,8 +77,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rollout.ignore_eos=true", "rollout.temperature=1.0",
         f"algorithm.micro_batch_size={args.micro_batch}", "logging.progress_bar=false",
     ]
-    if args.max_total_tokens:
-        overrides.append(f"model.max_total_tokens={args.max_total_tokens}")
+    # A KV pool that holds the whole rollout at once (prompts shared by their group) and leaves the rest
+    # of the device to the trainer; the engine's default would take most of a GPU.
+    kv_tokens = args.max_total_tokens or (args.prompts * (args.prompt_len + args.group_size * args.max_tokens)
+                                          + 4096)
+    overrides.append(f"model.max_total_tokens={kv_tokens}")
     cfg = load_config(None, overrides + list(args.override))
     rng = random.Random(args.seed)
     prompts = PromptStream(items=_random_prompts(args.prompts * args.steps, args.prompt_len, args.prompt_vocab,
@@ -130,8 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--prompt-vocab", type=int, default=10000, help="prompt ids are drawn from [0, N)")
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--micro-batch", type=int, default=16)
-    p.add_argument("--max-total-tokens", type=int, default=0, help="KV pool size (0: the engine decides)")
+    p.add_argument("--micro-batch", type=int, default=8, help="samples per trainer forward/backward")
+    p.add_argument("--max-total-tokens", type=int, default=0,
+                   help="KV pool size (0: room for the whole rollout at once)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--override", nargs="*", default=[], help="extra dotted config overrides")
     p.add_argument("--json-out", default=None)
