@@ -79,10 +79,16 @@ class GrammarBackend:
             return
         bitmask = self._host_bitmask(len(matchers), logits.device)
         self.filler.batch_fill_next_token_bitmask([matchers[i] for i in rows], bitmask, rows)
+        if len(rows) < len(matchers):
+            # Unconstrained rows allow everything, so the mask applies to the whole batch: passing row
+            # indices instead would cost a copy of them from pageable memory every step.
+            free = torch.ones(len(matchers), dtype=torch.bool)
+            free[rows] = False
+            bitmask[free] = -1
         # The buffer is refilled next step only after this step's sampled tokens were read back,
         # which the device does after this copy: no copy can still be reading it then.
         device_mask = bitmask.to(logits.device, non_blocking=True)
-        self.xgr.apply_token_bitmask_inplace(logits, device_mask, vocab_size=self.vocab_size, indices=rows)
+        self.xgr.apply_token_bitmask_inplace(logits, device_mask, vocab_size=self.vocab_size)
 
     def _host_bitmask(self, rows: int, device: torch.device) -> torch.Tensor:
         if self._bitmask is None or self._bitmask.shape[0] < rows:
