@@ -118,6 +118,7 @@ class EngineConfig:
     overlap_schedule: bool | str = "auto"   # "auto": overlap host work with the device on CUDA
     tokenizer: str | None = None
     kv_cache_dtype: str = "auto"            # "auto" (the model's dtype) | "fp8_e4m3" (scaled, half the bytes)
+    cascade_attention: bool = True          # read a prefix shared by decode requests once (triton + radix)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -130,7 +131,7 @@ def engine_config(model: str | None = None, *, load_format: str = "auto", dtype:
                   max_running_requests: int = 256, chunked_prefill_size: int | None = None,
                   schedule_policy: str = "fcfs", cuda_graph: bool = True, cuda_graph_max_bs: int = 256,
                   overlap_schedule: bool | str = "auto", compile: bool | str = "auto",
-                  kv_cache_dtype: str = "auto") -> EngineConfig:
+                  kv_cache_dtype: str = "auto", cascade_attention: bool = True) -> EngineConfig:
     """The layered EngineConfig from flat keyword arguments (what LLM(...) and the CLI flags take)."""
     cache = CacheConfig(enable_radix_cache=enable_radix_cache, gpu_memory_fraction=gpu_memory_fraction,
                         max_total_tokens=max_total_tokens)
@@ -142,4 +143,4 @@ def engine_config(model: str | None = None, *, load_format: str = "auto", dtype:
                         max_model_len=max_model_len, tokenizer=tokenizer, attention_backend=attention_backend,
                         cuda_graph=cuda_graph, cuda_graph_max_bs=cuda_graph_max_bs,
                         overlap_schedule=overlap_schedule, compile=compile, kv_cache_dtype=kv_cache_dtype,
-                        cache=cache, scheduler=sched)
+                        cascade_attention=cascade_attention, cache=cache, scheduler=sched)

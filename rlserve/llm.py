@@ -18,8 +18,8 @@ class LLM:
     def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
         """engine_kwargs: load_format, dtype, device, seed, max_model_len, tokenizer, attention_backend,
         enable_radix_cache, kv_cache_bytes, gpu_memory_fraction, max_total_tokens, max_running_requests,
-        chunked_prefill_size, schedule_policy, cuda_graph, cuda_graph_max_bs, overlap_schedule, compile, kv_cache_dtype
-        (see rlserve.config.engine_config)."""
+        chunked_prefill_size, schedule_policy, cuda_graph, cuda_graph_max_bs, overlap_schedule, compile,
+        kv_cache_dtype, cascade_attention (see rlserve.config.engine_config)."""
         self.config = engine_config(model, **engine_kwargs)
         self.engine = Engine(self.config)
 

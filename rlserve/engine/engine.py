@@ -101,6 +101,10 @@ class Engine:
         self.memory = RequestMemory(self.allocator, self.table, self.tree)
         self.model.attn_backend = create_backend(config.attention_backend, self.kv_pool, cfg, self.device)
         self.runner = ModelRunner(self.model, self.table, self.device)
+        max_members = getattr(self.model.attn_backend, "cascade_max_members", 0)
+        if config.cascade_attention and self.tree is not None and max_members:
+            self.runner.enable_cascade(max_members, KVPool.bytes_per_token(
+                cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype))
         # The torch backend sizes its masks on the host per batch, so only the triton one is captured.
         graphable = type(self.model.attn_backend).__name__ == "TritonAttentionBackend"
         if self.device.type == "cuda" and config.cuda_graph and graphable:

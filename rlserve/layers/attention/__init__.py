@@ -17,7 +17,7 @@ def create_backend(name: str, pool, cfg: ModelConfig, device: torch.device):
         if device.type != "cuda":
             raise ValueError("the triton attention backend needs a CUDA device")
         from rlserve.layers.attention.triton_backend import TritonAttentionBackend
-        return TritonAttentionBackend(pool, scale)
+        return TritonAttentionBackend(pool, scale, num_heads=cfg.num_heads)
     raise ValueError(f"unknown attention backend {name!r}; choose torch, triton or auto")
 
 

@@ -8,6 +8,21 @@ import torch
 
 
 @dataclass
+class SharedPrefixes:
+    """Decode requests that read the same cached prefix, for cascade attention: group g's members
+    (batch indices, -1 padded to max_members) all hold the KV of positions [0, lengths[g]) at the
+    same slots, those of req_to_token[rows[g]]. starts[b] is where request b's own part begins (0 for
+    a request in no group)."""
+    members: torch.Tensor          # [G, max_members]
+    lengths: torch.Tensor          # [G]
+    rows: torch.Tensor             # [G]
+    starts: torch.Tensor           # [B]
+    num_groups: int
+    max_members: int
+    longest: int                   # max(lengths)
+
+
+@dataclass
 class ForwardBatch:
     """A flat batch of new tokens from several sequences (prefill chunks or one decode token each).
 
@@ -25,6 +40,7 @@ class ForwardBatch:
     is_decode: bool                # every sequence adds exactly one token
     logits_indices: torch.Tensor   # [L] flat token positions whose logits are wanted
     req_to_token: torch.Tensor     # [rows, max_context] the table itself
+    shared_prefixes: SharedPrefixes | None = None   # decode only; backends may ignore it
 
     @property
     def batch_size(self) -> int:

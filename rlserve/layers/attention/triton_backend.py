@@ -107,20 +107,24 @@ def _split_plan(seq_len, MAX_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOC
 
 
 @_jit
-def _decode_split_kernel(Q, K_buf, V_buf, K_scale, V_scale, ReqToToken, ReqRows, SeqLens, MidO, MidLse, O,
-                         qk_scale,
+def _decode_split_kernel(Q, K_buf, V_buf, K_scale, V_scale, ReqToToken, ReqRows, SeqLens, Starts, MidO, MidLse,
+                         O, qk_scale,
                          stride_qb, stride_qh, stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_st,
                          stride_req, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
                          stride_ob, stride_oh,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr,
-                         MIN_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
+                         MIN_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
+                         HAS_START: tl.constexpr, DIRECT: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(SeqLens + b).to(tl.int32)
-    n_splits, split_len = _split_plan(seq_len, MAX_SPLITS, MIN_SPLIT, BLOCK_N)
-    start = split * split_len
+    first = 0
+    if HAS_START:   # cascade: positions [0, Starts[b]) were attended by the shared-prefix kernel
+        first = tl.load(Starts + b).to(tl.int32)
+    n_splits, split_len = _split_plan(seq_len - first, MAX_SPLITS, MIN_SPLIT, BLOCK_N)
+    start = first + split * split_len
     if (split >= n_splits) | (start >= seq_len):
         return   # the merge kernel skips this span by the same arithmetic
     end = tl.minimum(start + split_len, seq_len)
@@ -162,7 +166,7 @@ def _decode_split_kernel(Q, K_buf, V_buf, K_scale, V_scale, ReqToToken, ReqRows,
 
     out = acc / l_i[:, None]
     mask_out = mask_h[:, None] & mask_d[None, :]
-    if MAX_SPLITS == 1:   # one span: this is the answer, no merge needed
+    if DIRECT:   # one span and no shared-prefix part: this is the answer, no merge needed
         tl.store(O + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=mask_out)
     else:
@@ -176,17 +180,24 @@ def _decode_split_kernel(Q, K_buf, V_buf, K_scale, V_scale, ReqToToken, ReqRows,
 def _decode_merge_kernel(MidO, MidLse, SeqLens, O,
                          stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                         BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr):
+                         BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr,
+                         TOTAL_SLOTS: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    seq_len = tl.load(SeqLens + b).to(tl.int32)
-    n_splits, split_len = _split_plan(seq_len, MAX_SPLITS, MIN_SPLIT, BLOCK_N)
     offs_s = tl.arange(0, BLOCK_S)
-    valid = (offs_s < n_splits) & (offs_s * split_len < seq_len)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     base = b.to(tl.int64) * stride_lb + h * stride_lh
-    lse = tl.load(MidLse + base + offs_s, mask=valid, other=float("-inf"))
+    if TOTAL_SLOTS > 0:
+        # Cascade: spans come from two kernels; every slot was preset to -inf and only written ones
+        # hold a finite lse.
+        lse = tl.load(MidLse + base + offs_s, mask=offs_s < TOTAL_SLOTS, other=float("-inf"))
+        valid = lse > float("-inf")
+    else:
+        seq_len = tl.load(SeqLens + b).to(tl.int32)
+        n_splits, split_len = _split_plan(seq_len, MAX_SPLITS, MIN_SPLIT, BLOCK_N)
+        valid = (offs_s < n_splits) & (offs_s * split_len < seq_len)
+        lse = tl.load(MidLse + base + offs_s, mask=valid, other=float("-inf"))
     m = tl.max(lse, 0)
     w = tl.where(valid, tl.exp2(lse - m), 0.0)
     part = tl.load(MidO + b.to(tl.int64) * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms
@@ -317,9 +328,15 @@ def decode_kv_splits(batch_size: int, num_kv_heads: int, sm_count: int) -> int:
     return min(MAX_KV_SPLITS, max(DEFAULT_KV_SPLITS, _next_pow2(want)))
 
 
+def shared_prefix_splits(num_groups: int, longest: int, num_kv_heads: int, sm_count: int) -> int:
+    """Spans per shared prefix: enough programs for two waves over the SMs, none under MIN_SPLIT_TOKENS."""
+    want = _next_pow2(math.ceil(2 * sm_count / max(num_groups * num_kv_heads, 1)))
+    return max(1, min(want, MAX_KV_SPLITS, math.ceil(longest / MIN_SPLIT_TOKENS)))
+
+
 class TritonAttentionBackend:
     def __init__(self, pool: KVPool, scale: float, max_kv_splits: int | None = None,
-                 decode_launch: tuple[int, int, int] | None = None) -> None:
+                 decode_launch: tuple[int, int, int] | None = None, num_heads: int | None = None) -> None:
         if not HAS_TRITON:
             raise RuntimeError("the triton attention backend needs the `triton` package")
         self.pool = pool
@@ -331,12 +348,21 @@ class TritonAttentionBackend:
         self._cu_extend: torch.Tensor | None = None
         self._max_extend = 0
         self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._prefix_splits = 0   # spans per shared prefix this step (0: no shared-prefix pass)
+        # Decode batches may carry shared prefixes (cascade attention): at most this many requests
+        # share one pass, so that members × query heads per kv head stay within 64 rows of a dot.
+        # 0 (query head count unknown): the engine sends no shared prefixes.
+        group = num_heads // pool.num_kv_heads if num_heads and pool.num_kv_heads else 0
+        self.cascade_max_members = max(2, 64 // group) if group else 0
 
     def prepare(self, batch: ForwardBatch) -> None:
         self._scratch = None    # reallocated by the first layer, then shared by all layers
         if batch.is_decode:
             self._splits = self.max_kv_splits or decode_kv_splits(
                 batch.batch_size, self.pool.num_kv_heads, self._sms)
+            shared = batch.shared_prefixes
+            self._prefix_splits = 0 if shared is None else shared_prefix_splits(
+                shared.num_groups, shared.longest, self.pool.num_kv_heads, self._sms)
         else:
             cu = torch.zeros(batch.batch_size + 1, dtype=torch.int64, device=batch.extend_lens.device)
             torch.cumsum(batch.extend_lens, 0, out=cu[1:])
@@ -363,9 +389,14 @@ class TritonAttentionBackend:
         kv_heads = k_buf.shape[1]
         group = heads // kv_heads
         splits = self._splits
-        if self._scratch is None or self._scratch[0].shape[:2] != (b, heads):
-            mid_o = torch.empty(b, heads, splits, dim, dtype=torch.float32, device=q.device)
-            mid_lse = torch.empty(b, heads, splits, dtype=torch.float32, device=q.device)
+        shared = batch.shared_prefixes if self._prefix_splits else None
+        total = splits + self._prefix_splits
+        if self._scratch is None or self._scratch[0].shape[:3] != (b, heads, total):
+            mid_o = torch.empty(b, heads, total, dim, dtype=torch.float32, device=q.device)
+            # With a shared-prefix pass the merge finds written spans by a finite lse. Every layer of
+            # a step writes the same spans, so presetting once per step is enough.
+            mid_lse = (torch.full((b, heads, total), float("-inf"), device=q.device) if shared is not None
+                       else torch.empty(b, heads, total, dtype=torch.float32, device=q.device))
             self._scratch = (mid_o, mid_lse)
         mid_o, mid_lse = self._scratch
         block_n, warps, stages = self.decode_launch or _decode_launch(q.dtype, fp8=self.pool.fp8)
@@ -373,8 +404,14 @@ class TritonAttentionBackend:
         table = batch.req_to_token
         fp8 = scales[0] is not None
         k_scale, v_scale = scales if fp8 else (k_buf, v_buf)
+        if shared is not None:
+            from rlserve.layers.attention.cascade import shared_prefix_attention
+            shared_prefix_attention(q, k_buf, v_buf, k_scale if fp8 else None, v_scale if fp8 else None, table,
+                                    shared, mid_o, mid_lse, first_slot=splits,
+                                    prefix_splits=self._prefix_splits, qk_scale=self.scale * _LOG2E)
         _decode_split_kernel[(b, kv_heads, splits)](
-            q, k_buf, v_buf, k_scale, v_scale, table, batch.req_rows, batch.seq_lens, mid_o, mid_lse, out,
+            q, k_buf, v_buf, k_scale, v_scale, table, batch.req_rows, batch.seq_lens,
+            shared.starts if shared is not None else batch.seq_lens, mid_o, mid_lse, out,
             self.scale * _LOG2E,
             q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
             k_scale.stride(0) if fp8 else 0,
@@ -382,14 +419,16 @@ class TritonAttentionBackend:
             mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
             GROUP=group, HEAD_DIM=dim, BLOCK_H=max(16, _next_pow2(group)), BLOCK_D=block_d,
             BLOCK_N=block_n, MAX_SPLITS=splits, MIN_SPLIT=MIN_SPLIT_TOKENS,
-            DOT_PRECISION=_dot_precision(q.dtype), FP8=fp8, num_warps=warps, num_stages=stages)
-        if splits > 1:
+            DOT_PRECISION=_dot_precision(q.dtype), FP8=fp8, HAS_START=shared is not None,
+            DIRECT=splits == 1 and shared is None, num_warps=warps, num_stages=stages)
+        if splits > 1 or shared is not None:
             _decode_merge_kernel[(b, heads)](
                 mid_o, mid_lse, batch.seq_lens, out,
                 mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
                 out.stride(0), out.stride(1),
-                HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=_next_pow2(splits), BLOCK_N=block_n,
-                MAX_SPLITS=splits, MIN_SPLIT=MIN_SPLIT_TOKENS, num_warps=1 if block_d <= 64 else 2)
+                HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=_next_pow2(total), BLOCK_N=block_n,
+                MAX_SPLITS=splits, MIN_SPLIT=MIN_SPLIT_TOKENS, TOTAL_SLOTS=total if shared is not None else 0,
+                num_warps=1 if block_d <= 64 else 2)
 
     def _extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor,
                 v_buf: torch.Tensor, scales: tuple, out: torch.Tensor, batch: ForwardBatch) -> None:
