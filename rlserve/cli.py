@@ -64,8 +64,8 @@ def add_engine_args(parser: argparse.ArgumentParser, default_model_help: str = "
     g.add_argument("--disable-overlap-schedule", action="store_true",
                    help="don't overlap host work with the device's decode step")
     g.add_argument("--disable-compile", action="store_true", help="don't fuse elementwise ops with torch.compile")
-    g.add_argument("--disable-cascade-attention", action="store_true",
-                   help="decode reads a prefix shared by several requests once per request, not once")
+    g.add_argument("--enable-cascade-attention", action="store_true",
+                   help="decode reads a prefix shared by several requests once per step (experimental)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"],
                    help="auto (the model's dtype) | fp8_e4m3 (scaled per token and head; half the KV bytes)")
 
@@ -84,8 +84,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["overlap_schedule"] = False
     if args.disable_compile:
         kwargs["compile"] = False
-    if args.disable_cascade_attention:
-        kwargs["cascade_attention"] = False
+    if args.enable_cascade_attention:
+        kwargs["cascade_attention"] = True
     optional = {"max_model_len": args.max_model_len, "chunked_prefill_size": args.chunked_prefill_size,
                 "max_running_requests": args.max_running_requests,
                 "max_total_tokens": args.max_total_tokens, "kv_cache_bytes": args.kv_cache_bytes,

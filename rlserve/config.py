@@ -118,7 +118,9 @@ class EngineConfig:
     overlap_schedule: bool | str = "auto"   # "auto": overlap host work with the device on CUDA
     tokenizer: str | None = None
     kv_cache_dtype: str = "auto"            # "auto" (the model's dtype) | "fp8_e4m3" (scaled, half the bytes)
-    cascade_attention: bool = True          # read a prefix shared by decode requests once (triton + radix)
+    # Read a prefix shared by decode requests once per step (triton + radix cache). Off by default: its
+    # first H100 measurement was slower than plain decode (docs/benchmarks.md, "Serving").
+    cascade_attention: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -131,7 +133,7 @@ def engine_config(model: str | None = None, *, load_format: str = "auto", dtype:
                   max_running_requests: int = 256, chunked_prefill_size: int | None = None,
                   schedule_policy: str = "fcfs", cuda_graph: bool = True, cuda_graph_max_bs: int = 256,
                   overlap_schedule: bool | str = "auto", compile: bool | str = "auto",
-                  kv_cache_dtype: str = "auto", cascade_attention: bool = True) -> EngineConfig:
+                  kv_cache_dtype: str = "auto", cascade_attention: bool = False) -> EngineConfig:
     """The layered EngineConfig from flat keyword arguments (what LLM(...) and the CLI flags take)."""
     cache = CacheConfig(enable_radix_cache=enable_radix_cache, gpu_memory_fraction=gpu_memory_fraction,
                         max_total_tokens=max_total_tokens)

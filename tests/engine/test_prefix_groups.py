@@ -59,3 +59,23 @@ def test_no_groups_without_sharing_or_cache():
     for r in reqs:
         r.last_node = None      # what a request looks like with the prefix cache off
     assert find_prefix_groups(reqs, max_members=8) is None
+
+
+def test_cascade_flag_reaches_the_engine_and_is_inert_without_triton():
+    import argparse
+
+    from rlserve import LLM, SamplingParams
+    from rlserve.cli import add_engine_args, engine_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert "cascade_attention" not in engine_kwargs(parser.parse_args(["--device", "cpu"]))
+    kwargs = engine_kwargs(parser.parse_args(["--device", "cpu", "--enable-cascade-attention"]))
+    assert kwargs["cascade_attention"] is True
+    # The torch backend has no shared-prefix kernel: the engine runs plain decode.
+    llm = LLM("tiny-qwen3", load_format="dummy", device="cpu", cascade_attention=True, max_total_tokens=2048)
+    assert llm.engine.runner.cascade_max_members == 0
+    out = llm.generate([[5] * 300 + [i] for i in range(3)], SamplingParams(max_tokens=4, ignore_eos=True),
+                       use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 4 for o in out)
+    assert llm.engine.runner.cascade_steps == 0

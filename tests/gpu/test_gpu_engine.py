@@ -147,12 +147,12 @@ def test_cascade_attention_keeps_greedy_tokens():
     rng = random.Random(7)
     docs = [[rng.randint(0, 10000) for _ in range(600)] for _ in range(4)]
     ps = [d + [rng.randint(0, 10000) for _ in range(rng.randint(5, 40))] for d in docs for _ in range(8)]
-    on = LLM("qwen3-0.6b", dtype="float32", max_total_tokens=60000)
+    on = LLM("qwen3-0.6b", dtype="float32", max_total_tokens=60000, cascade_attention=True)
     got = greedy_tokens(on, ps, max_tokens=32)
     assert on.engine.runner.cascade_steps > 0
     assert on.engine.kv_leaked() == 0
     del on
     torch.cuda.empty_cache()
-    off = LLM("qwen3-0.6b", dtype="float32", max_total_tokens=60000, cascade_attention=False)
+    off = LLM("qwen3-0.6b", dtype="float32", max_total_tokens=60000)
     assert got == greedy_tokens(off, ps, max_tokens=32)
     assert off.engine.runner.cascade_steps == 0
