@@ -102,6 +102,14 @@ class Roofline:
     peak_flops: float
 
 
+def step_roofline_s(weight_bytes: float, context_tokens: int, kv_bytes_per_token: int, batch: int,
+                    streamed_params: int, hbm_bytes_per_s: float, peak_flops: float = float("inf")) -> float:
+    """The least time of one decode step: the larger of streaming every weight once plus the KV of
+    every live context token, and 2 × params FLOPs per active request at peak."""
+    memory_s = (weight_bytes + context_tokens * kv_bytes_per_token) / hbm_bytes_per_s
+    return max(memory_s, 2 * streamed_params * batch / peak_flops)
+
+
 def decode_roofline(model_config: ModelConfig, dtype_bytes: int, kv_bytes_per_token: int,
                     workload: Workload, hbm_bytes_per_s: float, peak_flops: float,
                     max_running: int | None = None) -> Roofline:
@@ -127,9 +135,8 @@ def decode_roofline(model_config: ModelConfig, dtype_bytes: int, kv_bytes_per_to
         while waiting and len(active) < cap:
             active[waiting.pop()] = 0
         context = sum(prompt_lens[r] + done + 1 for r, done in active.items())
-        memory_s = (weight_bytes + context * kv_bytes_per_token) / hbm_bytes_per_s
-        compute_s = 2 * streamed * len(active) / peak_flops
-        decode_s += max(memory_s, compute_s)
+        decode_s += step_roofline_s(weight_bytes, context, kv_bytes_per_token, len(active), streamed,
+                                    hbm_bytes_per_s, peak_flops)
         steps += 1
         for r in list(active):
             active[r] += 1

@@ -5,8 +5,9 @@
 Drives the engine over `bench offline`'s workload one `Engine.step()` at a time and records each step's
 wall time (no device syncs: with overlapped scheduling a step's wall time is the pipeline's pace), its
 kind and its batch size. Decode steps are grouped by batch size; each group is printed with its
-measured time and its roofline time (weights + live KV over the card's bandwidth), so the gap to the
-roofline can be pinned on a phase: prefill, large batches, or the small-batch tail.
+measured time and its roofline time (`offline.step_roofline_s`, the step cost the offline roofline
+sums), so the gap to the roofline can be pinned on a phase: prefill, large batches, or the small-batch
+tail.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlserve.bench.offline import count_params, device_peaks, make_workload
+from rlserve.bench.offline import count_params, device_peaks, make_workload, step_roofline_s
 from rlserve.engine.cache import KVPool
 from rlserve.llm import LLM
 from rlserve.sampling import SamplingParams
@@ -57,10 +58,10 @@ def run(llm: LLM, num_prompts: int) -> tuple[list[StepRecord], float]:
 def summarise(llm: LLM, records: list[StepRecord], total_s: float) -> str:
     cfg = llm.engine.model_config
     dtype = llm.engine.dtype
-    weight_bytes = count_params(cfg)[1] * torch.empty((), dtype=dtype).element_size()
+    streamed = count_params(cfg)[1]
+    weight_bytes = streamed * torch.empty((), dtype=dtype).element_size()
     kv_bytes = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
-    peaks = device_peaks(llm.engine.device)
-    bw = peaks[0] if peaks else float("nan")
+    bw, flops = device_peaks(llm.engine.device) or (float("nan"), float("nan"))
     lines = [f"total {total_s:.2f} s, {len(records)} steps"]
     pre = [r for r in records if not r.decode]
     lines.append(f"prefill/mixed steps: {len(pre)}, {sum(r.seconds for r in pre):.2f} s")
@@ -70,7 +71,8 @@ def summarise(llm: LLM, records: list[StepRecord], total_s: float) -> str:
         if not rs:
             continue
         sec = sum(r.seconds for r in rs)
-        roof = sum((weight_bytes + r.context_tokens * kv_bytes) / bw for r in rs)
+        roof = sum(step_roofline_s(weight_bytes, r.context_tokens, kv_bytes, r.batch, streamed, bw, flops)
+                   for r in rs)
         lines.append(f"{lo:>4}-{hi:<4} {len(rs):>6} {sec:>8.2f} {sec / len(rs) * 1e3:>8.2f} "
                      f"{roof / len(rs) * 1e3:>12.2f} {roof / sec:>9.1%}")
     return "\n".join(lines)

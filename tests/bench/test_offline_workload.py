@@ -76,3 +76,11 @@ def test_roofline_toy_compute_bound():
     assert r.decode_s == pytest.approx(3.0)
     assert r.prefill_s == pytest.approx(8.0)
     assert r.min_time_s == pytest.approx(11.0)
+
+
+def test_step_roofline_is_the_slower_of_memory_and_compute():
+    from rlserve.bench.offline import step_roofline_s
+    # 1 GB of weights + 1,000 tokens × 1 MB of KV over 1 TB/s = 2 ms; compute 2 × 1e9 × 8 / 1e15 = 16 µs.
+    assert step_roofline_s(1e9, 1000, 10**6, 8, 10**9, 1e12, 1e15) == pytest.approx(2e-3)
+    # A huge batch on a slow chip turns compute-bound.
+    assert step_roofline_s(1e9, 1000, 10**6, 10**6, 10**9, 1e12, 1e15) == pytest.approx(2.0)
