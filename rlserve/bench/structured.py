@@ -4,6 +4,7 @@ constrained twin produced, ignoring EOS). `python -m rlserve.bench.structured [-
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 from rlserve import LLM, SamplingParams
@@ -49,12 +50,18 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--load-format", default="auto", help="dummy: random weights at the model's architecture")
     ap.add_argument("--schema", choices=[*SCHEMAS, "all"], default="all")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (medians are reported)")
     a = ap.parse_args()
     llm = LLM(a.model, load_format=a.load_format)
     for name in SCHEMAS if a.schema == "all" else [a.schema]:
-        n, t_plain, t_con = overhead(llm, SCHEMAS[name], a.batch, a.max_tokens)
+        # Each side is a short run, so a few ms of host jitter move it: repeat and take medians.
+        runs = [overhead(llm, SCHEMAS[name], a.batch, a.max_tokens) for _ in range(a.repeats)]
+        n = runs[0][0]
+        t_plain = statistics.median(r[1] for r in runs)
+        t_con = statistics.median(r[2] for r in runs)
         print(f"{name}: {a.batch} requests, {n} output tokens each way; unconstrained {n / t_plain:,.1f} tok/s, "
-              f"json_schema {n / t_con:,.1f} tok/s, overhead {100 * (t_con / t_plain - 1):.1f}%")
+              f"json_schema {n / t_con:,.1f} tok/s, overhead {100 * (t_con / t_plain - 1):.1f}% "
+              f"(medians of {a.repeats})")
 
 
 if __name__ == "__main__":
