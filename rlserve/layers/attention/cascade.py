@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from rlserve.layers.attention.base import SharedPrefixes
-from rlserve.layers.attention.triton_backend import _dot_precision, _jit, _next_pow2, tl
+from rlserve.layers.attention.triton_backend import _attend_span, _dot_precision, _jit, _next_pow2, tl
 
 
 @_jit
@@ -51,30 +51,9 @@ def _shared_prefix_kernel(Q, K_buf, V_buf, K_scale, V_scale, ReqToToken, Members
                 mask=valid[:, None] & mask_d[None, :], other=0.0)
     row = tl.load(Rows + g).to(tl.int64)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        slots = tl.load(ReqToToken + row * stride_req + offs_n, mask=mask_n, other=0).to(tl.int64)
-        k = tl.load(K_buf + slots[:, None] * stride_kbt + kvh * stride_kbh + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)          # [N, D]
-        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
-        if FP8:
-            qk = qk * tl.load(K_scale + slots * stride_st + kvh, mask=mask_n, other=0.0)[None, :]
-        qk = tl.where(mask_n[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V_buf + slots[:, None] * stride_vbt + kvh * stride_vbh + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        pv = p
-        if FP8:
-            pv = p * tl.load(V_scale + slots * stride_st + kvh, mask=mask_n, other=0.0)[None, :]
-        acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-        m_i = m_new
+    m_i, l_i, acc = _attend_span(q, K_buf, V_buf, K_scale, V_scale, ReqToToken, row, start, end, kvh, qk_scale,
+                                 stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_st, stride_req,
+                                 BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, FP8)
 
     out = acc / l_i[:, None]
     slot = FIRST_SLOT + split

@@ -107,6 +107,43 @@ def _split_plan(seq_len, MAX_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOC
 
 
 @_jit
+def _attend_span(q, K_buf, V_buf, K_scale, V_scale, ReqToToken, row, start, end, kvh, qk_scale,
+                 stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_st, stride_req,
+                 ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
+    """Online softmax of q's ROWS query rows over positions [start, end) of table row `row`, kv head
+    kvh. Returns (running max, running sum, unnormalised output), all float32, base-2 exponents."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        slots = tl.load(ReqToToken + row * stride_req + offs_n, mask=mask_n, other=0).to(tl.int64)
+        # Rows of K are contiguous in the pool: load [N, D] (coalesced) and transpose in registers.
+        k = tl.load(K_buf + slots[:, None] * stride_kbt + kvh * stride_kbh + offs_d[None, :],
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)          # [N, D]
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
+        if FP8:   # dequantise after the dot: a per-token scale multiplies a column of qk
+            qk = qk * tl.load(K_scale + slots * stride_st + kvh, mask=mask_n, other=0.0)[None, :]
+        qk = tl.where(mask_n[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V_buf + slots[:, None] * stride_vbt + kvh * stride_vbh + offs_d[None, :],
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)          # [N, D]
+        pv = p
+        if FP8:   # p·(s ⊙ v) = (p ⊙ s)·v: fold V's per-token scales into the weights
+            pv = p * tl.load(V_scale + slots * stride_st + kvh, mask=mask_n, other=0.0)[None, :]
+        acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@_jit
 def _decode_split_kernel(Q, K_buf, V_buf, K_scale, V_scale, ReqToToken, ReqRows, SeqLens, Starts, MidO, MidLse,
                          O, qk_scale,
                          stride_qb, stride_qh, stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_st,
@@ -138,31 +175,9 @@ def _decode_split_kernel(Q, K_buf, V_buf, K_scale, V_scale, ReqToToken, ReqRows,
                 mask=mask_h[:, None] & mask_d[None, :], other=0.0)
     row = tl.load(ReqRows + b).to(tl.int64)
 
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        slots = tl.load(ReqToToken + row * stride_req + offs_n, mask=mask_n, other=0).to(tl.int64)
-        # Rows of K are contiguous in the pool: load [N, D] (coalesced) and transpose in registers.
-        k = tl.load(K_buf + slots[:, None] * stride_kbt + kvh * stride_kbh + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)          # [N, D]
-        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
-        if FP8:   # dequantise after the dot: a per-token scale multiplies a column of qk
-            qk = qk * tl.load(K_scale + slots * stride_st + kvh, mask=mask_n, other=0.0)[None, :]
-        qk = tl.where(mask_n[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V_buf + slots[:, None] * stride_vbt + kvh * stride_vbh + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)          # [N, D]
-        pv = p
-        if FP8:   # p·(s ⊙ v) = (p ⊙ s)·v: fold V's per-token scales into the weights
-            pv = p * tl.load(V_scale + slots * stride_st + kvh, mask=mask_n, other=0.0)[None, :]
-        acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-        m_i = m_new
+    m_i, l_i, acc = _attend_span(q, K_buf, V_buf, K_scale, V_scale, ReqToToken, row, start, end, kvh, qk_scale,
+                                 stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_st, stride_req,
+                                 BLOCK_H, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, FP8)
 
     out = acc / l_i[:, None]
     mask_out = mask_h[:, None] & mask_d[None, :]
