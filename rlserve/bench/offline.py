@@ -230,7 +230,7 @@ class OfflineResult:
 
 
 # ---- the runs ----
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     import torch
 
     if device.type == "cuda":
@@ -252,10 +252,10 @@ def run_rlserve(llm: Any, workload: Workload, warmup: bool = False, use_tqdm: bo
     if warmup:
         w = _warmup_workload(10000)
         llm.generate(w.prompt_token_ids, params(w), use_tqdm=False)
-    _sync(llm.engine.device)
+    sync_device(llm.engine.device)
     start = time.perf_counter()
     outputs = llm.generate(workload.prompt_token_ids, params(workload), use_tqdm=use_tqdm)
-    _sync(llm.engine.device)
+    sync_device(llm.engine.device)
     elapsed = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     notes = "" if generated == workload.output_tokens else (
@@ -297,7 +297,7 @@ def run_hf(hf_model: Any, workload: Workload, batch_size: int, device: torch.dev
     if warmup:
         w = _warmup_workload(10000)
         run_batch(w.prompt_token_ids, max(w.max_tokens))
-    _sync(device)
+    sync_device(device)
     start = time.perf_counter()
     decoded = 0
     for i in range(0, workload.num_requests, batch_size):
@@ -305,7 +305,7 @@ def run_hf(hf_model: Any, workload: Workload, batch_size: int, device: torch.dev
         new_tokens = max(workload.max_tokens[i:i + batch_size])
         run_batch(prompts, new_tokens)
         decoded += new_tokens * len(prompts)
-    _sync(device)
+    sync_device(device)
     elapsed = time.perf_counter() - start
     return BackendResult("transformers", elapsed, workload.num_requests, workload.input_tokens,
                          workload.output_tokens, decoded,

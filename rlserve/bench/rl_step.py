@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
+from rlserve.bench.offline import sync_device
 from rlserve.rl.config import load_config
 from rlserve.rl.prompts import PromptStream
 
@@ -38,11 +39,6 @@ def _random_prompts(n: int, length: int, vocab: int, seed: int) -> list[dict[str
     return [{"prompt": [rng.randrange(vocab) for _ in range(length)]} for _ in range(n)]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_weight_sync(engine: Any, repeats: int = 5) -> dict[str, float]:
     """Median ms of the colocated sync (flush) and of update_weights from a same-device copy."""
     device = next(engine.model.parameters()).device
@@ -50,14 +46,14 @@ def measure_weight_sync(engine: Any, repeats: int = 5) -> dict[str, float]:
     gigabytes = sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 1e9
     flush, copy_ms = [], []
     for _ in range(repeats):
-        _sync(device)
+        sync_device(device)
         start = time.perf_counter()
         engine.flush_cache()
         flush.append((time.perf_counter() - start) * 1e3)
         start = time.perf_counter()
         with torch.no_grad():
             engine.update_weights(source)
-        _sync(device)
+        sync_device(device)
         copy_ms.append((time.perf_counter() - start) * 1e3)
     del source
     return {"weights_gb": gigabytes, "colocated_sync_ms": statistics.median(flush),
