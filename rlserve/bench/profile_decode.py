@@ -11,6 +11,14 @@ import torch
 from rlserve import LLM, SamplingParams
 
 
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen3-0.6b")
@@ -29,8 +37,18 @@ def main() -> None:
     for _ in range(a.batch):
         e.add_request([rng.randint(0, 10000) for _ in range(a.context)],
                       SamplingParams(temperature=0.6, max_tokens=10_000, ignore_eos=True))
-    while e.scheduler.waiting or e.scheduler.chunked:
-        e.step()
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    prefill_steps = 0
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if a.trace else _null() as prof:
+        while e.scheduler.waiting or e.scheduler.chunked:
+            e.step()
+            prefill_steps += 1
+        torch.cuda.synchronize()
+    print(f"prefill of {a.batch} x {a.context} tokens: {prefill_steps} steps, {time.perf_counter() - t:.3f} s")
+    if a.trace:
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
     for _ in range(5):
         e.step()
     torch.cuda.synchronize()
@@ -42,7 +60,6 @@ def main() -> None:
     print(f"batch {a.batch}, context ~{a.context}: {per_step * 1e3:.2f} ms/step, "
           f"{a.batch / per_step:,.0f} tok/s (graph={not a.no_cuda_graph}, overlap={not a.no_overlap}, compile={not a.no_compile})")
     if a.trace:
-        from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
                 e.step()
