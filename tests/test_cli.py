@@ -62,3 +62,16 @@ def test_bench_offline_both_backends(tmp_path):
     record = json.loads(out.read_text())
     assert record["rlserve"]["output_tok_per_s"] > 0 and record["hf"]["output_tok_per_s"] > 0
     assert record["kv_leaked"] == 0
+
+
+def test_bench_offline_warmup_and_repeats(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    proc = rlserve("bench", "offline", "--num-prompts", "3", "--max-input", "24", "--max-output", "6",
+                   "--model", "tiny-llama", "--no-tqdm", "--warmup", "--repeat", "2", "--json-out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(out.read_text())
+    runs = [float(t.removesuffix(" s")) for t in record["rlserve"]["notes"].split("runs: ")[1]
+            .removesuffix(" (median shown)").split(", ")]
+    assert len(runs) == 2
+    assert abs(record["rlserve"]["elapsed_s"] - sum(runs) / 2) < 0.011     # the median of two
+    assert record["kv_leaked"] == 0

@@ -15,6 +15,7 @@ import argparse
 import gc
 import json
 import random
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -243,24 +244,42 @@ def _warmup_workload(vocab_limit: int) -> Workload:
                          max_token_id=vocab_limit)
 
 
-def run_rlserve(llm: Any, workload: Workload, warmup: bool = False, use_tqdm: bool = True) -> BackendResult:
+def _engine_warmup_workload(workload: Workload, vocab_limit: int) -> Workload:
+    """Prompts as long as the timed ones (so prefill runs full chunks and chunk continuations) but only a
+    few output tokens: the kernels and compiled regions a run needs get built before the clock starts.
+    Decode batch sizes need no warm-up: CUDA graphs are captured when the engine starts."""
+    lengths = [len(p) for p in workload.prompt_token_ids]
+    return make_workload(num_prompts=min(32, workload.num_requests), min_input=min(lengths),
+                         max_input=max(lengths), min_output=8, max_output=8, seed=12345,
+                         max_token_id=vocab_limit)
+
+
+def run_rlserve(llm: Any, workload: Workload, warmup: bool = False, use_tqdm: bool = True,
+                repeat: int = 1) -> BackendResult:
+    """Time the workload `repeat` times (the prefix cache flushed before each) and report the median."""
     from rlserve.sampling import SamplingParams
 
     def params(w: Workload) -> list[SamplingParams]:
         return [SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=m) for m in w.max_tokens]
 
     if warmup:
-        w = _warmup_workload(10000)
+        vocab = min(10000, max(max(p) for p in workload.prompt_token_ids))
+        w = _engine_warmup_workload(workload, vocab)
         llm.generate(w.prompt_token_ids, params(w), use_tqdm=False)
-    sync_device(llm.engine.device)
-    start = time.perf_counter()
-    outputs = llm.generate(workload.prompt_token_ids, params(workload), use_tqdm=use_tqdm)
-    sync_device(llm.engine.device)
-    elapsed = time.perf_counter() - start
-    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    times, generated = [], 0
+    for _ in range(max(1, repeat)):
+        llm.engine.flush_cache()         # every timed run starts from an empty prefix cache
+        sync_device(llm.engine.device)
+        start = time.perf_counter()
+        outputs = llm.generate(workload.prompt_token_ids, params(workload), use_tqdm=use_tqdm)
+        sync_device(llm.engine.device)
+        times.append(time.perf_counter() - start)
+        generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     notes = "" if generated == workload.output_tokens else (
         f"generated {generated} of {workload.output_tokens} requested tokens (context-length cap)")
-    return BackendResult("rlserve", elapsed, workload.num_requests, workload.input_tokens,
+    if len(times) > 1:
+        notes = "; ".join(filter(None, [notes, "runs: " + ", ".join(f"{t:.2f} s" for t in times) + " (median shown)"]))
+    return BackendResult("rlserve", statistics.median(times), workload.num_requests, workload.input_tokens,
                          generated, generated, notes)
 
 
@@ -329,7 +348,7 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
 def run_offline(workload: Workload | None = None, backend: str = "rlserve", batch_size: int = 32,
                 warmup: bool = False, engine_kwargs: dict[str, Any] | None = None,
                 hbm_bytes_per_s: float | None = None, peak_flops: float | None = None,
-                use_tqdm: bool = True) -> OfflineResult:
+                use_tqdm: bool = True, repeat: int = 1) -> OfflineResult:
     """Run the workload on rlserve and/or transformers (one after the other, same process)."""
     import torch
 
@@ -358,7 +377,7 @@ def run_offline(workload: Workload | None = None, backend: str = "rlserve", batc
         from rlserve.llm import LLM
 
         llm = LLM(**kwargs)
-        result.rlserve = run_rlserve(llm, workload, warmup, use_tqdm)
+        result.rlserve = run_rlserve(llm, workload, warmup, use_tqdm, repeat)
         result.kv_leaked = llm.engine.kv_leaked()
         del llm      # frees the KV pool before transformers needs the memory
         gc.collect()
@@ -398,7 +417,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b = parser.add_argument_group("benchmark")
     b.add_argument("--backend", choices=("rlserve", "hf", "both"), default="rlserve")
     b.add_argument("--batch-size", type=int, default=32, help="transformers' static batch size (default 32)")
-    b.add_argument("--warmup", action="store_true", help="run a few small requests before timing")
+    b.add_argument("--warmup", action="store_true",
+                   help="before timing, run 32 prompts as long as the workload's with 8 output tokens each")
+    b.add_argument("--repeat", type=int, default=1,
+                   help="time rlserve's run this many times (prefix cache flushed before each); report the median")
     b.add_argument("--json-out", metavar="FILE", help="append the result as one JSON line")
     b.add_argument("--hbm-gbps", type=float, default=None,
                    help="memory bandwidth in GB/s for the roofline (default: known GPUs only)")
@@ -449,7 +471,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     result = run_offline(workload, args.backend, args.batch_size, args.warmup, engine_kwargs(args),
                          hbm_bytes_per_s=args.hbm_gbps * 1e9 if args.hbm_gbps else None,
                          peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None,
-                         use_tqdm=not args.no_tqdm)
+                         use_tqdm=not args.no_tqdm, repeat=args.repeat)
     print(report(result))
     if args.json_out:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

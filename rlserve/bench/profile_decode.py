@@ -36,7 +36,7 @@ def main() -> None:
     rng = random.Random(0)
     for _ in range(a.batch):
         e.add_request([rng.randint(0, 10000) for _ in range(a.context)],
-                      SamplingParams(temperature=0.6, max_tokens=10_000, ignore_eos=True))
+                      SamplingParams(temperature=0.6, max_tokens=a.steps + 30, ignore_eos=True))
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -49,6 +49,7 @@ def main() -> None:
     print(f"prefill of {a.batch} x {a.context} tokens: {prefill_steps} steps, {time.perf_counter() - t:.3f} s")
     if a.trace:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
     for _ in range(5):
         e.step()
     torch.cuda.synchronize()

@@ -134,7 +134,9 @@ class Engine:
         else:
             from rlserve.models.loader import iter_safetensors
             model.load_weights(iter_safetensors(source.model_dir))
-        return model.to(dtype).eval()
+        model = model.to(dtype).eval()
+        model.stack_projections()
+        return model
 
     def _kv_budget_tokens(self, cfg: ModelConfig, dtype: torch.dtype) -> int:
         per_token = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
@@ -499,6 +501,7 @@ class Engine:
                 p.data = host.to(self.device, non_blocking=True)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)   # the pinned copies must land before they're freed
+            self.model.stack_projections()            # the copies above gave each weight its own storage
             state.host_weights = []
             state.tags.discard("weights")
         if "kv_cache" in tags & state.tags:

@@ -3,7 +3,8 @@
 argmax_i(logits_i / T + G_i) with G_i = -log(-log U_i), U_i uniform, picks token i with probability
 softmax(logits / T)_i — no softmax, no normalisation, no sort. The Triton kernel reads each row of
 logits once (bf16 straight from the LM head), draws its uniforms in registers from a per-call seed
-and keeps a running argmax, so sampling a batch is one launch that reads B × V × 2 bytes.
+and keeps a running argmax; rows are cut into chunks (more for small batches, so the GPU stays full)
+whose winners a second tiny launch reduces. Sampling a batch reads B × V × 2 bytes once.
 A row with T = 0 takes the plain argmax (greedy rows can share the launch).
 """
 from __future__ import annotations
@@ -23,31 +24,79 @@ def _jit(fn):
     return triton.jit(fn) if HAS_TRITON else fn
 
 
+def _jit_seeded(fn):
+    # A fresh seed per call: without this Triton would compile a second variant for seeds that
+    # happen to be multiples of 16.
+    return triton.jit(do_not_specialize=["seed"])(fn) if HAS_TRITON else fn
+
+
 @_jit
-def _gumbel_argmax_kernel(Logits, Temps, Out, seed, stride_row, vocab, BLOCK: tl.constexpr):
+def _gumbel_update(Row, offs, hi, u, greedy, inv_t, best, best_idx):
+    mask = offs < hi
+    x = tl.load(Row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    # u = 0 gives -inf noise (never chosen); u < 1 always, so the noise stays finite above.
+    noise = -tl.log(-tl.log(u))
+    score = tl.where(greedy, x, x * inv_t + noise)
+    score = tl.where(mask, score, float("-inf"))
+    better = score > best     # strict, and offsets grow: the lowest index wins a tie within a lane
+    return tl.where(better, score, best), tl.where(better, offs, best_idx)
+
+
+@_jit_seeded
+def _gumbel_chunk_kernel(Logits, Temps, BestScore, BestIdx, seed, stride_row, vocab, chunk,
+                         QUARTER: tl.constexpr):
+    """Best Gumbel score of one chunk of one row. Each Philox call yields four uniforms, used for four
+    quarter-blocks of the chunk: a quarter of the random-number work of one call per element."""
     row = tl.program_id(0)
+    part = tl.program_id(1)
     temp = tl.load(Temps + row)
     greedy = temp <= 0.0
     inv_t = 1.0 / tl.where(greedy, 1.0, temp)
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK], tl.int32)
+    best = tl.full([QUARTER], float("-inf"), tl.float32)
+    best_idx = tl.zeros([QUARTER], tl.int32)
     base = row.to(tl.int64) * stride_row
-    for start in range(0, vocab, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < vocab
-        x = tl.load(Logits + base + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        u = tl.rand(seed, row * vocab + offs)
-        # u = 0 gives -inf noise (never chosen); u < 1 always, so the noise stays finite above.
-        noise = -tl.log(-tl.log(u))
-        score = tl.where(greedy, x, x * inv_t + noise)
-        score = tl.where(mask, score, float("-inf"))
-        better = score > best
-        best = tl.where(better, score, best)
-        best_idx = tl.where(better, offs, best_idx)
+    lo = part * chunk
+    hi = tl.minimum(lo + chunk, vocab)
+    # Philox counters: one per group of four elements, unique over (row, position).
+    counter0 = row * ((vocab + 4 * QUARTER - 1) // (4 * QUARTER) * QUARTER)
+    offs_q = tl.arange(0, QUARTER)
+    for start in range(lo, hi, 4 * QUARTER):
+        u0, u1, u2, u3 = tl.rand4x(seed, counter0 + start // 4 + offs_q)
+        best, best_idx = _gumbel_update(Logits + base, start + offs_q, hi, u0, greedy, inv_t, best, best_idx)
+        best, best_idx = _gumbel_update(Logits + base, start + QUARTER + offs_q, hi, u1, greedy, inv_t,
+                                        best, best_idx)
+        best, best_idx = _gumbel_update(Logits + base, start + 2 * QUARTER + offs_q, hi, u2, greedy, inv_t,
+                                        best, best_idx)
+        best, best_idx = _gumbel_update(Logits + base, start + 3 * QUARTER + offs_q, hi, u3, greedy, inv_t,
+                                        best, best_idx)
     top = tl.max(best, 0)
-    # Ties (greedy rows) resolve to the lowest index, as torch.argmax does.
     idx = tl.min(tl.where(best == top, best_idx, vocab), 0)
-    tl.store(Out + row, idx.to(tl.int64))
+    tl.store(BestScore + row * tl.num_programs(1) + part, top)
+    tl.store(BestIdx + row * tl.num_programs(1) + part, idx)
+
+
+@_jit
+def _gumbel_reduce_kernel(BestScore, BestIdx, Out, vocab, PARTS: tl.constexpr, BLOCK_P: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_P)
+    mask = offs < PARTS
+    score = tl.load(BestScore + row * PARTS + offs, mask=mask, other=float("-inf"))
+    idx = tl.load(BestIdx + row * PARTS + offs, mask=mask, other=vocab)
+    top = tl.max(score, 0)
+    # Ties (greedy rows) resolve to the lowest index, as torch.argmax does.
+    tl.store(Out + row, tl.min(tl.where(score == top, idx, vocab), 0).to(tl.int64))
+
+
+QUARTER = 512                 # elements per quarter-block: 2,048 per Philox round over a program
+TARGET_PROGRAMS = 1024        # enough programs for several waves over an H100's 132 SMs
+
+
+def gumbel_parts(batch: int, vocab: int) -> int:
+    """Chunks per row: small batches split the vocabulary more, so that every batch fills the GPU."""
+    per_block = 4 * QUARTER
+    blocks = -(-vocab // per_block)
+    want = -(-TARGET_PROGRAMS // max(batch, 1))
+    return max(1, min(blocks, 64, 1 << (want - 1).bit_length()))
 
 
 def gumbel_argmax(logits: torch.Tensor, temps: torch.Tensor, seed: int) -> torch.Tensor:
@@ -58,8 +107,16 @@ def gumbel_argmax(logits: torch.Tensor, temps: torch.Tensor, seed: int) -> torch
     if b:
         if logits.stride(-1) != 1:
             logits = logits.contiguous()
-        _gumbel_argmax_kernel[(b,)](logits, temps, out, seed, logits.stride(0), vocab,
-                                    BLOCK=2048, num_warps=8)
+        parts = gumbel_parts(b, vocab)
+        per_block = 4 * QUARTER
+        chunk = -(-(-(-vocab // parts)) // per_block) * per_block      # a whole number of blocks
+        parts = -(-vocab // chunk)
+        score = torch.empty(b, parts, dtype=torch.float32, device=logits.device)
+        idx = torch.empty(b, parts, dtype=torch.int32, device=logits.device)
+        _gumbel_chunk_kernel[(b, parts)](logits, temps, score, idx, seed, logits.stride(0), vocab, chunk,
+                                         QUARTER=QUARTER, num_warps=4)
+        _gumbel_reduce_kernel[(b,)](score, idx, out, vocab, PARTS=parts,
+                                    BLOCK_P=max(2, 1 << (parts - 1).bit_length()), num_warps=1)
     return out
 
 

@@ -16,6 +16,7 @@ from rlserve.layers.attention.torch_backend import causal_attention
 from rlserve.layers.fused import Kernels
 from rlserve.layers.norm import RMSNorm
 from rlserve.layers.rotary import RotaryEmbedding
+from rlserve.layers.stacked_linear import StackedLinear
 
 
 class Attention(nn.Module):
@@ -33,14 +34,19 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
+        self.stacked: StackedLinear | None = None      # set by LlamaForCausalLM.stack_projections
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 backend: AttentionBackend | None, batch: ForwardBatch | None,
                 cu_seqlens: list[int] | None) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.stacked is not None and not torch.is_grad_enabled() and self.stacked.intact():
+            q, k, v = self.stacked(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)
@@ -57,9 +63,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.stacked: StackedLinear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(Kernels.silu_mul(self.gate_proj(x), self.up_proj(x)))
+        if self.stacked is not None and not torch.is_grad_enabled() and self.stacked.intact():
+            gate, up = self.stacked(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(Kernels.silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -104,6 +115,14 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, positions, self.rotary, self.attn_backend, batch, cu_seqlens)
         return self.model.norm(x)
+
+    def stack_projections(self) -> None:
+        """Run q/k/v and gate/up as one GEMM each at inference (see layers/stacked_linear.py). Call it
+        once the weights sit on their final device and dtype."""
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.stacked = StackedLinear([attn.q_proj, attn.k_proj, attn.v_proj])
+            mlp.stacked = StackedLinear([mlp.gate_proj, mlp.up_proj])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

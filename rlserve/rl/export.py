@@ -53,8 +53,9 @@ def _state_dict(model: torch.nn.Module, dtype: torch.dtype | None) -> dict[str, 
     under the embedding's name, which is what tied HF checkpoints hold."""
     state = {}
     for name, p in model.named_parameters():
-        t = p.detach().to(device="cpu", dtype=dtype or p.dtype)
-        state[name] = t.contiguous()
+        # copy=True: inference stacks q/k/v (and gate/up) into one storage, and a checkpoint writer
+        # refuses tensors that share one.
+        state[name] = p.detach().to(device="cpu", dtype=dtype or p.dtype, copy=True).contiguous()
     return state
 
 

@@ -120,3 +120,22 @@ def test_engine_fp8_kv_runs_and_frees_everything():
     assert all(len(o.outputs[0].token_ids) == 40 for o in outs)
     assert llm.engine.kv_leaked() == 0
     assert torch.isfinite(llm.engine.kv_pool.k_scales[0]).all()
+
+
+def test_gumbel_kernel_small_batch_splits_the_vocabulary_without_bias():
+    # Batch 2 cuts each row into many chunks; two equal winners in far-apart chunks must each be
+    # drawn about half the time, and a greedy row must still find the one maximum in its last chunk.
+    from rlserve.layers.gumbel import gumbel_argmax, gumbel_parts
+    vocab = 151_936
+    assert gumbel_parts(2, vocab) > 8
+    draws = []
+    for seed in range(400):
+        logits = torch.full((2, vocab), -30.0, device="cuda")
+        logits[0, [5, vocab - 3]] = 1.0
+        logits[1, vocab - 1] = 0.5
+        ids = gumbel_argmax(logits, torch.tensor([1.0, 0.0], device="cuda"), seed)
+        assert ids[1].item() == vocab - 1
+        draws.append(ids[0].item())
+    late = sum(d == vocab - 3 for d in draws) / len(draws)
+    assert set(draws) <= {5, vocab - 3}
+    assert 0.4 < late < 0.6, late
