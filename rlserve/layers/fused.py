@@ -21,6 +21,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(dtype)
 
 
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next norm in one pass: (rms_norm(x + delta), x + delta)."""
+    summed = x + delta
+    return rms_norm(summed, weight, eps), summed
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
@@ -32,6 +39,12 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
         return torch.cat((-x2, x1), dim=-1)
     cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
     return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+
+def qk_norm_rotary(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                   cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3's per-head q/k RMSNorm followed by rotary, one pass over q and k."""
+    return apply_rotary(rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), cos, sin)
 
 
 class _Fused:
@@ -60,8 +73,10 @@ class _Fused:
 class Kernels:
     """The functions the model calls; `compile()` swaps in fused versions."""
     rms_norm = staticmethod(rms_norm)
+    add_rms_norm = staticmethod(add_rms_norm)
     silu_mul = staticmethod(silu_mul)
     apply_rotary = staticmethod(apply_rotary)
+    qk_norm_rotary = staticmethod(qk_norm_rotary)
     compiled = False
 
     @classmethod
@@ -73,6 +88,8 @@ class Kernels:
         name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
         setattr(dynamo, name, max(getattr(dynamo, name), 64))
         cls.rms_norm = staticmethod(_Fused(rms_norm))
+        cls.add_rms_norm = staticmethod(_Fused(add_rms_norm))
         cls.silu_mul = staticmethod(_Fused(silu_mul))
         cls.apply_rotary = staticmethod(_Fused(apply_rotary))
+        cls.qk_norm_rotary = staticmethod(_Fused(qk_norm_rotary))
         cls.compiled = True

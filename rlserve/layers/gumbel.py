@@ -34,8 +34,9 @@ def _jit_seeded(fn):
 def _gumbel_update(Row, offs, hi, u, greedy, inv_t, best, best_idx):
     mask = offs < hi
     x = tl.load(Row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-    # u = 0 gives -inf noise (never chosen); u < 1 always, so the noise stays finite above.
-    noise = -tl.log(-tl.log(u))
+    # In base 2: log2(e)·(x/T + G) = x·log2(e)/T − log2(−log2 u) + const, the same argmax, and log2
+    # is one hardware instruction where log is several. u = 0 gives −inf (never chosen).
+    noise = -tl.log2(-tl.log2(u))
     score = tl.where(greedy, x, x * inv_t + noise)
     score = tl.where(mask, score, float("-inf"))
     better = score > best     # strict, and offsets grow: the lowest index wins a tie within a lane
@@ -51,7 +52,7 @@ def _gumbel_chunk_kernel(Logits, Temps, BestScore, BestIdx, seed, stride_row, vo
     part = tl.program_id(1)
     temp = tl.load(Temps + row)
     greedy = temp <= 0.0
-    inv_t = 1.0 / tl.where(greedy, 1.0, temp)
+    inv_t = 1.4426950408889634 / tl.where(greedy, 1.0, temp)      # log2(e) / T; unused by greedy rows
     best = tl.full([QUARTER], float("-inf"), tl.float32)
     best_idx = tl.zeros([QUARTER], tl.int32)
     base = row.to(tl.int64) * stride_row

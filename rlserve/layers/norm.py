@@ -15,3 +15,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 and cast back before the weight, as the reference implementation does.
         return Kernels.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + delta), x + delta): a residual add fused into the norm that follows it."""
+        return Kernels.add_rms_norm(x, delta, self.weight, self.eps)

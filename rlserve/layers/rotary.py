@@ -41,4 +41,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, H, D], k: [T, KvH, D]; positions: [T]."""
-        return Kernels.apply_rotary(q, k, self.cos[positions], self.sin[positions])
+        return Kernels.apply_rotary(q, k, *self.cos_sin(positions))
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables' rows for these positions; a forward pass gathers them once for all layers."""
+        return self.cos[positions], self.sin[positions]

@@ -36,7 +36,7 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.stacked: StackedLinear | None = None      # set by LlamaForCausalLM.stack_projections
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 backend: AttentionBackend | None, batch: ForwardBatch | None,
                 cu_seqlens: list[int] | None) -> torch.Tensor:
         t = x.shape[0]
@@ -48,8 +48,9 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
+            q, k = Kernels.qk_norm_rotary(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, *cos_sin)
+        else:
+            q, k = Kernels.apply_rotary(q, k, *cos_sin)
         if batch is None:
             out = causal_attention(q, k, v, self.scale, cu_seqlens or [0, t])
         else:
@@ -81,11 +82,18 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 backend: AttentionBackend | None, batch: ForwardBatch | None,
-                cu_seqlens: list[int] | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, backend, batch, cu_seqlens)
-        return x + self.mlp(self.post_attention_layernorm(x))
+                cu_seqlens: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream; delta: the previous layer's MLP output, not yet added (its add is
+        fused into this layer's first norm). Returns (residual stream, this layer's MLP output)."""
+        if delta is None:
+            h = self.input_layernorm(x)
+        else:
+            h, x = self.input_layernorm.add_forward(x, delta)
+        attn = self.self_attn(h, cos_sin, backend, batch, cu_seqlens)
+        h, x = self.post_attention_layernorm.add_forward(x, attn)
+        return x, self.mlp(h)
 
 
 class LlamaModel(nn.Module):
@@ -112,9 +120,11 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states [T, hidden] for flat tokens. With a batch: inference over the KV pool.
         Without: causal attention over packed sequences delimited by cu_seqlens (training)."""
         x = self.model.embed_tokens(input_ids)
+        cos_sin = self.rotary.cos_sin(positions)
+        delta = None
         for layer in self.model.layers:
-            x = layer(x, positions, self.rotary, self.attn_backend, batch, cu_seqlens)
-        return self.model.norm(x)
+            x, delta = layer(x, delta, cos_sin, self.attn_backend, batch, cu_seqlens)
+        return self.model.norm(x) if delta is None else self.model.norm.add_forward(x, delta)[0]
 
     def stack_projections(self) -> None:
         """Run q/k/v and gate/up as one GEMM each at inference (see layers/stacked_linear.py). Call it
