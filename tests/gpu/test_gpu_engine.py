@@ -150,6 +150,7 @@ def test_cascade_attention_keeps_greedy_tokens():
     on = LLM("qwen3-0.6b", dtype="float32", max_total_tokens=60000, cascade_attention=True)
     got = greedy_tokens(on, ps, max_tokens=32)
     assert on.engine.runner.cascade_steps > 0
+    assert on.engine.runner.graphs.cascade_replays > 0     # cascade steps replay their own CUDA graphs
     assert on.engine.kv_leaked() == 0
     del on
     torch.cuda.empty_cache()

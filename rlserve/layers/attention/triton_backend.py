@@ -34,6 +34,10 @@ _LOG2E = 1.4426950408889634
 MAX_KV_SPLITS = 16        # upper bound on spans per (sequence, kv head)
 DEFAULT_KV_SPLITS = 8     # the bound used once the batch alone fills the GPU
 MIN_SPLIT_TOKENS = 256    # a sequence is cut into spans of at least this many tokens
+# Spans per shared prefix (cascade). Fixed, so that the kernels' compile-time shapes never change from
+# step to step (each new combination would compile anew) and a CUDA graph captured for a batch size
+# serves every grouping; each span's length follows the prefix's length on the device.
+CASCADE_PREFIX_SPLITS = 4
 
 
 def _jit(fn):
@@ -343,12 +347,6 @@ def decode_kv_splits(batch_size: int, num_kv_heads: int, sm_count: int) -> int:
     return min(MAX_KV_SPLITS, max(DEFAULT_KV_SPLITS, _next_pow2(want)))
 
 
-def shared_prefix_splits(num_groups: int, longest: int, num_kv_heads: int, sm_count: int) -> int:
-    """Spans per shared prefix: enough programs for two waves over the SMs, none under MIN_SPLIT_TOKENS."""
-    want = _next_pow2(math.ceil(2 * sm_count / max(num_groups * num_kv_heads, 1)))
-    return max(1, min(want, MAX_KV_SPLITS, math.ceil(longest / MIN_SPLIT_TOKENS)))
-
-
 class TritonAttentionBackend:
     def __init__(self, pool: KVPool, scale: float, max_kv_splits: int | None = None,
                  decode_launch: tuple[int, int, int] | None = None, num_heads: int | None = None) -> None:
@@ -376,8 +374,7 @@ class TritonAttentionBackend:
             self._splits = self.max_kv_splits or decode_kv_splits(
                 batch.batch_size, self.pool.num_kv_heads, self._sms)
             shared = batch.shared_prefixes
-            self._prefix_splits = 0 if shared is None else shared_prefix_splits(
-                shared.num_groups, shared.longest, self.pool.num_kv_heads, self._sms)
+            self._prefix_splits = 0 if shared is None else CASCADE_PREFIX_SPLITS
         else:
             cu = torch.zeros(batch.batch_size + 1, dtype=torch.int64, device=batch.extend_lens.device)
             torch.cumsum(batch.extend_lens, 0, out=cu[1:])
