@@ -284,7 +284,11 @@ class Engine:
     def _step_overlapped(self, emit_unfinished: bool) -> list[RequestOutput]:
         pending, sched = self._pending, self.scheduler
         self._pending = None
-        chain = (not sched.waiting and sched.chunked is None and sched.running
+        # Chain another decode step unless the scheduler might prefill next: nothing is being chunked,
+        # and either nothing waits or the running batch is full (waiting requests can't be admitted
+        # before a running one finishes, which the host learns while this step's successor runs).
+        full = len(sched.running) >= sched.cfg.max_running_requests
+        chain = (sched.chunked is None and sched.running and (not sched.waiting or full)
                  and self.memory.available_tokens() >= 2 * len(sched.running)
                  and self._overlappable(sched.running))
         if chain:

@@ -245,3 +245,28 @@ def test_overlap_schedule_stops_aborts_and_matches_sync(tiny_model_dir):
             break
     over.engine.step()            # a launched step may still be pending; it must settle cleanly
     assert_clean(over)
+
+
+def test_overlap_continues_while_requests_wait_behind_a_full_batch(tiny_model_dir):
+    # max_running_requests=2 with six requests: four wait while two decode. Decode steps still chain
+    # (overlapped), admissions happen once a slot frees, and every output equals the sync engine's.
+    path = str(tiny_model_dir("tiny-llama"))
+    ps = rand_prompts(6, seed=5)
+    params = [SamplingParams(temperature=0, max_tokens=8 + 3 * i, ignore_eos=True) for i in range(6)]
+    sync = LLM(path, overlap_schedule=False, max_running_requests=2)
+    want = [o.outputs[0].token_ids for o in sync.generate(ps, params, use_tqdm=False)]
+    over = LLM(path, overlap_schedule=True, max_running_requests=2)
+    e = over.engine
+    rids = [e.add_request(p, sp) for p, sp in zip(ps, params)]
+    chained_while_waiting = 0
+    done = {}
+    while e.has_unfinished():
+        before = e.stats["overlapped_steps"]
+        waiting = len(e.scheduler.waiting)
+        for out in e.step(emit_unfinished=False):
+            done[out.request_id] = out.outputs[0].token_ids
+        if waiting and e.stats["overlapped_steps"] > before:
+            chained_while_waiting += 1
+    assert [done[r] for r in rids] == want
+    assert chained_while_waiting > 0
+    assert_clean(over)
