@@ -61,6 +61,8 @@ def add_engine_args(parser: argparse.ArgumentParser, default_model_help: str = "
     g.add_argument("--schedule-policy", default=None, help="fcfs | lpm")
     g.add_argument("--attention-backend", default="auto", help="auto | torch | triton")
     g.add_argument("--disable-cuda-graph", action="store_true", help="run decode eagerly on CUDA")
+    g.add_argument("--cuda-graph-max-bs", type=int, default=None,
+                   help="largest decode batch captured in a CUDA graph (default: --max-running-requests)")
     g.add_argument("--disable-overlap-schedule", action="store_true",
                    help="don't overlap host work with the device's decode step")
     g.add_argument("--disable-compile", action="store_true", help="don't fuse elementwise ops with torch.compile")
@@ -87,7 +89,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.enable_cascade_attention:
         kwargs["cascade_attention"] = True
     optional = {"max_model_len": args.max_model_len, "chunked_prefill_size": args.chunked_prefill_size,
-                "max_running_requests": args.max_running_requests,
+                "max_running_requests": args.max_running_requests, "cuda_graph_max_bs": args.cuda_graph_max_bs,
                 "max_total_tokens": args.max_total_tokens, "kv_cache_bytes": args.kv_cache_bytes,
                 "schedule_policy": args.schedule_policy}
     for name, value in optional.items():

@@ -113,7 +113,7 @@ class EngineConfig:
     max_model_len: int | None = None
     attention_backend: str = "auto"         # "torch" | "triton" | "auto"
     cuda_graph: bool = True                 # capture decode graphs on CUDA (eager when False)
-    cuda_graph_max_bs: int = 256
+    cuda_graph_max_bs: int | None = None    # largest captured decode batch; None: max_running_requests
     compile: bool | str = "auto"            # "auto": fuse elementwise chains with torch.compile on CUDA
     overlap_schedule: bool | str = "auto"   # "auto": overlap host work with the device on CUDA
     tokenizer: str | None = None
@@ -131,7 +131,7 @@ def engine_config(model: str | None = None, *, load_format: str = "auto", dtype:
                   enable_radix_cache: bool = True, kv_cache_bytes: int | None = None,
                   gpu_memory_fraction: float = 0.85, max_total_tokens: int | None = None,
                   max_running_requests: int = 256, chunked_prefill_size: int | None = None,
-                  schedule_policy: str = "fcfs", cuda_graph: bool = True, cuda_graph_max_bs: int = 256,
+                  schedule_policy: str = "fcfs", cuda_graph: bool = True, cuda_graph_max_bs: int | None = None,
                   overlap_schedule: bool | str = "auto", compile: bool | str = "auto",
                   kv_cache_dtype: str = "auto", cascade_attention: bool = False) -> EngineConfig:
     """The layered EngineConfig from flat keyword arguments (what LLM(...) and the CLI flags take)."""

@@ -108,8 +108,9 @@ class Engine:
         # The torch backend sizes its masks on the host per batch, so only the triton one is captured.
         graphable = type(self.model.attn_backend).__name__ == "TritonAttentionBackend"
         if self.device.type == "cuda" and config.cuda_graph and graphable:
-            self.runner.capture_cuda_graphs(self.pad_row, min(config.cuda_graph_max_bs,
-                                                              config.scheduler.max_running_requests))
+            # By default every batch the scheduler can form replays a graph (an eager step costs ~1.5× one).
+            max_running = config.scheduler.max_running_requests
+            self.runner.capture_cuda_graphs(self.pad_row, min(config.cuda_graph_max_bs or max_running, max_running))
         sched_cfg = config.scheduler
         if sched_cfg.chunked_prefill_size is None:
             sched_cfg = replace(sched_cfg, chunked_prefill_size=8192 if self.device.type == "cuda" else 2048)
