@@ -32,4 +32,7 @@ class RequestOutput:
 
     @property
     def finished(self) -> bool:
-        return all(o.finished for o in self.outputs)
+        for o in self.outputs:    # a plain loop: read for every running request on every step
+            if o.finish_reason is None:
+                return False
+        return True

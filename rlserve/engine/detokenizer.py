@@ -19,6 +19,18 @@ PROMPT_CONTEXT = 6   # prompt tokens seeding the window
 MAX_PENDING = 16     # tokens we wait for a character to complete before releasing it as is
 
 
+def _backend_decoder(tokenizer: Any) -> Any:
+    """The Rust `tokenizers.Tokenizer.decode` behind a fast transformers tokenizer, when calling it
+    directly gives the same text: it skips the wrapper's argument conversion, which costs several
+    times the decode itself on every token of every running request. None: use tokenizer.decode."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not callable(getattr(backend, "decode", None)):
+        return None
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None          # the wrapper post-processes the text; keep its path
+    return backend.decode
+
+
 class IncrementalDetokenizer:
     def __init__(
         self,
@@ -31,6 +43,7 @@ class IncrementalDetokenizer:
     ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._backend_decode = _backend_decoder(tokenizer)
         self.stop_strings = [s for s in stop_strings if s]
         self.include_stop_str_in_output = include_stop_str_in_output
         self.stop_string: str | None = None
@@ -69,6 +82,8 @@ class IncrementalDetokenizer:
         return self._release(self._decode_new(force=True), final=True)
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _decode_new(self, force: bool) -> str:

@@ -123,6 +123,10 @@ class Engine:
         self._grammar: GrammarBackend | None = None
         self._arrival = itertools.count()
         self._auto_rid = itertools.count()
+        # Outputs own copies of the growing token and logprob lists. A caller that reads each output before
+        # the next step and keeps only slices (the server's engine loop) may turn this off: copying every
+        # running request's whole list on every step is the largest host cost of a step at large batch.
+        self.snapshot_outputs = True
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0, "overlapped_steps": 0}
 
     # ---- construction ----
@@ -408,9 +412,10 @@ class Engine:
         return outs
 
     def _output(self, group: _Group) -> RequestOutput:
+        copy = self.snapshot_outputs
         comps = [CompletionOutput(index=r.index, text=r.detokenizer.text if r.detokenizer else "",
-                                  token_ids=list(r.output_ids),
-                                  logprobs=list(r.logprobs) if r.logprobs is not None else None,
+                                  token_ids=list(r.output_ids) if copy else r.output_ids,
+                                  logprobs=(list(r.logprobs) if copy else r.logprobs) if r.logprobs is not None else None,
                                   finish_reason=r.finish_reason, stop_reason=r.stop_reason)
                  for r in group.reqs]
         first = group.reqs[0]

@@ -6,6 +6,7 @@ error in a step fails the requests in flight and the loop carries on.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import signal
@@ -25,6 +26,7 @@ IDLE_POLL_MS = 200
 class EngineLoop:
     def __init__(self, engine: Any, push: zmq.Socket, max_waiting: int | None) -> None:
         self.engine = engine
+        engine.snapshot_outputs = False     # _delta slices each output at once and keeps nothing
         self.push = push
         self.max_waiting = max_waiting
         # rid → per-sequence (tokens sent, characters of text sent)
@@ -147,6 +149,10 @@ def run_engine(config: EngineConfig, in_addr: str, out_addr: str, max_waiting: i
         push.close()
         ctx.term()
         return
+    # The engine (model, tokenizer, pools) lives as long as this process: take it out of the cyclic
+    # collector's view, so the collections that the per-step garbage triggers stay short (measured on a
+    # 256-request decode step: 28 → 18 µs of host time per request).
+    gc.freeze()
     push.send(ipc.encoder.encode(ipc.Ready(engine_info(engine))))
     loop = EngineLoop(engine, push, max_waiting)
     parent = multiprocessing.parent_process()
