@@ -49,6 +49,8 @@ def _shared_prefix_kernel(Q, K_buf, V_buf, K_scale, V_scale, ReqToToken, Members
     mask_d = offs_d < HEAD_DIM
     q = tl.load(Q + b[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=valid[:, None] & mask_d[None, :], other=0.0)
+    if FP8:   # as in the decode kernel: dots in fp16, which e4m3 converts to in one instruction
+        q = q.to(tl.float16)
     row = tl.load(Rows + g).to(tl.int64)
 
     m_i, l_i, acc = _attend_span(q, K_buf, V_buf, K_scale, V_scale, ReqToToken, row, start, end, kvh, qk_scale,

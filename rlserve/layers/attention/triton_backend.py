@@ -10,7 +10,8 @@ Extend (prefill chunks) runs a flash-attention loop per (sequence, query head, b
 first over the cached prefix, gathered through req_to_token, then causally over the new tokens.
 
 An fp8 (e4m3) pool stores a float32 scale per (slot, kv head). The kernels load the 1-byte values,
-run the dots in the query's dtype and apply the scales after them — a column of q·kᵀ for K, a column
+run the dots in fp16 in decode (the hardware converts e4m3 to fp16 in one instruction; the query's
+dtype elsewhere) and apply the scales after them — a column of q·kᵀ for K, a column
 of the softmax weights for V — so dequantising costs one extra 4-byte load per token and head.
 """
 from __future__ import annotations
@@ -177,6 +178,8 @@ def _decode_split_kernel(Q, K_buf, V_buf, K_scale, V_scale, ReqToToken, ReqRows,
     mask_d = offs_d < HEAD_DIM
     q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+    if FP8:   # e4m3 → fp16 is one instruction (→ bf16 is several); fp16 also holds every e4m3 value
+        q = q.to(tl.float16)
     row = tl.load(ReqRows + b).to(tl.int64)
 
     m_i, l_i, acc = _attend_span(q, K_buf, V_buf, K_scale, V_scale, ReqToToken, row, start, end, kvh, qk_scale,
