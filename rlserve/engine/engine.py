@@ -489,6 +489,7 @@ class Engine:
             state.tags.add("kv_cache")
         if "weights" in tags - state.tags:
             state.host_weights = [(p, self._to_host(p.data)) for p in self.model.parameters()]
+            self.model.unstack_projections()    # the stacked q/k/v and gate/up tensors own their storage
             for p in self.model.parameters():   # tied weights are one parameter, listed once
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
             state.tags.add("weights")

@@ -24,10 +24,12 @@ def _jit(fn):
     return triton.jit(fn) if HAS_TRITON else fn
 
 
-def _jit_seeded(fn):
-    # A fresh seed per call: without this Triton would compile a second variant for seeds that
-    # happen to be multiples of 16.
-    return triton.jit(do_not_specialize=["seed"])(fn) if HAS_TRITON else fn
+def _jit_unspecialized(*names: str):
+    # Triton compiles a variant per integer argument that is 1 or a multiple of 16. For a fresh seed
+    # per call, or a count that follows the batch size, that would compile anew in the middle of a run.
+    def wrap(fn):
+        return triton.jit(do_not_specialize=list(names))(fn) if HAS_TRITON else fn
+    return wrap
 
 
 @_jit
@@ -43,7 +45,7 @@ def _gumbel_update(Row, offs, hi, u, greedy, inv_t, best, best_idx):
     return tl.where(better, score, best), tl.where(better, offs, best_idx)
 
 
-@_jit_seeded
+@_jit_unspecialized("seed")
 def _gumbel_chunk_kernel(Logits, Temps, BestScore, BestIdx, seed, stride_row, vocab, chunk,
                          QUARTER: tl.constexpr):
     """Best Gumbel score of one chunk of one row. Each Philox call yields four uniforms, used for four
@@ -76,13 +78,13 @@ def _gumbel_chunk_kernel(Logits, Temps, BestScore, BestIdx, seed, stride_row, vo
     tl.store(BestIdx + row * tl.num_programs(1) + part, idx)
 
 
-@_jit
-def _gumbel_reduce_kernel(BestScore, BestIdx, Out, vocab, PARTS: tl.constexpr, BLOCK_P: tl.constexpr):
+@_jit_unspecialized("parts")
+def _gumbel_reduce_kernel(BestScore, BestIdx, Out, vocab, parts, BLOCK_P: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_P)
-    mask = offs < PARTS
-    score = tl.load(BestScore + row * PARTS + offs, mask=mask, other=float("-inf"))
-    idx = tl.load(BestIdx + row * PARTS + offs, mask=mask, other=vocab)
+    mask = offs < parts
+    score = tl.load(BestScore + row * parts + offs, mask=mask, other=float("-inf"))
+    idx = tl.load(BestIdx + row * parts + offs, mask=mask, other=vocab)
     top = tl.max(score, 0)
     # Ties (greedy rows) resolve to the lowest index, as torch.argmax does.
     tl.store(Out + row, tl.min(tl.where(score == top, idx, vocab), 0).to(tl.int64))
@@ -90,6 +92,8 @@ def _gumbel_reduce_kernel(BestScore, BestIdx, Out, vocab, PARTS: tl.constexpr, B
 
 QUARTER = 512                 # elements per quarter-block: 2,048 per Philox round over a program
 TARGET_PROGRAMS = 1024        # enough programs for several waves over an H100's 132 SMs
+MAX_PARTS = 64                # chunks per row at most; a run-time count below it, so batch sizes that
+                              # need different counts share one compiled kernel
 
 
 def gumbel_parts(batch: int, vocab: int) -> int:
@@ -97,7 +101,7 @@ def gumbel_parts(batch: int, vocab: int) -> int:
     per_block = 4 * QUARTER
     blocks = -(-vocab // per_block)
     want = -(-TARGET_PROGRAMS // max(batch, 1))
-    return max(1, min(blocks, 64, 1 << (want - 1).bit_length()))
+    return max(1, min(blocks, MAX_PARTS, 1 << (want - 1).bit_length()))
 
 
 def gumbel_argmax(logits: torch.Tensor, temps: torch.Tensor, seed: int) -> torch.Tensor:
@@ -116,8 +120,7 @@ def gumbel_argmax(logits: torch.Tensor, temps: torch.Tensor, seed: int) -> torch
         idx = torch.empty(b, parts, dtype=torch.int32, device=logits.device)
         _gumbel_chunk_kernel[(b, parts)](logits, temps, score, idx, seed, logits.stride(0), vocab, chunk,
                                          QUARTER=QUARTER, num_warps=4)
-        _gumbel_reduce_kernel[(b,)](score, idx, out, vocab, PARTS=parts,
-                                    BLOCK_P=max(2, 1 << (parts - 1).bit_length()), num_warps=1)
+        _gumbel_reduce_kernel[(b,)](score, idx, out, vocab, parts, BLOCK_P=MAX_PARTS, num_warps=1)
     return out
 
 

@@ -134,6 +134,12 @@ class LlamaForCausalLM(nn.Module):
             attn.stacked = StackedLinear([attn.q_proj, attn.k_proj, attn.v_proj])
             mlp.stacked = StackedLinear([mlp.gate_proj, mlp.up_proj])
 
+    def unstack_projections(self) -> None:
+        """Drop the stacked tensors (each layer then runs alone): they hold the weights' storage, so
+        releasing the weights' memory must drop them too."""
+        for layer in self.model.layers:
+            layer.self_attn.stacked = layer.mlp.stacked = None
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 

@@ -72,6 +72,8 @@ def test_release_and_resume_stack_again(tiny_model_dir):
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     before = llm.generate([[5, 6, 7, 8]], params, use_tqdm=False)[0].outputs[0].token_ids
     llm.engine.release_memory(["weights"])
+    # Nothing may keep the weights' storage alive while they are released.
+    assert llm.engine.model.model.layers[1].mlp.stacked is None
     llm.engine.resume_memory(["weights"])
     mlp = llm.engine.model.model.layers[1].mlp
     assert mlp.stacked.intact()
