@@ -83,6 +83,9 @@ class CudaGraphRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
                 self.logits[key] = self._forward(fb)
+            # The first launch of a graph uploads it to the device, which costs far more than a replay:
+            # do it here (the static inputs are harmless padding) rather than on the first real step.
+            graph.replay()
             self.graphs[key] = graph
         torch.cuda.synchronize()
 
