@@ -54,7 +54,7 @@ class CudaGraphRunner:
         if cascade:
             g = bs // 2
             shared = SharedPrefixes(self.members[:g], self.group_lengths[:g], self.group_rows[:g],
-                                    self.starts[:bs], g, self.cascade_width, longest=0)
+                                    self.starts[:bs], g, self.cascade_width)
         return ForwardBatch(
             input_ids=self.input_ids[:bs], positions=self.positions[:bs], out_cache_loc=self.out_loc[:bs],
             req_rows=self.req_rows[:bs], seq_lens=self.seq_lens[:bs], extend_lens=self.extend_lens[:bs],

@@ -97,7 +97,7 @@ class ModelRunner:
         if groups is not None:
             members, lengths, rows, starts = t_groups
             shared = SharedPrefixes(members.view(len(groups.members), self.cascade_max_members), lengths, rows,
-                                    starts, len(groups.members), self.cascade_max_members, max(groups.lengths))
+                                    starts, len(groups.members), self.cascade_max_members)
             self.cascade_steps += 1
         if sb.is_decode:
             table[t_rows, t_pos] = decode_slots       # decode writes at position == kv_len

@@ -96,11 +96,14 @@ MAX_PARTS = 64                # chunks per row at most; a run-time count below i
                               # need different counts share one compiled kernel
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def gumbel_parts(batch: int, vocab: int) -> int:
     """Chunks per row: small batches split the vocabulary more, so that every batch fills the GPU."""
-    per_block = 4 * QUARTER
-    blocks = -(-vocab // per_block)
-    want = -(-TARGET_PROGRAMS // max(batch, 1))
+    blocks = _cdiv(vocab, 4 * QUARTER)
+    want = _cdiv(TARGET_PROGRAMS, max(batch, 1))
     return max(1, min(blocks, MAX_PARTS, 1 << (want - 1).bit_length()))
 
 
@@ -112,10 +115,9 @@ def gumbel_argmax(logits: torch.Tensor, temps: torch.Tensor, seed: int) -> torch
     if b:
         if logits.stride(-1) != 1:
             logits = logits.contiguous()
-        parts = gumbel_parts(b, vocab)
         per_block = 4 * QUARTER
-        chunk = -(-(-(-vocab // parts)) // per_block) * per_block      # a whole number of blocks
-        parts = -(-vocab // chunk)
+        chunk = _cdiv(_cdiv(vocab, gumbel_parts(b, vocab)), per_block) * per_block   # whole blocks
+        parts = _cdiv(vocab, chunk)
         score = torch.empty(b, parts, dtype=torch.float32, device=logits.device)
         idx = torch.empty(b, parts, dtype=torch.int32, device=logits.device)
         _gumbel_chunk_kernel[(b, parts)](logits, temps, score, idx, seed, logits.stride(0), vocab, chunk,

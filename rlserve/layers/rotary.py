@@ -7,8 +7,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlserve.layers.fused import Kernels
-
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -39,10 +37,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D], k: [T, KvH, D]; positions: [T]."""
-        return Kernels.apply_rotary(q, k, *self.cos_sin(positions))
-
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tables' rows for these positions; a forward pass gathers them once for all layers."""
+        """The tables' rows for these positions ([T, D] each); a forward pass gathers them once for all
+        layers, which pass them to Kernels.apply_rotary."""
         return self.cos[positions], self.sin[positions]

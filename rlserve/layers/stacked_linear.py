@@ -45,3 +45,11 @@ class StackedLinear:
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each layer's output, as column slices of one product (views, last dim contiguous)."""
         return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+
+
+def project(x: torch.Tensor, layers: list[nn.Linear], stacked: StackedLinear | None) -> list[torch.Tensor]:
+    """Each layer applied to x: through the stacked GEMM at inference while the sharing holds, else (training,
+    nothing stacked, or storage rebound) layer by layer."""
+    if stacked is not None and not torch.is_grad_enabled() and stacked.intact():
+        return stacked(x)
+    return [layer(x) for layer in layers]

@@ -16,7 +16,7 @@ from rlserve.layers.attention.torch_backend import causal_attention
 from rlserve.layers.fused import Kernels
 from rlserve.layers.norm import RMSNorm
 from rlserve.layers.rotary import RotaryEmbedding
-from rlserve.layers.stacked_linear import StackedLinear
+from rlserve.layers.stacked_linear import StackedLinear, project
 
 
 class Attention(nn.Module):
@@ -40,10 +40,7 @@ class Attention(nn.Module):
                 backend: AttentionBackend | None, batch: ForwardBatch | None,
                 cu_seqlens: list[int] | None) -> torch.Tensor:
         t = x.shape[0]
-        if self.stacked is not None and not torch.is_grad_enabled() and self.stacked.intact():
-            q, k, v = self.stacked(x)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = project(x, [self.q_proj, self.k_proj, self.v_proj], self.stacked)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -67,10 +64,7 @@ class MLP(nn.Module):
         self.stacked: StackedLinear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stacked is not None and not torch.is_grad_enabled() and self.stacked.intact():
-            gate, up = self.stacked(x)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = project(x, [self.gate_proj, self.up_proj], self.stacked)
         return self.down_proj(Kernels.silu_mul(gate, up))
 
 

@@ -66,7 +66,7 @@ def shared_case(groups: list[tuple[int, int]], loners: int, heads: int, kv_heads
     loc = torch.tensor([table[i, s - 1].item() for i, s in enumerate(seq_lens)])
     dev = lambda x: torch.tensor(x, device=DEVICE)   # noqa: E731
     shared = SharedPrefixes(dev(members_lists), dev(lengths), dev(group_rows), dev(starts), len(lengths),
-                            max_members, max(lengths))
+                            max_members)
     batch = ForwardBatch(
         input_ids=torch.zeros(t, dtype=torch.int64, device=DEVICE), positions=dev([s - 1 for s in seq_lens]),
         out_cache_loc=loc.to(DEVICE), req_rows=dev(list(range(t))), seq_lens=dev(seq_lens),

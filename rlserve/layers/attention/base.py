@@ -19,7 +19,6 @@ class SharedPrefixes:
     starts: torch.Tensor           # [B]
     num_groups: int
     max_members: int
-    longest: int                   # max(lengths)
 
 
 @dataclass
