@@ -5,18 +5,11 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from contextlib import nullcontext
 
 import torch
 
 from rlserve import LLM, SamplingParams
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def main() -> None:
@@ -41,7 +34,7 @@ def main() -> None:
     torch.cuda.synchronize()
     t = time.perf_counter()
     prefill_steps = 0
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if a.trace else _null() as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if a.trace else nullcontext() as prof:
         while e.scheduler.waiting or e.scheduler.chunked:
             e.step()
             prefill_steps += 1
