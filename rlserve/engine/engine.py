@@ -381,7 +381,8 @@ class Engine:
         if req.grammar is not None:
             if not req.grammar.accept_token(token):
                 return self._finish(req, "abort", "grammar rejected the sampled token")
-            if req.grammar.is_terminated():        # the grammar is complete and took its stop token
+            # The grammar is complete once it takes a stop token (asked only then: a call per row adds up).
+            if token in self._grammar.stop_ids and req.grammar.is_terminated():
                 return self._finish(req, "stop")
         if p.stop_token_ids and token in p.stop_token_ids:
             return self._finish(req, "stop", token)

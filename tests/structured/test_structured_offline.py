@@ -6,6 +6,7 @@ import re
 
 import jsonschema
 import pytest
+import torch
 from lark import Lark
 
 from rlserve import LLM, SamplingParams
@@ -131,3 +132,47 @@ def test_overlapped_scheduling_keeps_grammars_exact(default_model_dir):
     for out, sp in zip(over[:6], params[:6]):
         jsonschema.validate(json.loads(out.outputs[0].text), sp.json_schema)
     assert over_llm.engine.kv_leaked() == 0
+
+
+
+class _CountingFiller:
+    def __init__(self, real, name: str, calls: list[str]) -> None:
+        self.real, self.name, self.calls = real, name, calls
+
+    def batch_fill_next_token_bitmask(self, *args) -> None:
+        self.calls.append(self.name)
+        self.real.batch_fill_next_token_bitmask(*args)
+
+
+def test_serial_and_parallel_mask_fills_agree_and_cost_picks_the_filler(llm):
+    """Cheap rows are filled on one thread, costly ones on xgrammar's pool; both give the same masks."""
+    import rlserve.engine.grammar as grammar
+    llm.engine._compile_grammar(SamplingParams(json_object=True))     # creates the backend
+    backend = llm.engine._grammar
+    compiled = backend.compile(grammar.GrammarSpec.from_params(SamplingParams(json_schema=SCHEMAS[next(iter(SCHEMAS))])))
+    matchers = [backend.matcher(compiled) for _ in range(4)]
+    for m, prefix in zip(matchers, ['{', '{"']):
+        assert m.accept_string(prefix)
+    rows = list(range(len(matchers)))
+    serial = torch.zeros_like(backend._host_bitmask(len(rows), llm.engine.device))
+    backend._serial_filler.batch_fill_next_token_bitmask(matchers, serial, rows)
+    parallel = torch.zeros_like(serial)
+    backend._parallel_filler.batch_fill_next_token_bitmask(matchers, parallel, rows)
+    assert torch.equal(serial, parallel) and serial.any()
+
+    calls: list[str] = []
+    real = backend._serial_filler, backend._parallel_filler
+    backend._serial_filler = _CountingFiller(real[0], "serial", calls)
+    backend._parallel_filler = _CountingFiller(real[1], "parallel", calls)
+    try:
+        backend._fills = 1                                   # the next fill is not a probing one
+        backend._serial_row_s = 2 * grammar.PARALLEL_FILL_S / len(rows)
+        costly = torch.zeros_like(serial)
+        backend._fill(matchers, costly, rows)
+        backend._serial_row_s = 0.0
+        cheap = torch.zeros_like(serial)
+        backend._fill(matchers, cheap, rows)
+    finally:
+        backend._serial_filler, backend._parallel_filler = real
+    assert calls == ["parallel", "serial"]
+    assert torch.equal(costly, serial) and torch.equal(cheap, serial)
