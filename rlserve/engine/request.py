@@ -1,10 +1,9 @@
 """A request's state as it moves waiting → running → finished (possibly back to waiting on retraction)."""
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
 
 from rlserve.sampling import SamplingParams
 
@@ -18,7 +17,7 @@ class Request:
     params: SamplingParams
     max_new_tokens: int
     arrival: int                              # admission order tie-breaker
-    generator: torch.Generator | None = None
+    generator: random.Random | None = None      # the seeded stream when params carry a seed
     detokenizer: Any = None
     prompt: str | None = None
     output_ids: list[int] = field(default_factory=list)

@@ -1,9 +1,12 @@
 """Token sampling: penalties, bans, temperature, min-p/top-k/top-p, seeded draws and logprobs.
 
-Everything is vectorised over the batch; the only per-row Python work is drawing one uniform
-number from the row's generator. Sampling is inverse-CDF over the row's probabilities sorted
-in descending order, so a seeded row's token depends only on its seed, how many draws its
-generator has made, and its own logits -- never on the other rows of the batch.
+Everything is vectorised over the batch; the only per-row Python work is drawing one number from
+the row's random stream, a host-side `random.Random` (the request's own when it carries a seed, else
+the sampler's), copied to the device with the step's other per-row values. Rows without top-k/top-p/
+min-p take the Gumbel-max kernel on a GPU, keyed by that number; the others (and every row on a CPU)
+take inverse-CDF sampling over their probabilities sorted in descending order, at that number. Either
+way a seeded row's token depends only on its seed, how many draws its stream has made, and its own
+logits -- never on the other rows of the batch.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from rlserve.sampling import SamplingParams
 @dataclass
 class SampleRow:
     params: SamplingParams
-    generator: torch.Generator | None  # None → the sampler's shared generator
+    generator: random.Random | None    # the request's seeded stream; None → the sampler's
     prompt_ids: Sequence[int] = ()      # for repetition_penalty
     output_ids: Sequence[int] = ()      # for all penalties
     banned_ids: Sequence[int] = ()      # e.g. EOS while min_tokens isn't reached
@@ -120,20 +123,33 @@ def _filtered_sorted_probs(logits: torch.Tensor, rows: list[SampleRow]) -> tuple
 
 def _unfiltered(row: SampleRow) -> bool:
     p = row.params
-    return row.generator is None and p.top_k == -1 and p.top_p == 1.0 and p.min_p == 0.0
+    return p.top_k == -1 and p.top_p == 1.0 and p.min_p == 0.0
 
 
 class Sampler:
     def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
-        self.generator = self.make_generator(seed)
-        # Seeds for the fused Gumbel-max kernel, drawn on the host so a step never waits on the device.
-        self._kernel_seeds = random.Random(seed)
+        # Unseeded rows: the exponential race draws from this one (CPU), the per-row numbers from the next.
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._stream = random.Random(seed)
         self._fused = self.device.type == "cuda" and HAS_TRITON
 
-    def make_generator(self, seed: int) -> torch.Generator:
-        """A per-request generator, for rows whose params carry a seed."""
-        return torch.Generator(device=self.device).manual_seed(seed)
+    def make_generator(self, seed: int) -> random.Random:
+        """A request's own random stream, for rows whose params carry a seed. It lives on the host, so
+        a step draws every row's number without a device launch per row."""
+        return random.Random(seed)
+
+    def get_state(self) -> dict:
+        """The unseeded rows' random state (checkpointed with a training run)."""
+        return {"generator": self.generator.get_state(), "stream": self._stream.getstate()}
+
+    def set_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self._stream.setstate(state["stream"])
+
+    def _row_seeds(self, rows: list[SampleRow], device: torch.device) -> torch.Tensor:
+        """The Gumbel kernel's per-row Philox seeds, one draw from each row's stream."""
+        return to_device([(r.generator or self._stream).getrandbits(31) for r in rows], torch.int64, device)
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleOutput:
         ids = self.sample_tensor(logits, rows).tolist()
@@ -151,10 +167,8 @@ class Sampler:
             token_ids = logits.argmax(dim=-1)
         elif self._fused and all((r.params.greedy or _unfiltered(r)) and not has_penalties(r.params)
                                  and not len(r.banned_ids) for r in rows):
-            # Unseeded rows without filters (greedy ones too): one fused launch, logits read once.
-            temps = to_device([0.0 if r.params.greedy else r.params.temperature for r in rows],
-                              torch.float32, logits.device)
-            token_ids = gumbel_argmax(logits, temps, self._kernel_seeds.randrange(2**31))
+            # Rows without filters (greedy ones too): one fused launch, logits read once.
+            token_ids = self._gumbel(logits, rows)
         else:
             logits = logits.float()
             if any(has_penalties(r.params) for r in rows):
@@ -164,19 +178,26 @@ class Sampler:
             logits = _ban(logits, rows)
             token_ids = logits.argmax(dim=-1)
             random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
-            # Unseeded rows without filters take one batched draw; the rest need their own generator
-            # and a sorted distribution.
-            plain = [i for i in random_rows if _unfiltered(rows[i])]
-            other = [i for i in random_rows if not _unfiltered(rows[i])]
+            # Rows without filters take one batched draw: the Gumbel kernel (seeded rows too: each row
+            # keys it with its own number) or, on a CPU, an exponential race on the shared generator
+            # (unseeded rows only). The rest need a sorted distribution.
+            plain = [i for i in random_rows if _unfiltered(rows[i]) and (self._fused or rows[i].generator is None)]
+            other = [i for i in random_rows if i not in set(plain)]
+            draw_plain = self._gumbel if self._fused else self._draw_plain
             if len(plain) == len(rows):              # the common case: no gather/scatter needed
-                token_ids = self._draw_plain(logits, rows)
+                token_ids = draw_plain(logits, rows)
             elif plain:
                 sel = to_device(plain, torch.int64, logits.device)
-                token_ids[sel] = self._draw_plain(logits[sel], [rows[i] for i in plain])
+                token_ids[sel] = draw_plain(logits[sel], [rows[i] for i in plain])
             if other:
                 sel = to_device(other, torch.int64, logits.device)
                 token_ids[sel] = self._draw(logits[sel], [rows[i] for i in other])
         return token_ids
+
+    def _gumbel(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        temps = to_device([0.0 if r.params.greedy else r.params.temperature for r in rows],
+                          torch.float32, logits.device)
+        return gumbel_argmax(logits, temps, self._row_seeds(rows, logits.device))
 
     def _draw_plain(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         """Exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i."""
@@ -187,12 +208,7 @@ class Sampler:
 
     def _draw(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         probs, sorted_ids = _filtered_sorted_probs(logits, rows)
-        gens = [r.generator if r.generator is not None else self.generator for r in rows]
-        us = [torch.rand(1, generator=g, device=g.device) for g in gens]
-        if all(x.device == us[0].device for x in us):
-            u = torch.cat(us).to(logits.device)  # one copy, not one per row
-        else:
-            u = torch.cat([x.to(logits.device) for x in us])
+        u = to_device([(r.generator or self._stream).random() for r in rows], torch.float32, logits.device)
         cdf = probs.cumsum(dim=-1)
         target = (u * cdf[:, -1]).unsqueeze(-1)
         pos = torch.searchsorted(cdf, target, right=True).squeeze(-1)

@@ -2,8 +2,9 @@
 
 argmax_i(logits_i / T + G_i) with G_i = -log(-log U_i), U_i uniform, picks token i with probability
 softmax(logits / T)_i — no softmax, no normalisation, no sort. The Triton kernel reads each row of
-logits once (bf16 straight from the LM head), draws its uniforms in registers from a per-call seed
-and keeps a running argmax; rows are cut into chunks (more for small batches, so the GPU stays full)
+logits once (bf16 straight from the LM head), draws its uniforms in registers from the row's own
+seed (Philox keyed by it, counted by vocabulary position: a row's draw depends on its seed alone, never
+on the batch around it) and keeps a running argmax; rows are cut into chunks (more for small batches, so the GPU stays full)
 whose winners a second tiny launch reduces. Sampling a batch reads B × V × 2 bytes once.
 A row with T = 0 takes the plain argmax (greedy rows can share the launch).
 """
@@ -25,8 +26,8 @@ def _jit(fn):
 
 
 def _jit_unspecialized(*names: str):
-    # Triton compiles a variant per integer argument that is 1 or a multiple of 16. For a fresh seed
-    # per call, or a count that follows the batch size, that would compile anew in the middle of a run.
+    # Triton compiles a variant per integer argument that is 1 or a multiple of 16. For a count that
+    # follows the batch size, that would compile anew in the middle of a run.
     def wrap(fn):
         return triton.jit(do_not_specialize=list(names))(fn) if HAS_TRITON else fn
     return wrap
@@ -45,14 +46,15 @@ def _gumbel_update(Row, offs, hi, u, greedy, inv_t, best, best_idx):
     return tl.where(better, score, best), tl.where(better, offs, best_idx)
 
 
-@_jit_unspecialized("seed")
-def _gumbel_chunk_kernel(Logits, Temps, BestScore, BestIdx, seed, stride_row, vocab, chunk,
+@_jit
+def _gumbel_chunk_kernel(Logits, Temps, Seeds, BestScore, BestIdx, stride_row, vocab, chunk,
                          QUARTER: tl.constexpr):
     """Best Gumbel score of one chunk of one row. Each Philox call yields four uniforms, used for four
     quarter-blocks of the chunk: a quarter of the random-number work of one call per element."""
     row = tl.program_id(0)
     part = tl.program_id(1)
     temp = tl.load(Temps + row)
+    seed = tl.load(Seeds + row)
     greedy = temp <= 0.0
     inv_t = 1.4426950408889634 / tl.where(greedy, 1.0, temp)      # log2(e) / T; unused by greedy rows
     best = tl.full([QUARTER], float("-inf"), tl.float32)
@@ -60,11 +62,11 @@ def _gumbel_chunk_kernel(Logits, Temps, BestScore, BestIdx, seed, stride_row, vo
     base = row.to(tl.int64) * stride_row
     lo = part * chunk
     hi = tl.minimum(lo + chunk, vocab)
-    # Philox counters: one per group of four elements, unique over (row, position).
-    counter0 = row * ((vocab + 4 * QUARTER - 1) // (4 * QUARTER) * QUARTER)
+    # Philox counters: one per group of four elements, unique over the row's positions. Chunks hold
+    # whole blocks of 4 × QUARTER, so how the row is chunked doesn't change any element's uniform.
     offs_q = tl.arange(0, QUARTER)
     for start in range(lo, hi, 4 * QUARTER):
-        u0, u1, u2, u3 = tl.rand4x(seed, counter0 + start // 4 + offs_q)
+        u0, u1, u2, u3 = tl.rand4x(seed, start // 4 + offs_q)
         best, best_idx = _gumbel_update(Logits + base, start + offs_q, hi, u0, greedy, inv_t, best, best_idx)
         best, best_idx = _gumbel_update(Logits + base, start + QUARTER + offs_q, hi, u1, greedy, inv_t,
                                         best, best_idx)
@@ -107,9 +109,10 @@ def gumbel_parts(batch: int, vocab: int) -> int:
     return max(1, min(blocks, MAX_PARTS, 1 << (want - 1).bit_length()))
 
 
-def gumbel_argmax(logits: torch.Tensor, temps: torch.Tensor, seed: int) -> torch.Tensor:
+def gumbel_argmax(logits: torch.Tensor, temps: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     """One token id per row of `logits` [B, V] (any float dtype, last dim contiguous), drawn from
-    softmax(logits / temps) with temps [B] float32 on the same device; temps ≤ 0 → argmax."""
+    softmax(logits / temps) with temps [B] float32 and the rows' Philox seeds [B] int64 (in [0, 2**31),
+    distinct per row unless the same draw is wanted) on the same device; temps ≤ 0 → argmax."""
     b, vocab = logits.shape
     out = torch.empty(b, dtype=torch.int64, device=logits.device)
     if b:
@@ -120,7 +123,7 @@ def gumbel_argmax(logits: torch.Tensor, temps: torch.Tensor, seed: int) -> torch
         parts = _cdiv(vocab, chunk)
         score = torch.empty(b, parts, dtype=torch.float32, device=logits.device)
         idx = torch.empty(b, parts, dtype=torch.int32, device=logits.device)
-        _gumbel_chunk_kernel[(b, parts)](logits, temps, score, idx, seed, logits.stride(0), vocab, chunk,
+        _gumbel_chunk_kernel[(b, parts)](logits, temps, seeds, score, idx, logits.stride(0), vocab, chunk,
                                          QUARTER=QUARTER, num_warps=4)
         _gumbel_reduce_kernel[(b,)](score, idx, out, vocab, parts, BLOCK_P=MAX_PARTS, num_warps=1)
     return out

@@ -127,7 +127,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
     state = {"next_step": run.next_step, "config": to_dict(run.cfg), "history": run.history,
              "data_consumed": run.prompts.consumed, "policy": run.policy.state_dict(),
              "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-             "rng": rng_state(run.rng, run.llm.engine.sampler.generator)}
+             "rng": rng_state(run.rng, run.llm.engine.sampler)}
     if run.critic is not None:
         state |= {"critic": run.critic.model.state_dict(), "critic_optimizer": run.critic.optimizer.state_dict(),
                   "critic_scheduler": run.critic_scheduler.state_dict()}
@@ -145,7 +145,7 @@ def restore(run: Run, path: Path) -> None:
         run.critic.model.load_state_dict(state["critic"])
         run.critic.optimizer.load_state_dict(state["critic_optimizer"])
         run.critic_scheduler.load_state_dict(state["critic_scheduler"])
-    restore_rng_state(state["rng"], run.rng, run.llm.engine.sampler.generator)
+    restore_rng_state(state["rng"], run.rng, run.llm.engine.sampler)
     run.prompts.seek(state["data_consumed"])
     run.next_step = state["next_step"]
     run.history = state["history"]

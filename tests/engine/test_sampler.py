@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from rlserve.engine.sampler import SampleRow, Sampler, apply_penalties, prompt_l
 from rlserve.sampling import SamplingParams
 
 
-def row(gen: torch.Generator | None = None, prompt=(), output=(), banned=(), **kw) -> SampleRow:
+def row(gen: random.Random | None = None, prompt=(), output=(), banned=(), **kw) -> SampleRow:
     return SampleRow(SamplingParams(**kw), gen, list(prompt), list(output), list(banned))
 
 
@@ -163,7 +164,8 @@ def test_seeded_row_independent_of_batch():
         (torch.randn(64), row(temperature=1.0)),
         (torch.randn(64), row(temperature=0.0)),
         (torch.randn(64), row(temperature=1.3, top_k=5, output=[1, 2], frequency_penalty=1.0)),
-        (torch.randn(64), row(torch.Generator().manual_seed(8), seed=8, min_p=0.05)),
+        (torch.randn(64), row(Sampler().make_generator(8), seed=8, min_p=0.05)),
+        (torch.randn(64), row(Sampler().make_generator(9), seed=9, temperature=0.7)),
     ]
     for pos in range(len(others) + 1):
         assert _seeded_run(7, logits, others, pos) == alone

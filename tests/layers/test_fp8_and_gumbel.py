@@ -89,7 +89,7 @@ def test_gumbel_kernel_draws_softmax_distribution():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, 1.5, 0.2], device="cuda")
     rows, temp = 20000, 0.8
     batch = logits.repeat(rows, 1).to(torch.bfloat16)
-    ids = gumbel_argmax(batch, torch.full((rows,), temp, device="cuda"), seed=1234)
+    ids = gumbel_argmax(batch, torch.full((rows,), temp, device="cuda"), torch.arange(rows, device="cuda") + 1234)
     freq = torch.bincount(ids, minlength=8).float() / rows
     p = torch.softmax(batch[0].float() / temp, -1)
     sigma = (p * (1 - p) / rows).sqrt()
@@ -102,9 +102,10 @@ def test_gumbel_kernel_greedy_rows_seeds_and_odd_vocab():
     logits = torch.randn(64, vocab, device="cuda", dtype=torch.bfloat16)
     temps = torch.full((64,), 1.0, device="cuda")
     temps[::2] = 0.0                          # greedy rows share the launch
-    a = gumbel_argmax(logits, temps, seed=7)
-    b = gumbel_argmax(logits, temps, seed=7)
-    c = gumbel_argmax(logits, temps, seed=8)
+    seeds = torch.arange(64, device="cuda")
+    a = gumbel_argmax(logits, temps, seeds + 7)
+    b = gumbel_argmax(logits, temps, seeds + 7)
+    c = gumbel_argmax(logits, temps, seeds + 1000)
     assert torch.equal(a, b)
     assert torch.equal(a[::2], logits[::2].float().argmax(-1))
     assert not torch.equal(a[1::2], c[1::2])
@@ -133,9 +134,37 @@ def test_gumbel_kernel_small_batch_splits_the_vocabulary_without_bias():
         logits = torch.full((2, vocab), -30.0, device="cuda")
         logits[0, [5, vocab - 3]] = 1.0
         logits[1, vocab - 1] = 0.5
-        ids = gumbel_argmax(logits, torch.tensor([1.0, 0.0], device="cuda"), seed)
+        ids = gumbel_argmax(logits, torch.tensor([1.0, 0.0], device="cuda"), torch.tensor([seed, 0], device="cuda"))
         assert ids[1].item() == vocab - 1
         draws.append(ids[0].item())
     late = sum(d == vocab - 3 for d in draws) / len(draws)
     assert set(draws) <= {5, vocab - 3}
     assert 0.4 < late < 0.6, late
+
+
+def test_seeded_rows_draw_in_the_kernel_independently_of_the_batch():
+    """A seeded row keys the Gumbel kernel with its own stream: its tokens are the same alone, in a
+    large batch (other chunking of the vocabulary) and beside a top-p row (the unfused path)."""
+    from rlserve.engine.sampler import SampleRow, Sampler
+    from rlserve.sampling import SamplingParams
+    torch.manual_seed(3)
+    vocab = 151_936
+    logits = torch.randn(vocab, device="cuda")
+
+    def run(others: list, pos: int, steps: int = 8) -> list[int]:
+        sampler = Sampler(seed=5, device="cuda")
+        stream = sampler.make_generator(7)
+        got = []
+        for _ in range(steps):
+            me = (logits, SampleRow(SamplingParams(temperature=1.0, seed=7), stream))
+            batch = others[:pos] + [me] + others[pos:]
+            got.append(sampler(torch.stack([b[0] for b in batch]), [b[1] for b in batch]).token_ids[pos])
+        return got
+
+    alone = run([], 0)
+    assert len(set(alone)) > 1
+    others = [(torch.randn(vocab, device="cuda"), SampleRow(SamplingParams(temperature=1.0), None))
+              for _ in range(40)]
+    top_p = (torch.randn(vocab, device="cuda"), SampleRow(SamplingParams(temperature=1.0, top_p=0.9), None))
+    assert run(others, 17) == alone
+    assert run(others[:3] + [top_p], 2) == alone
