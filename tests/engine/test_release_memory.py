@@ -2,6 +2,8 @@
 and come back, the engine refuses to generate in between, and greedy outputs after resume are the same."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -119,6 +121,10 @@ def test_overlap_schedule_release(tiny_model_dir):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_release_returns_memory_and_graphs_still_match():
+    # Engines of earlier tests in this process may still sit in reference cycles; were the collector to
+    # free them mid-test, their memory would count as freed here.
+    gc.collect()
+    torch.cuda.empty_cache()
     llm = LLM("qwen3-0.6b", dtype="bfloat16", attention_backend="triton", cuda_graph=True,
               max_total_tokens=200_000, cuda_graph_max_bs=32)
     engine = llm.engine
