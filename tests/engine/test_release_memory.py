@@ -142,9 +142,12 @@ def test_gpu_release_returns_memory_and_graphs_still_match():
     freed_all = held - torch.cuda.memory_allocated()
     assert freed_all - freed_kv == pytest.approx(weight_bytes, rel=0.02)
 
+    floor = torch.cuda.memory_allocated()
     engine.resume_memory()
     assert engine.runner.graphs is not None       # captured again over the new buffers
-    assert torch.cuda.memory_allocated() >= held - (256 << 20)
+    # Resume brings back the pool and the weights. (Compared with the floor, not with `held`: caches
+    # other tests left in this process may let go of memory in between.)
+    assert torch.cuda.memory_allocated() - floor >= pool_bytes + weight_bytes
     assert greedy(llm) == before
     assert engine.kv_leaked() == 0
 
