@@ -2,11 +2,12 @@
 
 Everything is vectorised over the batch; the only per-row Python work is drawing one number from
 the row's random stream, a host-side `random.Random` (the request's own when it carries a seed, else
-the sampler's), copied to the device with the step's other per-row values. Rows without top-k/top-p/
-min-p take the Gumbel-max kernel on a GPU, keyed by that number; the others (and every row on a CPU)
-take inverse-CDF sampling over their probabilities sorted in descending order, at that number. Either
-way a seeded row's token depends only on its seed, how many draws its stream has made, and its own
-logits -- never on the other rows of the batch.
+the sampler's), copied to the device with the step's other per-row values. On a GPU, rows without
+top-k/top-p/min-p take the Gumbel-max kernel keyed by that number. The other rows, and seeded rows on
+a CPU, take inverse-CDF sampling at that number over their probabilities sorted in descending order;
+unseeded rows without filters on a CPU share one exponential race on the sampler's torch generator.
+Either way a seeded row's token depends only on its seed, how many draws its stream has made, and its
+own logits -- never on the other rows of the batch.
 """
 from __future__ import annotations
 
@@ -182,7 +183,8 @@ class Sampler:
             # keys it with its own number) or, on a CPU, an exponential race on the shared generator
             # (unseeded rows only). The rest need a sorted distribution.
             plain = [i for i in random_rows if _unfiltered(rows[i]) and (self._fused or rows[i].generator is None)]
-            other = [i for i in random_rows if i not in set(plain)]
+            chosen = set(plain)
+            other = [i for i in random_rows if i not in chosen]
             draw_plain = self._gumbel if self._fused else self._draw_plain
             if len(plain) == len(rows):              # the common case: no gather/scatter needed
                 token_ids = draw_plain(logits, rows)
