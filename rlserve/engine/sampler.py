@@ -144,7 +144,10 @@ class Sampler:
         """The unseeded rows' random state (checkpointed with a training run)."""
         return {"generator": self.generator.get_state(), "stream": self._stream.getstate()}
 
-    def set_state(self, state: dict) -> None:
+    def set_state(self, state: dict | torch.Tensor) -> None:
+        if isinstance(state, torch.Tensor):   # a checkpoint from before the host stream: the generator alone
+            self.generator.set_state(state)
+            return
         self.generator.set_state(state["generator"])
         self._stream.setstate(state["stream"])
 
