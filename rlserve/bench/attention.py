@@ -172,7 +172,7 @@ def sweep(args: argparse.Namespace) -> None:
                                                 + (4 if kv_pool.fp8 else 0)) * 2
             kv_bytes = sum(seq) * per_token
             for block_n in (32, 64, 128):
-                for warps in (2, 4, 8):
+                for warps in (1, 2, 4, 8):
                     for stages in (1, 2, 3, 4):
                         backend = TritonAttentionBackend(kv_pool, scale, decode_launch=(block_n, warps, stages))
                         backend.prepare(batch)
