@@ -64,7 +64,7 @@ class CudaGraphRunner:
 
     def _forward(self, fb: ForwardBatch) -> torch.Tensor:
         self.model.attn_backend.prepare(fb)
-        return self.model.compute_logits(self.model(fb.input_ids, fb.positions, fb))
+        return self.model.compute_logits(self.model(fb.input_ids, fb.positions, fb), float32=False)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:

@@ -119,6 +119,6 @@ class ModelRunner:
             return ForwardResult(self.graphs.run(fb), sampling_reqs, {})
         self.model.attn_backend.prepare(fb)
         hidden = self.model(fb.input_ids, fb.positions, fb)
-        logits = self.model.compute_logits(hidden[fb.logits_indices]) if sampling_reqs else None
+        logits = self.model.compute_logits(hidden[fb.logits_indices], float32=False) if sampling_reqs else None
         prompt_logits = {id(req): self.model.compute_logits(hidden[s:s + n]) for req, s, n in prompt_spans}
         return ForwardResult(logits, sampling_reqs, prompt_logits)

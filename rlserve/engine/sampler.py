@@ -174,11 +174,11 @@ class Sampler:
             # Rows without filters (greedy ones too): one fused launch, logits read once.
             token_ids = self._gumbel(logits, rows)
         else:
-            logits = logits.float()
+            # A float32 copy the steps below may change in place (logits arrive in the model's dtype).
             if any(has_penalties(r.params) for r in rows):
                 logits = apply_penalties(logits, rows)
             else:
-                logits = logits.clone()
+                logits = logits.float() if logits.dtype != torch.float32 else logits.clone()
             logits = _ban(logits, rows)
             token_ids = logits.argmax(dim=-1)
             random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]

@@ -134,8 +134,12 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.stacked = layer.mlp.stacked = None
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """Logits over the vocabulary. float32=False keeps the model's dtype: decode sampling reads
+        bf16 logits directly (widening them is exact, so no value changes), which saves a [batch, vocab]
+        float32 copy every step; log-probabilities and training take float32."""
+        logits = self.lm_head(hidden)
+        return logits.float() if float32 else logits
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

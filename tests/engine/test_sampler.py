@@ -246,3 +246,26 @@ def test_sampler_state_round_trips_and_reads_older_checkpoints():
     old = Sampler(seed=4)               # older checkpoints hold only the torch generator's state
     old.set_state(Sampler(seed=5).generator.get_state())
     assert torch.equal(old.generator.get_state(), Sampler(seed=5).generator.get_state())
+
+
+def test_bf16_logits_sample_as_their_float32_widening():
+    """Decode passes logits in the model's dtype; seeded draws, filters and penalties must give the
+    tokens they give for the same values in float32."""
+    torch.manual_seed(9)
+    logits = (torch.randn(5, 400) * 2).bfloat16()
+    kinds = [dict(temperature=0.9, seed=1), dict(temperature=1.2, top_p=0.8, seed=2),
+             dict(temperature=1.0, top_k=20, min_p=0.01, seed=3),
+             dict(temperature=0.7, frequency_penalty=0.5, repetition_penalty=1.3, seed=4),
+             dict(temperature=0.0, presence_penalty=1.0)]
+
+    def run(x: torch.Tensor) -> list[int]:
+        sampler = Sampler(seed=0)
+        rows = [row(sampler.make_generator(k["seed"]) if "seed" in k else None, prompt=[3, 4], output=[5, 3], **k)
+                for k in kinds]
+        return [t for _ in range(6) for t in sampler(x, rows).token_ids]
+
+    before = logits.clone()
+    got = run(logits)
+    assert torch.equal(logits, before)     # the sampler worked on a copy
+    assert got == run(logits.float())
+    assert len(set(got[0::5])) > 1     # the seeded row really draws

@@ -168,3 +168,25 @@ def test_seeded_rows_draw_in_the_kernel_independently_of_the_batch():
     top_p = (torch.randn(vocab, device="cuda"), SampleRow(SamplingParams(temperature=1.0, top_p=0.9), None))
     assert run(others, 17) == alone
     assert run(others[:3] + [top_p], 2) == alone
+
+
+def test_sampler_draws_the_same_tokens_from_bf16_logits_as_from_their_float32_widening():
+    """Decode hands the sampler the model's bf16 logits; every path must pick what it picks from the
+    same values in float32: greedy, the Gumbel kernel (seeded and not) and the sorted top-p path."""
+    from rlserve.engine.sampler import SampleRow, Sampler
+    from rlserve.sampling import SamplingParams
+    torch.manual_seed(4)
+    logits = (torch.randn(24, 151_936, device="cuda") * 3).bfloat16()
+    kinds = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.8, seed=11),
+             dict(temperature=1.0, top_p=0.9, seed=12)]
+
+    def run(x: torch.Tensor) -> list[int]:
+        sampler = Sampler(seed=5, device="cuda")
+        rows = [SampleRow(SamplingParams(**kinds[i % 4]),
+                          sampler.make_generator(kinds[i % 4]["seed"] + i) if "seed" in kinds[i % 4] else None)
+                for i in range(len(x))]
+        return [t for _ in range(3) for t in sampler(x, rows).token_ids]
+
+    got = run(logits)
+    assert got == run(logits.float())
+    assert len(set(got)) > 24   # the random rows drew different tokens from one draw to the next
