@@ -4,7 +4,7 @@
 
 Shapes default to qwen3-0.6b (16 query heads, 8 kv heads, head_dim 128, bf16). Contexts are drawn
 uniformly from ±25% around --context and scattered over random pool slots, as a busy server leaves
-them. Bandwidth counts the K and V bytes of every context token once, the least a decode step must
+them (`--slots runs`: each sequence in consecutive slots, as a fresh engine's allocator hands them out). Bandwidth counts the K and V bytes of every context token once, the least a decode step must
 read; the device-to-device copy rate printed first is the practical ceiling.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
 
 
 def decode_batch(batch_size: int, context: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 seed: int) -> tuple[KVPool, ForwardBatch, list[int]]:
+                 seed: int, runs: bool = False) -> tuple[KVPool, ForwardBatch, list[int]]:
     rng = random.Random(seed)
     seq = [rng.randint(context * 3 // 4, context * 5 // 4) for _ in range(batch_size)]
     total = sum(seq)
@@ -55,7 +55,8 @@ def decode_batch(batch_size: int, context: int, kv_heads: int, head_dim: int, dt
     for buf in pool.k_buffers + pool.v_buffers:
         buf.normal_()
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    slots = torch.randperm(total, device="cuda", generator=gen) + 1
+    slots = (torch.arange(total, device="cuda") if runs
+             else torch.randperm(total, device="cuda", generator=gen)) + 1
     table = torch.zeros(batch_size, max(seq), dtype=torch.int64, device="cuda")
     at = 0
     for i, s in enumerate(seq):
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--splits", type=int, nargs="*", default=[1, 2, 4, 8],
                    help="fixed KV-split counts to time beside the automatic choice")
+    p.add_argument("--slots", choices=["scattered", "runs"], default="scattered",
+                   help="random pool slots, or each sequence's slots consecutive")
     p.add_argument("--sweep", action="store_true",
                    help="time decode launch configs (BLOCK_N, warps, stages) for bf16 and fp8 pools instead")
     args = p.parse_args(argv)
@@ -113,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     sms = num_sms(torch.device("cuda"))
     scale = args.head_dim ** -0.5
     for bs in args.batch:
-        pool, batch, seq = decode_batch(bs, args.context, args.kv_heads, args.head_dim, dtype, seed=bs)
+        pool, batch, seq = decode_batch(bs, args.context, args.kv_heads, args.head_dim, dtype, seed=bs,
+                                          runs=args.slots == "runs")
         kv_bytes = sum(seq) * args.kv_heads * args.head_dim * pool.k_buffers[0].element_size() * 2
         q = torch.randn(bs, args.heads, args.head_dim, dtype=dtype, device="cuda")
         k = torch.randn(bs, args.kv_heads, args.head_dim, dtype=dtype, device="cuda")
@@ -163,7 +167,8 @@ def sweep(args: argparse.Namespace) -> None:
     dtype = parse_dtype(args.dtype)
     scale = args.head_dim ** -0.5
     for bs in args.batch:
-        pool, batch, seq = decode_batch(bs, args.context, args.kv_heads, args.head_dim, dtype, seed=bs)
+        pool, batch, seq = decode_batch(bs, args.context, args.kv_heads, args.head_dim, dtype, seed=bs,
+                                          runs=args.slots == "runs")
         q = torch.randn(bs, args.heads, args.head_dim, dtype=dtype, device="cuda")
         k = torch.randn(bs, args.kv_heads, args.head_dim, dtype=dtype, device="cuda")
         v = torch.randn_like(k)
