@@ -23,24 +23,29 @@ BOUNDED_SCHEMA = {**SCHEMA, "properties": {
 SCHEMAS = {"person": SCHEMA, "person-bounded": BOUNDED_SCHEMA}
 
 
-def overhead(llm: LLM, schema: dict, batch: int, max_tokens: int) -> tuple[int, float, float]:
-    """(output tokens, unconstrained s, constrained s) for one batch of `batch` requests."""
+def overhead(llm: LLM, schema: dict, batch: int, max_tokens: int, rounds: int = 1) -> tuple[int, float, float]:
+    """(output tokens, unconstrained s, constrained s) for `rounds` runs of one batch of `batch` requests
+    (seeded, so every round decodes the same tokens)."""
     prompt = llm.apply_chat_template([{"role": "user", "content": "Describe a person as JSON."}])
     prompts = [prompt] * batch
     constrained = [SamplingParams(temperature=1.0, seed=i, max_tokens=max_tokens, json_schema=schema)
                    for i in range(batch)]
     llm.generate(prompts[:2], constrained[:2], use_tqdm=False)         # warm up (and compile the grammar)
-    llm.engine.flush_cache()
-    t = time.perf_counter()
-    outs = llm.generate(prompts, constrained, use_tqdm=False)
-    t_con = time.perf_counter() - t
+    t_con, outs = _timed(llm, prompts, constrained, rounds)
     lengths = [len(o.outputs[0].token_ids) for o in outs]
     plain = [SamplingParams(temperature=1.0, seed=i, max_tokens=n, ignore_eos=True) for i, n in enumerate(lengths)]
-    llm.engine.flush_cache()
-    t = time.perf_counter()
-    llm.generate(prompts, plain, use_tqdm=False)
-    t_plain = time.perf_counter() - t
-    return sum(lengths), t_plain, t_con
+    t_plain, _ = _timed(llm, prompts, plain, rounds)
+    return rounds * sum(lengths), t_plain, t_con
+
+
+def _timed(llm: LLM, prompts: list, params: list[SamplingParams], rounds: int) -> tuple[float, list]:
+    total, outs = 0.0, []
+    for _ in range(rounds):
+        llm.engine.flush_cache()
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        total += time.perf_counter() - t
+    return total, outs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,16 +56,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--load-format", default="auto", help="dummy: random weights at the model's architecture")
     ap.add_argument("--schema", choices=[*SCHEMAS, "all"], default="all")
     ap.add_argument("--repeats", type=int, default=3, help="timed pairs of runs (medians are reported)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs of the batch timed together on each side of a pair (longer, steadier pairs)")
     a = ap.parse_args(argv)
     llm = LLM(a.model, load_format=a.load_format)
     for name in SCHEMAS if a.schema == "all" else [a.schema]:
         # Each side is a short run, so a few ms of host jitter move it: repeat, report medians, and show
         # how far the overhead of single pairs (constrained run, then its unconstrained twin) spreads.
-        runs = [overhead(llm, SCHEMAS[name], a.batch, a.max_tokens) for _ in range(a.repeats)]
+        runs = [overhead(llm, SCHEMAS[name], a.batch, a.max_tokens, a.rounds) for _ in range(a.repeats)]
         plain = statistics.median(n / t for n, t, _ in runs)
         con = statistics.median(n / t for n, _, t in runs)
         pairs = sorted(100 * (t_con / t_plain - 1) for _, t_plain, t_con in runs)
-        print(f"{name}: {a.batch} requests, {runs[0][0]} output tokens each way; unconstrained {plain:,.1f} "
+        rounds = f" x {a.rounds} rounds" if a.rounds > 1 else ""
+        print(f"{name}: {a.batch} requests{rounds}, {runs[0][0]} output tokens each way; unconstrained {plain:,.1f} "
               f"tok/s, json_schema {con:,.1f} tok/s, overhead {100 * (plain / con - 1):.1f}% (medians of "
               f"{a.repeats}; single pairs {pairs[0]:.1f}% to {pairs[-1]:.1f}%)")
 
