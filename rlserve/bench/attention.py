@@ -4,7 +4,8 @@
 
 Shapes default to qwen3-0.6b (16 query heads, 8 kv heads, head_dim 128, bf16). Contexts are drawn
 uniformly from ±25% around --context and scattered over random pool slots, as a busy server leaves
-them (`--slots runs`: each sequence in consecutive slots, as a fresh engine's allocator hands them out). Bandwidth counts the K and V bytes of every context token once, the least a decode step must
+them (`--slots runs`: each sequence in consecutive slots, as a fresh engine's allocator hands them
+out). Bandwidth counts the K and V bytes of every context token once, the least a decode step must
 read; the device-to-device copy rate printed first is the practical ceiling.
 """
 from __future__ import annotations

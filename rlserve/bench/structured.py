@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--schema", choices=[*SCHEMAS, "all"], default="all")
     ap.add_argument("--repeats", type=int, default=3, help="timed pairs of runs (medians are reported)")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="runs of the batch timed together on each side of a pair (longer, steadier pairs)")
+                    help="runs of the batch timed together on each side of a pair (longer pairs)")
     a = ap.parse_args(argv)
     llm = LLM(a.model, load_format=a.load_format)
     for name in SCHEMAS if a.schema == "all" else [a.schema]:
