@@ -50,12 +50,17 @@ def _row_token_index(token_lists: list[Sequence[int]], device: torch.device) -> 
             torch.tensor(toks, dtype=torch.long, device=device))
 
 
+def _float32_copy(logits: torch.Tensor) -> torch.Tensor:
+    """A float32 copy to change in place: logits arrive in the model's dtype, so widening already copies."""
+    return logits.float() if logits.dtype != torch.float32 else logits.clone()
+
+
 def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """Repetition (HF: over prompt+output), then frequency and presence (OpenAI: output only).
 
     Returns a new float32 tensor; `logits` is not modified.
     """
-    logits = logits.float().clone()
+    logits = _float32_copy(logits)
     B, V = logits.shape
     dev = logits.device
     params = [r.params for r in rows]
@@ -174,11 +179,10 @@ class Sampler:
             # Rows without filters (greedy ones too): one fused launch, logits read once.
             token_ids = self._gumbel(logits, rows)
         else:
-            # A float32 copy the steps below may change in place (logits arrive in the model's dtype).
             if any(has_penalties(r.params) for r in rows):
                 logits = apply_penalties(logits, rows)
             else:
-                logits = logits.float() if logits.dtype != torch.float32 else logits.clone()
+                logits = _float32_copy(logits)
             logits = _ban(logits, rows)
             token_ids = logits.argmax(dim=-1)
             random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]

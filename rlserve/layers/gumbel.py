@@ -3,9 +3,9 @@
 argmax_i(logits_i / T + G_i) with G_i = -log(-log U_i), U_i uniform, picks token i with probability
 softmax(logits / T)_i — no softmax, no normalisation, no sort. The Triton kernel reads each row of
 logits once (bf16 straight from the LM head), draws its uniforms in registers from the row's own
-seed (Philox keyed by it, counted by vocabulary position: a row's draw depends on its seed alone, never
-on the batch around it) and keeps a running argmax; rows are cut into chunks (more for small batches, so the GPU stays full)
-whose winners a second tiny launch reduces. Sampling a batch reads B × V × 2 bytes once.
+seed (Philox keyed by it, counted by vocabulary position: a row's draw depends on its seed alone,
+never on the batch around it) and keeps a running argmax; rows are cut into chunks (more for small
+batches, so the GPU stays full) whose winners a second tiny launch reduces. Sampling a batch reads B × V × 2 bytes once.
 A row with T = 0 takes the plain argmax (greedy rows can share the launch).
 """
 from __future__ import annotations
