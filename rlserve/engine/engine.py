@@ -274,12 +274,19 @@ class Engine:
     def _sample_pending(self, pending: _Pending) -> None:
         logits, reqs = pending.logits, pending.reqs
         pending.logits = None
+        rows = [SampleRow(r.params, r.generator, r.prompt_ids, r.output_ids) for r in reqs]
+        ks = [r.params.logprobs for r in reqs]
+        bitmask = None
         if self._grammar is not None:
             # A request that finished meanwhile keeps an unmasked row; its token is dropped anyway.
-            self._grammar.apply_masks(logits, [None if r.finished else r.grammar for r in reqs])
-        rows = [SampleRow(r.params, r.generator, r.prompt_ids, r.output_ids) for r in reqs]
-        tokens = self.sampler.sample_tensor(logits, rows)
-        ks = [r.params.logprobs for r in reqs]
+            bitmask = self._grammar.device_masks([None if r.finished else r.grammar for r in reqs], logits.device)
+            # The sampling kernel can skip masked tokens itself (no launch, no pass over the logits);
+            # log-probabilities and the other sampling paths read masked logits.
+            if bitmask is not None and (any(k is not None for k in ks) or not self.sampler.fuses_bitmask(rows)
+                                        or bitmask.shape[1] * 32 < logits.shape[1]):
+                self._grammar.apply_bitmask(logits, bitmask)
+                bitmask = None
+        tokens = self.sampler.sample_tensor(logits, rows, bitmask)
         lps = None
         if any(k is not None for k in ks):
             lps = logprob_tensors(logprob_logits(logits, [r.params for r in reqs]), tokens,

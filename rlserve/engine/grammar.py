@@ -11,8 +11,10 @@ from typing import Any
 import torch
 
 # xgrammar's thread pool costs ~0.2 ms a fill to dispatch (H100 host: 64 cheap rows take 0.27 ms on one
-# thread, 0.41 ms on eight); a fill whose rows would take longer than this on one thread is spread.
-PARALLEL_FILL_S = 5e-4
+# thread, 0.41 ms on eight); a fill whose rows would take longer than this on one thread is spread. In
+# the engine the pool loses by more than that: with fills of ~0.4 ms (64 rows of a plain JSON schema)
+# the structured benchmark ran 31-33% over unconstrained with the pool, 8-20% on one thread.
+PARALLEL_FILL_S = 1e-3
 SERIAL_PROBE_EVERY = 16     # fills between serial ones that re-measure the cost per row
 
 
@@ -82,13 +84,23 @@ class GrammarBackend:
         return self.xgr.GrammarMatcher(compiled)
 
     def apply_masks(self, logits: torch.Tensor, matchers: list[Any | None]) -> None:
-        """Mask, in place, every row whose request is constrained. Called while the device may still
-        be running the forward pass that produced `logits`, so filling the bitmask on the host
-        overlaps with it; the copy is asynchronous from pinned memory."""
+        """Mask, in place, every row whose request is constrained."""
+        device_mask = self.device_masks(matchers, logits.device)
+        if device_mask is not None:
+            self.apply_bitmask(logits, device_mask)
+
+    def apply_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+        self.xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size)
+
+    def device_masks(self, matchers: list[Any | None], device: torch.device) -> torch.Tensor | None:
+        """The batch's packed bitmask ([rows, words] int32) on `device`, every bit set in rows without
+        a matcher; None when no row is constrained. Called while the device may still be running the
+        forward pass whose logits it masks, so filling it on the host overlaps with that; the copy is
+        asynchronous from pinned memory."""
         rows = [i for i, m in enumerate(matchers) if m is not None]
         if not rows:
-            return
-        bitmask = self._host_bitmask(len(matchers), logits.device)
+            return None
+        bitmask = self._host_bitmask(len(matchers), device)
         self._fill([matchers[i] for i in rows], bitmask, rows)
         if len(rows) < len(matchers):
             # Unconstrained rows allow everything, so the mask applies to the whole batch: passing row
@@ -98,8 +110,7 @@ class GrammarBackend:
             bitmask[free] = -1
         # The buffer is refilled next step only after this step's sampled tokens were read back,
         # which the device does after this copy: no copy can still be reading it then.
-        device_mask = bitmask.to(logits.device, non_blocking=True)
-        self.xgr.apply_token_bitmask_inplace(logits, device_mask, vocab_size=self.vocab_size)
+        return bitmask.to(device, non_blocking=True)
 
     def _fill(self, matchers: list[Any], bitmask: torch.Tensor, rows: list[int]) -> None:
         self._fills += 1

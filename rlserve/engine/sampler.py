@@ -167,15 +167,26 @@ class Sampler:
             return SampleOutput(ids, [None] * len(rows))
         return SampleOutput(ids, self._logprobs(logprob_logits(logits, [r.params for r in rows]), ids, ks))
 
-    def sample_tensor(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-        """The sampled ids as a device tensor, without waiting for the device (no logprobs)."""
+    def fuses_bitmask(self, rows: list[SampleRow]) -> bool:
+        """Whether sample_tensor can take a grammar bitmask for these rows (inside the one-pass kernel)
+        instead of having it applied to the logits first."""
+        return self._fused and all((r.params.greedy or _unfiltered(r)) and not has_penalties(r.params)
+                                   and not len(r.banned_ids) for r in rows)
+
+    def sample_tensor(self, logits: torch.Tensor, rows: list[SampleRow],
+                      bitmask: torch.Tensor | None = None) -> torch.Tensor:
+        """The sampled ids as a device tensor, without waiting for the device (no logprobs). A grammar
+        bitmask (xgrammar's packed layout, on the device) is taken only where fuses_bitmask(rows)."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
+        if bitmask is not None:
+            if not self.fuses_bitmask(rows):
+                raise ValueError("these rows can't take a bitmask in the sampling kernel: mask the logits")
+            return self._gumbel(logits, rows, bitmask)
         plain_greedy = all(r.params.greedy and not has_penalties(r.params) and not len(r.banned_ids)
                            for r in rows)
         if plain_greedy:
             token_ids = logits.argmax(dim=-1)
-        elif self._fused and all((r.params.greedy or _unfiltered(r)) and not has_penalties(r.params)
-                                 and not len(r.banned_ids) for r in rows):
+        elif self.fuses_bitmask(rows):
             # Rows without filters (greedy ones too): one fused launch, logits read once.
             token_ids = self._gumbel(logits, rows)
         else:
@@ -203,10 +214,11 @@ class Sampler:
                 token_ids[sel] = self._draw(logits[sel], [rows[i] for i in other])
         return token_ids
 
-    def _gumbel(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    def _gumbel(self, logits: torch.Tensor, rows: list[SampleRow],
+                bitmask: torch.Tensor | None = None) -> torch.Tensor:
         temps = to_device([0.0 if r.params.greedy else r.params.temperature for r in rows],
                           torch.float32, logits.device)
-        return gumbel_argmax(logits, temps, self._row_seeds(rows, logits.device))
+        return gumbel_argmax(logits, temps, self._row_seeds(rows, logits.device), bitmask)
 
     def _draw_plain(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         """Exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i."""

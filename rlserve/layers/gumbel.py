@@ -34,21 +34,24 @@ def _jit_unspecialized(*names: str):
 
 
 @_jit
-def _gumbel_update(Row, offs, hi, u, greedy, inv_t, best, best_idx):
+def _gumbel_update(Row, MaskRow, offs, hi, u, greedy, inv_t, best, best_idx, HAS_MASK: tl.constexpr):
     mask = offs < hi
     x = tl.load(Row + offs, mask=mask, other=float("-inf")).to(tl.float32)
     # In base 2: log2(e)·(x/T + G) = x·log2(e)/T − log2(−log2 u) + const, the same argmax, and log2
     # is one hardware instruction where log is several. u = 0 gives −inf (never chosen).
     noise = -tl.log2(-tl.log2(u))
     score = tl.where(greedy, x, x * inv_t + noise)
+    if HAS_MASK:   # a grammar's packed bitmask: token i is allowed iff bit i % 32 of word i // 32 is set
+        words = tl.load(MaskRow + offs // 32, mask=mask, other=0)
+        mask = mask & (((words >> (offs % 32)) & 1) != 0)
     score = tl.where(mask, score, float("-inf"))
     better = score > best     # strict, and offsets grow: the lowest index wins a tie within a lane
     return tl.where(better, score, best), tl.where(better, offs, best_idx)
 
 
 @_jit
-def _gumbel_chunk_kernel(Logits, Temps, Seeds, BestScore, BestIdx, stride_row, vocab, chunk,
-                         QUARTER: tl.constexpr):
+def _gumbel_chunk_kernel(Logits, Temps, Seeds, Bitmask, BestScore, BestIdx, stride_row, stride_mask, vocab, chunk,
+                         QUARTER: tl.constexpr, HAS_MASK: tl.constexpr):
     """Best Gumbel score of one chunk of one row. Each Philox call yields four uniforms, used for four
     quarter-blocks of the chunk: a quarter of the random-number work of one call per element."""
     row = tl.program_id(0)
@@ -60,6 +63,7 @@ def _gumbel_chunk_kernel(Logits, Temps, Seeds, BestScore, BestIdx, stride_row, v
     best = tl.full([QUARTER], float("-inf"), tl.float32)
     best_idx = tl.zeros([QUARTER], tl.int32)
     base = row.to(tl.int64) * stride_row
+    mask_row = Bitmask + row.to(tl.int64) * stride_mask
     lo = part * chunk
     hi = tl.minimum(lo + chunk, vocab)
     # Philox counters: one per group of four elements, unique over the row's positions. Chunks hold
@@ -67,13 +71,15 @@ def _gumbel_chunk_kernel(Logits, Temps, Seeds, BestScore, BestIdx, stride_row, v
     offs_q = tl.arange(0, QUARTER)
     for start in range(lo, hi, 4 * QUARTER):
         u0, u1, u2, u3 = tl.rand4x(seed, start // 4 + offs_q)
-        best, best_idx = _gumbel_update(Logits + base, start + offs_q, hi, u0, greedy, inv_t, best, best_idx)
-        best, best_idx = _gumbel_update(Logits + base, start + QUARTER + offs_q, hi, u1, greedy, inv_t,
-                                        best, best_idx)
-        best, best_idx = _gumbel_update(Logits + base, start + 2 * QUARTER + offs_q, hi, u2, greedy, inv_t,
-                                        best, best_idx)
-        best, best_idx = _gumbel_update(Logits + base, start + 3 * QUARTER + offs_q, hi, u3, greedy, inv_t,
-                                        best, best_idx)
+        row_logits = Logits + base
+        best, best_idx = _gumbel_update(row_logits, mask_row, start + offs_q, hi, u0, greedy, inv_t,
+                                        best, best_idx, HAS_MASK)
+        best, best_idx = _gumbel_update(row_logits, mask_row, start + QUARTER + offs_q, hi, u1, greedy, inv_t,
+                                        best, best_idx, HAS_MASK)
+        best, best_idx = _gumbel_update(row_logits, mask_row, start + 2 * QUARTER + offs_q, hi, u2, greedy,
+                                        inv_t, best, best_idx, HAS_MASK)
+        best, best_idx = _gumbel_update(row_logits, mask_row, start + 3 * QUARTER + offs_q, hi, u3, greedy,
+                                        inv_t, best, best_idx, HAS_MASK)
     top = tl.max(best, 0)
     idx = tl.min(tl.where(best == top, best_idx, vocab), 0)
     tl.store(BestScore + row * tl.num_programs(1) + part, top)
@@ -109,10 +115,15 @@ def gumbel_parts(batch: int, vocab: int) -> int:
     return max(1, min(blocks, MAX_PARTS, 1 << (want - 1).bit_length()))
 
 
-def gumbel_argmax(logits: torch.Tensor, temps: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+def gumbel_argmax(logits: torch.Tensor, temps: torch.Tensor, seeds: torch.Tensor,
+                  bitmask: torch.Tensor | None = None) -> torch.Tensor:
     """One token id per row of `logits` [B, V] (any float dtype, last dim contiguous), drawn from
     softmax(logits / temps) with temps [B] float32 and the rows' Philox seeds [B] int64 (in [0, 2**31),
-    distinct per row unless the same draw is wanted) on the same device; temps ≤ 0 → argmax."""
+    distinct per row unless the same draw is wanted) on the same device; temps ≤ 0 → argmax.
+
+    bitmask: [B, ≥ ceil(V / 32)] int32, xgrammar's packed layout; tokens whose bit is clear are drawn
+    as if their logit were -inf (the draw equals that of logits masked beforehand, without a pass
+    over them)."""
     b, vocab = logits.shape
     out = torch.empty(b, dtype=torch.int64, device=logits.device)
     if b:
@@ -123,8 +134,13 @@ def gumbel_argmax(logits: torch.Tensor, temps: torch.Tensor, seeds: torch.Tensor
         parts = _cdiv(vocab, chunk)
         score = torch.empty(b, parts, dtype=torch.float32, device=logits.device)
         idx = torch.empty(b, parts, dtype=torch.int32, device=logits.device)
-        _gumbel_chunk_kernel[(b, parts)](logits, temps, seeds, score, idx, logits.stride(0), vocab, chunk,
-                                         QUARTER=QUARTER, num_warps=4)
+        if bitmask is not None and (bitmask.shape[0] != b or bitmask.shape[1] * 32 < vocab
+                                    or bitmask.dtype != torch.int32 or bitmask.stride(-1) != 1):
+            raise ValueError(f"bitmask {tuple(bitmask.shape)} {bitmask.dtype} does not cover logits {(b, vocab)}")
+        mask_arg = bitmask if bitmask is not None else seeds      # any pointer: unused without a mask
+        _gumbel_chunk_kernel[(b, parts)](logits, temps, seeds, mask_arg, score, idx, logits.stride(0),
+                                         mask_arg.stride(0), vocab, chunk, QUARTER=QUARTER,
+                                         HAS_MASK=bitmask is not None, num_warps=4)
         _gumbel_reduce_kernel[(b,)](score, idx, out, vocab, parts, BLOCK_P=MAX_PARTS, num_warps=1)
     return out
 

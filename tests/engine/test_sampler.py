@@ -269,3 +269,13 @@ def test_bf16_logits_sample_as_their_float32_widening():
     assert torch.equal(logits, before)     # the sampler worked on a copy
     assert got == run(logits.float())
     assert len(set(got[0::5])) > 1     # the seeded row really draws
+
+
+def test_a_bitmask_goes_to_the_sampler_only_where_its_kernel_takes_it():
+    # Without the fused kernel (CPU) the grammar's mask must be applied to the logits first; the
+    # sampler says so and refuses a bitmask rather than sampling unmasked.
+    sampler = Sampler(seed=0)
+    rows = [row(None, temperature=1.0), row(None, temperature=0.0)]
+    assert not sampler.fuses_bitmask(rows)
+    with pytest.raises(ValueError, match="mask the logits"):
+        sampler.sample_tensor(torch.randn(2, 64), rows, torch.zeros(2, 2, dtype=torch.int32))

@@ -112,6 +112,37 @@ def test_gumbel_kernel_greedy_rows_seeds_and_odd_vocab():
     assert ((a >= 0) & (a < vocab)).all()
 
 
+def test_gumbel_kernel_bitmask_draws_as_if_masked_logits():
+    # The bitmask inside the kernel must give the very draw of logits masked to -inf beforehand (same
+    # seeds, same uniforms), for sampled and greedy rows, sparse and full masks, a vocab not a
+    # multiple of 32; and it rejects a mask that doesn't cover the logits.
+    import xgrammar as xgr
+    from rlserve.layers.gumbel import gumbel_argmax
+    rows, vocab = 48, 49_152 + 17
+    logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
+    temps = torch.full((rows,), 1.0, device="cuda")
+    temps[::3] = 0.0
+    seeds = torch.arange(rows, device="cuda") + 11
+    gen = torch.Generator().manual_seed(0)
+    allowed = torch.rand(rows, vocab, generator=gen) < torch.linspace(0.001, 0.5, rows)[:, None]
+    allowed[-4:] = True                                           # unconstrained rows: every bit set
+    allowed[:, vocab - 1] |= torch.arange(rows) % 5 == 0          # the last token reachable in some rows
+    words = (vocab + 31) // 32
+    padded = torch.zeros(rows, words * 32, dtype=torch.int64)
+    padded[:, :vocab] = allowed.long()
+    packed = (padded.view(rows, words, 32) << torch.arange(32)).sum(-1)
+    bitmask = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).cuda()
+    masked = logits.clone()
+    xgr.apply_token_bitmask_inplace(masked, bitmask, vocab_size=vocab)
+    assert torch.equal(masked.isfinite().cpu(), allowed)          # the packing matches xgrammar's
+    for s in (0, 1000):
+        got = gumbel_argmax(logits, temps, seeds + s, bitmask)
+        assert torch.equal(got, gumbel_argmax(masked, temps, seeds + s))
+        assert allowed[torch.arange(rows), got.cpu()].all()
+    with pytest.raises(ValueError, match="does not cover"):
+        gumbel_argmax(logits, temps, seeds, bitmask[:, :-1])
+
+
 def test_engine_fp8_kv_runs_and_frees_everything():
     from rlserve import LLM, SamplingParams
     llm = LLM("qwen3-0.6b", kv_cache_dtype="fp8_e4m3", max_total_tokens=60_000, cuda_graph_max_bs=16)
