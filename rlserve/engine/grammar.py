@@ -1,5 +1,6 @@
 """Grammar-constrained decoding through xgrammar: compile once per distinct constraint, one matcher
-per sample, a vocabulary bitmask applied to the logits before every sampling mode."""
+per sample, a vocabulary bitmask applied to the logits before every sampling mode (or, for rows the
+one-pass Gumbel kernel samples on a GPU, handed to that kernel, which skips masked tokens itself)."""
 from __future__ import annotations
 
 import json
