@@ -353,13 +353,15 @@ def decode_kv_splits(batch_size: int, num_kv_heads: int, sm_count: int) -> int:
 
 class TritonAttentionBackend:
     def __init__(self, pool: KVPool, scale: float, max_kv_splits: int | None = None,
-                 decode_launch: tuple[int, int, int] | None = None, num_heads: int | None = None) -> None:
+                 decode_launch: tuple[int, int, int] | None = None, num_heads: int | None = None,
+                 extend_launch: tuple[int, int, int, int] | None = None) -> None:
         if not HAS_TRITON:
             raise RuntimeError("the triton attention backend needs the `triton` package")
         self.pool = pool
         self.scale = scale
         self.max_kv_splits = max_kv_splits        # None: chosen from the batch size
         self.decode_launch = decode_launch        # (BLOCK_N, warps, stages) override, for tuning sweeps
+        self.extend_launch = extend_launch        # (BLOCK_M, BLOCK_N, warps, stages) override, likewise
         self._sms = num_sms(pool.k_buffers[0].device) if pool.num_layers else 132
         self._splits = 1
         self._cu_extend: torch.Tensor | None = None
@@ -451,7 +453,9 @@ class TritonAttentionBackend:
         heads, dim = q.shape[1], q.shape[2]
         group = heads // k.shape[1]
         block_d = _next_pow2(dim)
-        if q.element_size() <= 2:
+        if self.extend_launch is not None:
+            block_m, block_n, warps, stages = self.extend_launch
+        elif q.element_size() <= 2:
             block_m, block_n, warps, stages = 64, (64 if block_d <= 128 else 32), 4, 2
         else:
             block_m, block_n, warps, stages = 32, 32, 4, 1
