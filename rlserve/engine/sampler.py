@@ -228,15 +228,27 @@ class Sampler:
         return (probs / race).argmax(dim=-1)
 
     def _draw(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-        probs, sorted_ids = _filtered_sorted_probs(logits, rows)
+        """Inverse-CDF draw with each row's own uniform. Filters keep a prefix of the sorted order, so
+        filtered rows sort; rows without filters (seeded ones on a CPU) draw over the vocabulary order
+        as it is: the same distribution without a sort, which costs more than the rest of the draw."""
+        sorted_ids = None
+        if all(_unfiltered(r) for r in rows):
+            temps = to_device([r.params.temperature for r in rows], torch.float32, logits.device)
+            probs = torch.softmax((logits - logits.max(dim=-1, keepdim=True).values) / temps[:, None], dim=-1)
+        else:
+            probs, sorted_ids = _filtered_sorted_probs(logits, rows)
         u = to_device([(r.generator or self._stream).random() for r in rows], torch.float32, logits.device)
         cdf = probs.cumsum(dim=-1)
         target = (u * cdf[:, -1]).unsqueeze(-1)
         pos = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-        # u * total may round up to total; kept tokens form a prefix, so clamp into it.
-        last_kept = (probs > 0).sum(dim=-1).clamp(min=1) - 1
+        # u * total may round up to total: clamp to the last token with any probability (searchsorted
+        # never lands on a zero-probability token otherwise: its cdf equals its predecessor's).
+        if sorted_ids is None:
+            last_kept = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+        else:
+            last_kept = (probs > 0).sum(dim=-1).clamp(min=1) - 1    # kept tokens form a prefix
         pos = torch.minimum(pos, last_kept)
-        return sorted_ids.gather(-1, pos[:, None]).squeeze(-1)
+        return pos if sorted_ids is None else sorted_ids.gather(-1, pos[:, None]).squeeze(-1)
 
     @staticmethod
     def _logprobs(raw: torch.Tensor, ids: list[int], ks: list[int | None]) -> list[dict[int, float] | None]:

@@ -279,3 +279,26 @@ def test_a_bitmask_goes_to_the_sampler_only_where_its_kernel_takes_it():
     assert not sampler.fuses_bitmask(rows)
     with pytest.raises(ValueError, match="mask the logits"):
         sampler.sample_tensor(torch.randn(2, 64), rows, torch.zeros(2, 2, dtype=torch.int32))
+
+
+def test_seeded_unfiltered_rows_draw_softmax_without_sorting():
+    # On a CPU, seeded rows without filters take the inverse-CDF draw over the vocabulary order: each
+    # token at its softmax probability, never a banned one, and a uniform that rounds up to the whole
+    # mass still lands on the last token that has any.
+    logits = CRAFTED.clone()
+    logits = torch.cat([logits[:2], torch.tensor([float("-inf")]), logits[2:], torch.tensor([float("-inf")])])
+    probs = torch.softmax(logits, -1)
+    n = 6000
+    sampler = Sampler(seed=0)
+    rows = [row(sampler.make_generator(i), temperature=1.0) for i in range(n)]
+    ids = torch.tensor(sampler(logits.expand(n, -1), rows).token_ids)
+    counts = torch.bincount(ids, minlength=logits.numel()).float()
+    assert counts[2] == 0 and counts[-1] == 0
+    sigma = (probs * (1 - probs) / n).sqrt()
+    assert ((counts / n - probs).abs() <= 5 * sigma + 1e-6).all(), (counts / n, probs)
+
+    class AlmostOne(random.Random):
+        def random(self) -> float:
+            return 1.0 - 1e-12
+    edge = Sampler(seed=0)(logits.expand(3, -1), [row(AlmostOne(1), temperature=1.0)] * 3)
+    assert edge.token_ids == [logits.numel() - 2] * 3
