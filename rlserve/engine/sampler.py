@@ -95,6 +95,12 @@ def _ban(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     return logits
 
 
+def _temperature_probs(logits: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
+    """softmax(logits / T) per row. Subtracting the max first keeps tiny temperatures finite: the top
+    logit becomes exactly 0."""
+    return torch.softmax((logits - logits.max(dim=-1, keepdim=True).values) / temps[:, None], dim=-1)
+
+
 def _filtered_sorted_probs(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[torch.Tensor, torch.Tensor]:
     """Temperature, then min-p → top-k → top-p. Returns (probs, token ids), both [B, V] sorted by
     descending probability, with filtered-out probabilities set to 0.
@@ -105,9 +111,7 @@ def _filtered_sorted_probs(logits: torch.Tensor, rows: list[SampleRow]) -> tuple
     dev = logits.device
     params = [r.params for r in rows]
     temps = to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, dev)
-    # Subtracting the max first keeps tiny temperatures finite: the top logit becomes exactly 0.
-    scaled = (logits - logits.max(dim=-1, keepdim=True).values) / temps[:, None]
-    probs = torch.softmax(scaled, dim=-1)
+    probs = _temperature_probs(logits, temps)
     probs, ids = probs.sort(dim=-1, descending=True, stable=True)
 
     min_p = to_device([p.min_p for p in params], torch.float32, dev)
@@ -223,7 +227,7 @@ class Sampler:
     def _draw_plain(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         """Exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i."""
         temps = to_device([r.params.temperature for r in rows], torch.float32, logits.device)
-        probs = torch.softmax((logits - logits.max(dim=-1, keepdim=True).values) / temps[:, None], dim=-1)
+        probs = _temperature_probs(logits, temps)
         race = torch.empty_like(probs).exponential_(generator=self.generator)
         return (probs / race).argmax(dim=-1)
 
@@ -234,7 +238,7 @@ class Sampler:
         sorted_ids = None
         if all(_unfiltered(r) for r in rows):
             temps = to_device([r.params.temperature for r in rows], torch.float32, logits.device)
-            probs = torch.softmax((logits - logits.max(dim=-1, keepdim=True).values) / temps[:, None], dim=-1)
+            probs = _temperature_probs(logits, temps)
         else:
             probs, sorted_ids = _filtered_sorted_probs(logits, rows)
         u = to_device([(r.generator or self._stream).random() for r in rows], torch.float32, logits.device)
@@ -243,10 +247,7 @@ class Sampler:
         pos = torch.searchsorted(cdf, target, right=True).squeeze(-1)
         # u * total may round up to total: clamp to the last token with any probability (searchsorted
         # never lands on a zero-probability token otherwise: its cdf equals its predecessor's).
-        if sorted_ids is None:
-            last_kept = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
-        else:
-            last_kept = (probs > 0).sum(dim=-1).clamp(min=1) - 1    # kept tokens form a prefix
+        last_kept = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
         pos = torch.minimum(pos, last_kept)
         return pos if sorted_ids is None else sorted_ids.gather(-1, pos[:, None]).squeeze(-1)
 
