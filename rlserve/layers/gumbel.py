@@ -62,7 +62,7 @@ def _gumbel_chunk_kernel(Logits, Temps, Seeds, Bitmask, BestScore, BestIdx, stri
     inv_t = 1.4426950408889634 / tl.where(greedy, 1.0, temp)      # log2(e) / T; unused by greedy rows
     best = tl.full([QUARTER], float("-inf"), tl.float32)
     best_idx = tl.zeros([QUARTER], tl.int32)
-    base = row.to(tl.int64) * stride_row
+    row_logits = Logits + row.to(tl.int64) * stride_row
     mask_row = Bitmask + row.to(tl.int64) * stride_mask
     lo = part * chunk
     hi = tl.minimum(lo + chunk, vocab)
@@ -71,7 +71,6 @@ def _gumbel_chunk_kernel(Logits, Temps, Seeds, Bitmask, BestScore, BestIdx, stri
     offs_q = tl.arange(0, QUARTER)
     for start in range(lo, hi, 4 * QUARTER):
         u0, u1, u2, u3 = tl.rand4x(seed, start // 4 + offs_q)
-        row_logits = Logits + base
         best, best_idx = _gumbel_update(row_logits, mask_row, start + offs_q, hi, u0, greedy, inv_t,
                                         best, best_idx, HAS_MASK)
         best, best_idx = _gumbel_update(row_logits, mask_row, start + QUARTER + offs_q, hi, u1, greedy, inv_t,
