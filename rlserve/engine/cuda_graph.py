@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from rlserve.engine.transfer import pinned
 from rlserve.layers.attention.base import ForwardBatch, SharedPrefixes
 from rlserve.models.llama import LlamaForCausalLM
 
@@ -31,6 +32,9 @@ class CudaGraphRunner:
         self.max_bs = self.sizes[-1]
         dev = req_to_token.device
         n = self.max_bs
+        # A plain decode graph of size bs reads its ids, positions, table rows and lengths from its own
+        # [4, bs] block, so a step fills them with one host-to-device copy (see replay_decode).
+        self.step_inputs = {bs: torch.zeros(4, bs, dtype=torch.int64, device=dev) for bs in self.sizes}
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
         self.out_loc = torch.zeros(n, dtype=torch.int64, device=dev)
@@ -51,18 +55,26 @@ class CudaGraphRunner:
 
     def _static_batch(self, bs: int, cascade: bool) -> ForwardBatch:
         shared = None
+        ids, positions, rows, seq_lens = self.input_ids, self.positions, self.req_rows, self.seq_lens
         if cascade:
             g = bs // 2
             shared = SharedPrefixes(self.members[:g], self.group_lengths[:g], self.group_rows[:g],
                                     self.starts[:bs], g, self.cascade_width)
+        else:
+            ids, positions, rows, seq_lens = self.step_inputs[bs]
+            rows.fill_(self.pad_row)
+            seq_lens.fill_(1)
         return ForwardBatch(
-            input_ids=self.input_ids[:bs], positions=self.positions[:bs], out_cache_loc=self.out_loc[:bs],
-            req_rows=self.req_rows[:bs], seq_lens=self.seq_lens[:bs], extend_lens=self.extend_lens[:bs],
+            input_ids=ids[:bs], positions=positions[:bs], out_cache_loc=self.out_loc[:bs],
+            req_rows=rows[:bs], seq_lens=seq_lens[:bs], extend_lens=self.extend_lens[:bs],
             seq_lens_cpu=[1] * bs, extend_lens_cpu=[1] * bs, is_decode=True,
             logits_indices=torch.arange(bs, device=self.input_ids.device), req_to_token=self.req_to_token,
             shared_prefixes=shared)
 
     def _forward(self, fb: ForwardBatch) -> torch.Tensor:
+        # Each row's new slot goes into the req-to-token table inside the graph (a padded row writes
+        # slot 0 into the all-zero pad row, which changes nothing).
+        self.req_to_token[fb.req_rows, fb.positions] = fb.out_cache_loc
         self.model.attn_backend.prepare(fb)
         return self.model.compute_logits(self.model(fb.input_ids, fb.positions, fb), float32=False)
 
@@ -95,21 +107,46 @@ class CudaGraphRunner:
             return False
         return fb.is_decode and fb.batch_size <= self.max_bs
 
+    def padded_size(self, bs: int) -> int:
+        return next(s for s in self.sizes if s >= bs)
+
+    def replay_decode(self, reqs: list, slots: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
+        """A plain (non-cascade) decode step straight from the requests: one copy of the host's
+        integers, one of the new slots (and of the input ids when they are on the device), one replay.
+        Returns the [len(reqs), V] logits."""
+        bs = len(reqs)
+        padded = self.padded_size(bs)
+        pad = padded - bs
+        positions = [r.kv_len for r in reqs]      # decode writes at position == kv_len
+        ids = [0] * bs if input_ids is not None else [r.output_ids[-1] for r in reqs]
+        inputs = self.step_inputs[padded]
+        inputs.copy_(pinned([ids + [0] * pad, positions + [0] * pad, [r.row for r in reqs] + [self.pad_row] * pad,
+                             [p + 1 for p in positions] + [1] * pad], torch.int64), non_blocking=True)
+        if input_ids is not None:
+            inputs[0, :bs].copy_(input_ids)
+        self.out_loc[:bs].copy_(slots)
+        if pad:
+            self.out_loc[bs:padded].zero_()       # padded rows write their K/V into the sink slot
+        self.graphs[(padded, False)].replay()
+        return self.logits[(padded, False)][:bs]
+
     def run(self, fb: ForwardBatch) -> torch.Tensor:
         bs = fb.batch_size
-        padded = next(s for s in self.sizes if s >= bs)
-        self.input_ids[:bs].copy_(fb.input_ids)
-        self.positions[:bs].copy_(fb.positions)
-        self.out_loc[:bs].copy_(fb.out_cache_loc)
-        self.req_rows[:bs].copy_(fb.req_rows)
-        self.seq_lens[:bs].copy_(fb.seq_lens)
-        if padded > bs:                           # padded rows: a one-token sequence in the sink
-            self.input_ids[bs:padded].zero_()
-            self.positions[bs:padded].zero_()
-            self.out_loc[bs:padded].zero_()
-            self.req_rows[bs:padded].fill_(self.pad_row)
-            self.seq_lens[bs:padded].fill_(1)
+        padded = self.padded_size(bs)
         shared = fb.shared_prefixes
+        ids, positions, rows, seq_lens = (self.input_ids, self.positions, self.req_rows, self.seq_lens) \
+            if shared is not None else self.step_inputs[padded]
+        ids[:bs].copy_(fb.input_ids)
+        positions[:bs].copy_(fb.positions)
+        self.out_loc[:bs].copy_(fb.out_cache_loc)
+        rows[:bs].copy_(fb.req_rows)
+        seq_lens[:bs].copy_(fb.seq_lens)
+        if padded > bs:                           # padded rows: a one-token sequence in the sink
+            ids[bs:padded].zero_()
+            positions[bs:padded].zero_()
+            self.out_loc[bs:padded].zero_()
+            rows[bs:padded].fill_(self.pad_row)
+            seq_lens[bs:padded].fill_(1)
         if shared is not None:
             g, cap = shared.num_groups, padded // 2
             self.members[:g].copy_(shared.members)

@@ -274,7 +274,8 @@ class Engine:
     def _sample_pending(self, pending: _Pending) -> None:
         logits, reqs = pending.logits, pending.reqs
         pending.logits = None
-        rows = [SampleRow(r.params, r.generator, r.prompt_ids, r.output_ids) for r in reqs]
+        # Overlapped steps only run rows without penalties or bans, so each request's row never changes.
+        rows = [r.decode_row or self._decode_row(r) for r in reqs]
         ks = [r.params.logprobs for r in reqs]
         bitmask = None
         if self._grammar is not None:
@@ -292,6 +293,11 @@ class Engine:
             lps = logprob_tensors(logprob_logits(logits, [r.params for r in reqs]), tokens,
                                   max(k or 0 for k in ks))
         pending.tokens, pending.host, pending.has_logprobs = tokens, HostCopy([tokens, *(lps or ())]), lps is not None
+
+    @staticmethod
+    def _decode_row(req: Request) -> SampleRow:
+        req.decode_row = SampleRow(req.params, req.generator, req.prompt_ids, req.output_ids)
+        return req.decode_row
 
     def _step_overlapped(self, emit_unfinished: bool) -> list[RequestOutput]:
         pending, sched = self._pending, self.scheduler

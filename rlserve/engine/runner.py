@@ -114,6 +114,11 @@ class ModelRunner:
     def forward(self, sb: ScheduledBatch, decode_slots: torch.Tensor | None = None,
                 input_ids: torch.Tensor | None = None) -> ForwardResult:
         """input_ids: decode inputs still on the device (the previous step's samples, overlapped)."""
+        graphs = self.graphs
+        if sb.is_decode and graphs is not None and len(sb.reqs) <= graphs.max_bs and (
+                not self.cascade_max_members or self._prefix_groups(sb.reqs) is None):
+            # The common decode step: no batch tensors to build, the graph takes the requests as they are.
+            return ForwardResult(graphs.replay_decode(sb.reqs, decode_slots, input_ids), sb.reqs, {})
         fb, sampling_reqs, prompt_spans = self.build(sb, decode_slots, input_ids)
         if self.graphs is not None and self.graphs.can_run(fb):
             return ForwardResult(self.graphs.run(fb), sampling_reqs, {})

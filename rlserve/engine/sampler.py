@@ -29,6 +29,15 @@ class SampleRow:
     prompt_ids: Sequence[int] = ()      # for repetition_penalty
     output_ids: Sequence[int] = ()      # for all penalties
     banned_ids: Sequence[int] = ()      # e.g. EOS while min_tokens isn't reached
+    # Which paths the row can take, decided once: a step asks for every row of the batch.
+    greedy_only: bool = field(init=False)   # a plain argmax: greedy, no penalties, nothing banned
+    one_pass: bool = field(init=False)      # the one-pass Gumbel kernel: no filters either
+
+    def __post_init__(self) -> None:
+        p = self.params
+        plain = not has_penalties(p) and not len(self.banned_ids)
+        self.greedy_only = plain and p.greedy
+        self.one_pass = plain and (p.greedy or (p.top_k == -1 and p.top_p == 1.0 and p.min_p == 0.0))
 
 
 @dataclass
@@ -143,6 +152,7 @@ class Sampler:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._stream = random.Random(seed)
         self._fused = self.device.type == "cuda" and HAS_TRITON
+        self._temps: tuple[list[float], torch.Tensor] | None = None   # the last Gumbel batch's, on the device
 
     def make_generator(self, seed: int) -> random.Random:
         """A request's own random stream, for rows whose params carry a seed. It lives on the host, so
@@ -174,8 +184,7 @@ class Sampler:
     def fuses_bitmask(self, rows: list[SampleRow]) -> bool:
         """Whether sample_tensor can take a grammar bitmask for these rows (inside the one-pass kernel)
         instead of having it applied to the logits first."""
-        return self._fused and all((r.params.greedy or _unfiltered(r)) and not has_penalties(r.params)
-                                   and not len(r.banned_ids) for r in rows)
+        return self._fused and all(r.one_pass for r in rows)
 
     def sample_tensor(self, logits: torch.Tensor, rows: list[SampleRow],
                       bitmask: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,9 +195,7 @@ class Sampler:
             if not self.fuses_bitmask(rows):
                 raise ValueError("these rows can't take a bitmask in the sampling kernel: mask the logits")
             return self._gumbel(logits, rows, bitmask)
-        plain_greedy = all(r.params.greedy and not has_penalties(r.params) and not len(r.banned_ids)
-                           for r in rows)
-        if plain_greedy:
+        if all(r.greedy_only for r in rows):
             token_ids = logits.argmax(dim=-1)
         elif self.fuses_bitmask(rows):
             # Rows without filters (greedy ones too): one fused launch, logits read once.
@@ -220,9 +227,12 @@ class Sampler:
 
     def _gumbel(self, logits: torch.Tensor, rows: list[SampleRow],
                 bitmask: torch.Tensor | None = None) -> torch.Tensor:
-        temps = to_device([0.0 if r.params.greedy else r.params.temperature for r in rows],
-                          torch.float32, logits.device)
-        return gumbel_argmax(logits, temps, self._row_seeds(rows, logits.device), bitmask)
+        temps = [0.0 if r.params.greedy else r.params.temperature for r in rows]
+        # Decode steps mostly repeat the last batch's rows: reuse its temperatures on the device
+        # (a host-to-device copy costs the host more than comparing the lists).
+        if self._temps is None or self._temps[0] != temps or self._temps[1].device != logits.device:
+            self._temps = (temps, to_device(temps, torch.float32, logits.device))
+        return gumbel_argmax(logits, self._temps[1], self._row_seeds(rows, logits.device), bitmask)
 
     def _draw_plain(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         """Exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i."""

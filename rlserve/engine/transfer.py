@@ -9,12 +9,16 @@ from __future__ import annotations
 import torch
 
 
+def pinned(values: list, dtype: torch.dtype) -> torch.Tensor:
+    """Values in pinned host memory, to copy from with non_blocking=True: the caching host allocator
+    keeps the block alive until its copy has run."""
+    return torch.tensor(values, dtype=dtype).pin_memory()
+
+
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    cpu = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
-        return cpu
-    # The caching host allocator keeps a pinned block alive until its copy has run.
-    return cpu.pin_memory().to(device, non_blocking=True)
+        return torch.tensor(values, dtype=dtype)
+    return pinned(values, dtype).to(device, non_blocking=True)
 
 
 def pack_to_device(parts: list[list[int]], device: torch.device) -> list[torch.Tensor]:
