@@ -31,11 +31,22 @@ def overhead(llm: LLM, schema: dict, batch: int, max_tokens: int, rounds: int = 
     constrained = [SamplingParams(temperature=1.0, seed=i, max_tokens=max_tokens, json_schema=schema)
                    for i in range(batch)]
     llm.generate(prompts[:2], constrained[:2], use_tqdm=False)         # warm up (and compile the grammar)
+    _wait_for_mask_helper(llm)
     t_con, outs = _timed(llm, prompts, constrained, rounds)
     lengths = [len(o.outputs[0].token_ids) for o in outs]
     plain = [SamplingParams(temperature=1.0, seed=i, max_tokens=n, ignore_eos=True) for i, n in enumerate(lengths)]
     t_plain, _ = _timed(llm, prompts, plain, rounds)
     return rounds * sum(lengths), t_plain, t_con
+
+
+def _wait_for_mask_helper(llm: LLM, timeout_s: float = 120.0) -> None:
+    """Time the steady state: the grammar backend's mask helper process (on CUDA) has started."""
+    backend = llm.engine._grammar
+    deadline = time.monotonic() + timeout_s
+    while backend is not None and backend.worker is not None and not backend.worker.ready():
+        if time.monotonic() > deadline:
+            raise RuntimeError("the grammar mask helper did not start")
+        time.sleep(0.05)
 
 
 def _timed(llm: LLM, prompts: list, params: list[SamplingParams], rounds: int) -> tuple[float, list]:

@@ -37,6 +37,9 @@ class _Pending:
     has_logprobs: bool
     # Set while sampling waits for the host: grammar masks need the previous step's tokens accepted.
     logits: torch.Tensor | None = None
+    # The rows whose masks the grammar backend's helper process is filling (their matchers' keys, None
+    # for the engine's own rows); None when the engine fills them all.
+    helper_rows: list[int | None] | None = None
 
 
 @dataclass
@@ -121,6 +124,9 @@ class Engine:
         self.overlap = self.device.type == "cuda" if overlap == "auto" else bool(overlap)
         self._pending: _Pending | None = None
         self._grammar: GrammarBackend | None = None
+        # Overlapped steps have the grammar masks filled by a helper process beside the loop's own work
+        # (see grammar_worker); read when the first constrained request arrives.
+        self.grammar_mask_process = self.overlap
         self._arrival = itertools.count()
         self._auto_rid = itertools.count()
         # Outputs own copies of the growing token and logprob lists. A caller that reads each output before
@@ -170,6 +176,9 @@ class Engine:
         compiled = self._compile_grammar(params)
         group = _Group(rid, prompt, prompt_ids)
         for i in range(params.n):
+            matcher = key = None
+            if compiled is not None:
+                matcher, key = self._grammar.matcher(GrammarSpec.from_params(params), compiled)
             gen = None
             if params.seed is not None:
                 gen = self.sampler.make_generator(params.seed + i)
@@ -183,7 +192,7 @@ class Engine:
                           prompt_ids=prompt_ids, params=params, max_new_tokens=max_new,
                           arrival=next(self._arrival), generator=gen, detokenizer=detok, prompt=prompt,
                           logprobs=[] if params.logprobs is not None else None,
-                          grammar=self._grammar.matcher(compiled) if compiled is not None else None)
+                          grammar=matcher, grammar_key=key)
             group.reqs.append(req)
         self.groups[rid] = group
         for req in group.reqs:
@@ -197,7 +206,9 @@ class Engine:
         if self._grammar is None:
             if self.tokenizer is None:
                 raise ValueError("structured output needs a tokenizer; this model has none")
-            self._grammar = GrammarBackend(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_ids))
+            rows = self.config.scheduler.max_running_requests if self.grammar_mask_process else 0
+            self._grammar = GrammarBackend(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_ids),
+                                           worker_rows=rows, pin=self.device.type == "cuda")
         return self._grammar.compile(spec)
 
     def _validate_prompt(self, prompt_ids) -> list[int]:
@@ -228,6 +239,7 @@ class Engine:
             if not req.finished:
                 req.finish_reason = "abort"
                 self.scheduler.remove(req)
+                self._release_grammar(req)
         self.scheduler.forget_group(rid)
         return self._output(group)
 
@@ -278,15 +290,18 @@ class Engine:
         rows = [r.decode_row or self._decode_row(r) for r in reqs]
         ks = [r.params.logprobs for r in reqs]
         bitmask = None
-        if self._grammar is not None:
+        if pending.helper_rows is not None:
+            bitmask = self._grammar.requested_masks([None if r.finished else r.grammar for r in reqs],
+                                                    pending.helper_rows, logits.device)
+        if self._grammar is not None and bitmask is None:
             # A request that finished meanwhile keeps an unmasked row; its token is dropped anyway.
             bitmask = self._grammar.device_masks([None if r.finished else r.grammar for r in reqs], logits.device)
-            # The sampling kernel can skip masked tokens itself (no launch, no pass over the logits);
-            # log-probabilities and the other sampling paths read masked logits.
-            if bitmask is not None and (any(k is not None for k in ks) or not self.sampler.fuses_bitmask(rows)
-                                        or bitmask.shape[1] * 32 < logits.shape[1]):
-                self._grammar.apply_bitmask(logits, bitmask)
-                bitmask = None
+        # The sampling kernel can skip masked tokens itself (no launch, no pass over the logits);
+        # log-probabilities and the other sampling paths read masked logits.
+        if bitmask is not None and (any(k is not None for k in ks) or not self.sampler.fuses_bitmask(rows)
+                                    or bitmask.shape[1] * 32 < logits.shape[1]):
+            self._grammar.apply_bitmask(logits, bitmask)
+            bitmask = None
         tokens = self.sampler.sample_tensor(logits, rows, bitmask)
         lps = None
         if any(k is not None for k in ks):
@@ -320,18 +335,33 @@ class Engine:
             self.stats["overlapped_steps"] += 1
         changed: dict[str, _Group] = {}
         host = pending.host.get()
+        tokens = host[0].tolist()
+        mirrored = self._request_masks(pending.reqs, tokens)
         lps: list = [None] * len(pending.reqs)
         if pending.has_logprobs:
             lps = logprob_dicts(tuple(host[1:]), [r.params.logprobs or 0 for r in pending.reqs])
-        for req, token, lp in zip(pending.reqs, host[0].tolist(), lps):
+        for req, token, lp in zip(pending.reqs, tokens, lps):
             if req.finished:
                 continue
-            self._accept(req, token, lp)
+            self._accept(req, token, lp, mirrored)
             if emit_unfinished or req.finished:
                 changed[req.group] = self.groups[req.group]
         if self._pending is not None and self._pending.logits is not None:
             self._sample_pending(self._pending)     # the grammars have seen every token now
         return self._emit(changed)
+
+    def _request_masks(self, reqs: list[Request], tokens: list[int]) -> bool:
+        """Before the rows' host work, start the grammar helper on the next step's masks (it first
+        advances its matchers by these tokens). True if it took the tokens."""
+        nxt = self._pending
+        if nxt is None or nxt.logits is None or self._grammar is None or not self._grammar.helper_ready():
+            return False
+        for req, token in zip(reqs, tokens):
+            if req.grammar is not None and not req.finished:
+                self._grammar.accepted(req.grammar_key, token)
+        nxt.helper_rows = self._grammar.request_masks(
+            [r.grammar_key if r.grammar is not None and not r.finished else None for r in nxt.reqs])
+        return nxt.helper_rows is not None
 
     def _step_sync(self, batch, emit_unfinished: bool) -> list[RequestOutput]:
         changed: dict[str, _Group] = {}
@@ -382,16 +412,19 @@ class Engine:
         for req, token, lp in zip(reqs, out.token_ids, out.logprobs):
             self._accept(req, token, lp)
 
-    def _accept(self, req: Request, token: int, logprobs: dict[int, float] | None) -> None:
+    def _accept(self, req: Request, token: int, logprobs: dict[int, float] | None, mirrored: bool = False) -> None:
+        """mirrored: the grammar helper has been sent this token already."""
         req.output_ids.append(token)
         if req.logprobs is not None:
             req.logprobs.append(logprobs)
         self.stats["generation_tokens"] += 1
-        self._check_stop(req, token)
+        self._check_stop(req, token, mirrored)
 
-    def _check_stop(self, req: Request, token: int) -> None:
+    def _check_stop(self, req: Request, token: int, mirrored: bool = False) -> None:
         p = req.params
         if req.grammar is not None:
+            if not mirrored:
+                self._grammar.accepted(req.grammar_key, token)
             if not req.grammar.accept_token(token):
                 return self._finish(req, "abort", "grammar rejected the sampled token")
             # The grammar is complete once it takes a stop token (asked only then: a call per row adds up).
@@ -413,6 +446,12 @@ class Engine:
         if req.detokenizer is not None and not req.detokenizer.stopped:
             req.detokenizer.finish()
         self.scheduler.remove(req)
+        self._release_grammar(req)
+
+    def _release_grammar(self, req: Request) -> None:
+        if req.grammar_key is not None:
+            self._grammar.release(req.grammar_key)
+            req.grammar_key = None
 
     def _emit(self, changed: dict[str, _Group]) -> list[RequestOutput]:
         outs = []

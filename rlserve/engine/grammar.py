@@ -3,7 +3,9 @@ per sample, a vocabulary bitmask applied to the logits before every sampling mod
 one-pass Gumbel kernel samples on a GPU, handed to that kernel, which skips masked tokens itself)."""
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -11,6 +13,9 @@ from typing import Any
 
 import torch
 
+from rlserve.engine.grammar_worker import MaskWorker
+
+log = logging.getLogger("rlserve")
 # xgrammar's thread pool costs ~0.2 ms a fill to dispatch (H100 host: 64 cheap rows take 0.27 ms on one
 # thread, 0.41 ms on eight); a fill whose rows would take longer than this on one thread is spread. In
 # the engine the pool loses by more than that: with fills of ~0.4 ms (64 rows of a plain JSON schema)
@@ -42,7 +47,9 @@ class GrammarSpec:
 class GrammarBackend:
     """Owns the xgrammar compiler for one tokenizer; compiled grammars are cached by spec."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], max_cache: int = 256) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], max_cache: int = 256,
+                 worker_rows: int = 0, pin: bool = False) -> None:
+        """worker_rows > 0: fill batches of up to that many rows in a helper process (grammar_worker)."""
         import xgrammar as xgr   # imported on first use: the engine core doesn't need it otherwise
 
         self.xgr = xgr
@@ -60,6 +67,11 @@ class GrammarBackend:
         self._serial_row_s = 0.0
         self._fills = 0
         self._bitmask: torch.Tensor | None = None     # reused host buffer, pinned when copied to a GPU
+        self._keys = itertools.count()
+        self.worker: MaskWorker | None = None
+        if worker_rows > 0:
+            words = xgr.allocate_token_bitmask(1, vocab_size).shape[1]
+            self.worker = MaskWorker(info.serialize_json(), stop_token_ids, worker_rows, words, pin)
 
     def compile(self, spec: GrammarSpec) -> Any:
         """Compile (or fetch) a grammar; a bad constraint raises ValueError with the compiler's words."""
@@ -81,8 +93,80 @@ class GrammarBackend:
         self.cache[spec] = compiled
         return compiled
 
-    def matcher(self, compiled: Any) -> Any:
-        return self.xgr.GrammarMatcher(compiled)
+    def matcher(self, spec: GrammarSpec, compiled: Any) -> tuple[Any, int]:
+        """A new matcher and the key that names it to the mask helper (release it when done)."""
+        key = next(self._keys)
+        if self._helper_owns(key):
+            self.worker.add(key, spec, compiled)
+        return self.xgr.GrammarMatcher(compiled), key
+
+    def _helper_owns(self, key: int) -> bool:
+        # The helper fills every other matcher's rows and the engine the rest, at the same time: the
+        # helper alone would take longer (its copy must also take each token) than the engine's own
+        # per-row work that it runs beside.
+        return self.worker is not None and key % 2 == 0
+
+    def release(self, key: int) -> None:
+        if self._helper_owns(key):
+            self.worker.drop(key)
+
+    def accepted(self, key: int, token: int) -> None:
+        """A matcher accepted a token: the helper's copy takes it with its next request."""
+        if self._helper_owns(key):
+            self.worker.accepted(key, token)
+
+    def helper_ready(self) -> bool:
+        """Whether a mask helper runs and has started (until then the engine fills every mask)."""
+        if self.worker is None:
+            return False
+        try:
+            return self.worker.ready()
+        except (OSError, EOFError, RuntimeError) as e:
+            self._lose_worker(e)
+            return False
+
+    def request_masks(self, keys: list[int | None]) -> list[int | None] | None:
+        """Start the helper on its rows of a batch's masks (keys: the rows' matchers, None where
+        unconstrained). Returns the keys it was given (None where the engine fills), or None when
+        there is no helper (fill everything with device_masks)."""
+        if not self.helper_ready():
+            return None
+        try:
+            owned = [k if k is not None and k % 2 == 0 else None for k in keys]
+            self.worker.request(owned)
+            return owned
+        except (OSError, EOFError, ValueError, RuntimeError) as e:
+            self._lose_worker(e)
+            return None
+
+    def requested_masks(self, matchers: list[Any | None], owned: list[int | None],
+                        device: torch.device) -> torch.Tensor | None:
+        """The batch's masks on `device`: the helper's rows (`owned`, from request_masks) and the
+        engine's own, filled here meanwhile into the same shared buffer. None if the helper failed:
+        fill them all with device_masks (the engine's own matchers are always current)."""
+        worker = self.worker
+        if worker is None:
+            return None
+        bitmask = worker.bitmask[:len(owned)]
+        mine = [i for i, k in enumerate(owned) if k is None and matchers[i] is not None]
+        if mine:
+            self._fill([matchers[i] for i in mine], bitmask, mine)
+        free = [i for i, k in enumerate(owned) if k is None and matchers[i] is None]
+        if free:
+            bitmask[free] = -1
+        try:
+            worker.result()
+        except (OSError, EOFError, RuntimeError) as e:
+            self._lose_worker(e)
+            return None
+        if device.type == "cuda" and not worker.pinned:
+            bitmask = self._host_bitmask(bitmask.shape[0], device).copy_(bitmask)
+        return bitmask.to(device, non_blocking=True)
+
+    def _lose_worker(self, error: Exception) -> None:
+        log.warning("grammar mask helper stopped (%s); masks are filled in the engine process", error)
+        worker, self.worker = self.worker, None
+        worker.close()
 
     def apply_masks(self, logits: torch.Tensor, matchers: list[Any | None]) -> None:
         """Mask, in place, every row whose request is constrained."""

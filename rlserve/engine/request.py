@@ -35,6 +35,7 @@ class Request:
     admitted_once: bool = False
     chunk_len: int = 0                        # tokens being prefilled in the current step
     grammar: Any = None                       # an xgrammar matcher when output is constrained
+    grammar_key: int | None = None            # that matcher's name for the grammar backend's mask helper
     decode_row: Any = None                    # its SampleRow for overlapped decode steps, made once
 
     @property

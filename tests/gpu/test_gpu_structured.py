@@ -61,3 +61,30 @@ def test_bitmask_in_the_sampling_kernel_matches_masked_logits(llm, monkeypatch):
             jsonschema.validate(json.loads(c.text), SCHEMA)
     assert sum(o.outputs[0].finish_reason == "stop" for o in fused[24:48]) >= 12
     assert llm.engine.kv_leaked() == 0
+
+
+def test_masks_from_the_helper_process_match_masks_filled_in_the_engine(llm):
+    """On CUDA the grammar masks come from a helper process (pinned shared memory, asynchronous copy);
+    an engine that fills them itself draws the same tokens."""
+    import time
+    helper = llm.engine
+    helper._compile_grammar(SamplingParams(json_object=True))
+    worker = helper._grammar.worker
+    assert worker is not None and worker.pinned
+    deadline = time.monotonic() + 120
+    while not worker.ready():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    own = LLM(dtype="bfloat16", gpu_memory_fraction=0.5)
+    own.engine.grammar_mask_process = False
+    prompt = llm.apply_chat_template([{"role": "user", "content": "Give me a code, then a person as JSON."}])
+    params = _params()
+    before = worker.requests
+    outs = {}
+    for name, engine in (("helper", llm), ("own", own)):
+        engine.engine.flush_cache()
+        outs[name] = [o.outputs[0].token_ids for o in engine.generate([prompt] * len(params), params, use_tqdm=False)]
+    assert worker.requests - before > 20 and helper._grammar.worker is worker
+    assert own.engine._grammar.worker is None
+    assert outs["helper"] == outs["own"]
+    assert helper.kv_leaked() == 0 and own.engine.kv_leaked() == 0

@@ -149,8 +149,8 @@ def test_serial_and_parallel_mask_fills_agree_and_cost_picks_the_filler(llm):
     import rlserve.engine.grammar as grammar
     llm.engine._compile_grammar(SamplingParams(json_object=True))     # creates the backend
     backend = llm.engine._grammar
-    compiled = backend.compile(grammar.GrammarSpec.from_params(SamplingParams(json_schema=SCHEMAS[next(iter(SCHEMAS))])))
-    matchers = [backend.matcher(compiled) for _ in range(4)]
+    spec = grammar.GrammarSpec.from_params(SamplingParams(json_schema=SCHEMAS[next(iter(SCHEMAS))]))
+    matchers = [backend.matcher(spec, backend.compile(spec))[0] for _ in range(4)]
     for m, prefix in zip(matchers, ['{', '{"']):
         assert m.accept_string(prefix)
     rows = list(range(len(matchers)))

@@ -1,0 +1,110 @@
+"""Grammar masks from the helper process: the same masks, the same tokens, and a clean fallback."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+
+import jsonschema
+import pytest
+import torch
+
+from rlserve import LLM, SamplingParams
+from rlserve.engine.grammar import GrammarSpec
+from structured_schemas import REGEXES, SCHEMAS
+
+NAMES = list(SCHEMAS)[:6]
+REGEX = REGEXES[2]      # two capitalised words: a few tokens of free text
+
+
+def _engine(helper: bool) -> LLM:
+    llm = LLM(overlap_schedule=True)            # overlapped steps are where the helper works
+    llm.engine.grammar_mask_process = helper
+    llm.engine._compile_grammar(SamplingParams(json_object=True))      # creates the grammar backend
+    worker = llm.engine._grammar.worker
+    assert (worker is not None) == helper
+    deadline = time.monotonic() + 120
+    while helper and not worker.ready():          # until it has started the engine fills masks itself
+        assert time.monotonic() < deadline, "the mask helper did not start"
+        time.sleep(0.05)
+    return llm
+
+
+@pytest.fixture(scope="module")
+def engines(default_model_dir) -> dict[bool, LLM]:
+    return {helper: _engine(helper) for helper in (True, False)}
+
+
+def _batch(llm: LLM) -> tuple[list[str], list[SamplingParams]]:
+    prompt = llm.apply_chat_template([{"role": "user", "content": "Give me an example as JSON."}])
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=64, json_schema=SCHEMAS[name])
+              for i, name in enumerate(NAMES * 2)]
+    params += [SamplingParams(temperature=1.0, seed=50 + i, max_tokens=40, regex=REGEX) for i in range(4)]
+    params += [SamplingParams(temperature=0.7, seed=90 + i, max_tokens=24) for i in range(4)]
+    return [prompt] * len(params), params
+
+
+def _run(llm: LLM) -> list[tuple[list[int], str]]:
+    outs = llm.generate(*_batch(llm), use_tqdm=False)
+    return [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].text) for o in outs]
+
+
+def test_helper_masks_give_the_same_tokens_as_masks_filled_in_the_engine(engines):
+    with_helper, without = engines[True], engines[False]
+    worker = with_helper.engine._grammar.worker
+    before = worker.requests
+    got, want = _run(with_helper), _run(without)
+    assert worker.requests - before > 10, "the helper filled no masks"
+    assert with_helper.engine._grammar.worker is worker            # and never failed
+    assert got == want
+    for (ids, reason, text), name in zip(got, NAMES * 2):
+        if reason == "stop":
+            jsonschema.validate(json.loads(text), SCHEMAS[name])
+    for ids, reason, text in got[len(NAMES) * 2:len(NAMES) * 2 + 4]:
+        if reason == "stop":
+            assert re.fullmatch(REGEX, text), text
+    assert sum(reason == "stop" for _, reason, _ in got[:len(NAMES) * 2]) >= len(NAMES)
+    assert with_helper.engine.kv_leaked() == 0
+
+
+def test_helper_mask_equals_the_engines_fill_token_by_token(engines):
+    backend = engines[True].engine._grammar
+    spec = GrammarSpec.from_params(SamplingParams(json_schema=SCHEMAS[NAMES[0]]))
+    compiled = backend.compile(spec)
+    pairs = [backend.matcher(spec, compiled) for _ in range(5)]
+    gen = torch.Generator().manual_seed(0)
+    for step in range(30):
+        live = [(m, k) for m, k in pairs if not m.is_terminated()]
+        if not live:
+            break
+        keys = [k for _, k in live] + [None]       # and one unconstrained row
+        owned = backend.request_masks(keys)
+        assert owned is not None
+        if step == 0:           # both sides fill rows: the helper every other matcher, the engine the rest
+            assert owned[:-1] == [k if k % 2 == 0 else None for _, k in live] and None in owned[:-1]
+        rows = [m for m, _ in live] + [None]
+        helper = backend.requested_masks(rows, owned, torch.device("cpu")).clone()   # its rows and ours
+        here = backend.device_masks(rows, torch.device("cpu"))
+        assert torch.equal(helper, here), step
+        assert bool((helper[-1] == -1).all())
+        # a random allowed token per row, accepted on both sides
+        logits = torch.randn(len(live), backend.vocab_size, generator=gen)
+        backend.apply_bitmask(logits, here[:-1].clone())
+        for (m, k), token in zip(live, logits.argmax(-1).tolist()):
+            backend.accepted(k, token)
+            assert m.accept_token(token)
+    for _, k in pairs:
+        backend.release(k)
+
+
+def test_the_engine_fills_masks_itself_when_the_helper_dies(engines, caplog):
+    llm = _engine(True)
+    want = _run(engines[False])
+    llm.engine._grammar.worker._proc.kill()
+    with caplog.at_level(logging.WARNING, logger="rlserve"):
+        got = _run(llm)
+    assert got == want
+    assert llm.engine._grammar.worker is None
+    assert any("mask helper stopped" in r.message for r in caplog.records)
+    assert llm.engine.kv_leaked() == 0
