@@ -124,8 +124,8 @@ class Engine:
         self.overlap = self.device.type == "cuda" if overlap == "auto" else bool(overlap)
         self._pending: _Pending | None = None
         self._grammar: GrammarBackend | None = None
-        # Overlapped steps have the grammar masks filled by a helper process beside the loop's own work
-        # (see grammar_worker); read when the first constrained request arrives.
+        # Overlapped steps have half of each step's grammar masks filled by a helper process beside the
+        # loop's own work (see grammar_worker); read when the first constrained request arrives.
         self.grammar_mask_process = self.overlap
         self._arrival = itertools.count()
         self._auto_rid = itertools.count()

@@ -1,12 +1,13 @@
 """Grammar masks filled by a helper process while the engine loop does the step's other host work.
 
 xgrammar holds the GIL while it advances a matcher or fills a mask, so a thread cannot run it beside
-the loop's Python (stop checks, detokenizing). A helper process can. It keeps a mirror of every
-matcher: the engine sends the tokens its own matchers accept and the next batch's rows, the helper
-advances its copies and writes the batch's bitmask into shared memory, and the engine reads it when it
-launches the sampling. The engine still advances its own matchers, because it decides from them
-whether a token was rejected or the grammar is complete; both sides see the same tokens in the same
-order, so their states, and the masks, are the same.
+the loop's Python (stop checks, detokenizing). A helper process can. It keeps a copy of the matchers
+it is given (every other one, see GrammarBackend): the engine sends the tokens those accept and the
+next batch's rows, the helper advances its copies and writes their rows of the bitmask into shared
+memory while the engine fills the other rows, and the engine copies the whole mask to the device when
+it launches the sampling. The engine still advances all its own matchers, because it decides from
+them whether a token was rejected or the grammar is complete; both sides see the same tokens in the
+same order, so their states, and the masks, are the same.
 
 The helper runs `python -m rlserve.engine.grammar_worker` (not multiprocessing's spawn, which would
 re-run the caller's main script) and talks over a socket pair. If it fails, the engine fills the
@@ -31,6 +32,7 @@ log = logging.getLogger("rlserve")
 # How long the helper polls for the next request before sleeping (GPU engines only, whose steps come
 # every few milliseconds; it keeps one core busy while requests flow).
 SPIN_S = 0.005
+RESULT_TIMEOUT_S = 10.0     # a helper this late is stuck: the engine stops using it and fills masks itself
 
 
 class MaskWorker:
@@ -55,11 +57,10 @@ class MaskWorker:
         self._new_matchers: list[tuple[int, int]] = []
         self._accepted: list[tuple[int, int]] = []
         self._dropped: list[int] = []
-        self._rows = 0                                 # rows of the request awaiting its answer
         self._ready = False                            # the helper has started (it says so once)
         self.requests = 0                              # batches it was asked to fill
-        self._finalizer = weakref.finalize(self, _shut_down, self._conn, self._proc, self._shm, self.bitmask,
-                                           self._pinned)
+        self._finalizer = weakref.finalize(self, _shut_down, self._conn, self._proc, self._shm,
+                                           self.bitmask.data_ptr() if self._pinned else None)
 
     @property
     def pinned(self) -> bool:
@@ -89,17 +90,18 @@ class MaskWorker:
         self._dropped.append(key)
 
     def request(self, keys: list[int | None]) -> None:
-        """Ask for the masks of one batch (None: an unconstrained row, every bit set); everything queued
-        since the last request is applied first."""
+        """Ask for the helper's rows of one batch's masks (the row's matcher key; None: a row the
+        helper leaves alone). Everything queued since the last request is applied first."""
         if len(keys) > self.max_rows:
             raise ValueError(f"{len(keys)} rows exceed the helper's {self.max_rows}")
         self._conn.send((self._new_grammars, self._new_matchers, self._accepted, self._dropped, keys))
         self._new_grammars, self._new_matchers, self._accepted, self._dropped = [], [], [], []
-        self._rows = len(keys)
         self.requests += 1
 
     def result(self) -> None:
         """Wait until the helper has filled its rows of the requested masks (in `bitmask`)."""
+        if not self._conn.poll(RESULT_TIMEOUT_S):
+            raise RuntimeError(f"no answer in {RESULT_TIMEOUT_S} s")
         reply = self._conn.recv()
         if reply is not True:
             raise RuntimeError(f"grammar mask helper failed: {reply}")
@@ -116,8 +118,7 @@ def _register(t: torch.Tensor) -> bool:
     return int(err) == 0
 
 
-def _shut_down(conn: Connection, proc: subprocess.Popen, shm: SharedMemory, bitmask: torch.Tensor,
-               pinned: bool) -> None:
+def _shut_down(conn: Connection, proc: subprocess.Popen, shm: SharedMemory, pinned_ptr: int | None) -> None:
     try:
         conn.send(None)
         conn.close()
@@ -127,20 +128,19 @@ def _shut_down(conn: Connection, proc: subprocess.Popen, shm: SharedMemory, bitm
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         proc.kill()
-    if pinned:
-        torch.cuda.cudart().cudaHostUnregister(bitmask.data_ptr())
-    del bitmask     # the buffer can only close once no tensor views it
+    if pinned_ptr is not None:
+        torch.cuda.cudart().cudaHostUnregister(pinned_ptr)
     try:
         shm.close()
     except BufferError:
-        pass        # a caller still holds a view; the segment is unlinked anyway
+        pass        # a tensor still views the buffer; the segment is unlinked anyway
     shm.unlink()
 
 
 def _wait(conn: Connection, spin_s: float) -> None:
     """Poll for the next request for up to spin_s before sleeping in the kernel: a step's request
     follows the last one within milliseconds, and waking a sleeping process costs a good part of what
-    the helper saves (~0.3 ms a step measured on an H100 host)."""
+    the helper saves (~0.3 ms a step, measured on an H200 host)."""
     end = time.perf_counter() + spin_s
     while time.perf_counter() < end:
         if conn.poll(0):
