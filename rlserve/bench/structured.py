@@ -43,7 +43,8 @@ def _wait_for_mask_helper(llm: LLM, timeout_s: float = 120.0) -> None:
     """Time the steady state: the grammar backend's mask helper process (on CUDA) has started."""
     backend = llm.engine._grammar
     deadline = time.monotonic() + timeout_s
-    while backend is not None and backend.worker is not None and not backend.worker.ready():
+    # helper_ready() drops a helper that failed to start (the engine then fills every mask itself).
+    while backend is not None and backend.worker is not None and not backend.helper_ready():
         if time.monotonic() > deadline:
             raise RuntimeError("the grammar mask helper did not start")
         time.sleep(0.05)
