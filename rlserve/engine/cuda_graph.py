@@ -131,35 +131,34 @@ class CudaGraphRunner:
         return self.logits[(padded, False)][:bs]
 
     def run(self, fb: ForwardBatch) -> torch.Tensor:
+        """A cascade decode step (plain ones take replay_decode) from its built batch tensors."""
+        shared = fb.shared_prefixes
+        assert shared is not None, "plain decode steps replay through replay_decode"
         bs = fb.batch_size
         padded = self.padded_size(bs)
-        shared = fb.shared_prefixes
-        ids, positions, rows, seq_lens = (self.input_ids, self.positions, self.req_rows, self.seq_lens) \
-            if shared is not None else self.step_inputs[padded]
-        ids[:bs].copy_(fb.input_ids)
-        positions[:bs].copy_(fb.positions)
+        self.input_ids[:bs].copy_(fb.input_ids)
+        self.positions[:bs].copy_(fb.positions)
         self.out_loc[:bs].copy_(fb.out_cache_loc)
-        rows[:bs].copy_(fb.req_rows)
-        seq_lens[:bs].copy_(fb.seq_lens)
+        self.req_rows[:bs].copy_(fb.req_rows)
+        self.seq_lens[:bs].copy_(fb.seq_lens)
         if padded > bs:                           # padded rows: a one-token sequence in the sink
-            ids[bs:padded].zero_()
-            positions[bs:padded].zero_()
+            self.input_ids[bs:padded].zero_()
+            self.positions[bs:padded].zero_()
             self.out_loc[bs:padded].zero_()
-            rows[bs:padded].fill_(self.pad_row)
-            seq_lens[bs:padded].fill_(1)
-        if shared is not None:
-            g, cap = shared.num_groups, padded // 2
-            self.members[:g].copy_(shared.members)
-            self.group_lengths[:g].copy_(shared.lengths)
-            self.group_rows[:g].copy_(shared.rows)
-            self.starts[:bs].copy_(shared.starts)
-            if cap > g:                           # empty groups: no members, nothing to read
-                self.members[g:cap].fill_(-1)
-                self.group_lengths[g:cap].zero_()
-                self.group_rows[g:cap].fill_(self.pad_row)
-            if padded > bs:
-                self.starts[bs:padded].zero_()
-            self.cascade_replays += 1
-        key = (padded, shared is not None)
+            self.req_rows[bs:padded].fill_(self.pad_row)
+            self.seq_lens[bs:padded].fill_(1)
+        g, cap = shared.num_groups, padded // 2
+        self.members[:g].copy_(shared.members)
+        self.group_lengths[:g].copy_(shared.lengths)
+        self.group_rows[:g].copy_(shared.rows)
+        self.starts[:bs].copy_(shared.starts)
+        if cap > g:                               # empty groups: no members, nothing to read
+            self.members[g:cap].fill_(-1)
+            self.group_lengths[g:cap].zero_()
+            self.group_rows[g:cap].fill_(self.pad_row)
+        if padded > bs:
+            self.starts[bs:padded].zero_()
+        self.cascade_replays += 1
+        key = (padded, True)
         self.graphs[key].replay()
         return self.logits[key][:bs]

@@ -132,7 +132,7 @@ class GrammarBackend:
         if not self.helper_ready():
             return None
         try:
-            owned = [k if k is not None and k % 2 == 0 else None for k in keys]
+            owned = [k if k is not None and self._helper_owns(k) else None for k in keys]
             self.worker.request(owned)
             return owned
         except (OSError, EOFError, ValueError, RuntimeError) as e:

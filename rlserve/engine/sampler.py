@@ -37,7 +37,7 @@ class SampleRow:
         p = self.params
         plain = not has_penalties(p) and not len(self.banned_ids)
         self.greedy_only = plain and p.greedy
-        self.one_pass = plain and (p.greedy or (p.top_k == -1 and p.top_p == 1.0 and p.min_p == 0.0))
+        self.one_pass = plain and (p.greedy or _unfiltered(self))
 
 
 @dataclass
