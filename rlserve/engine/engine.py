@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -124,6 +125,7 @@ class Engine:
         self.overlap = self.device.type == "cuda" if overlap == "auto" else bool(overlap)
         self._pending: _Pending | None = None
         self._grammar: GrammarBackend | None = None
+        self._late_finished: list[Request] = []    # aborted outside a step's accept loop; emitted with it
         # Overlapped steps have half of each step's grammar masks filled by a helper process beside the
         # loop's own work (see grammar_worker); read when the first constrained request arrives.
         self.grammar_mask_process = self.overlap
@@ -291,11 +293,13 @@ class Engine:
         ks = [r.params.logprobs for r in reqs]
         bitmask = None
         if pending.helper_rows is not None:
+            # The engine fills only rows it owns, whose matchers are always current.
             bitmask = self._grammar.requested_masks([None if r.finished else r.grammar for r in reqs],
                                                     pending.helper_rows, logits.device)
         if self._grammar is not None and bitmask is None:
             # A request that finished meanwhile keeps an unmasked row; its token is dropped anyway.
-            bitmask = self._grammar.device_masks([None if r.finished else r.grammar for r in reqs], logits.device)
+            bitmask = self._grammar.device_masks([None if r.finished else self._grammar_now(r) for r in reqs],
+                                                 logits.device)
         # The sampling kernel can skip masked tokens itself (no launch, no pass over the logits);
         # log-probabilities and the other sampling paths read masked logits.
         if bitmask is not None and (any(k is not None for k in ks) or not self.sampler.fuses_bitmask(rows)
@@ -407,10 +411,11 @@ class Engine:
                                 | set(req.params.stop_token_ids or ()))
             rows.append(SampleRow(req.params, req.generator, req.prompt_ids, req.output_ids, banned))
         if self._grammar is not None:
-            self._grammar.apply_masks(logits, [r.grammar for r in reqs])
+            self._grammar.apply_masks(logits, [self._grammar_now(r) for r in reqs])
         out = self.sampler(logits, rows)
         for req, token, lp in zip(reqs, out.token_ids, out.logprobs):
-            self._accept(req, token, lp)
+            if not req.finished:      # (a matcher catching up can abort its request)
+                self._accept(req, token, lp)
 
     def _accept(self, req: Request, token: int, logprobs: dict[int, float] | None, mirrored: bool = False) -> None:
         """mirrored: the grammar helper has been sent this token already."""
@@ -423,13 +428,23 @@ class Engine:
     def _check_stop(self, req: Request, token: int, mirrored: bool = False) -> None:
         p = req.params
         if req.grammar is not None:
-            if not mirrored:
-                self._grammar.accepted(req.grammar_key, token)
-            if not req.grammar.accept_token(token):
-                return self._finish(req, "abort", "grammar rejected the sampled token")
+            if mirrored and self._grammar.helper_owns(req.grammar_key):
+                # The helper's copy has taken the token and fills this row's masks, so the engine's
+                # matcher can wait: it catches up (_grammar_now) only when it is read.
+                req.grammar_lag.append(token)
+            else:
+                if not mirrored:
+                    self._grammar.accepted(req.grammar_key, token)
+                matcher = self._grammar_now(req)     # after the helper stopped, it may still lag
+                if matcher is None:
+                    return
+                if not matcher.accept_token(token):
+                    return self._finish(req, "abort", "grammar rejected the sampled token")
             # The grammar is complete once it takes a stop token (asked only then: a call per row adds up).
-            if token in self._grammar.stop_ids and req.grammar.is_terminated():
+            if token in self._grammar.stop_ids and (m := self._grammar_now(req)) is not None and m.is_terminated():
                 return self._finish(req, "stop")
+            if req.finished:
+                return
         if p.stop_token_ids and token in p.stop_token_ids:
             return self._finish(req, "stop", token)
         if not p.ignore_eos and token in self.eos_ids:
@@ -440,6 +455,21 @@ class Engine:
                 return self._finish(req, "stop", req.detokenizer.stop_string)
         if len(req.output_ids) >= req.max_new_tokens or req.num_tokens >= self.max_model_len:
             return self._finish(req, "length")
+
+    def _grammar_now(self, req: Request) -> Any:
+        """req's matcher with every accepted token taken (None if unconstrained or finished). Tokens
+        the helper's copy took wait in grammar_lag; each was sampled under a mask from a matcher in
+        the same state, so a rejection here means the two disagreed, and the request is aborted."""
+        if req.grammar is None or req.finished:
+            return None
+        if req.grammar_lag:
+            lag, req.grammar_lag = req.grammar_lag, []
+            for token in lag:
+                if not req.grammar.accept_token(token):
+                    self._finish(req, "abort", "grammar rejected the sampled token")
+                    self._late_finished.append(req)
+                    return None
+        return req.grammar
 
     def _finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
         req.finish_reason, req.stop_reason = reason, stop_reason
@@ -454,6 +484,10 @@ class Engine:
             req.grammar_key = None
 
     def _emit(self, changed: dict[str, _Group]) -> list[RequestOutput]:
+        for req in self._late_finished:
+            if req.group in self.groups:
+                changed.setdefault(req.group, self.groups[req.group])
+        self._late_finished.clear()
         outs = []
         for rid, group in changed.items():
             out = self._output(group)

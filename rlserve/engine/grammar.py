@@ -69,6 +69,8 @@ class GrammarBackend:
         self._bitmask: torch.Tensor | None = None     # reused host buffer, pinned when copied to a GPU
         self._keys = itertools.count()
         self.worker: MaskWorker | None = None
+        # The share of matchers whose rows the helper fills; fixed once the first matcher exists.
+        self.helper_share = 0.5
         if worker_rows > 0:
             words = xgr.allocate_token_bitmask(1, vocab_size).shape[1]
             self.worker = MaskWorker(info.serialize_json(), stop_token_ids, worker_rows, words, pin)
@@ -96,23 +98,24 @@ class GrammarBackend:
     def matcher(self, spec: GrammarSpec, compiled: Any) -> tuple[Any, int]:
         """A new matcher and the key that names it to the mask helper (release it when done)."""
         key = next(self._keys)
-        if self._helper_owns(key):
+        if self.helper_owns(key):
             self.worker.add(key, spec, compiled)
         return self.xgr.GrammarMatcher(compiled), key
 
-    def _helper_owns(self, key: int) -> bool:
-        # The helper fills every other matcher's rows and the engine the rest, at the same time: the
-        # helper alone would take longer (its copy must also take each token) than the engine's own
-        # per-row work that it runs beside.
-        return self.worker is not None and key % 2 == 0
+    def helper_owns(self, key: int) -> bool:
+        """Whether the helper fills this matcher's rows. It takes a share of the matchers (every other
+        one by default) and the engine fills the rest at the same time: the helper alone would take
+        longer (its copy must also take each token) than the engine's own per-row work beside it."""
+        f = self.helper_share
+        return self.worker is not None and int((key + 1) * f) > int(key * f)
 
     def release(self, key: int) -> None:
-        if self._helper_owns(key):
+        if self.helper_owns(key):
             self.worker.drop(key)
 
     def accepted(self, key: int, token: int) -> None:
         """A matcher accepted a token: the helper's copy takes it with its next request."""
-        if self._helper_owns(key):
+        if self.helper_owns(key):
             self.worker.accepted(key, token)
 
     def helper_ready(self) -> bool:
@@ -132,7 +135,7 @@ class GrammarBackend:
         if not self.helper_ready():
             return None
         try:
-            owned = [k if k is not None and self._helper_owns(k) else None for k in keys]
+            owned = [k if k is not None and self.helper_owns(k) else None for k in keys]
             self.worker.request(owned)
             return owned
         except (OSError, EOFError, ValueError, RuntimeError) as e:

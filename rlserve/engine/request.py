@@ -36,6 +36,8 @@ class Request:
     chunk_len: int = 0                        # tokens being prefilled in the current step
     grammar: Any = None                       # an xgrammar matcher when output is constrained
     grammar_key: int | None = None            # that matcher's name for the grammar backend's mask helper
+    # Tokens the helper's copy of the matcher took and `grammar` has not yet (see Engine._grammar_now).
+    grammar_lag: list[int] = field(default_factory=list)
     decode_row: Any = None                    # its SampleRow for overlapped decode steps, made once
 
     @property

@@ -82,7 +82,8 @@ def test_helper_mask_equals_the_engines_fill_token_by_token(engines):
         owned = backend.request_masks(keys)
         assert owned is not None
         if step == 0:           # both sides fill rows: the helper every other matcher, the engine the rest
-            assert owned[:-1] == [k if k % 2 == 0 else None for _, k in live] and None in owned[:-1]
+            assert owned[:-1] == [k if backend.helper_owns(k) else None for _, k in live]
+            assert None in owned[:-1] and any(k is not None for k in owned)
         rows = [m for m, _ in live] + [None]
         helper = backend.requested_masks(rows, owned, torch.device("cpu")).clone()   # its rows and ours
         here = backend.device_masks(rows, torch.device("cpu"))
@@ -108,3 +109,69 @@ def test_the_engine_fills_masks_itself_when_the_helper_dies(engines, caplog):
     assert llm.engine._grammar.worker is None
     assert any("mask helper stopped" in r.message for r in caplog.records)
     assert llm.engine.kv_leaked() == 0
+
+
+def test_helper_share_sets_how_many_matchers_the_helper_owns(engines):
+    backend = engines[True].engine._grammar
+    default = backend.helper_share
+    try:
+        for share, owned in ((0.5, 150), (2 / 3, 200), (1 / 3, 100)):
+            backend.helper_share = share
+            assert sum(backend.helper_owns(k) for k in range(300)) == owned
+    finally:
+        backend.helper_share = default
+
+
+def test_the_engine_catches_its_matchers_up_when_the_helper_dies_mid_run(engines, caplog):
+    """The engine's copies of the helper's matchers take their tokens only when read; a helper lost
+    in the middle of a batch leaves them behind, and the engine's own fills must catch them up."""
+    llm = _engine(True)
+    want = _run(engines[False])
+    worker, step, steps, lagging = llm.engine._grammar.worker, llm.engine.step, [0], []
+
+    def step_then_kill(*args, **kwargs):
+        steps[0] += 1
+        if steps[0] == 12:
+            lagging.extend(r for r in llm.engine.scheduler.running if r.grammar_lag)
+            worker._proc.kill()
+            worker._proc.wait()
+        return step(*args, **kwargs)
+
+    llm.engine.step = step_then_kill
+    with caplog.at_level(logging.WARNING, logger="rlserve"):
+        got = _run(llm)
+    assert lagging, "no matcher was behind its helper copy when the helper died"
+    assert got == want
+    assert llm.engine._grammar.worker is None
+    assert any("mask helper stopped" in r.message for r in caplog.records)
+    assert llm.engine.kv_leaked() == 0
+
+
+@pytest.mark.timeout(600)
+def test_a_matcher_that_disagrees_with_its_helper_copy_aborts_only_its_request(engines):
+    """Catching up, the engine's matcher rejects a token its helper copy took (a stop token in the
+    middle of the JSON here): that request ends "abort" and is returned; the others finish as usual."""
+    llm = engines[True]
+    eos = llm.engine._grammar.stop_ids
+    step, steps, broken = llm.engine.step, [0], []
+
+    def step_and_break_one(*args, **kwargs):
+        steps[0] += 1
+        if not broken and steps[0] >= 8:
+            lagging = [r for r in llm.engine.scheduler.running if r.grammar_lag and not r.finished]
+            if lagging:
+                lagging[0].grammar_lag.append(min(eos))
+                broken.append(lagging[0].group)
+        return step(*args, **kwargs)
+
+    llm.engine.step = step_and_break_one
+    try:
+        prompts, params = _batch(llm)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        del llm.engine.step
+    assert broken, "no matcher lagged behind its helper copy"
+    by_id = {o.request_id: o.outputs[0] for o in outs}
+    assert by_id[broken[0]].finish_reason == "abort"
+    assert sum(o.outputs[0].finish_reason == "abort" for o in outs) == 1
+    assert not llm.engine.has_unfinished() and llm.engine.kv_leaked() == 0
