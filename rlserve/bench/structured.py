@@ -44,7 +44,7 @@ def _wait_for_mask_helper(llm: LLM, timeout_s: float = 120.0) -> None:
     backend = llm.engine._grammar
     deadline = time.monotonic() + timeout_s
     # helper_ready() drops a helper that failed to start (the engine then fills every mask itself).
-    while backend is not None and backend.worker is not None and not backend.helper_ready():
+    while backend is not None and backend.helpers is not None and not backend.helper_ready():
         if time.monotonic() > deadline:
             raise RuntimeError("the grammar mask helper did not start")
         time.sleep(0.05)

@@ -27,6 +27,7 @@ from rlserve.outputs import CompletionOutput, RequestOutput
 from rlserve.sampling import SamplingParams
 
 log = logging.getLogger("rlserve")
+GRAMMAR_HELPERS = 1
 DEFAULT_MAX_MODEL_LEN = 32768   # keeps the request-to-token table small for 128k-context models
 
 
@@ -126,9 +127,9 @@ class Engine:
         self._pending: _Pending | None = None
         self._grammar: GrammarBackend | None = None
         self._late_finished: list[Request] = []    # aborted outside a step's accept loop; emitted with it
-        # Overlapped steps have half of each step's grammar masks filled by a helper process beside the
-        # loop's own work (see grammar_worker); read when the first constrained request arrives.
-        self.grammar_mask_process = self.overlap
+        # How many helper processes fill grammar masks beside the loop's own work in overlapped steps
+        # (see grammar_worker); read when the first constrained request arrives.
+        self.grammar_helpers = GRAMMAR_HELPERS if self.overlap else 0
         self._arrival = itertools.count()
         self._auto_rid = itertools.count()
         # Outputs own copies of the growing token and logprob lists. A caller that reads each output before
@@ -208,9 +209,10 @@ class Engine:
         if self._grammar is None:
             if self.tokenizer is None:
                 raise ValueError("structured output needs a tokenizer; this model has none")
-            rows = self.config.scheduler.max_running_requests if self.grammar_mask_process else 0
             self._grammar = GrammarBackend(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_ids),
-                                           worker_rows=rows, pin=self.device.type == "cuda")
+                                           helpers=self.grammar_helpers,
+                                           helper_rows=self.config.scheduler.max_running_requests,
+                                           pin=self.device.type == "cuda")
         return self._grammar.compile(spec)
 
     def _validate_prompt(self, prompt_ids) -> list[int]:
@@ -355,17 +357,19 @@ class Engine:
         return self._emit(changed)
 
     def _request_masks(self, reqs: list[Request], tokens: list[int]) -> bool:
-        """Before the rows' host work, start the grammar helper on the next step's masks (it first
-        advances its matchers by these tokens). True if it took the tokens."""
+        """Before the rows' host work, start the grammar helpers on the next step's masks (they first
+        advance their matchers by these tokens). True if they took the tokens."""
         nxt = self._pending
         if nxt is None or nxt.logits is None or self._grammar is None or not self._grammar.helper_ready():
             return False
         for req, token in zip(reqs, tokens):
-            if req.grammar is not None and not req.finished:
+            if req.grammar_key is not None and not req.finished:
                 self._grammar.accepted(req.grammar_key, token)
-        nxt.helper_rows = self._grammar.request_masks(
-            [r.grammar_key if r.grammar is not None and not r.finished else None for r in nxt.reqs])
-        return nxt.helper_rows is not None
+        keys = [None if r.finished else r.grammar_key for r in nxt.reqs]
+        if not self._grammar.request_masks(keys):
+            return False
+        nxt.helper_rows = keys
+        return True
 
     def _step_sync(self, batch, emit_unfinished: bool) -> list[RequestOutput]:
         changed: dict[str, _Group] = {}
@@ -428,8 +432,8 @@ class Engine:
     def _check_stop(self, req: Request, token: int, mirrored: bool = False) -> None:
         p = req.params
         if req.grammar is not None:
-            if mirrored and self._grammar.helper_owns(req.grammar_key):
-                # The helper's copy has taken the token and fills this row's masks, so the engine's
+            if mirrored and req.grammar_key is not None:
+                # A helper's copy has taken the token and fills this row's masks, so the engine's
                 # matcher can wait: it catches up (_grammar_now) only when it is read.
                 req.grammar_lag.append(token)
             else:

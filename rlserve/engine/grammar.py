@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from rlserve.engine.grammar_worker import MaskWorker
+from rlserve.engine.grammar_worker import MaskHelpers
 
 log = logging.getLogger("rlserve")
 # xgrammar's thread pool costs ~0.2 ms a fill to dispatch (H100 host: 64 cheap rows take 0.27 ms on one
@@ -48,8 +48,9 @@ class GrammarBackend:
     """Owns the xgrammar compiler for one tokenizer; compiled grammars are cached by spec."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], max_cache: int = 256,
-                 worker_rows: int = 0, pin: bool = False) -> None:
-        """worker_rows > 0: fill batches of up to that many rows in a helper process (grammar_worker)."""
+                 helpers: int = 0, helper_rows: int = 0, pin: bool = False) -> None:
+        """helpers > 0: that many helper processes (grammar_worker) fill masks of batches of up to
+        helper_rows rows beside the engine."""
         import xgrammar as xgr   # imported on first use: the engine core doesn't need it otherwise
 
         self.xgr = xgr
@@ -67,13 +68,14 @@ class GrammarBackend:
         self._serial_row_s = 0.0
         self._fills = 0
         self._bitmask: torch.Tensor | None = None     # reused host buffer, pinned when copied to a GPU
-        self._keys = itertools.count()
-        self.worker: MaskWorker | None = None
-        # The share of matchers whose rows the helper fills; fixed once the first matcher exists.
+        self._matchers = itertools.count()
+        self._helper_keys = itertools.count()
+        self.helpers: MaskHelpers | None = None
+        # The share of matchers whose rows the helpers fill; fixed once the first matcher exists.
         self.helper_share = 0.5
-        if worker_rows > 0:
+        if helpers > 0 and helper_rows > 0:
             words = xgr.allocate_token_bitmask(1, vocab_size).shape[1]
-            self.worker = MaskWorker(info.serialize_json(), stop_token_ids, worker_rows, words, pin)
+            self.helpers = MaskHelpers(helpers, info.serialize_json(), stop_token_ids, helper_rows, words, pin)
 
     def compile(self, spec: GrammarSpec) -> Any:
         """Compile (or fetch) a grammar; a bad constraint raises ValueError with the compiler's words."""
@@ -95,62 +97,62 @@ class GrammarBackend:
         self.cache[spec] = compiled
         return compiled
 
-    def matcher(self, spec: GrammarSpec, compiled: Any) -> tuple[Any, int]:
-        """A new matcher and the key that names it to the mask helper (release it when done)."""
-        key = next(self._keys)
-        if self.helper_owns(key):
-            self.worker.add(key, spec, compiled)
+    def matcher(self, spec: GrammarSpec, compiled: Any) -> tuple[Any, int | None]:
+        """A new matcher and, when a mask helper fills its rows, the key that names it to the helper
+        (release it when done); None when the engine fills them."""
+        n = next(self._matchers)
+        key = None
+        if self.helpers is not None and self._share_to_helpers(n):
+            key = next(self._helper_keys)
+            self.helpers.add(key, spec, compiled)
         return self.xgr.GrammarMatcher(compiled), key
 
-    def helper_owns(self, key: int) -> bool:
-        """Whether the helper fills this matcher's rows. It takes a share of the matchers (every other
-        one by default) and the engine fills the rest at the same time: the helper alone would take
-        longer (its copy must also take each token) than the engine's own per-row work beside it."""
+    def _share_to_helpers(self, n: int) -> bool:
+        # The n-th matcher goes to a helper when it takes the count of helper-owned ones up a step.
         f = self.helper_share
-        return self.worker is not None and int((key + 1) * f) > int(key * f)
+        return int((n + 1) * f) > int(n * f)
 
-    def release(self, key: int) -> None:
-        if self.helper_owns(key):
-            self.worker.drop(key)
+    def release(self, key: int | None) -> None:
+        if key is not None and self.helpers is not None:
+            self.helpers.drop(key)
 
-    def accepted(self, key: int, token: int) -> None:
+    def accepted(self, key: int | None, token: int) -> None:
         """A matcher accepted a token: the helper's copy takes it with its next request."""
-        if self.helper_owns(key):
-            self.worker.accepted(key, token)
+        if key is not None and self.helpers is not None:
+            self.helpers.accepted(key, token)
 
     def helper_ready(self) -> bool:
-        """Whether a mask helper runs and has started (until then the engine fills every mask)."""
-        if self.worker is None:
+        """Whether mask helpers run and have started (until then the engine fills every mask)."""
+        if self.helpers is None:
             return False
         try:
-            return self.worker.ready()
+            return self.helpers.ready()
         except (OSError, EOFError, RuntimeError) as e:
-            self._lose_worker(e)
+            self._lose_helpers(e)
             return False
 
-    def request_masks(self, keys: list[int | None]) -> list[int | None] | None:
-        """Start the helper on its rows of a batch's masks (keys: the rows' matchers, None where
-        unconstrained). Returns the keys it was given (None where the engine fills), or None when
-        there is no helper (fill everything with device_masks)."""
+    def request_masks(self, keys: list[int | None]) -> bool:
+        """Start the helpers on their rows of a batch's masks (keys: the rows' helper keys, None
+        where the engine fills or the row is unconstrained). False when there are no helpers (fill
+        everything with device_masks)."""
         if not self.helper_ready():
-            return None
+            return False
         try:
-            owned = [k if k is not None and self.helper_owns(k) else None for k in keys]
-            self.worker.request(owned)
-            return owned
+            self.helpers.request(keys)
+            return True
         except (OSError, EOFError, ValueError, RuntimeError) as e:
-            self._lose_worker(e)
-            return None
+            self._lose_helpers(e)
+            return False
 
     def requested_masks(self, matchers: list[Any | None], owned: list[int | None],
                         device: torch.device) -> torch.Tensor | None:
-        """The batch's masks on `device`: the helper's rows (`owned`, from request_masks) and the
-        engine's own, filled here meanwhile into the same shared buffer. None if the helper failed:
-        fill them all with device_masks (the engine's own matchers are always current)."""
-        worker = self.worker
-        if worker is None:
+        """The batch's masks on `device`: the helpers' rows (`owned`, as given to request_masks) and
+        the engine's own (`matchers`, read only where owned is None), filled here meanwhile into the
+        same shared buffer. None if a helper failed: fill them all with device_masks."""
+        helpers = self.helpers
+        if helpers is None:
             return None
-        bitmask = worker.bitmask[:len(owned)]
+        bitmask = helpers.bitmask[:len(owned)]
         mine = [i for i, k in enumerate(owned) if k is None and matchers[i] is not None]
         if mine:
             self._fill([matchers[i] for i in mine], bitmask, mine)
@@ -158,18 +160,18 @@ class GrammarBackend:
         if free:
             bitmask[free] = -1
         try:
-            worker.result()
+            helpers.result()
         except (OSError, EOFError, RuntimeError) as e:
-            self._lose_worker(e)
+            self._lose_helpers(e)
             return None
-        if device.type == "cuda" and not worker.pinned:
+        if device.type == "cuda" and not helpers.pinned:
             bitmask = self._host_bitmask(bitmask.shape[0], device).copy_(bitmask)
         return bitmask.to(device, non_blocking=True)
 
-    def _lose_worker(self, error: Exception) -> None:
+    def _lose_helpers(self, error: Exception) -> None:
         log.warning("grammar mask helper stopped (%s); masks are filled in the engine process", error)
-        worker, self.worker = self.worker, None
-        worker.close()
+        helpers, self.helpers = self.helpers, None
+        helpers.close()
 
     def apply_masks(self, logits: torch.Tensor, matchers: list[Any | None]) -> None:
         """Mask, in place, every row whose request is constrained."""

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import weakref
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -35,76 +36,104 @@ SPIN_S = 0.005
 RESULT_TIMEOUT_S = 10.0     # a helper this late is stuck: the engine stops using it and fills masks itself
 
 
-class MaskWorker:
-    """The engine's side: queue grammar events, ask for a batch's masks, read them back."""
+@dataclass
+class _Helper:
+    """One helper process and the grammar events queued for it since its last request."""
+    proc: subprocess.Popen
+    conn: Connection
+    known: set[int] = field(default_factory=set)            # grammar ids it has been sent
+    new_grammars: list[tuple[int, str]] = field(default_factory=list)
+    new_matchers: list[tuple[int, int]] = field(default_factory=list)
+    accepted: list[tuple[int, int]] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)
+    ready: bool = False                                        # it has said it started
+    asked: bool = False                                        # a request awaits its answer
 
-    def __init__(self, tokenizer_info_json: str, stop_ids: list[int], max_rows: int, words: int,
+
+class MaskHelpers:
+    """The engine's side of one or more helper processes that fill rows of one shared bitmask: queue
+    grammar events, ask for a batch's masks, wait for them. A matcher key belongs to helper key % n."""
+
+    def __init__(self, count: int, tokenizer_info_json: str, stop_ids: list[int], max_rows: int, words: int,
                  pin: bool) -> None:
         self.max_rows = max_rows
         self._shm = SharedMemory(create=True, size=max_rows * words * 4)
-        ours, theirs = socket.socketpair()
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "rlserve.engine.grammar_worker", str(theirs.fileno()), self._shm.name,
-             str(max_rows), str(words), str(SPIN_S if pin else 0.0)], pass_fds=(theirs.fileno(),))
-        theirs.close()
-        self._conn = Connection(ours.detach())
-        self._conn.send((tokenizer_info_json, list(stop_ids)))
-        # The helper's bitmask, pinned when it feeds a GPU so the copy to the device is asynchronous.
+        # The helpers' bitmask, pinned when it feeds a GPU so the copy to the device is asynchronous.
         self.bitmask = torch.frombuffer(self._shm.buf, dtype=torch.int32).view(max_rows, words)
         self._pinned = pin and _register(self.bitmask)
-        self._grammar_ids: dict[Any, int] = {}        # spec → id the helper knows it by
-        self._new_grammars: list[tuple[int, str]] = []
-        self._new_matchers: list[tuple[int, int]] = []
-        self._accepted: list[tuple[int, int]] = []
-        self._dropped: list[int] = []
-        self._ready = False                            # the helper has started (it says so once)
-        self.requests = 0                              # batches it was asked to fill
-        self._finalizer = weakref.finalize(self, _shut_down, self._conn, self._proc, self._shm,
+        self._helpers: list[_Helper] = []
+        for _ in range(count):
+            ours, theirs = socket.socketpair()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "rlserve.engine.grammar_worker", str(theirs.fileno()), self._shm.name,
+                 str(max_rows), str(words), str(SPIN_S if pin else 0.0)], pass_fds=(theirs.fileno(),))
+            theirs.close()
+            conn = Connection(ours.detach())
+            conn.send((tokenizer_info_json, list(stop_ids)))
+            self._helpers.append(_Helper(proc, conn))
+        self._grammar_ids: dict[Any, int] = {}        # spec → id the helpers know it by
+        self.requests = 0                              # batches they were asked to fill
+        self._finalizer = weakref.finalize(self, _shut_down, [h.conn for h in self._helpers],
+                                           [h.proc for h in self._helpers], self._shm,
                                            self.bitmask.data_ptr() if self._pinned else None)
 
     @property
     def pinned(self) -> bool:
         return self._pinned
 
+    @property
+    def count(self) -> int:
+        return len(self._helpers)
+
     def ready(self) -> bool:
-        """Whether the helper has started; until then the engine fills masks itself (events queue up
-        and reach the helper with its first request). Raises if it failed to start."""
-        if not self._ready and self._conn.poll():
-            reply = self._conn.recv()
-            if reply != "ready":
-                raise RuntimeError(f"grammar mask helper failed to start: {reply}")
-            self._ready = True
-        return self._ready
+        """Whether every helper has started; until then the engine fills masks itself (events queue
+        up and reach a helper with its first request). Raises if one failed to start."""
+        for h in self._helpers:
+            if not h.ready and h.conn.poll():
+                reply = h.conn.recv()
+                if reply != "ready":
+                    raise RuntimeError(f"grammar mask helper failed to start: {reply}")
+                h.ready = True
+        return all(h.ready for h in self._helpers)
 
     def add(self, key: int, spec: Any, compiled: Any) -> None:
-        gid = self._grammar_ids.get(spec)
-        if gid is None:
-            gid = self._grammar_ids[spec] = len(self._grammar_ids)
-            self._new_grammars.append((gid, compiled.serialize_json()))
-        self._new_matchers.append((key, gid))
+        h = self._helpers[key % len(self._helpers)]
+        gid = self._grammar_ids.setdefault(spec, len(self._grammar_ids))
+        if gid not in h.known:
+            h.known.add(gid)
+            h.new_grammars.append((gid, compiled.serialize_json()))
+        h.new_matchers.append((key, gid))
 
     def accepted(self, key: int, token: int) -> None:
-        self._accepted.append((key, token))
+        self._helpers[key % len(self._helpers)].accepted.append((key, token))
 
     def drop(self, key: int) -> None:
-        self._dropped.append(key)
+        self._helpers[key % len(self._helpers)].dropped.append(key)
 
     def request(self, keys: list[int | None]) -> None:
-        """Ask for the helper's rows of one batch's masks (the row's matcher key; None: a row the
-        helper leaves alone). Everything queued since the last request is applied first."""
+        """Ask for the helpers' rows of one batch's masks (each row's matcher key; None: a row no
+        helper fills). Everything queued since the last request is applied first."""
         if len(keys) > self.max_rows:
-            raise ValueError(f"{len(keys)} rows exceed the helper's {self.max_rows}")
-        self._conn.send((self._new_grammars, self._new_matchers, self._accepted, self._dropped, keys))
-        self._new_grammars, self._new_matchers, self._accepted, self._dropped = [], [], [], []
+            raise ValueError(f"{len(keys)} rows exceed the helpers' {self.max_rows}")
+        n = len(self._helpers)
+        for i, h in enumerate(self._helpers):
+            mine = [k if k is not None and k % n == i else None for k in keys] if n > 1 else keys
+            h.conn.send((h.new_grammars, h.new_matchers, h.accepted, h.dropped, mine))
+            h.new_grammars, h.new_matchers, h.accepted, h.dropped = [], [], [], []
+            h.asked = True
         self.requests += 1
 
     def result(self) -> None:
-        """Wait until the helper has filled its rows of the requested masks (in `bitmask`)."""
-        if not self._conn.poll(RESULT_TIMEOUT_S):
-            raise RuntimeError(f"no answer in {RESULT_TIMEOUT_S} s")
-        reply = self._conn.recv()
-        if reply is not True:
-            raise RuntimeError(f"grammar mask helper failed: {reply}")
+        """Wait until every helper has filled its rows of the requested masks (in `bitmask`)."""
+        for h in self._helpers:
+            if not h.asked:
+                continue
+            h.asked = False
+            if not h.conn.poll(RESULT_TIMEOUT_S):
+                raise RuntimeError(f"no answer in {RESULT_TIMEOUT_S} s")
+            reply = h.conn.recv()
+            if reply is not True:
+                raise RuntimeError(f"grammar mask helper failed: {reply}")
 
     def close(self) -> None:
         self._finalizer()
@@ -118,16 +147,19 @@ def _register(t: torch.Tensor) -> bool:
     return int(err) == 0
 
 
-def _shut_down(conn: Connection, proc: subprocess.Popen, shm: SharedMemory, pinned_ptr: int | None) -> None:
-    try:
-        conn.send(None)
-        conn.close()
-    except OSError:
-        pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+def _shut_down(conns: list[Connection], procs: list[subprocess.Popen], shm: SharedMemory,
+               pinned_ptr: int | None) -> None:
+    for conn in conns:
+        try:
+            conn.send(None)
+            conn.close()
+        except OSError:
+            pass
+    for proc in procs:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
     if pinned_ptr is not None:
         torch.cuda.cudart().cudaHostUnregister(pinned_ptr)
     try:

@@ -69,14 +69,14 @@ def test_masks_from_the_helper_process_match_masks_filled_in_the_engine(llm):
     import time
     helper = llm.engine
     helper._compile_grammar(SamplingParams(json_object=True))
-    worker = helper._grammar.worker
+    worker = helper._grammar.helpers
     assert worker is not None and worker.pinned
     deadline = time.monotonic() + 120
     while not worker.ready():
         assert time.monotonic() < deadline
         time.sleep(0.05)
     own = LLM(dtype="bfloat16", gpu_memory_fraction=0.5)
-    own.engine.grammar_mask_process = False
+    own.engine.grammar_helpers = 0
     prompt = llm.apply_chat_template([{"role": "user", "content": "Give me a code, then a person as JSON."}])
     params = _params()
     before = worker.requests
@@ -84,7 +84,7 @@ def test_masks_from_the_helper_process_match_masks_filled_in_the_engine(llm):
     for name, engine in (("helper", llm), ("own", own)):
         engine.engine.flush_cache()
         outs[name] = [o.outputs[0].token_ids for o in engine.generate([prompt] * len(params), params, use_tqdm=False)]
-    assert worker.requests - before > 20 and helper._grammar.worker is worker
-    assert own.engine._grammar.worker is None
+    assert worker.requests - before > 20 and helper._grammar.helpers is worker
+    assert own.engine._grammar.helpers is None
     assert outs["helper"] == outs["own"]
     assert helper.kv_leaked() == 0 and own.engine.kv_leaked() == 0

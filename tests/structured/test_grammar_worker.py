@@ -18,14 +18,14 @@ NAMES = list(SCHEMAS)[:6]
 REGEX = REGEXES[2]      # two capitalised words: a few tokens of free text
 
 
-def _engine(helper: bool) -> LLM:
-    llm = LLM(overlap_schedule=True)            # overlapped steps are where the helper works
-    llm.engine.grammar_mask_process = helper
+def _engine(helpers: int) -> LLM:
+    llm = LLM(overlap_schedule=True)            # overlapped steps are where the helpers work
+    llm.engine.grammar_helpers = helpers
     llm.engine._compile_grammar(SamplingParams(json_object=True))      # creates the grammar backend
-    worker = llm.engine._grammar.worker
-    assert (worker is not None) == helper
+    worker = llm.engine._grammar.helpers
+    assert (worker is not None) == (helpers > 0)
     deadline = time.monotonic() + 120
-    while helper and not worker.ready():          # until it has started the engine fills masks itself
+    while helpers and not worker.ready():          # until they have started the engine fills masks itself
         assert time.monotonic() < deadline, "the mask helper did not start"
         time.sleep(0.05)
     return llm
@@ -33,7 +33,7 @@ def _engine(helper: bool) -> LLM:
 
 @pytest.fixture(scope="module")
 def engines(default_model_dir) -> dict[bool, LLM]:
-    return {helper: _engine(helper) for helper in (True, False)}
+    return {helper: _engine(2 if helper else 0) for helper in (True, False)}
 
 
 def _batch(llm: LLM) -> tuple[list[str], list[SamplingParams]]:
@@ -52,11 +52,11 @@ def _run(llm: LLM) -> list[tuple[list[int], str]]:
 
 def test_helper_masks_give_the_same_tokens_as_masks_filled_in_the_engine(engines):
     with_helper, without = engines[True], engines[False]
-    worker = with_helper.engine._grammar.worker
+    worker = with_helper.engine._grammar.helpers
     before = worker.requests
     got, want = _run(with_helper), _run(without)
     assert worker.requests - before > 10, "the helper filled no masks"
-    assert with_helper.engine._grammar.worker is worker            # and never failed
+    assert with_helper.engine._grammar.helpers is worker            # and never failed
     assert got == want
     for (ids, reason, text), name in zip(got, NAMES * 2):
         if reason == "stop":
@@ -72,20 +72,18 @@ def test_helper_mask_equals_the_engines_fill_token_by_token(engines):
     backend = engines[True].engine._grammar
     spec = GrammarSpec.from_params(SamplingParams(json_schema=SCHEMAS[NAMES[0]]))
     compiled = backend.compile(spec)
-    pairs = [backend.matcher(spec, compiled) for _ in range(5)]
+    pairs = [backend.matcher(spec, compiled) for _ in range(7)]
     gen = torch.Generator().manual_seed(0)
     for step in range(30):
         live = [(m, k) for m, k in pairs if not m.is_terminated()]
         if not live:
             break
         keys = [k for _, k in live] + [None]       # and one unconstrained row
-        owned = backend.request_masks(keys)
-        assert owned is not None
-        if step == 0:           # both sides fill rows: the helper every other matcher, the engine the rest
-            assert owned[:-1] == [k if backend.helper_owns(k) else None for _, k in live]
-            assert None in owned[:-1] and any(k is not None for k in owned)
+        assert backend.request_masks(keys)
+        if step == 0:           # both sides fill rows: the helpers every other matcher, the engine the rest
+            assert None in keys[:-1] and len({k % 2 for k in keys if k is not None}) == 2
         rows = [m for m, _ in live] + [None]
-        helper = backend.requested_masks(rows, owned, torch.device("cpu")).clone()   # its rows and ours
+        helper = backend.requested_masks(rows, keys, torch.device("cpu")).clone()   # their rows and ours
         here = backend.device_masks(rows, torch.device("cpu"))
         assert torch.equal(helper, here), step
         assert bool((helper[-1] == -1).all())
@@ -100,13 +98,13 @@ def test_helper_mask_equals_the_engines_fill_token_by_token(engines):
 
 
 def test_the_engine_fills_masks_itself_when_the_helper_dies(engines, caplog):
-    llm = _engine(True)
+    llm = _engine(1)
     want = _run(engines[False])
-    llm.engine._grammar.worker._proc.kill()
+    llm.engine._grammar.helpers._helpers[0].proc.kill()
     with caplog.at_level(logging.WARNING, logger="rlserve"):
         got = _run(llm)
     assert got == want
-    assert llm.engine._grammar.worker is None
+    assert llm.engine._grammar.helpers is None
     assert any("mask helper stopped" in r.message for r in caplog.records)
     assert llm.engine.kv_leaked() == 0
 
@@ -115,9 +113,9 @@ def test_helper_share_sets_how_many_matchers_the_helper_owns(engines):
     backend = engines[True].engine._grammar
     default = backend.helper_share
     try:
-        for share, owned in ((0.5, 150), (2 / 3, 200), (1 / 3, 100)):
+        for share, owned in ((0.5, 150), (2 / 3, 200), (1 / 3, 100), (1.0, 300)):
             backend.helper_share = share
-            assert sum(backend.helper_owns(k) for k in range(300)) == owned
+            assert sum(backend._share_to_helpers(n) for n in range(300)) == owned
     finally:
         backend.helper_share = default
 
@@ -125,16 +123,16 @@ def test_helper_share_sets_how_many_matchers_the_helper_owns(engines):
 def test_the_engine_catches_its_matchers_up_when_the_helper_dies_mid_run(engines, caplog):
     """The engine's copies of the helper's matchers take their tokens only when read; a helper lost
     in the middle of a batch leaves them behind, and the engine's own fills must catch them up."""
-    llm = _engine(True)
+    llm = _engine(2)
     want = _run(engines[False])
-    worker, step, steps, lagging = llm.engine._grammar.worker, llm.engine.step, [0], []
+    helpers, step, steps, lagging = llm.engine._grammar.helpers, llm.engine.step, [0], []
 
     def step_then_kill(*args, **kwargs):
         steps[0] += 1
         if steps[0] == 12:
             lagging.extend(r for r in llm.engine.scheduler.running if r.grammar_lag)
-            worker._proc.kill()
-            worker._proc.wait()
+            helpers._helpers[1].proc.kill()      # one of two
+            helpers._helpers[1].proc.wait()
         return step(*args, **kwargs)
 
     llm.engine.step = step_then_kill
@@ -142,7 +140,7 @@ def test_the_engine_catches_its_matchers_up_when_the_helper_dies_mid_run(engines
         got = _run(llm)
     assert lagging, "no matcher was behind its helper copy when the helper died"
     assert got == want
-    assert llm.engine._grammar.worker is None
+    assert llm.engine._grammar.helpers is None
     assert any("mask helper stopped" in r.message for r in caplog.records)
     assert llm.engine.kv_leaked() == 0
 
