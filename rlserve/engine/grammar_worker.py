@@ -1,17 +1,17 @@
-"""Grammar masks filled by a helper process while the engine loop does the step's other host work.
+"""Grammar masks filled by helper processes while the engine loop does the step's other host work.
 
 xgrammar holds the GIL while it advances a matcher or fills a mask, so a thread cannot run it beside
-the loop's Python (stop checks, detokenizing). A helper process can. It keeps a copy of the matchers
-it is given (every other one, see GrammarBackend): the engine sends the tokens those accept and the
-next batch's rows, the helper advances its copies and writes their rows of the bitmask into shared
-memory while the engine fills the other rows, and the engine copies the whole mask to the device when
-it launches the sampling. The engine still advances all its own matchers, because it decides from
-them whether a token was rejected or the grammar is complete; both sides see the same tokens in the
-same order, so their states, and the masks, are the same.
+the loop's Python (stop checks, detokenizing). A helper process can. Each helper keeps copies of the
+matchers it is given (see GrammarBackend.helper_share for how many; helper key % n picks which): the
+engine sends the tokens those accept and the next batch's rows, the helpers advance their copies and
+write their rows of one bitmask in shared memory while the engine fills any rows of its own, and the
+engine copies the whole mask to the device when it launches the sampling. The engine's own matchers
+for those rows lag behind: they take their tokens only when read (Engine._grammar_now), at a stop
+token or when the engine must fill the rows itself.
 
-The helper runs `python -m rlserve.engine.grammar_worker` (not multiprocessing's spawn, which would
-re-run the caller's main script) and talks over a socket pair. If it fails, the engine fills the
-masks itself from its own matchers, which are always current.
+A helper runs `python -m rlserve.engine.grammar_worker` (not multiprocessing's spawn, which would
+re-run the caller's main script) and talks over a socket pair. If one fails, the engine drops them
+all and fills the masks itself, catching its matchers up first.
 """
 from __future__ import annotations
 

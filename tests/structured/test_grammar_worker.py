@@ -72,7 +72,11 @@ def test_helper_mask_equals_the_engines_fill_token_by_token(engines):
     backend = engines[True].engine._grammar
     spec = GrammarSpec.from_params(SamplingParams(json_schema=SCHEMAS[NAMES[0]]))
     compiled = backend.compile(spec)
-    pairs = [backend.matcher(spec, compiled) for _ in range(7)]
+    backend.helper_share = 0.5       # the engine fills some rows too (two helpers take all by default)
+    try:
+        pairs = [backend.matcher(spec, compiled) for _ in range(7)]
+    finally:
+        backend.helper_share = 1.0
     gen = torch.Generator().manual_seed(0)
     for step in range(30):
         live = [(m, k) for m, k in pairs if not m.is_terminated()]
@@ -81,7 +85,7 @@ def test_helper_mask_equals_the_engines_fill_token_by_token(engines):
         keys = [k for _, k in live] + [None]       # and one unconstrained row
         assert backend.request_masks(keys)
         if step == 0:           # both sides fill rows: the helpers every other matcher, the engine the rest
-            assert None in keys[:-1] and len({k % 2 for k in keys if k is not None}) == 2
+            assert None in keys[:-1] and {k % 2 for k in keys if k is not None} == {0, 1}
         rows = [m for m, _ in live] + [None]
         helper = backend.requested_masks(rows, keys, torch.device("cpu")).clone()   # their rows and ours
         here = backend.device_masks(rows, torch.device("cpu"))
@@ -112,6 +116,7 @@ def test_the_engine_fills_masks_itself_when_the_helper_dies(engines, caplog):
 def test_helper_share_sets_how_many_matchers_the_helper_owns(engines):
     backend = engines[True].engine._grammar
     default = backend.helper_share
+    assert default == 1.0                   # two helpers take every matcher
     try:
         for share, owned in ((0.5, 150), (2 / 3, 200), (1 / 3, 100), (1.0, 300)):
             backend.helper_share = share
