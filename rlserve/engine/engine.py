@@ -363,11 +363,9 @@ class Engine:
         nxt = self._pending
         if nxt is None or nxt.logits is None or self._grammar is None or not self._grammar.helper_ready():
             return False
-        for req, token in zip(reqs, tokens):
-            if req.grammar_key is not None and not req.finished:
-                self._grammar.accepted(req.grammar_key, token)
+        took = [None if r.finished else r.grammar_key for r in reqs]
         keys = [None if r.finished else r.grammar_key for r in nxt.reqs]
-        if not self._grammar.request_masks(keys):
+        if not self._grammar.request_masks(keys, took, tokens):
             return False
         nxt.helper_rows = keys
         return True

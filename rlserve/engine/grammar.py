@@ -134,14 +134,16 @@ class GrammarBackend:
             self._lose_helpers(e)
             return False
 
-    def request_masks(self, keys: list[int | None]) -> bool:
+    def request_masks(self, keys: list[int | None], took: list[int | None] = (),
+                      tokens: list[int] = ()) -> bool:
         """Start the helpers on their rows of a batch's masks (keys: the rows' helper keys, None
-        where the engine fills or the row is unconstrained). False when there are no helpers (fill
-        everything with device_masks)."""
+        where the engine fills or the row is unconstrained), once their matchers have taken `tokens`
+        (took: each token's helper key, or None). False when there are no helpers, and then they
+        took nothing (fill everything with device_masks)."""
         if not self.helper_ready():
             return False
         try:
-            self.helpers.request(keys)
+            self.helpers.request(keys, list(took), list(tokens))
             return True
         except (OSError, EOFError, ValueError, RuntimeError) as e:
             self._lose_helpers(e)

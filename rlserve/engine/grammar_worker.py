@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -62,11 +63,12 @@ class MaskHelpers:
         self.bitmask = torch.frombuffer(self._shm.buf, dtype=torch.int32).view(max_rows, words)
         self._pinned = pin and _register(self.bitmask)
         self._helpers: list[_Helper] = []
-        for _ in range(count):
+        for index in range(count):
             ours, theirs = socket.socketpair()
             proc = subprocess.Popen(
                 [sys.executable, "-m", "rlserve.engine.grammar_worker", str(theirs.fileno()), self._shm.name,
-                 str(max_rows), str(words), str(SPIN_S if pin else 0.0)], pass_fds=(theirs.fileno(),))
+                 str(max_rows), str(words), str(SPIN_S if pin else 0.0), str(index), str(count)],
+                pass_fds=(theirs.fileno(),))
             theirs.close()
             conn = Connection(ours.detach())
             conn.send((tokenizer_info_json, list(stop_ids)))
@@ -110,16 +112,20 @@ class MaskHelpers:
     def drop(self, key: int) -> None:
         self._helpers[key % len(self._helpers)].dropped.append(key)
 
-    def request(self, keys: list[int | None]) -> None:
+    def request(self, keys: list[int | None], took: list[int | None], tokens: list[int]) -> None:
         """Ask for the helpers' rows of one batch's masks (each row's matcher key; None: a row no
-        helper fills). Everything queued since the last request is applied first."""
+        helper fills), after their matchers take `tokens` (took: the key of the matcher each one is
+        for, None to skip it) and everything queued since the last request."""
         if len(keys) > self.max_rows:
             raise ValueError(f"{len(keys)} rows exceed the helpers' {self.max_rows}")
-        n = len(self._helpers)
-        for i, h in enumerate(self._helpers):
-            mine = [k if k is not None and k % n == i else None for k in keys] if n > 1 else keys
-            h.conn.send((h.new_grammars, h.new_matchers, h.accepted, h.dropped, mine))
-            h.new_grammars, h.new_matchers, h.accepted, h.dropped = [], [], [], []
+        for h in self._helpers:
+            if h.new_grammars or h.new_matchers or h.accepted or h.dropped:
+                h.conn.send(("events", h.new_grammars, h.new_matchers, h.accepted, h.dropped))
+                h.new_grammars, h.new_matchers, h.accepted, h.dropped = [], [], [], []
+        # One message for all: each helper picks out its own keys (key % n), so the engine pickles once.
+        step = pickle.dumps(("step", took, tokens, keys), protocol=pickle.HIGHEST_PROTOCOL)
+        for h in self._helpers:
+            h.conn.send_bytes(step)
             h.asked = True
         self.requests += 1
 
@@ -180,9 +186,11 @@ def _wait(conn: Connection, spin_s: float) -> None:
     conn.poll(None)
 
 
-def serve(conn: Connection, shm_name: str, max_rows: int, words: int, spin_s: float) -> None:
-    """The helper's loop: apply each request's events in order, fill the batch's rows, answer True
-    (or the error's text, after which the engine stops asking)."""
+def serve(conn: Connection, shm_name: str, max_rows: int, words: int, spin_s: float, index: int = 0,
+          count: int = 1) -> None:
+    """The helper's loop: apply grammar events as they come; for each step, advance its matchers by
+    their tokens, fill its rows (keys with key % count == index), answer True (or the first error's
+    text, after which the engine stops asking)."""
     torch.set_num_threads(1)    # one core: idle OpenMP workers would spin on cores the engine uses
     try:
         import xgrammar as xgr
@@ -205,6 +213,14 @@ def serve(conn: Connection, shm_name: str, max_rows: int, words: int, spin_s: fl
     grammars: dict[int, Any] = {}
     matchers: dict[int, Any] = {}
     terminated: set[int] = set()
+    error: str | None = None         # from an events message (which gets no answer of its own)
+
+    def take(key: int, token: int) -> None:
+        matcher = matchers.get(key)
+        # A rejection leaves the state as the engine's; only a stop token can terminate.
+        if matcher is not None and matcher.accept_token(token) and token in stop_ids and matcher.is_terminated():
+            terminated.add(key)
+
     while True:
         try:
             _wait(conn, spin_s)
@@ -214,36 +230,40 @@ def serve(conn: Connection, shm_name: str, max_rows: int, words: int, spin_s: fl
         if msg is None:
             break
         try:
-            new_grammars, new_matchers, accepted, dropped, keys = msg
-            for gid, text in new_grammars:
-                grammars[gid] = xgr.CompiledGrammar.deserialize_json(text, info)
-            for key, gid in new_matchers:
-                matchers[key] = xgr.GrammarMatcher(grammars[gid])
-            for key, token in accepted:
-                matcher = matchers.get(key)
-                # A rejection leaves the state as the engine's; only a stop token can terminate.
-                if matcher is not None and matcher.accept_token(token) and token in stop_ids \
-                        and matcher.is_terminated():
-                    terminated.add(key)
-            for key in dropped:
-                matchers.pop(key, None)
-                terminated.discard(key)
-            # Only the rows named here are the helper's (the engine fills the others meanwhile). A
+            if msg[0] == "events":
+                _, new_grammars, new_matchers, accepted, dropped = msg
+                for gid, text in new_grammars:
+                    grammars[gid] = xgr.CompiledGrammar.deserialize_json(text, info)
+                for key, gid in new_matchers:
+                    matchers[key] = xgr.GrammarMatcher(grammars[gid])
+                for key, token in accepted:
+                    take(key, token)
+                for key in dropped:
+                    matchers.pop(key, None)
+                    terminated.discard(key)
+                continue
+            _, took, tokens, keys = msg
+            for key, token in zip(took, tokens):
+                if key is not None and key % count == index:
+                    take(key, token)
+            # Only this helper's rows: the other helpers and the engine fill the rest meanwhile. A
             # terminated matcher has no next token: its request is finishing and its row is unused.
-            rows = [i for i, k in enumerate(keys) if k is not None and k not in terminated and k in matchers]
-            unused = [i for i, k in enumerate(keys) if k is not None and (k in terminated or k not in matchers)]
-            if unused:
-                bitmask[unused] = -1
+            mine = [i for i, k in enumerate(keys) if k is not None and k % count == index]
+            rows = [i for i in mine if keys[i] in matchers and keys[i] not in terminated]
+            if len(rows) < len(mine):
+                bitmask[[i for i in mine if keys[i] not in matchers or keys[i] in terminated]] = -1
             if rows:
                 filler.batch_fill_next_token_bitmask([matchers[keys[i]] for i in rows], bitmask, rows)
-            conn.send(True)
+            conn.send(True if error is None else error)
         except Exception as e:   # report, don't die silently: the engine falls back to its own fills
-            conn.send(f"{type(e).__name__}: {e}")
+            error = error or f"{type(e).__name__}: {e}"
+            if msg[0] != "events":
+                conn.send(error)
     del bitmask
     shm.close()
 
 
 if __name__ == "__main__":
-    fd, name, rows, width, spin = sys.argv[1:6]
-    serve(Connection(int(fd)), name, int(rows), int(width), float(spin))
+    fd, name, rows, width, spin, index, count = sys.argv[1:8]
+    serve(Connection(int(fd)), name, int(rows), int(width), float(spin), int(index), int(count))
     os._exit(0)
