@@ -433,7 +433,10 @@ class Engine:
         if req.grammar is not None:
             if mirrored and req.grammar_key is not None:
                 # A helper's copy has taken the token and fills this row's masks, so the engine's
-                # matcher can wait: it catches up (_grammar_now) only when it is read.
+                # matcher can wait: it catches up (_grammar_now) only when it is read. A mask lets a
+                # stop token through only where the grammar can end, so one completes the grammar.
+                if token in self._grammar.stop_ids:
+                    return self._finish(req, "stop")
                 req.grammar_lag.append(token)
             else:
                 if not mirrored:
