@@ -73,8 +73,7 @@ class GrammarBackend:
         self.helpers: MaskHelpers | None = None
         # The share of matchers whose rows the helpers fill (for matchers made after it is set). One
         # helper takes half and the engine fills the rest meanwhile; two or more take them all, since
-        # the engine's own fills were then the longest path. SmolLM2-135M shape, batch 64, H100, median
-        # step over plain: one helper with half +17-20%, with all +28-54%; two with all +8%, three +5-8%.
+        # the engine's own fills were then the longest path (docs/benchmarks.md has the figures).
         self.helper_share = 0.5 if helpers == 1 else 1.0
         if helpers > 0 and helper_rows > 0:
             words = xgr.allocate_token_bitmask(1, vocab_size).shape[1]
