@@ -129,9 +129,9 @@ class Engine:
         self._late_finished: list[Request] = []    # aborted outside a step's accept loop; emitted with it
         # How many helper processes fill grammar masks beside the loop's own work in overlapped steps
         # (see grammar_worker); read when the first constrained request arrives. Each keeps a core busy
-        # while constrained requests run: one per four cores, at most two (a third was no faster at the
-        # median step and gave more slow steps; docs/benchmarks.md).
-        self.grammar_helpers = max(1, min(2, (os.cpu_count() or 1) // 4)) if self.overlap else 0
+        # while constrained requests run: one per four cores, at most three (two measured slower, four
+        # no faster; docs/benchmarks.md).
+        self.grammar_helpers = max(1, min(3, (os.cpu_count() or 1) // 4)) if self.overlap else 0
         self._arrival = itertools.count()
         self._auto_rid = itertools.count()
         # Outputs own copies of the growing token and logprob lists. A caller that reads each output before
