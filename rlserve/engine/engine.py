@@ -422,7 +422,7 @@ class Engine:
                 self._accept(req, token, lp)
 
     def _accept(self, req: Request, token: int, logprobs: dict[int, float] | None, mirrored: bool = False) -> None:
-        """mirrored: the grammar helper has been sent this token already."""
+        """mirrored: the grammar helpers have been sent this token already."""
         req.output_ids.append(token)
         if req.logprobs is not None:
             req.logprobs.append(logprobs)
@@ -442,16 +442,14 @@ class Engine:
             else:
                 if not mirrored:
                     self._grammar.accepted(req.grammar_key, token)
-                matcher = self._grammar_now(req)     # after the helper stopped, it may still lag
+                matcher = self._grammar_now(req)     # after the helpers stopped, it may still lag
                 if matcher is None:
                     return
                 if not matcher.accept_token(token):
                     return self._finish(req, "abort", "grammar rejected the sampled token")
-            # The grammar is complete once it takes a stop token (asked only then: a call per row adds up).
-            if token in self._grammar.stop_ids and (m := self._grammar_now(req)) is not None and m.is_terminated():
-                return self._finish(req, "stop")
-            if req.finished:
-                return
+                # The grammar is complete once it takes a stop token (asked only then: a call a row adds up).
+                if token in self._grammar.stop_ids and matcher.is_terminated():
+                    return self._finish(req, "stop")
         if p.stop_token_ids and token in p.stop_token_ids:
             return self._finish(req, "stop", token)
         if not p.ignore_eos and token in self.eos_ids:
