@@ -6,8 +6,8 @@ matchers it is given (see GrammarBackend.helper_share for how many; helper key %
 engine sends the tokens those accept and the next batch's rows, the helpers advance their copies and
 write their rows of one bitmask in shared memory while the engine fills any rows of its own, and the
 engine copies the whole mask to the device when it launches the sampling. The engine's own matchers
-for those rows lag behind: they take their tokens only when read (Engine._grammar_now), at a stop
-token or when the engine must fill the rows itself.
+for those rows lag behind: they take their tokens only when read (Engine._grammar_now), when the
+engine must fill the rows itself; a stop token sampled under a helper's mask ends its request at once.
 
 A helper runs `python -m rlserve.engine.grammar_worker` (not multiprocessing's spawn, which would
 re-run the caller's main script) and talks over a socket pair. If one fails, the engine drops them
@@ -82,10 +82,6 @@ class MaskHelpers:
     @property
     def pinned(self) -> bool:
         return self._pinned
-
-    @property
-    def count(self) -> int:
-        return len(self._helpers)
 
     def ready(self) -> bool:
         """Whether every helper has started; until then the engine fills masks itself (events queue
