@@ -19,7 +19,7 @@ class LLM:
         """engine_kwargs: load_format, dtype, device, seed, max_model_len, tokenizer, attention_backend,
         enable_radix_cache, kv_cache_bytes, gpu_memory_fraction, max_total_tokens, max_running_requests,
         chunked_prefill_size, schedule_policy, cuda_graph, cuda_graph_max_bs, overlap_schedule, compile,
-        kv_cache_dtype, cascade_attention (see rlserve.config.engine_config)."""
+        kv_cache_dtype, cascade_attention, fp32_logits (see rlserve.config.engine_config)."""
         self.config = engine_config(model, **engine_kwargs)
         self.engine = Engine(self.config)
 

@@ -151,6 +151,7 @@ class Engine:
             from rlserve.models.loader import iter_safetensors
             model.load_weights(iter_safetensors(source.model_dir))
         model = model.to(dtype).eval()
+        model.fp32_logits = self.config.fp32_logits
         model.stack_projections()
         return model
 

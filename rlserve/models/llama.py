@@ -14,6 +14,7 @@ from rlserve.config import ModelConfig
 from rlserve.layers.attention.base import AttentionBackend, ForwardBatch
 from rlserve.layers.attention.torch_backend import causal_attention
 from rlserve.layers.fused import Kernels
+from rlserve.layers.logits import float32_logits
 from rlserve.layers.norm import RMSNorm
 from rlserve.layers.rotary import RotaryEmbedding
 from rlserve.layers.stacked_linear import StackedLinear, project
@@ -108,6 +109,8 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
         self.attn_backend: AttentionBackend | None = None
+        # float32 logits from 16-bit models (layers/logits.py says why); the engine sets it from its config.
+        self.fp32_logits = True
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch | None = None,
                 cu_seqlens: list[int] | None = None) -> torch.Tensor:
@@ -135,9 +138,11 @@ class LlamaForCausalLM(nn.Module):
             layer.self_attn.stacked = layer.mlp.stacked = None
 
     def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
-        """Logits over the vocabulary. float32=False keeps the model's dtype: decode sampling reads
-        bf16 logits directly (widening them is exact, so no value changes), which saves a [batch, vocab]
-        float32 copy every step; log-probabilities and training take float32."""
+        """Logits over the vocabulary. With fp32_logits (the default) they are float32 straight from the
+        GEMM's accumulator, whatever the model's dtype. Without it the GEMM writes the model's dtype;
+        float32=False then keeps it (decode sampling reads it directly), float32=True widens it."""
+        if self.fp32_logits:
+            return float32_logits(hidden, self.lm_head.weight)
         logits = self.lm_head(hidden)
         return logits.float() if float32 else logits
 

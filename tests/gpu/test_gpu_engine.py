@@ -56,7 +56,7 @@ def _agreement(llm: LLM, hf, ps: list[list[int]]) -> dict[str, float]:
     pairs = {"triton/torch": 0, "triton/hf": 0, "torch/hf": 0}
     total = 0
     for p in ps:
-        hf_arg = hf(torch.tensor([p], device="cuda")).logits[0, :-1].argmax(-1).tolist()
+        hf_arg = _hf_logits(llm, hf, p).argmax(-1).tolist()
         tri, ref = _argmax_positions(llm, p, "triton"), _argmax_positions(llm, p, "torch")
         assert len(tri) == len(ref) == len(hf_arg)
         pairs["triton/torch"] += sum(x == y for x, y in zip(tri, ref))
@@ -66,6 +66,15 @@ def _agreement(llm: LLM, hf, ps: list[list[int]]) -> dict[str, float]:
     out = {k: v / total for k, v in pairs.items()}
     print("argmax agreement over", total, "positions:", {k: round(v, 4) for k, v in out.items()})
     return out
+
+
+def _hf_logits(llm: LLM, hf, p: list[int]) -> torch.Tensor:
+    """Transformers' logits at every position but the last, in the precision the engine's lm_head uses."""
+    out = hf(torch.tensor([p], device="cuda"), output_hidden_states=True)
+    if not llm.engine.model.fp32_logits:
+        return out.logits[0, :-1]
+    from rlserve.layers.logits import float32_logits
+    return float32_logits(out.hidden_states[-1][0, :-1], hf.lm_head.weight)
 
 
 def _hf_twin(llm: LLM, hf_config, dtype: torch.dtype):
