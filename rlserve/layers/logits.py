@@ -14,8 +14,10 @@ def float32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """hidden [T, H] @ weight[V, H]ᵀ as float32, without widening the weight where the device can."""
     if hidden.dtype == torch.float32 and weight.dtype == torch.float32:
         return F.linear(hidden, weight)
-    if hidden.is_cuda and hidden.dim() == 2 and hidden.dtype == weight.dtype:
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if hidden.is_cuda and hidden.dim() == 2 and hidden.dtype == weight.dtype and not needs_grad:
         # cuBLAS reads 16-bit operands and writes its float32 accumulator as is.
         return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
-    # CPU (no 16-bit-in, float32-out GEMM there): widen both operands, which is exact.
+    # Elsewhere widen both operands, which is exact: CPUs have no 16-bit-in, float32-out GEMM, and
+    # the one CUDA has no derivative (training takes this path; the casts carry the gradients back).
     return F.linear(hidden.float(), weight.float())
