@@ -90,8 +90,9 @@ def _hf_twin(llm: LLM, hf_config, dtype: torch.dtype):
 @pytest.mark.skipif(not _default_model_cached(), reason="the default model's GGUF is not in the cache")
 def test_teacher_forced_argmax_real_weights_bf16():
     """A trained model (SmolLM2-135M-Instruct) reading real text. In bf16 even two independent
-    implementations disagree where the top two tokens nearly tie (measured: torch/transformers 96.9%),
-    so the triton backend must be as close to both as they are to each other."""
+    implementations disagree where the top two tokens nearly tie (measured with float32 logits:
+    torch/transformers 98.2%, triton/torch 98.7%; with bf16 logits 96.9% and 97.7%), so the triton
+    backend must be as close to both as they are to each other."""
     from transformers import AutoConfig
     from rlserve.models.default import ensure_default_model
     llm = LLM(dtype="bfloat16", attention_backend="triton", cuda_graph=False)
@@ -99,7 +100,7 @@ def test_teacher_forced_argmax_real_weights_bf16():
     got = _agreement(llm, hf, _text_prompts(llm))
     assert got["triton/torch"] >= got["torch/hf"] - 0.005
     assert got["triton/hf"] >= got["torch/hf"] - 0.005
-    assert got["triton/torch"] >= 0.95
+    assert got["triton/torch"] >= 0.98
 
 
 @torch.inference_mode()
