@@ -35,6 +35,9 @@ log = logging.getLogger("rlserve")
 # every few milliseconds; it keeps one core busy while requests flow).
 SPIN_S = 0.005
 RESULT_TIMEOUT_S = 10.0     # a helper this late is stuck: the engine stops using it and fills masks itself
+# How long the engine polls for a helper's answer before sleeping: an answer due within a step's
+# remaining ~0.1 ms should not also wait for the kernel to wake the engine.
+RESULT_SPIN_S = 0.0
 
 
 @dataclass
@@ -42,6 +45,8 @@ class _Helper:
     """One helper process and the grammar events queued for it since its last request."""
     proc: subprocess.Popen
     conn: Connection
+    accept_s: float = 0.0                                      # its time advancing matchers, all steps
+    fill_s: float = 0.0                                        # its time filling rows, all steps
     known: set[int] = field(default_factory=set)            # grammar ids it has been sent
     new_grammars: list[tuple[int, str]] = field(default_factory=list)
     new_matchers: list[tuple[int, int]] = field(default_factory=list)
@@ -131,11 +136,17 @@ class MaskHelpers:
             if not h.asked:
                 continue
             h.asked = False
-            if not h.conn.poll(RESULT_TIMEOUT_S):
+            if not _wait(h.conn, RESULT_SPIN_S, RESULT_TIMEOUT_S):
                 raise RuntimeError(f"no answer in {RESULT_TIMEOUT_S} s")
             reply = h.conn.recv()
-            if reply is not True:
+            if not isinstance(reply, tuple):
                 raise RuntimeError(f"grammar mask helper failed: {reply}")
+            h.accept_s += reply[0]
+            h.fill_s += reply[1]
+
+    def busy(self) -> list[tuple[float, float]]:
+        """Per helper, seconds spent advancing matchers and filling rows over all requests so far."""
+        return [(h.accept_s, h.fill_s) for h in self._helpers]
 
     def close(self) -> None:
         self._finalizer()
@@ -171,22 +182,23 @@ def _shut_down(conns: list[Connection], procs: list[subprocess.Popen], shm: Shar
     shm.unlink()
 
 
-def _wait(conn: Connection, spin_s: float) -> None:
-    """Poll for the next request for up to spin_s before sleeping in the kernel: a step's request
-    follows the last one within milliseconds, and waking a sleeping process costs a good part of what
-    the helper saves (~0.3 ms a step, measured on an H200 host)."""
+def _wait(conn: Connection, spin_s: float, timeout_s: float | None = None) -> bool:
+    """Whether a message arrived within timeout_s (None: wait for one), polling for the first spin_s
+    before sleeping in the kernel. The helpers' requests follow each other within milliseconds, and
+    waking a sleeping process costs a good part of what a helper saves (~0.3 ms a step, measured on
+    an H200 host)."""
     end = time.perf_counter() + spin_s
     while time.perf_counter() < end:
         if conn.poll(0):
-            return
-    conn.poll(None)
+            return True
+    return conn.poll(timeout_s)
 
 
 def serve(conn: Connection, shm_name: str, max_rows: int, words: int, spin_s: float, index: int = 0,
           count: int = 1) -> None:
     """The helper's loop: apply grammar events as they come; for each step, advance its matchers by
-    their tokens, fill its rows (keys with key % count == index), answer True (or the first error's
-    text, after which the engine stops asking)."""
+    their tokens, fill its rows (keys with key % count == index), answer with the seconds those two
+    took (or the first error's text, after which the engine stops asking)."""
     torch.set_num_threads(1)    # one core: idle OpenMP workers would spin on cores the engine uses
     try:
         import xgrammar as xgr
@@ -239,9 +251,11 @@ def serve(conn: Connection, shm_name: str, max_rows: int, words: int, spin_s: fl
                     terminated.discard(key)
                 continue
             _, took, tokens, keys = msg
+            start = time.perf_counter()
             for key, token in zip(took, tokens):
                 if key is not None and key % count == index:
                     take(key, token)
+            took_s = time.perf_counter() - start
             # Only this helper's rows: the other helpers and the engine fill the rest meanwhile. A
             # terminated matcher has no next token: its request is finishing and its row is unused.
             mine = [i for i, k in enumerate(keys) if k is not None and k % count == index]
@@ -250,7 +264,7 @@ def serve(conn: Connection, shm_name: str, max_rows: int, words: int, spin_s: fl
                 bitmask[[i for i in mine if keys[i] not in matchers or keys[i] in terminated]] = -1
             if rows:
                 filler.batch_fill_next_token_bitmask([matchers[keys[i]] for i in rows], bitmask, rows)
-            conn.send(True if error is None else error)
+            conn.send((took_s, time.perf_counter() - start - took_s) if error is None else error)
         except Exception as e:   # report, don't die silently: the engine falls back to its own fills
             error = error or f"{type(e).__name__}: {e}"
             if msg[0] != "events":

@@ -53,9 +53,11 @@ def _run(llm: LLM) -> list[tuple[list[int], str]]:
 def test_helper_masks_give_the_same_tokens_as_masks_filled_in_the_engine(engines):
     with_helper, without = engines[True], engines[False]
     worker = with_helper.engine._grammar.helpers
-    before = worker.requests
+    before, busy_before = worker.requests, worker.busy()
     got, want = _run(with_helper), _run(without)
     assert worker.requests - before > 10, "the helper filled no masks"
+    # Each helper reports the time it spent advancing its matchers and filling its rows.
+    assert all(a1 > a0 and f1 > f0 for (a0, f0), (a1, f1) in zip(busy_before, worker.busy()))
     assert with_helper.engine._grammar.helpers is worker            # and never failed
     assert got == want
     for (ids, reason, text), name in zip(got, NAMES * 2):
