@@ -28,6 +28,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
+import numpy as np
 import torch
 
 log = logging.getLogger("rlserve")
@@ -35,9 +36,21 @@ log = logging.getLogger("rlserve")
 # every few milliseconds; it keeps one core busy while requests flow).
 SPIN_S = 0.005
 RESULT_TIMEOUT_S = 10.0     # a helper this late is stuck: the engine stops using it and fills masks itself
-# How long the engine polls for a helper's answer before sleeping: an answer due within a step's
-# remaining ~0.1 ms should not also wait for the kernel to wake the engine.
-RESULT_SPIN_S = 0.0
+# Each helper's answer slot after the bitmask in the shared segment: the step it last answered, its
+# seconds advancing matchers and filling rows in that step (as ns), and 0 or 1 if it sent an error.
+DONE, ACCEPT_NS, FILL_NS, FAILED = range(4)
+
+
+def _control(buf: memoryview, max_rows: int, words: int, count: int) -> np.ndarray:
+    """The helpers' answer slots [count, 4] int64, placed after the bitmask (on a 64-byte boundary).
+    A helper writes its slot's DONE last, so an engine that reads DONE first sees the rest (x86 keeps
+    stores in order)."""
+    offset = -(-max_rows * words * 4 // 64) * 64
+    return np.ndarray((count, 4), dtype=np.int64, buffer=buf, offset=offset)
+
+
+def _segment_size(max_rows: int, words: int, count: int) -> int:
+    return -(-max_rows * words * 4 // 64) * 64 + count * 4 * 8
 
 
 @dataclass
@@ -63,10 +76,13 @@ class MaskHelpers:
     def __init__(self, count: int, tokenizer_info_json: str, stop_ids: list[int], max_rows: int, words: int,
                  pin: bool) -> None:
         self.max_rows = max_rows
-        self._shm = SharedMemory(create=True, size=max_rows * words * 4)
+        self._shm = SharedMemory(create=True, size=_segment_size(max_rows, words, count))
         # The helpers' bitmask, pinned when it feeds a GPU so the copy to the device is asynchronous.
-        self.bitmask = torch.frombuffer(self._shm.buf, dtype=torch.int32).view(max_rows, words)
+        self.bitmask = torch.frombuffer(self._shm.buf, dtype=torch.int32, count=max_rows * words).view(max_rows, words)
         self._pinned = pin and _register(self.bitmask)
+        self._answers = _control(self._shm.buf, max_rows, words, count)
+        self._answers[:] = 0
+        self._step = 0                                 # numbers the requests; a helper answers by it
         self._helpers: list[_Helper] = []
         for index in range(count):
             ours, theirs = socket.socketpair()
@@ -124,25 +140,39 @@ class MaskHelpers:
                 h.conn.send(("events", h.new_grammars, h.new_matchers, h.accepted, h.dropped))
                 h.new_grammars, h.new_matchers, h.accepted, h.dropped = [], [], [], []
         # One message for all: each helper picks out its own keys (key % n), so the engine pickles once.
-        step = pickle.dumps(("step", took, tokens, keys), protocol=pickle.HIGHEST_PROTOCOL)
+        self._step += 1
+        step = pickle.dumps(("step", self._step, took, tokens, keys), protocol=pickle.HIGHEST_PROTOCOL)
         for h in self._helpers:
             h.conn.send_bytes(step)
             h.asked = True
         self.requests += 1
 
     def result(self) -> None:
-        """Wait until every helper has filled its rows of the requested masks (in `bitmask`)."""
-        for h in self._helpers:
+        """Wait until every helper has filled its rows of the requested masks (in `bitmask`). The
+        engine polls the helpers' answer slots in shared memory: no system call, nothing to unpickle,
+        and no wait for the kernel to wake it."""
+        for index, h in enumerate(self._helpers):
             if not h.asked:
                 continue
             h.asked = False
-            if not _wait(h.conn, RESULT_SPIN_S, RESULT_TIMEOUT_S):
-                raise RuntimeError(f"no answer in {RESULT_TIMEOUT_S} s")
-            reply = h.conn.recv()
-            if not isinstance(reply, tuple):
-                raise RuntimeError(f"grammar mask helper failed: {reply}")
-            h.accept_s += reply[0]
-            h.fill_s += reply[1]
+            slot = self._answers[index]
+            if slot[DONE] != self._step:
+                self._await(h, slot)
+            if slot[FAILED]:
+                raise RuntimeError(f"grammar mask helper failed: {h.conn.recv() if h.conn.poll(1.0) else '?'}")
+            h.accept_s += slot[ACCEPT_NS] * 1e-9
+            h.fill_s += slot[FILL_NS] * 1e-9
+
+    def _await(self, h: _Helper, slot: np.ndarray) -> None:
+        deadline = time.perf_counter() + RESULT_TIMEOUT_S
+        spins = 0
+        while slot[DONE] != self._step:
+            spins += 1
+            if spins % 1024 == 0:    # every ~0.1 ms: is it still there, and in time?
+                if h.proc.poll() is not None:
+                    raise RuntimeError(f"exited with code {h.proc.returncode}")
+                if time.perf_counter() > deadline:
+                    raise RuntimeError(f"no answer in {RESULT_TIMEOUT_S} s")
 
     def busy(self) -> list[tuple[float, float]]:
         """Per helper, seconds spent advancing matchers and filling rows over all requests so far."""
@@ -182,16 +212,15 @@ def _shut_down(conns: list[Connection], procs: list[subprocess.Popen], shm: Shar
     shm.unlink()
 
 
-def _wait(conn: Connection, spin_s: float, timeout_s: float | None = None) -> bool:
-    """Whether a message arrived within timeout_s (None: wait for one), polling for the first spin_s
-    before sleeping in the kernel. The helpers' requests follow each other within milliseconds, and
-    waking a sleeping process costs a good part of what a helper saves (~0.3 ms a step, measured on
-    an H200 host)."""
+def _wait(conn: Connection, spin_s: float) -> None:
+    """Poll for the next request for up to spin_s before sleeping in the kernel: a step's request
+    follows the last one within milliseconds, and waking a sleeping process costs a good part of what
+    the helper saves (~0.3 ms a step, measured on an H200 host)."""
     end = time.perf_counter() + spin_s
     while time.perf_counter() < end:
         if conn.poll(0):
-            return True
-    return conn.poll(timeout_s)
+            return
+    conn.poll(None)
 
 
 def serve(conn: Connection, shm_name: str, max_rows: int, words: int, spin_s: float, index: int = 0,
@@ -212,7 +241,8 @@ def serve(conn: Connection, shm_name: str, max_rows: int, words: int, spin_s: fl
             resource_tracker.unregister(shm._name, "shared_memory")
         except Exception:
             pass
-        bitmask = torch.frombuffer(shm.buf, dtype=torch.int32).view(max_rows, words)
+        bitmask = torch.frombuffer(shm.buf, dtype=torch.int32, count=max_rows * words).view(max_rows, words)
+        answer = _control(shm.buf, max_rows, words, count)[index]
         filler = xgr.BatchGrammarMatcher(max_threads=1)
     except Exception as e:
         conn.send(f"{type(e).__name__}: {e}")
@@ -250,7 +280,7 @@ def serve(conn: Connection, shm_name: str, max_rows: int, words: int, spin_s: fl
                     matchers.pop(key, None)
                     terminated.discard(key)
                 continue
-            _, took, tokens, keys = msg
+            _, step, took, tokens, keys = msg
             start = time.perf_counter()
             for key, token in zip(took, tokens):
                 if key is not None and key % count == index:
@@ -264,13 +294,23 @@ def serve(conn: Connection, shm_name: str, max_rows: int, words: int, spin_s: fl
                 bitmask[[i for i in mine if keys[i] not in matchers or keys[i] in terminated]] = -1
             if rows:
                 filler.batch_fill_next_token_bitmask([matchers[keys[i]] for i in rows], bitmask, rows)
-            conn.send((took_s, time.perf_counter() - start - took_s) if error is None else error)
+            if error is None:
+                answer[ACCEPT_NS] = int(took_s * 1e9)
+                answer[FILL_NS] = int((time.perf_counter() - start - took_s) * 1e9)
+            _answer(conn, answer, step, error)
         except Exception as e:   # report, don't die silently: the engine falls back to its own fills
             error = error or f"{type(e).__name__}: {e}"
             if msg[0] != "events":
-                conn.send(error)
-    del bitmask
+                _answer(conn, answer, msg[1], error)
+    del bitmask, answer
     shm.close()
+
+
+def _answer(conn: Connection, answer: np.ndarray, step: int, error: str | None) -> None:
+    if error is not None:
+        answer[FAILED] = 1
+        conn.send(error)
+    answer[DONE] = step     # last: the engine reads the slot once this changes
 
 
 if __name__ == "__main__":
