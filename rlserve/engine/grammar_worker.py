@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import platform
 import socket
 import subprocess
 import sys
@@ -39,12 +40,18 @@ RESULT_TIMEOUT_S = 10.0     # a helper this late is stuck: the engine stops usin
 # Each helper's answer slot after the bitmask in the shared segment: the step it last answered, its
 # seconds advancing matchers and filling rows in that step (as ns), and 0 or 1 if it sent an error.
 DONE, ACCEPT_NS, FILL_NS, FAILED = range(4)
+# Another process sees a helper's stores to shared memory in the order it made them on x86 only. Where
+# they may be reordered (ARM), a helper also sends an empty message after writing its slot: the
+# system calls on both sides order the slot and the mask rows before the engine reads them.
+# RLSERVE_GRAMMAR_HELPER_NOTIFY=1 takes that path anywhere.
+STORES_IN_ORDER = (platform.machine().lower() in ("x86_64", "amd64")
+                   and os.environ.get("RLSERVE_GRAMMAR_HELPER_NOTIFY") != "1")
 
 
 def _control(buf: memoryview, max_rows: int, words: int, count: int) -> np.ndarray:
     """The helpers' answer slots [count, 4] int64, placed after the bitmask (on a 64-byte boundary).
-    A helper writes its slot's DONE last, so an engine that reads DONE first sees the rest (x86 keeps
-    stores in order)."""
+    A helper writes its slot's DONE last, so an engine that reads DONE first sees the rest and the
+    helper's mask rows (see STORES_IN_ORDER)."""
     offset = -(-max_rows * words * 4 // 64) * 64
     return np.ndarray((count, 4), dtype=np.int64, buffer=buf, offset=offset)
 
@@ -156,7 +163,11 @@ class MaskHelpers:
                 continue
             h.asked = False
             slot = self._answers[index]
-            if slot[DONE] != self._step:
+            if not STORES_IN_ORDER:
+                if not h.conn.poll(RESULT_TIMEOUT_S):
+                    raise RuntimeError(f"no answer in {RESULT_TIMEOUT_S} s")
+                h.conn.recv_bytes()
+            elif slot[DONE] != self._step:
                 self._await(h, slot)
             if slot[FAILED]:
                 raise RuntimeError(f"grammar mask helper failed: {h.conn.recv() if h.conn.poll(1.0) else '?'}")
@@ -309,8 +320,11 @@ def serve(conn: Connection, shm_name: str, max_rows: int, words: int, spin_s: fl
 def _answer(conn: Connection, answer: np.ndarray, step: int, error: str | None) -> None:
     if error is not None:
         answer[FAILED] = 1
+    answer[DONE] = step     # after the rest: the engine reads the slot once this changes
+    if not STORES_IN_ORDER:
+        conn.send_bytes(b"")
+    if error is not None:
         conn.send(error)
-    answer[DONE] = step     # last: the engine reads the slot once this changes
 
 
 if __name__ == "__main__":

@@ -152,6 +152,21 @@ def test_the_engine_catches_its_matchers_up_when_the_helper_dies_mid_run(engines
     assert llm.engine.kv_leaked() == 0
 
 
+def test_helpers_that_also_answer_through_the_socket_give_the_same_tokens(engines, monkeypatch):
+    """Where another process may see stores out of order (ARM), a helper also sends a message once its
+    rows and answer slot are written, and the engine waits for that: the same tokens as the engine's
+    own fills."""
+    import rlserve.engine.grammar_worker as grammar_worker
+    monkeypatch.setenv("RLSERVE_GRAMMAR_HELPER_NOTIFY", "1")        # read by the helper processes
+    monkeypatch.setattr(grammar_worker, "STORES_IN_ORDER", False)
+    llm = _engine(2)
+    worker = llm.engine._grammar.helpers
+    before = worker.requests
+    assert _run(llm) == _run(engines[False])
+    assert worker.requests - before > 10 and llm.engine._grammar.helpers is worker
+    assert all(fill > 0 for _, fill in worker.busy())
+
+
 @pytest.mark.timeout(600)
 def test_a_matcher_that_disagrees_with_its_helper_copy_aborts_only_its_request(engines):
     """Catching up (here: its helpers stopped mid-run), the engine's matcher rejects a token its helper
