@@ -175,7 +175,7 @@ class GrammarBackend:
     def _lose_helpers(self, error: Exception) -> None:
         log.warning("grammar mask helper stopped (%s); masks are filled in the engine process", error)
         helpers, self.helpers = self.helpers, None
-        helpers.close()
+        helpers.abandon()
 
     def apply_masks(self, logits: torch.Tensor, matchers: list[Any | None]) -> None:
         """Mask, in place, every row whose request is constrained."""

@@ -20,6 +20,7 @@ import os
 import pickle
 import platform
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -93,6 +94,10 @@ class MaskHelpers:
         self._helpers: list[_Helper] = []
         for index in range(count):
             ours, theirs = socket.socketpair()
+            # A send to a helper that stopped reading (stuck, or suspended) would block the engine once
+            # the socket's buffer is full: time it out like an answer, so the helper is given up.
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                            struct.pack("ll", int(RESULT_TIMEOUT_S), int(RESULT_TIMEOUT_S % 1 * 1e6)))
             proc = subprocess.Popen(
                 [sys.executable, "-m", "rlserve.engine.grammar_worker", str(theirs.fileno()), self._shm.name,
                  str(max_rows), str(words), str(SPIN_S if pin else 0.0), str(index), str(count)],
@@ -190,6 +195,14 @@ class MaskHelpers:
         return [(h.accept_s, h.fill_s) for h in self._helpers]
 
     def close(self) -> None:
+        self._finalizer()
+
+    def abandon(self) -> None:
+        """Stop using the helpers at once (one failed, exited or is stuck): kill them instead of waiting
+        for them to finish, then release the shared memory."""
+        for h in self._helpers:
+            if h.proc.poll() is None:
+                h.proc.kill()
         self._finalizer()
 
 

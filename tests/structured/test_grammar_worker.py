@@ -152,6 +152,30 @@ def test_the_engine_catches_its_matchers_up_when_the_helper_dies_mid_run(engines
     assert llm.engine.kv_leaked() == 0
 
 
+def test_a_stuck_helper_is_given_up_and_the_engine_fills_its_rows(engines, monkeypatch):
+    """A helper that stops reading and answering (here: SIGSTOP) is given up after the timeout: neither
+    a send into its full socket nor the wait for its answer blocks the engine. It is killed, and the
+    engine fills every mask itself from then on, with the same tokens."""
+    import os
+    import signal
+    import rlserve.engine.grammar_worker as grammar_worker
+    monkeypatch.setattr(grammar_worker, "RESULT_TIMEOUT_S", 1.0)
+    llm = _engine(2)
+    stuck = llm.engine._grammar.helpers._helpers[1].proc
+    os.kill(stuck.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        got = _run(llm)
+        took = time.monotonic() - start
+    finally:
+        if stuck.poll() is None:
+            os.kill(stuck.pid, signal.SIGCONT)
+    assert llm.engine._grammar.helpers is None
+    assert stuck.poll() is not None                  # killed, not left behind
+    assert took < 30
+    assert got == _run(engines[False])
+
+
 def test_helpers_that_also_answer_through_the_socket_give_the_same_tokens(engines, monkeypatch):
     """Where another process may see stores out of order (ARM), a helper also sends a message once its
     rows and answer slot are written, and the engine waits for that: the same tokens as the engine's
