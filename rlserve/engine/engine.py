@@ -456,7 +456,7 @@ class Engine:
         if not p.ignore_eos and token in self.eos_ids:
             return self._finish(req, "stop")
         if req.detokenizer is not None:
-            req.detokenizer.add(token)
+            req.detokenizer.append(token)
             if req.detokenizer.stopped:
                 return self._finish(req, "stop", req.detokenizer.stop_string)
         if len(req.output_ids) >= req.max_new_tokens or req.num_tokens >= self.max_model_len:

@@ -99,6 +99,52 @@ def test_random_token_ids(tok):
     assert checked >= 30
 
 
+def _lazy_text(tok, prompt, ids, read_every: int, **kw) -> str:
+    """Append ids without decoding, reading the text every read_every tokens (0: only at the end)."""
+    det = IncrementalDetokenizer(tok, prompt, **kw)
+    for n, i in enumerate(ids, 1):
+        det.append(i)
+        if read_every and n % read_every == 0:
+            det.text
+    det.finish()
+    assert det.num_tokens == len(ids)
+    return det.text
+
+
+@pytest.mark.parametrize("read_every", [0, 1, 3, 17])
+def test_appended_tokens_decode_to_the_same_text_as_token_by_token(tok, read_every):
+    """append defers decoding until the text is read; the text is the same as add's, token by token,
+    for real text and for random ids (where invalid bytes make the chunk replay token by token)."""
+    rng = random.Random(read_every)
+    prompt = tok.encode("User asked something:", add_special_tokens=False)
+    cases = [tok.encode(t, add_special_tokens=False) for t in TEXTS]
+    cases += [[rng.randrange(len(tok)) for _ in range(rng.randrange(1, 60))] for _ in range(30)]
+    for trial, ids in enumerate(cases):
+        skip = trial % 2 == 0
+        eager = IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip)
+        stream(eager, ids)
+        assert _lazy_text(tok, prompt, ids, read_every, skip_special_tokens=skip) == eager.text, ids
+
+
+def test_append_with_stop_strings_stops_at_once(tok):
+    det = IncrementalDetokenizer(tok, [], stop_strings=["STOP"])
+    ids = tok.encode("one two STOP three", add_special_tokens=False)
+    for n, i in enumerate(ids, 1):
+        det.append(i)
+        if det.stopped:
+            break
+    assert det.stopped and n < len(ids)
+    assert det.text == "one two "
+
+
+def test_appended_tokens_wait_for_a_read(tok):
+    det = IncrementalDetokenizer(tok, [])
+    for i in tok.encode("hello world", add_special_tokens=False):
+        det.append(i)
+    assert det._released == [] and det._deferred > 0     # nothing decoded yet
+    assert det.text == "hello world" and det._deferred == 0
+
+
 def test_special_tokens(tok):
     ids = tok.encode("Hi there", add_special_tokens=False) + [tok.eos_token_id]
     eos = tok.convert_ids_to_tokens(tok.eos_token_id)
