@@ -42,6 +42,9 @@ class _Pending:
     # The rows whose masks the grammar backend's helper process is filling (their matchers' keys, None
     # for the engine's own rows); None when the engine fills them all.
     helper_rows: list[int | None] | None = None
+    # Sampled already, behind a wait on the device for the helpers' answers, which the host has still
+    # to take (GrammarBackend.confirm_masks).
+    unconfirmed: bool = False
 
 
 @dataclass
@@ -346,6 +349,8 @@ class Engine:
         host = pending.host.get()
         tokens = host[0].tolist()
         mirrored = self._request_masks(pending.reqs, tokens)
+        if mirrored:
+            self._sample_when_answered(self._pending)
         lps: list = [None] * len(pending.reqs)
         if pending.has_logprobs:
             lps = logprob_dicts(tuple(host[1:]), [r.params.logprobs or 0 for r in pending.reqs])
@@ -355,9 +360,33 @@ class Engine:
             self._accept(req, token, lp, mirrored)
             if emit_unfinished or req.finished:
                 changed[req.group] = self.groups[req.group]
-        if self._pending is not None and self._pending.logits is not None:
-            self._sample_pending(self._pending)     # the grammars have seen every token now
+        nxt = self._pending
+        if nxt is not None and nxt.logits is not None:
+            self._sample_pending(nxt)     # the grammars have seen every token now
+        elif nxt is not None and nxt.unconfirmed:
+            nxt.unconfirmed = False
+            self._grammar.confirm_masks(nxt.helper_rows, lambda: [self._grammar_now(r) for r in nxt.reqs])
         return self._emit(changed)
+
+    def _sample_when_answered(self, nxt: _Pending) -> None:
+        """Queue the next step's sampling at once, its masks copied to the device once the helpers
+        have written them (the device waits for their answers): the host's accept loop then runs
+        beside the helpers and the device, not before the sampling. Where that can't be (rows the engine
+        fills, logprobs, rows the fused kernel can't take), sampling waits for the loop as before."""
+        reqs = nxt.reqs
+        rows = [r.decode_row or self._decode_row(r) for r in reqs]
+        if any(r.params.logprobs is not None for r in reqs) or not self.sampler.fuses_bitmask(rows):
+            return
+        logits = nxt.logits
+        if self._grammar.helpers.bitmask.shape[1] * 32 < logits.shape[1]:
+            return
+        bitmask = self._grammar.masks_on_device_when_answered(
+            nxt.helper_rows, [None if r.finished else r.grammar for r in reqs], logits.device)
+        if bitmask is None:
+            return
+        nxt.logits = None
+        nxt.tokens = self.sampler.sample_tensor(logits, rows, bitmask)
+        nxt.host, nxt.has_logprobs, nxt.unconfirmed = HostCopy([nxt.tokens]), False, True
 
     def _request_masks(self, reqs: list[Request], tokens: list[int]) -> bool:
         """Before the rows' host work, start the grammar helpers on the next step's masks (they first

@@ -172,6 +172,48 @@ class GrammarBackend:
             bitmask = self._host_bitmask(bitmask.shape[0], device).copy_(bitmask)
         return bitmask.to(device, non_blocking=True)
 
+    def masks_on_device_when_answered(self, owned: list[int | None], matchers: list[Any | None],
+                                      device: torch.device) -> torch.Tensor | None:
+        """The batch's masks on `device`, copied once every helper has answered the request just made:
+        the copy waits on the device, so the host can queue the sampling now and go on. Only where the
+        device can wait so and the helpers fill every constrained row (`owned`, `matchers` as for
+        requested_masks); None otherwise, with nothing queued. Follow with confirm_masks."""
+        helpers = self.helpers
+        if helpers is None or device.type != "cuda" or not helpers.waits_on_device():
+            return None
+        if any(k is None and m is not None for k, m in zip(owned, matchers)):
+            return None
+        bitmask = helpers.bitmask[:len(owned)]
+        free = [i for i, k in enumerate(owned) if k is None]
+        if free:
+            bitmask[free] = -1
+        if not helpers.wait_on_device(torch.cuda.current_stream(device)):
+            # Some waits may be queued: they pass once the helpers answer, which they do regardless.
+            return None
+        return bitmask.to(device, non_blocking=True)
+
+    def confirm_masks(self, owned: list[int | None], matchers_now: Any) -> None:
+        """After masks_on_device_when_answered: take the helpers' answers. If one failed, exited or is
+        stuck, the engine fills the helpers' rows itself (matchers_now() gives every row's current
+        matcher), lets the device's copy go, waits for it, and stops using the helpers."""
+        helpers = self.helpers
+        try:
+            helpers.result()
+            return
+        except (OSError, EOFError, RuntimeError) as e:
+            error = e
+        matchers = matchers_now()
+        bitmask = helpers.bitmask[:len(owned)]
+        rows = [i for i, k in enumerate(owned) if k is not None and matchers[i] is not None]
+        if rows:
+            self._fill([matchers[i] for i in rows], bitmask, rows)
+        done = [i for i, k in enumerate(owned) if k is not None and matchers[i] is None]
+        if done:
+            bitmask[done] = -1
+        helpers.release_device()
+        torch.cuda.synchronize()
+        self._lose_helpers(error)
+
     def _lose_helpers(self, error: Exception) -> None:
         log.warning("grammar mask helper stopped (%s); masks are filled in the engine process", error)
         helpers, self.helpers = self.helpers, None

@@ -39,7 +39,8 @@ log = logging.getLogger("rlserve")
 SPIN_S = 0.005
 RESULT_TIMEOUT_S = 10.0     # a helper this late is stuck: the engine stops using it and fills masks itself
 # Each helper's answer slot after the bitmask in the shared segment: the step it last answered, its
-# seconds advancing matchers and filling rows in that step (as ns), and 0 or 1 if it sent an error.
+# seconds advancing matchers and filling rows in that step (as ns), and 0 or 1 if it sent an error. A
+# helper that fails sets FAILED and leaves DONE: a device waiting on DONE must not read its rows.
 DONE, ACCEPT_NS, FILL_NS, FAILED = range(4)
 # Another process sees a helper's stores to shared memory in the order it made them on x86 only. Where
 # they may be reordered (ARM), a helper also sends an empty message after writing its slot: the
@@ -49,16 +50,19 @@ STORES_IN_ORDER = (platform.machine().lower() in ("x86_64", "amd64")
                    and os.environ.get("RLSERVE_GRAMMAR_HELPER_NOTIFY") != "1")
 
 
+def _slots_offset(max_rows: int, words: int) -> int:
+    return -(-max_rows * words * 4 // 64) * 64
+
+
 def _control(buf: memoryview, max_rows: int, words: int, count: int) -> np.ndarray:
     """The helpers' answer slots [count, 4] int64, placed after the bitmask (on a 64-byte boundary).
     A helper writes its slot's DONE last, so an engine that reads DONE first sees the rest and the
     helper's mask rows (see STORES_IN_ORDER)."""
-    offset = -(-max_rows * words * 4 // 64) * 64
-    return np.ndarray((count, 4), dtype=np.int64, buffer=buf, offset=offset)
+    return np.ndarray((count, 4), dtype=np.int64, buffer=buf, offset=_slots_offset(max_rows, words))
 
 
 def _segment_size(max_rows: int, words: int, count: int) -> int:
-    return -(-max_rows * words * 4 // 64) * 64 + count * 4 * 8
+    return _slots_offset(max_rows, words) + count * 4 * 8
 
 
 @dataclass
@@ -87,9 +91,12 @@ class MaskHelpers:
         self._shm = SharedMemory(create=True, size=_segment_size(max_rows, words, count))
         # The helpers' bitmask, pinned when it feeds a GPU so the copy to the device is asynchronous.
         self.bitmask = torch.frombuffer(self._shm.buf, dtype=torch.int32, count=max_rows * words).view(max_rows, words)
-        self._pinned = pin and _register(self.bitmask)
         self._answers = _control(self._shm.buf, max_rows, words, count)
         self._answers[:] = 0
+        self._pinned = pin and _register(self.bitmask.data_ptr(), _segment_size(max_rows, words, count))
+        # Where the device can wait for the answer slots itself, a batch's mask copy and sampling can be
+        # queued before the helpers are done (wait_on_device).
+        self._slot_addresses = self._device_slots() if self._pinned and STORES_IN_ORDER else None
         self._step = 0                                 # numbers the requests; a helper answers by it
         self._helpers: list[_Helper] = []
         for index in range(count):
@@ -110,11 +117,42 @@ class MaskHelpers:
         self.requests = 0                              # batches they were asked to fill
         self._finalizer = weakref.finalize(self, _shut_down, [h.conn for h in self._helpers],
                                            [h.proc for h in self._helpers], self._shm,
-                                           self.bitmask.data_ptr() if self._pinned else None)
+                                           self.bitmask.data_ptr() if self._pinned else None,
+                                           _slots_offset(max_rows, words))
 
     @property
     def pinned(self) -> bool:
         return self._pinned
+
+    def _device_slots(self) -> list[int] | None:
+        from rlserve.engine.stream_wait import StreamWaiter
+        waiter = StreamWaiter.load()
+        if waiter is None:
+            return None
+        base = self._answers.ctypes.data
+        addresses = [waiter.device_address(base + (i * 4 + DONE) * 8) for i in range(len(self._answers))]
+        if None in addresses:
+            return None
+        stream = torch.cuda.current_stream()
+        if not all(waiter.wait(stream, a, 0) for a in addresses):     # already true: a probe
+            return None
+        stream.synchronize()
+        self._waiter = waiter
+        return addresses
+
+    def waits_on_device(self) -> bool:
+        """Whether wait_on_device can be used."""
+        return self._slot_addresses is not None
+
+    def wait_on_device(self, stream: torch.cuda.Stream) -> bool:
+        """Queue on `stream` a wait for every helper's answer to the last request: work queued after it
+        (the mask's copy, the sampling) runs once the rows are written. Call result() later all the
+        same: a helper that fails never answers, and result() fills its rows (see release_device)."""
+        return all(self._waiter.wait(stream, a, self._step) for a in self._slot_addresses)
+
+    def release_device(self) -> None:
+        """Answer the last request in every slot, as if each helper had: the engine wrote the rows."""
+        self._answers[:, DONE] = self._step
 
     def ready(self) -> bool:
         """Whether every helper has started; until then the engine fills masks itself (events queue
@@ -172,7 +210,7 @@ class MaskHelpers:
                 if not h.conn.poll(RESULT_TIMEOUT_S):
                     raise RuntimeError(f"no answer in {RESULT_TIMEOUT_S} s")
                 h.conn.recv_bytes()
-            elif slot[DONE] != self._step:
+            elif slot[DONE] != self._step and not slot[FAILED]:
                 self._await(h, slot)
             if slot[FAILED]:
                 raise RuntimeError(f"grammar mask helper failed: {h.conn.recv() if h.conn.poll(1.0) else '?'}")
@@ -182,7 +220,7 @@ class MaskHelpers:
     def _await(self, h: _Helper, slot: np.ndarray) -> None:
         deadline = time.perf_counter() + RESULT_TIMEOUT_S
         spins = 0
-        while slot[DONE] != self._step:
+        while slot[DONE] != self._step and not slot[FAILED]:
             spins += 1
             if spins % 1024 == 0:    # every ~0.1 ms: is it still there, and in time?
                 if h.proc.poll() is not None:
@@ -206,16 +244,16 @@ class MaskHelpers:
         self._finalizer()
 
 
-def _register(t: torch.Tensor) -> bool:
-    """Page-lock the shared buffer for asynchronous copies; False where CUDA can't."""
+def _register(address: int, size: int) -> bool:
+    """Page-lock the shared segment (mask rows and answer slots) for asynchronous copies and for the
+    device to read; False where CUDA can't."""
     if not torch.cuda.is_available():
         return False
-    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
-    return int(err) == 0
+    return int(torch.cuda.cudart().cudaHostRegister(address, size, 0)) == 0
 
 
 def _shut_down(conns: list[Connection], procs: list[subprocess.Popen], shm: SharedMemory,
-               pinned_ptr: int | None) -> None:
+               pinned_ptr: int | None, slots_offset: int) -> None:
     for conn in conns:
         try:
             conn.send(None)
@@ -228,6 +266,15 @@ def _shut_down(conns: list[Connection], procs: list[subprocess.Popen], shm: Shar
         except subprocess.TimeoutExpired:
             proc.kill()
     if pinned_ptr is not None:
+        # Release any device wait still queued on an answer slot, and let queued copies finish, before
+        # the memory stops being the device's to read.
+        answers = np.ndarray((len(procs), 4), dtype=np.int64, buffer=shm.buf, offset=slots_offset)
+        answers[:, DONE] = 1 << 62
+        del answers
+        try:
+            torch.cuda.synchronize()
+        except RuntimeError:
+            pass
         torch.cuda.cudart().cudaHostUnregister(pinned_ptr)
     try:
         shm.close()
@@ -332,8 +379,9 @@ def serve(conn: Connection, shm_name: str, max_rows: int, words: int, spin_s: fl
 
 def _answer(conn: Connection, answer: np.ndarray, step: int, error: str | None) -> None:
     if error is not None:
-        answer[FAILED] = 1
-    answer[DONE] = step     # after the rest: the engine reads the slot once this changes
+        answer[FAILED] = 1  # and no DONE: a device may be waiting for it to read this helper's rows
+    else:
+        answer[DONE] = step     # after the rest: the engine reads the slot once this changes
     if not STORES_IN_ORDER:
         conn.send_bytes(b"")
     if error is not None:

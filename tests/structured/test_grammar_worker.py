@@ -1,4 +1,7 @@
-"""Grammar masks from the helper process: the same masks, the same tokens, and a clean fallback."""
+"""Grammar masks from the helper process: the same masks, the same tokens, and a clean fallback.
+
+CPU tests; on a CUDA machine (`pytest tests/structured/test_grammar_worker.py`) they also cover the
+path where the device waits for the helpers' answers before its mask copy and sampling."""
 from __future__ import annotations
 
 import json
@@ -19,7 +22,9 @@ REGEX = REGEXES[2]      # two capitalised words: a few tokens of free text
 
 
 def _engine(helpers: int) -> LLM:
-    llm = LLM(overlap_schedule=True)            # overlapped steps are where the helpers work
+    # Overlapped steps are where the helpers work. Several engines live at once: a small share each of
+    # a GPU's memory (a CPU ignores it).
+    llm = LLM(overlap_schedule=True, gpu_memory_fraction=0.1)
     llm.engine.grammar_helpers = helpers
     llm.engine._compile_grammar(SamplingParams(json_object=True))      # creates the grammar backend
     worker = llm.engine._grammar.helpers
@@ -46,16 +51,25 @@ def _batch(llm: LLM) -> tuple[list[str], list[SamplingParams]]:
 
 
 def _run(llm: LLM) -> list[tuple[list[int], str]]:
+    # From an empty prefix cache each time: a cached prompt is prefilled by other kernels, whose
+    # rounding (bf16 on a GPU) may tip a draw.
+    llm.engine.flush_cache()
     outs = llm.generate(*_batch(llm), use_tqdm=False)
     return [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].text) for o in outs]
 
 
-def test_helper_masks_give_the_same_tokens_as_masks_filled_in_the_engine(engines):
+def test_helper_masks_give_the_same_tokens_as_masks_filled_in_the_engine(engines, monkeypatch):
     with_helper, without = engines[True], engines[False]
     worker = with_helper.engine._grammar.helpers
     before, busy_before = worker.requests, worker.busy()
+    backend, queued = with_helper.engine._grammar, []
+    queue = backend.masks_on_device_when_answered
+    monkeypatch.setattr(backend, "masks_on_device_when_answered",
+                        lambda *a: queued.append(queue(*a)) or queued[-1])
     got, want = _run(with_helper), _run(without)
     assert worker.requests - before > 10, "the helper filled no masks"
+    # On CUDA the sampling is queued behind the device's wait for the helpers' answers.
+    assert sum(q is not None for q in queued) > (10 if torch.cuda.is_available() else -1)
     # Each helper reports the time it spent advancing its matchers and filling its rows.
     assert all(a1 > a0 and f1 > f0 for (a0, f0), (a1, f1) in zip(busy_before, worker.busy()))
     assert with_helper.engine._grammar.helpers is worker            # and never failed
