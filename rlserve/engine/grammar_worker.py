@@ -37,6 +37,7 @@ log = logging.getLogger("rlserve")
 # How long the helper polls for the next request before sleeping (GPU engines only, whose steps come
 # every few milliseconds; it keeps one core busy while requests flow).
 SPIN_S = 0.005
+STARTUP_TIMEOUT_S = 120.0   # for a helper to import xgrammar and take its first message
 RESULT_TIMEOUT_S = 10.0     # a helper this late is stuck: the engine stops using it and fills masks itself
 # Each helper's answer slot after the bitmask in the shared segment: the step it last answered, its
 # seconds advancing matchers and filling rows in that step (as ns), and 0 or 1 if it sent an error. A
@@ -101,10 +102,7 @@ class MaskHelpers:
         self._helpers: list[_Helper] = []
         for index in range(count):
             ours, theirs = socket.socketpair()
-            # A send to a helper that stopped reading (stuck, or suspended) would block the engine once
-            # the socket's buffer is full: time it out like an answer, so the helper is given up.
-            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                            struct.pack("ll", int(RESULT_TIMEOUT_S), int(RESULT_TIMEOUT_S % 1 * 1e6)))
+            _send_timeout(ours.fileno(), STARTUP_TIMEOUT_S)    # the first message waits for the helper to start
             proc = subprocess.Popen(
                 [sys.executable, "-m", "rlserve.engine.grammar_worker", str(theirs.fileno()), self._shm.name,
                  str(max_rows), str(words), str(SPIN_S if pin else 0.0), str(index), str(count)],
@@ -112,6 +110,9 @@ class MaskHelpers:
             theirs.close()
             conn = Connection(ours.detach())
             conn.send((tokenizer_info_json, list(stop_ids)))
+            # From now on a send to a helper that stopped reading (stuck, or suspended) would block the
+            # engine once the socket's buffer is full: time it out like an answer, so the helper is given up.
+            _send_timeout(conn.fileno(), RESULT_TIMEOUT_S)
             self._helpers.append(_Helper(proc, conn))
         self._grammar_ids: dict[Any, int] = {}        # spec → id the helpers know it by
         self.requests = 0                              # batches they were asked to fill
@@ -242,6 +243,16 @@ class MaskHelpers:
             if h.proc.poll() is None:
                 h.proc.kill()
         self._finalizer()
+
+
+def _send_timeout(fd: int, seconds: float) -> None:
+    """Make a blocking send on the socket `fd` (a Connection's too) fail with an OSError after
+    `seconds` instead of waiting for the reader forever."""
+    sock = socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_STREAM)     # a duplicate: the option is the socket's
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
+    finally:
+        sock.close()
 
 
 def _register(address: int, size: int) -> bool:
