@@ -157,12 +157,7 @@ class GrammarBackend:
         if helpers is None:
             return None
         bitmask = helpers.bitmask[:len(owned)]
-        mine = [i for i, k in enumerate(owned) if k is None and matchers[i] is not None]
-        if mine:
-            self._fill([matchers[i] for i in mine], bitmask, mine)
-        free = [i for i, k in enumerate(owned) if k is None and matchers[i] is None]
-        if free:
-            bitmask[free] = -1
+        self._fill_rows(bitmask, matchers, [i for i, k in enumerate(owned) if k is None])
         try:
             helpers.result()
         except (OSError, EOFError, RuntimeError) as e:
@@ -202,14 +197,8 @@ class GrammarBackend:
             return
         except (OSError, EOFError, RuntimeError) as e:
             error = e
-        matchers = matchers_now()
-        bitmask = helpers.bitmask[:len(owned)]
-        rows = [i for i, k in enumerate(owned) if k is not None and matchers[i] is not None]
-        if rows:
-            self._fill([matchers[i] for i in rows], bitmask, rows)
-        done = [i for i, k in enumerate(owned) if k is not None and matchers[i] is None]
-        if done:
-            bitmask[done] = -1
+        self._fill_rows(helpers.bitmask[:len(owned)], matchers_now(),
+                        [i for i, k in enumerate(owned) if k is not None])
         helpers.release_device()
         torch.cuda.synchronize()
         self._lose_helpers(error)
@@ -247,6 +236,16 @@ class GrammarBackend:
         # The buffer is refilled next step only after this step's sampled tokens were read back,
         # which the device does after this copy: no copy can still be reading it then.
         return bitmask.to(device, non_blocking=True)
+
+    def _fill_rows(self, bitmask: torch.Tensor, matchers: list[Any | None], rows: list[int]) -> None:
+        """Fill bitmask's `rows` from their matchers; a row without one (unconstrained, or its request
+        finished) allows every token."""
+        constrained = [i for i in rows if matchers[i] is not None]
+        if constrained:
+            self._fill([matchers[i] for i in constrained], bitmask, constrained)
+        free = [i for i in rows if matchers[i] is None]
+        if free:
+            bitmask[free] = -1
 
     def _fill(self, matchers: list[Any], bitmask: torch.Tensor, rows: list[int]) -> None:
         self._fills += 1
