@@ -67,7 +67,9 @@ class KVPool:
 
     num_slots counts slot 0, so a pool serving TokenAllocator(size) needs num_slots = size + 1.
     With dtype float8_e4m3fn the pool also keeps a float32 scale per (slot, kv head) in k_scales /
-    v_scales; `load` returns dequantised values.
+    v_scales; `load` returns dequantised values. A scale tensor is indexed [slot, kv head] but stored
+    head-major (strides (1, num_slots)): a decode kernel reads one head's scales of consecutive slots,
+    and head-major those share memory sectors instead of each taking one (5% of fp8 decode time).
     """
 
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
@@ -81,8 +83,12 @@ class KVPool:
         self.k_scales: list[torch.Tensor] | None = None
         self.v_scales: list[torch.Tensor] | None = None
         if self.fp8:
-            self.k_scales = [torch.zeros(shape[:2], dtype=torch.float32, device=device) for _ in range(num_layers)]
-            self.v_scales = [torch.zeros(shape[:2], dtype=torch.float32, device=device) for _ in range(num_layers)]
+            self.k_scales = [self._new_scales(device) for _ in range(num_layers)]
+            self.v_scales = [self._new_scales(device) for _ in range(num_layers)]
+
+    def _new_scales(self, device: torch.device | str) -> torch.Tensor:
+        """Zeroed float32 scales, [num_slots, num_kv_heads], stored head-major."""
+        return torch.zeros(self.num_kv_heads, self.num_slots, dtype=torch.float32, device=device).t()
 
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if not self.fp8:
@@ -106,12 +112,12 @@ class KVPool:
         """Free every layer's K/V storage (False: empty tensors) or allocate it again, zeroed (True).
         The lists stay the same objects, so backends holding the pool follow; addresses change."""
         shape = (self.num_slots, self.num_kv_heads, self.head_dim)
-        lists = [(self.k_buffers, shape), (self.v_buffers, shape)]
-        if self.fp8:
-            lists += [(self.k_scales, shape[:2]), (self.v_scales, shape[:2])]
-        for tensors, full in lists:
+        for tensors in (self.k_buffers, self.v_buffers):
             for i, old in enumerate(tensors):
-                tensors[i] = torch.zeros(full if resident else (0,), dtype=old.dtype, device=old.device)
+                tensors[i] = torch.zeros(shape if resident else (0,), dtype=old.dtype, device=old.device)
+        for tensors in (self.k_scales, self.v_scales) if self.fp8 else ():
+            for i, old in enumerate(tensors):
+                tensors[i] = self._new_scales(old.device) if resident else torch.zeros(0, device=old.device)
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -32,6 +32,22 @@ def test_pool_stores_and_loads_dequantised():
     assert KVPool.bytes_per_token(1, 2, 8, FP8_DTYPE) == 2 * 2 * (8 + 4)
 
 
+def test_pool_scales_are_indexed_by_slot_but_stored_head_major():
+    pool = KVPool(2, 10, 3, 8, FP8_DTYPE, "cpu")
+    for scales in pool.k_scales + pool.v_scales:
+        assert scales.shape == (10, 3) and scales.stride() == (1, 10)   # one head's slots are adjacent
+    k = torch.randn(2, 3, 8)
+    pool.store(1, torch.tensor([6, 2]), k, k)
+    _, expected = quantize_fp8(k)
+    assert torch.equal(pool.k_scales[1][torch.tensor([6, 2])], expected)
+    assert torch.equal(pool.k_scales[1].t().contiguous()[:, 6], expected[0])   # head-major storage
+    assert pool.k_scales[1].count_nonzero() == 6 and pool.k_scales[0].count_nonzero() == 0
+    pool.set_resident(False)
+    assert pool.k_scales[0].numel() == 0
+    pool.set_resident(True)                # back, zeroed, head-major again
+    assert pool.k_scales[1].stride() == (1, 10) and pool.k_scales[1].count_nonzero() == 0
+
+
 def test_fp8_pool_holds_more_tokens_in_the_same_bytes(default_model_dir):
     a = LLM(str(default_model_dir), kv_cache_bytes=64 << 20)
     b = LLM(str(default_model_dir), kv_cache_bytes=64 << 20, kv_cache_dtype="fp8_e4m3")

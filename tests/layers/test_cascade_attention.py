@@ -102,3 +102,27 @@ def test_cascade_decode_matches_torch(dtype, heads, kv_heads, dim):
     backend.prepare(ForwardBatch(**{**batch.__dict__, "shared_prefixes": None}))
     assert backend._prefix_splits == 0
     torch.testing.assert_close(backend.forward(q, k, v, 1, batch), want, **TOL[dtype])
+
+
+def test_cascade_decode_over_an_fp8_pool_matches_torch():
+    """The shared-prefix pass reads e4m3 values and head-major scales like the decode kernel does."""
+    from rlserve.engine.cache import FP8_DTYPE
+    from rlserve.layers.attention.triton_backend import TritonAttentionBackend
+    pool, batch, (q, k, v) = shared_case([(4, 900), (3, 300)], loners=2, heads=16, kv_heads=8, dim=128,
+                                         dtype=torch.bfloat16, max_members=4, seed=2)
+
+    def fp8_pool() -> KVPool:
+        out = KVPool(pool.num_layers, pool.num_slots, pool.num_kv_heads, pool.head_dim, FP8_DTYPE, DEVICE)
+        every = torch.arange(pool.num_slots, device=DEVICE)
+        for layer in range(pool.num_layers):
+            out.store(layer, every, pool.k_buffers[layer], pool.v_buffers[layer])
+        return out
+
+    ref = TorchAttentionBackend(fp8_pool(), 128 ** -0.5)
+    ref.prepare(batch)
+    want = ref.forward(q, k, v, 1, batch)
+    backend = TritonAttentionBackend(fp8_pool(), 128 ** -0.5, num_heads=16)
+    backend.prepare(batch)
+    assert backend._prefix_splits > 0
+    got = backend.forward(q, k, v, 1, batch)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)

@@ -127,6 +127,25 @@ def test_decode_fp16_and_auto_splits():
     check_against_torch(case, torch.float16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_with_a_climbing_running_max(dtype):
+    """Scores that climb along each context move the running max past the rescale slack again and
+    again (and stay within it in between, where rescaling is skipped): still the reference's result."""
+    seq = [700, 2000, 64, 300]
+    dim, kv_heads = 64, 2
+    case = Case([s - 1 for s in seq], [1] * len(seq), 8, kv_heads, dim, dtype, DEVICE, seed=11)
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    u = torch.randn(dim, device=DEVICE, generator=gen)
+    u /= u.norm()
+    for i, s in enumerate(seq):
+        slots = case.batch.req_to_token[case.batch.req_rows[i], :s - 1]
+        ramp = torch.linspace(0, 60, s - 1, device=DEVICE)       # q·k·scale climbs by ~60 along the context
+        k = u * ramp[:, None] + 0.05 * torch.randn(s - 1, dim, device=DEVICE, generator=gen)
+        case.pool.k_buffers[1][slots] = k[:, None, :].expand(-1, kv_heads, -1).to(dtype)
+    case.q = (u * 8 + 0.1 * torch.randn(case.q.shape, device=DEVICE, generator=gen)).to(dtype)
+    check_against_torch(case, dtype)
+
+
 # ---- extend ---------------------------------------------------------------------------------
 EXTEND_CASES = [  # (prefix lens, extend lens)
     ([0, 0, 0], [1, 37, 300]),

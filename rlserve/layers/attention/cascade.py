@@ -15,14 +15,15 @@ from __future__ import annotations
 import torch
 
 from rlserve.layers.attention.base import SharedPrefixes
-from rlserve.layers.attention.triton_backend import _attend_span, _dot_precision, _jit, _next_pow2, tl
+from rlserve.layers.attention.triton_backend import (_attend_span, _dot_precision, _jit, _next_pow2,
+                                                     _scale_strides, tl)
 
 
 @_jit
 def _shared_prefix_kernel(Q, K_buf, V_buf, K_scale, V_scale, ReqToToken, Members, Lengths, Rows, MidO, MidLse,
                           qk_scale,
-                          stride_qb, stride_qh, stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_st,
-                          stride_req, stride_mem, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+                          stride_qb, stride_qh, stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_ss,
+                          stride_sh, stride_req, stride_mem, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
                           GROUP: tl.constexpr, MAX_MEMBERS: tl.constexpr, HEAD_DIM: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                           PREFIX_SPLITS: tl.constexpr, FIRST_SLOT: tl.constexpr,
@@ -54,7 +55,7 @@ def _shared_prefix_kernel(Q, K_buf, V_buf, K_scale, V_scale, ReqToToken, Members
     row = tl.load(Rows + g).to(tl.int64)
 
     m_i, l_i, acc = _attend_span(q, K_buf, V_buf, K_scale, V_scale, ReqToToken, row, start, end, kvh, qk_scale,
-                                 stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_st, stride_req,
+                                 stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_ss, stride_sh, stride_req,
                                  BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, FP8)
 
     out = acc / l_i[:, None]
@@ -81,7 +82,7 @@ def shared_prefix_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.T
     _shared_prefix_kernel[(shared.num_groups, kv_heads, prefix_splits)](
         q, k_buf, v_buf, ks, vs, table, shared.members, shared.lengths, shared.rows, mid_o, mid_lse, qk_scale,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
-        ks.stride(0) if fp8 else 0, table.stride(0), shared.members.stride(0),
+        *_scale_strides(k_scale, v_scale), table.stride(0), shared.members.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, MAX_MEMBERS=shared.max_members, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_D=block_d,
         BLOCK_N=block_n, PREFIX_SPLITS=prefix_splits, FIRST_SLOT=first_slot,

@@ -35,10 +35,16 @@ _LOG2E = 1.4426950408889634
 MAX_KV_SPLITS = 16        # upper bound on spans per (sequence, kv head)
 DEFAULT_KV_SPLITS = 8     # the bound used once the batch alone fills the GPU
 MIN_SPLIT_TOKENS = 256    # a sequence is cut into spans of at least this many tokens
+# Base-2 exponent by which a row's running max may lag its true max before the accumulator is rescaled.
+RESCALE_SLACK = 8.0
 # Spans per shared prefix (cascade). Fixed, so that the kernels' compile-time shapes never change from
 # step to step (each new combination would compile anew) and a CUDA graph captured for a batch size
 # serves every grouping; each span's length follows the prefix's length on the device.
 CASCADE_PREFIX_SPLITS = 4
+
+
+if HAS_TRITON:
+    RESCALE_SLACK = tl.constexpr(RESCALE_SLACK)
 
 
 def _jit(fn):
@@ -55,7 +61,7 @@ def _next_pow2(n: int) -> int:
 @_jit
 def _store_kv_kernel(K, V, K_buf, V_buf, K_scale, V_scale, Loc,
                      stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_st,
+                     stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_ss, stride_sh,
                      NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -73,8 +79,8 @@ def _store_kv_kernel(K, V, K_buf, V_buf, K_scale, V_scale, Loc,
         vs = tl.maximum(tl.max(tl.abs(v), 1), 1e-12) / 448.0
         k = tl.clamp(k / ks[:, None], -448.0, 448.0)
         v = tl.clamp(v / vs[:, None], -448.0, 448.0)
-        tl.store(K_scale + slot * stride_st + offs_h, ks, mask=mask_h)
-        tl.store(V_scale + slot * stride_st + offs_h, vs, mask=mask_h)
+        tl.store(K_scale + slot * stride_ss + offs_h * stride_sh, ks, mask=mask_h)
+        tl.store(V_scale + slot * stride_ss + offs_h * stride_sh, vs, mask=mask_h)
     tl.store(K_buf + slot * stride_kbt + offs_h[:, None] * stride_kbh + offs_d[None, :],
              k.to(K_buf.dtype.element_ty), mask=mask)
     tl.store(V_buf + slot * stride_vbt + offs_h[:, None] * stride_vbh + offs_d[None, :],
@@ -93,8 +99,7 @@ def store_kv(k_buf: torch.Tensor, v_buf: torch.Tensor, loc: torch.Tensor, k: tor
     _store_kv_kernel[(t,)](
         k, v, k_buf, v_buf, k_scale if fp8 else k_buf, v_scale if fp8 else v_buf, loc,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
-        k_scale.stride(0) if fp8 else 0,
+        k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1), *_scale_strides(k_scale, v_scale),
         NUM_HEADS=heads, HEAD_DIM=dim, BLOCK_H=_next_pow2(heads), BLOCK_D=_next_pow2(dim), FP8=fp8,
         num_warps=4 if heads * dim >= 1024 else 1)
 
@@ -113,16 +118,22 @@ def _split_plan(seq_len, MAX_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOC
 
 @_jit
 def _attend_span(q, K_buf, V_buf, K_scale, V_scale, ReqToToken, row, start, end, kvh, qk_scale,
-                 stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_st, stride_req,
+                 stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_ss, stride_sh, stride_req,
                  ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
     """Online softmax of q's ROWS query rows over positions [start, end) of table row `row`, kv head
-    kvh. Returns (running max, running sum, unnormalised output), all float32, base-2 exponents."""
+    kvh. Returns (running max, running sum, unnormalised output), all float32, base-2 exponents.
+
+    The running max moves only when some row's tile max exceeds it by more than RESCALE_SLACK (base 2),
+    so most tiles skip rescaling the accumulator; weights then reach at most 2^RESCALE_SLACK, which
+    16-bit dot inputs hold without loss of relative precision."""
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    k_scales = K_scale + kvh * stride_sh
+    v_scales = V_scale + kvh * stride_sh
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
@@ -132,27 +143,31 @@ def _attend_span(q, K_buf, V_buf, K_scale, V_scale, ReqToToken, row, start, end,
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)          # [N, D]
         qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
         if FP8:   # dequantise after the dot: a per-token scale multiplies a column of qk
-            qk = qk * tl.load(K_scale + slots * stride_st + kvh, mask=mask_n, other=0.0)[None, :]
+            qk = qk * tl.load(k_scales + slots * stride_ss, mask=mask_n, other=0.0)[None, :]
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_tile = tl.max(qk, 1)
+        if tl.max(m_tile - m_i, 0) > RESCALE_SLACK:
+            m_new = tl.maximum(m_i, m_tile)
+            alpha = tl.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        p = tl.exp2(qk - m_i[:, None])
+        l_i = l_i + tl.sum(p, 1)
         v = tl.load(V_buf + slots[:, None] * stride_vbt + kvh * stride_vbh + offs_d[None, :],
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)          # [N, D]
         pv = p
         if FP8:   # p·(s ⊙ v) = (p ⊙ s)·v: fold V's per-token scales into the weights
-            pv = p * tl.load(V_scale + slots * stride_st + kvh, mask=mask_n, other=0.0)[None, :]
-        acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-        m_i = m_new
+            pv = p * tl.load(v_scales + slots * stride_ss, mask=mask_n, other=0.0)[None, :]
+        acc = tl.dot(pv.to(q.dtype), v.to(q.dtype), acc, input_precision=DOT_PRECISION)
     return m_i, l_i, acc
 
 
 @_jit
 def _decode_split_kernel(Q, K_buf, V_buf, K_scale, V_scale, ReqToToken, ReqRows, SeqLens, Starts, MidO, MidLse,
                          O, qk_scale,
-                         stride_qb, stride_qh, stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_st,
-                         stride_req, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+                         stride_qb, stride_qh, stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_ss,
+                         stride_sh, stride_req, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
                          stride_ob, stride_oh,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr,
@@ -183,7 +198,7 @@ def _decode_split_kernel(Q, K_buf, V_buf, K_scale, V_scale, ReqToToken, ReqRows,
     row = tl.load(ReqRows + b).to(tl.int64)
 
     m_i, l_i, acc = _attend_span(q, K_buf, V_buf, K_scale, V_scale, ReqToToken, row, start, end, kvh, qk_scale,
-                                 stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_st, stride_req,
+                                 stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_ss, stride_sh, stride_req,
                                  BLOCK_H, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, FP8)
 
     out = acc / l_i[:, None]
@@ -238,7 +253,7 @@ def _decode_merge_kernel(MidO, MidLse, SeqLens, O,
 def _extend_kernel(Q, K, V, O, K_buf, V_buf, K_scale, V_scale, ReqToToken, ReqRows, SeqLens, ExtendLens,
                    CuExtend, qk_scale,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                   stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_st, stride_req,
+                   stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_ss, stride_sh, stride_req,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    FP8: tl.constexpr):
@@ -273,7 +288,7 @@ def _extend_kernel(Q, K, V, O, K_buf, V_buf, K_scale, V_scale, ReqToToken, ReqRo
                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)
         qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale
         if FP8:
-            qk = qk * tl.load(K_scale + slots * stride_st + kvh, mask=mask_n, other=0.0)[None, :]
+            qk = qk * tl.load(K_scale + slots * stride_ss + kvh * stride_sh, mask=mask_n, other=0.0)[None, :]
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
@@ -283,7 +298,7 @@ def _extend_kernel(Q, K, V, O, K_buf, V_buf, K_scale, V_scale, ReqToToken, ReqRo
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         pv = p
         if FP8:
-            pv = p * tl.load(V_scale + slots * stride_st + kvh, mask=mask_n, other=0.0)[None, :]
+            pv = p * tl.load(V_scale + slots * stride_ss + kvh * stride_sh, mask=mask_n, other=0.0)[None, :]
         acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -313,6 +328,16 @@ def _extend_kernel(Q, K, V, O, K_buf, V_buf, K_scale, V_scale, ReqToToken, ReqRo
 # ---------------------------------------------------------------------------------------------
 # The backend
 # ---------------------------------------------------------------------------------------------
+def _scale_strides(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> tuple[int, int]:
+    """(slot stride, head stride) of an fp8 pool's [slot, kv head] scales, K's and V's alike; (0, 0)
+    for a pool without scales."""
+    if k_scale is None:
+        return 0, 0
+    if k_scale.stride() != v_scale.stride():
+        raise ValueError(f"K and V scales must share strides, got {k_scale.stride()} and {v_scale.stride()}")
+    return k_scale.stride(0), k_scale.stride(1)
+
+
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -432,7 +457,7 @@ class TritonAttentionBackend:
             shared.starts if shared is not None else batch.seq_lens, mid_o, mid_lse, out,
             self.scale * _LOG2E,
             q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
-            k_scale.stride(0) if fp8 else 0,
+            *_scale_strides(k_scale if fp8 else None, v_scale if fp8 else None),
             table.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
             mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
             GROUP=group, HEAD_DIM=dim, BLOCK_H=max(16, _next_pow2(group)), BLOCK_D=block_d,
@@ -474,6 +499,6 @@ class TritonAttentionBackend:
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1),
             k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
-            k_scale.stride(0) if fp8 else 0, table.stride(0),
+            *_scale_strides(k_scale if fp8 else None, v_scale if fp8 else None), table.stride(0),
             GROUP=group, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
             DOT_PRECISION=_dot_precision(q.dtype), FP8=fp8, num_warps=warps, num_stages=stages)
