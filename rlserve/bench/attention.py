@@ -1,12 +1,14 @@
 """Decode-attention micro-benchmark: the triton backend vs the torch reference over one KV pool layer.
 
     python -m rlserve.bench.attention [--batch 64 128 256] [--context 1024] [--splits 1 2 4 8]
+                                      [--slots runs] [--kv-cache-dtype fp8_e4m3]
 
 Shapes default to qwen3-0.6b (16 query heads, 8 kv heads, head_dim 128, bf16). Contexts are drawn
 uniformly from ±25% around --context and scattered over random pool slots, as a busy server leaves
 them (`--slots runs`: each sequence in consecutive slots, as a fresh engine's allocator hands them
 out). Bandwidth counts the K and V bytes of every context token once, the least a decode step must
-read; the device-to-device copy rate printed first is the practical ceiling.
+read (an fp8 pool's scales included); the device-to-device copy rate printed first is the practical
+ceiling.
 """
 from __future__ import annotations
 
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="fixed KV-split counts to time beside the automatic choice")
     p.add_argument("--slots", choices=["scattered", "runs"], default="scattered",
                    help="random pool slots, or each sequence's slots consecutive")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"],
+                   help="the pool's dtype: the model dtype, or e4m3 with per-(slot, head) scales")
     p.add_argument("--sweep", action="store_true",
                    help="time decode launch configs (BLOCK_N, warps, stages) for bf16 and fp8 pools instead")
     args = p.parse_args(argv)
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = parse_dtype(args.dtype)
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  "
-          f"heads {args.heads}/{args.kv_heads}  head_dim {args.head_dim}  {dtype}")
+          f"heads {args.heads}/{args.kv_heads}  head_dim {args.head_dim}  {dtype}  KV {args.kv_cache_dtype}")
     print(f"device-to-device copy: {copy_bandwidth_gbs():.0f} GB/s (read + write)")
     header = f"{'batch':>5} {'ctx':>5} {'backend':<18} {'mode':<6} {'us':>9} {'GB/s':>7}"
     print(header)
@@ -119,7 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     for bs in args.batch:
         pool, batch, seq = decode_batch(bs, args.context, args.kv_heads, args.head_dim, dtype, seed=bs,
                                           runs=args.slots == "runs")
-        kv_bytes = sum(seq) * args.kv_heads * args.head_dim * pool.k_buffers[0].element_size() * 2
+        if args.kv_cache_dtype == "fp8_e4m3":
+            pool = fp8_copy(pool)
+        kv_bytes = sum(seq) * _bytes_per_token(pool)
         q = torch.randn(bs, args.heads, args.head_dim, dtype=dtype, device="cuda")
         k = torch.randn(bs, args.kv_heads, args.head_dim, dtype=dtype, device="cuda")
         v = torch.randn_like(k)
@@ -146,11 +152,17 @@ def main(argv: list[str] | None = None) -> None:
 
         loc = batch.out_cache_loc
         kb, vb = pool.k_buffers[0], pool.v_buffers[0]
-        fused = time_ms(lambda: store_kv(kb, vb, loc, k, v))
+        scales = (pool.k_scales[0], pool.v_scales[0]) if pool.fp8 else (None, None)
+        fused = time_ms(lambda: store_kv(kb, vb, loc, k, v, *scales))
         indexed = time_ms(lambda: pool.store(0, loc, k, v))
         print(f"      kv store of {bs} tokens: triton {fused * 1e3:.1f} us, index_put {indexed * 1e3:.1f} us")
         del pool, batch, runs, outputs
         torch.cuda.empty_cache()
+
+
+def _bytes_per_token(pool: KVPool) -> int:
+    """K and V bytes a decode step reads per context token, scales included."""
+    return KVPool.bytes_per_token(1, pool.num_kv_heads, pool.head_dim, pool.dtype)
 
 
 def fp8_copy(pool: KVPool) -> KVPool:
@@ -174,9 +186,7 @@ def sweep(args: argparse.Namespace) -> None:
         k = torch.randn(bs, args.kv_heads, args.head_dim, dtype=dtype, device="cuda")
         v = torch.randn_like(k)
         for kv_name, kv_pool in (("bf16", pool), ("fp8", fp8_copy(pool))):
-            per_token = kv_pool.num_kv_heads * (kv_pool.head_dim * kv_pool.k_buffers[0].element_size()
-                                                + (4 if kv_pool.fp8 else 0)) * 2
-            kv_bytes = sum(seq) * per_token
+            kv_bytes = sum(seq) * _bytes_per_token(kv_pool)
             for block_n in (32, 64, 128):
                 for warps in (1, 2, 4, 8):
                     for stages in (1, 2, 3, 4):
