@@ -111,8 +111,9 @@ def _temperature_probs(logits: torch.Tensor, temps: torch.Tensor) -> torch.Tenso
 
 
 def _filtered_sorted_probs(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Temperature, then min-p → top-k → top-p. Returns (probs, token ids), both [B, V] sorted by
-    descending probability, with filtered-out probabilities set to 0.
+    """Temperature, then min-p → top-k → top-p. Returns (probs, token ids), both [B, W] sorted by
+    descending probability, with filtered-out probabilities set to 0: W = V, or on a CPU only the most
+    likely CPU_CANDIDATES tokens when they hold every row's answer (see _filter_candidates).
 
     Each filter keeps a prefix of the sorted order, so the result is a per-row kept count.
     """
@@ -121,23 +122,65 @@ def _filtered_sorted_probs(logits: torch.Tensor, rows: list[SampleRow]) -> tuple
     params = [r.params for r in rows]
     temps = to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, dev)
     probs = _temperature_probs(logits, temps)
-    probs, ids = probs.sort(dim=-1, descending=True, stable=True)
+    if dev.type != "cpu" or V <= 4 * CPU_CANDIDATES:
+        sorted_probs, ids = probs.sort(dim=-1, descending=True, stable=True)
+        return _keep_prefix(sorted_probs, params, V), ids
+    kept, ids, served = _filter_candidates(probs, params)
+    if bool(served.all()):
+        return kept, ids
+    # Rows whose kept prefix may run past the candidates sort their whole row; the others keep their
+    # candidates, padded with zero probability.
+    rest = (~served).nonzero().squeeze(-1)
+    sorted_probs, sorted_ids = probs[rest].sort(dim=-1, descending=True, stable=True)
+    out_probs = torch.zeros_like(probs)
+    out_ids = torch.zeros(probs.shape, dtype=torch.int64)
+    out_probs[:, :CPU_CANDIDATES] = kept
+    out_ids[:, :CPU_CANDIDATES] = ids
+    out_probs[rest] = _keep_prefix(sorted_probs, [params[i] for i in rest.tolist()], V)
+    out_ids[rest] = sorted_ids
+    return out_probs, out_ids
 
+
+def _keep_prefix(probs: torch.Tensor, params: list[SamplingParams], V: int,
+                 total: torch.Tensor | None = None) -> torch.Tensor:
+    """Zero all but each row's kept prefix of its probabilities sorted in descending order. `total`:
+    the mass that min-p and top-k leave in the whole row, where `probs` holds only its first tokens."""
+    dev = probs.device
     min_p = to_device([p.min_p for p in params], torch.float32, dev)
     top_k = to_device([p.top_k if p.top_k > 0 else V for p in params], torch.int64, dev)
     top_p = to_device([p.top_p for p in params], torch.float32, dev)
 
     keep = (probs >= min_p[:, None] * probs[:, :1]).sum(dim=-1)
     keep = torch.minimum(keep, top_k)
-    ranks = torch.arange(V, device=dev)[None, :]
+    ranks = torch.arange(probs.shape[1], device=dev)[None, :]
     probs = probs.masked_fill(ranks >= keep[:, None], 0.0)
     # top-p over what min-p/top-k left: keep a token while the mass strictly before it is < top_p.
     cum = probs.cumsum(dim=-1)
-    mass_before = (cum - probs) / cum[:, -1:]
+    mass_before = (cum - probs) / (cum[:, -1:] if total is None else total[:, None])
     keep = torch.minimum(keep, (mass_before < top_p[:, None]).sum(dim=-1))
     keep = keep.clamp(min=1)  # the argmax always survives
-    probs = probs.masked_fill(ranks >= keep[:, None], 0.0)
-    return probs, ids
+    return probs.masked_fill(ranks >= keep[:, None], 0.0)
+
+
+def _filter_candidates(probs: torch.Tensor, params: list[SamplingParams]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The filters over each row's CPU_CANDIDATES most likely tokens only (a CPU sorts a vocabulary
+    slowly: 150 ms for 64 rows of 49,152). Returns (kept probs, token ids, served): `served` marks the
+    rows where that is the full sort's answer: no min-p, a top-k within the candidates or none, and a
+    kept prefix that ends before the last candidate."""
+    V = probs.shape[1]
+    vals, ids = probs.topk(CPU_CANDIDATES, dim=-1)
+    # What min-p and top-k leave of the whole row: its top-k candidates, or every token.
+    k = to_device([p.top_k if 0 < p.top_k <= CPU_CANDIDATES else 0 for p in params], torch.int64, probs.device)
+    top_mass = vals.cumsum(dim=-1).gather(-1, (k - 1).clamp(min=0)[:, None]).squeeze(-1)
+    total = torch.where(k > 0, top_mass, probs.sum(dim=-1))
+    kept = _keep_prefix(vals, params, V, total)
+    simple = torch.tensor([p.min_p == 0 and not CPU_CANDIDATES < p.top_k < V for p in params])
+    return kept, ids, simple & (kept[:, -1] == 0)
+
+
+# On a CPU, filtered rows first try their most likely tokens only (_filter_candidates).
+CPU_CANDIDATES = 1024
 
 
 def _unfiltered(row: SampleRow) -> bool:
@@ -200,11 +243,14 @@ class Sampler:
         else:
             if any(has_penalties(r.params) for r in rows):
                 logits = apply_penalties(logits, rows)
+            elif any(len(r.banned_ids) for r in rows):
+                logits = _float32_copy(logits)            # _ban writes into it
             else:
-                logits = _float32_copy(logits)
+                logits = logits.float()                   # read only: no copy of float32 logits
             logits = _ban(logits, rows)
-            token_ids = logits.argmax(dim=-1)
             random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+            # Greedy rows take the argmax; a batch of random rows only skips that pass.
+            token_ids = logits.argmax(dim=-1) if len(random_rows) < len(rows) else None
             # Rows without filters take one batched draw that needs no sort: the Gumbel kernel on a GPU,
             # else inverse CDF in vocabulary order (on a CPU 30-50x cheaper than a noise value per
             # token). Each row keys it with its own number. The rest need a sorted distribution.
@@ -213,8 +259,10 @@ class Sampler:
             other = [i for i in random_rows if i not in chosen]
             draw_plain = self._gumbel if self._fused else self._draw
             if len(plain) == len(rows):              # the common case: no gather/scatter needed
-                token_ids = draw_plain(logits, rows)
-            elif plain:
+                return draw_plain(logits, rows)
+            if token_ids is None:
+                token_ids = torch.empty(len(rows), dtype=torch.int64, device=logits.device)
+            if plain:
                 sel = to_device(plain, torch.int64, logits.device)
                 token_ids[sel] = draw_plain(logits[sel], [rows[i] for i in plain])
             if other:
@@ -245,10 +293,10 @@ class Sampler:
         cdf = probs.cumsum(dim=-1)
         target = (u * cdf[:, -1]).unsqueeze(-1)
         pos = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-        # u * total may round up to total: clamp to the last token with any probability (searchsorted
-        # never lands on a zero-probability token otherwise: its cdf equals its predecessor's).
-        last_kept = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
-        pos = torch.minimum(pos, last_kept)
+        # u * total may round up to total, past every token: clamp to the first token where the cdf
+        # reaches the total, which has probability > 0 (the cdf rises there). searchsorted never lands
+        # on a zero-probability token otherwise: its cdf equals its predecessor's.
+        pos = torch.minimum(pos, torch.searchsorted(cdf, cdf[:, -1:].contiguous()).squeeze(-1))
         return pos if sorted_ids is None else sorted_ids.gather(-1, pos[:, None]).squeeze(-1)
 
     @staticmethod

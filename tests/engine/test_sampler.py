@@ -306,3 +306,48 @@ def test_seeded_unfiltered_rows_draw_softmax_without_sorting():
             return 1.0 - 1e-12
     edge = Sampler(seed=0)(logits.expand(3, -1), [row(AlmostOne(1), temperature=1.0)] * 3)
     assert edge.token_ids == [logits.numel() - 2] * 3
+
+
+def test_cpu_filters_over_the_most_likely_tokens_match_the_full_sort():
+    """On a CPU, top-k/top-p rows look at the most likely CPU_CANDIDATES tokens only when that gives
+    the full sort's kept tokens and probabilities; a batch with a row whose prefix may run past them
+    sorts."""
+    from rlserve.engine import sampler as sm
+    torch.manual_seed(12)
+    V = 8 * sm.CPU_CANDIDATES
+    cases = [dict(top_p=0.9), dict(top_p=0.5, top_k=300), dict(top_k=50), dict(top_p=0.95, temperature=0.7),
+             dict(top_k=1000), dict(top_p=0.8)]
+    params = [SamplingParams(**kw) for kw in cases]
+    peaked = torch.randn(len(cases), V) * 4          # top-p 0.9 keeps a few hundred tokens
+    probs = sm._temperature_probs(peaked, torch.tensor([p.temperature for p in params]))
+
+    def kept(p: torch.Tensor, ids: torch.Tensor) -> dict[tuple[int, int], float]:
+        return {(i, int(t)): float(x) for i in range(p.shape[0]) for t, x in zip(ids[i], p[i]) if x > 0}
+
+    fast_probs, fast_ids, served = sm._filter_candidates(probs, params)
+    assert served.all() and fast_probs.shape[1] == sm.CPU_CANDIDATES
+    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True, stable=True)
+    want = kept(sm._keep_prefix(sorted_probs, params, V), sorted_ids)
+    got = kept(fast_probs, fast_ids)
+    assert got.keys() == want.keys()
+    assert max(abs(got[k] - want[k]) for k in want) <= 1e-7
+
+    # A flat row's top-p 0.9 prefix runs past the candidates, as does a min-p row's: those two sort
+    # their whole row, the others keep their candidates.
+    flat = torch.randn(1, V) * 0.1
+    both = torch.cat([peaked, flat, peaked[:1]])
+    rows = [row(**kw) for kw in cases] + [row(top_p=0.9), row(min_p=0.01)]
+    _, _, served = sm._filter_candidates(sm._temperature_probs(both, torch.tensor([r.params.temperature for r in rows])),
+                                         [r.params for r in rows])
+    assert served.tolist() == [True] * len(cases) + [False, False]
+    p, ids = sm._filtered_sorted_probs(both, rows)
+    assert p.shape[1] == V and (p[-2] > 0).sum() > sm.CPU_CANDIDATES
+    assert kept(p[:len(cases)], ids[:len(cases)]).keys() == want.keys()
+
+    # Same numbers, same tokens, whichever way the filters ran.
+    fast_ids = Sampler(seed=3)(peaked, [row(random.Random(i), **kw) for i, kw in enumerate(cases)]).token_ids
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sm, "CPU_CANDIDATES", V)           # never fewer than the whole vocabulary: a full sort
+        sorted_ids_drawn = Sampler(seed=3)(peaked, [row(random.Random(i), **kw)
+                                                    for i, kw in enumerate(cases)]).token_ids
+    assert fast_ids == sorted_ids_drawn
