@@ -46,7 +46,8 @@ def add_engine_args(parser: argparse.ArgumentParser, default_model_help: str = "
                    help=f"HF model directory, .gguf file or preset name (default: {default_model_help})")
     g.add_argument("--load-format", default="auto", help="auto | safetensors | gguf | dummy")
     g.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | "
-                   "bfloat16 | float16")
+                   "bfloat16 | float16; on a CPU with AMX or AVX-512 bf16, bfloat16 decodes about twice as "
+                   "fast (docs/benchmarks.md)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--seed", type=int, default=0, help="engine sampling seed (default 0)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length cap")
