@@ -179,9 +179,7 @@ class GrammarBackend:
         if any(k is None and m is not None for k, m in zip(owned, matchers)):
             return None
         bitmask = helpers.bitmask[:len(owned)]
-        free = [i for i, k in enumerate(owned) if k is None]
-        if free:
-            bitmask[free] = -1
+        self._fill_rows(bitmask, matchers, [i for i, k in enumerate(owned) if k is None])   # all unconstrained
         if not helpers.wait_on_device(torch.cuda.current_stream(device)):
             # Some waits may be queued: they pass once the helpers answer, which they do regardless.
             return None

@@ -36,15 +36,11 @@ MAX_KV_SPLITS = 16        # upper bound on spans per (sequence, kv head)
 DEFAULT_KV_SPLITS = 8     # the bound used once the batch alone fills the GPU
 MIN_SPLIT_TOKENS = 256    # a sequence is cut into spans of at least this many tokens
 # Base-2 exponent by which a row's running max may lag its true max before the accumulator is rescaled.
-RESCALE_SLACK = 8.0
+RESCALE_SLACK = tl.constexpr(8.0) if HAS_TRITON else 8.0
 # Spans per shared prefix (cascade). Fixed, so that the kernels' compile-time shapes never change from
 # step to step (each new combination would compile anew) and a CUDA graph captured for a batch size
 # serves every grouping; each span's length follows the prefix's length on the device.
 CASCADE_PREFIX_SPLITS = 4
-
-
-if HAS_TRITON:
-    RESCALE_SLACK = tl.constexpr(RESCALE_SLACK)
 
 
 def _jit(fn):
@@ -457,7 +453,7 @@ class TritonAttentionBackend:
             shared.starts if shared is not None else batch.seq_lens, mid_o, mid_lse, out,
             self.scale * _LOG2E,
             q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
-            *_scale_strides(k_scale if fp8 else None, v_scale if fp8 else None),
+            *_scale_strides(*scales),
             table.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
             mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
             GROUP=group, HEAD_DIM=dim, BLOCK_H=max(16, _next_pow2(group)), BLOCK_D=block_d,
@@ -499,6 +495,6 @@ class TritonAttentionBackend:
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1),
             k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
-            *_scale_strides(k_scale if fp8 else None, v_scale if fp8 else None), table.stride(0),
+            *_scale_strides(*scales), table.stride(0),
             GROUP=group, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
             DOT_PRECISION=_dot_precision(q.dtype), FP8=fp8, num_warps=warps, num_stages=stages)
