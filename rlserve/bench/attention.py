@@ -13,6 +13,7 @@ ceiling.
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import statistics
 from collections.abc import Callable
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="the pool's dtype: the model dtype, or e4m3 with per-(slot, head) scales")
     p.add_argument("--sweep", action="store_true",
                    help="time decode launch configs (BLOCK_N, warps, stages) for bf16 and fp8 pools instead")
+    p.add_argument("--maxnreg", type=int, nargs="*", default=[0],
+                   help="with --sweep: register caps a thread to try (0: the compiler's choice)")
     args = p.parse_args(argv)
     if args.sweep:
         return sweep(args)
@@ -189,16 +192,17 @@ def sweep(args: argparse.Namespace) -> None:
             kv_bytes = sum(seq) * _bytes_per_token(kv_pool)
             for block_n in (32, 64, 128):
                 for warps in (1, 2, 4, 8):
-                    for stages in (1, 2, 3, 4):
-                        backend = TritonAttentionBackend(kv_pool, scale, decode_launch=(block_n, warps, stages))
+                    for stages, regs in itertools.product((1, 2, 3, 4), args.maxnreg):
+                        launch = (block_n, warps, stages, regs or None)
+                        backend = TritonAttentionBackend(kv_pool, scale, decode_launch=launch)
                         backend.prepare(batch)
+                        name = f"{bs:>5} {kv_name} N={block_n:<3} w={warps} s={stages} r={regs or '-':<3}"
                         try:
                             ms = graph_time_ms(lambda b=backend: b.forward(q, k, v, 0, batch))
                         except Exception as e:  # e.g. out of shared memory for a large tile
-                            print(f"{bs:>5} {kv_name} N={block_n:<3} w={warps} s={stages}: {type(e).__name__}")
+                            print(f"{name}: {type(e).__name__}")
                             continue
-                        print(f"{bs:>5} {kv_name} N={block_n:<3} w={warps} s={stages} {ms * 1e3:>8.1f} us "
-                              f"{kv_bytes / ms / 1e6:>6.0f} GB/s", flush=True)
+                        print(f"{name} {ms * 1e3:>8.1f} us {kv_bytes / ms / 1e6:>6.0f} GB/s", flush=True)
 
 
 if __name__ == "__main__":

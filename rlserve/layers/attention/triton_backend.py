@@ -343,14 +343,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _decode_launch(dtype: torch.dtype, fp8: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, warps, stages) of the decode kernel, from `python -m rlserve.bench.attention --sweep`
+def _decode_launch(dtype: torch.dtype, fp8: bool) -> tuple[int, int, int, int | None]:
+    """(BLOCK_N, warps, stages, register cap or None) of the decode kernel, from `python -m rlserve.bench.attention --sweep`
     on an H100 (batch 256, ~800-token contexts): bf16 64/2/2 at 2.73 TB/s. An fp8 pool is bound by
     latency rather than bytes (its scale loads and e4m3 conversion sit on each tile's path), so it
     wants many small programs in flight: 32/1/2 runs 22-32% faster than 128/4/2 at batch 64-256."""
     if fp8:
-        return 32, 1, 2
-    return (64, 2, 2) if dtype != torch.float32 else (32, 4, 2)
+        return 32, 1, 2, None
+    return (64, 2, 2, None) if dtype != torch.float32 else (32, 4, 2, None)
 
 
 def num_sms(device: torch.device) -> int:
@@ -374,14 +374,14 @@ def decode_kv_splits(batch_size: int, num_kv_heads: int, sm_count: int) -> int:
 
 class TritonAttentionBackend:
     def __init__(self, pool: KVPool, scale: float, max_kv_splits: int | None = None,
-                 decode_launch: tuple[int, int, int] | None = None, num_heads: int | None = None,
+                 decode_launch: tuple[int, int, int, int | None] | None = None, num_heads: int | None = None,
                  extend_launch: tuple[int, int, int, int] | None = None) -> None:
         if not HAS_TRITON:
             raise RuntimeError("the triton attention backend needs the `triton` package")
         self.pool = pool
         self.scale = scale
         self.max_kv_splits = max_kv_splits        # None: chosen from the batch size
-        self.decode_launch = decode_launch        # (BLOCK_N, warps, stages) override, for tuning sweeps
+        self.decode_launch = decode_launch        # (BLOCK_N, warps, stages, maxnreg) override, for sweeps
         self.extend_launch = extend_launch        # (BLOCK_M, BLOCK_N, warps, stages) override, likewise
         self._sms = num_sms(pool.k_buffers[0].device) if pool.num_layers else 132
         self._splits = 1
@@ -438,7 +438,7 @@ class TritonAttentionBackend:
                        else torch.empty(b, heads, total, dtype=torch.float32, device=q.device))
             self._scratch = (mid_o, mid_lse)
         mid_o, mid_lse = self._scratch
-        block_n, warps, stages = self.decode_launch or _decode_launch(q.dtype, fp8=self.pool.fp8)
+        block_n, warps, stages, maxnreg = self.decode_launch or _decode_launch(q.dtype, fp8=self.pool.fp8)
         block_d = _next_pow2(dim)
         table = batch.req_to_token
         fp8 = scales[0] is not None
@@ -459,7 +459,7 @@ class TritonAttentionBackend:
             GROUP=group, HEAD_DIM=dim, BLOCK_H=max(16, _next_pow2(group)), BLOCK_D=block_d,
             BLOCK_N=block_n, MAX_SPLITS=splits, MIN_SPLIT=MIN_SPLIT_TOKENS,
             DOT_PRECISION=_dot_precision(q.dtype), FP8=fp8, HAS_START=shared is not None,
-            DIRECT=splits == 1 and shared is None, num_warps=warps, num_stages=stages)
+            DIRECT=splits == 1 and shared is None, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
         if splits > 1 or shared is not None:
             _decode_merge_kernel[(b, heads)](
                 mid_o, mid_lse, batch.seq_lens, out,
