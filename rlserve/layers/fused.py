@@ -1,4 +1,5 @@
-"""Elementwise chains fused by torch.compile on CUDA (each is a plain torch function on CPU).
+"""Elementwise chains fused by torch.compile on CUDA (each is a plain torch function on CPU); on CUDA the
+gated activation and rotary run as Triton kernels instead (triton_elementwise.py).
 
 A decode step of a small model launches hundreds of tiny elementwise kernels (norms, rotary, the
 gated activation); compiling these few functions turns each chain into one kernel. The eager
@@ -70,6 +71,19 @@ class _Fused:
             return self.eager(*args)
 
 
+class _OnCuda:
+    """A Triton kernel for CUDA inputs outside autograd where it serves the shapes; `other` (compiled
+    or eager) everywhere else."""
+
+    def __init__(self, kernel, other, serves=lambda *args: True) -> None:
+        self.kernel, self.other, self.serves = kernel, other, serves
+
+    def __call__(self, *args):
+        if args[0].is_cuda and not torch.is_grad_enabled() and self.serves(*args):
+            return self.kernel(*args)
+        return self.other(*args)
+
+
 class Kernels:
     """The functions the model calls; `compile()` swaps in fused versions."""
     rms_norm = staticmethod(rms_norm)
@@ -92,4 +106,9 @@ class Kernels:
         cls.silu_mul = staticmethod(_Fused(silu_mul))
         cls.apply_rotary = staticmethod(_Fused(apply_rotary))
         cls.qk_norm_rotary = staticmethod(_Fused(qk_norm_rotary))
+        from rlserve.layers import triton_elementwise as te
+        if te.HAS_TRITON:   # inductor's versions of these run at a fraction of the bandwidth (see te)
+            cls.silu_mul = staticmethod(_OnCuda(te.silu_mul, cls.silu_mul))
+            cls.apply_rotary = staticmethod(_OnCuda(te.apply_rotary, cls.apply_rotary, te.rotary_supported))
+            cls.qk_norm_rotary = staticmethod(_OnCuda(te.qk_norm_rotary, cls.qk_norm_rotary, te.rotary_supported))
         cls.compiled = True

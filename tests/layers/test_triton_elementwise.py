@@ -1,0 +1,130 @@
+"""The Triton activation and rotary kernels against float64 references of the math they promise (the
+eager versions' deliberate casts included) and against the eager versions themselves.
+
+On a CPU the kernels run under Triton's interpreter in a child process (TRITON_INTERPRET must be set
+before any kernel is defined); on a GPU they run compiled, also inside a CUDA graph.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+TOL = {torch.float32: 1e-5, torch.float16: 2 ** -9, torch.bfloat16: 2 ** -6}
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.double(), ref.to(dtype).double(), rtol=tol,
+                               atol=tol * max(ref.abs().max().item(), 1.0))
+
+
+def _silu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    g = gate.double()
+    return g * torch.sigmoid(g) * up.double()
+
+
+def _rotary_ref(x: torch.Tensor, w: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor
+                ) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.double()
+    if w is not None:   # rms_norm rounds the normalised row to the model dtype before the weight
+        x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype).double() * w.double()
+    c = cos.to(dtype).double().unsqueeze(1)    # apply_rotary rounds cos/sin to the model dtype
+    s = sin.to(dtype).double().unsqueeze(1)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * c[..., :half] - x2 * s[..., :half], x2 * c[..., half:] + x1 * s[..., half:]), -1)
+
+
+def check_kernels(device: str) -> None:
+    from rlserve.layers import fused
+    from rlserve.layers import triton_elementwise as te
+    from rlserve.layers.rotary import RotaryEmbedding
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for t, cols in ((1, 5), (7, 300), (3, 1500)):
+            # gate and up as the two halves of one stacked projection: strided rows, read in place
+            stacked = (torch.randn(t, 2 * cols, generator=gen) * 3).to(dtype).to(device)
+            gate, up = stacked[:, :cols], stacked[:, cols:]
+            out = te.silu_mul(gate, up)
+            assert out.shape == (t, cols) and out.dtype == dtype
+            _close(out, _silu_ref(gate, up), dtype)
+            _close(out, fused.silu_mul(gate.double(), up.double()), dtype)   # the eager version
+        assert te.silu_mul(stacked[:0, :cols], stacked[:0, cols:]).shape == (0, cols)
+        with pytest.raises(ValueError):
+            te.silu_mul(stacked[:, :cols], stacked[:, : cols - 1])
+
+        for heads, kv_heads, dim in ((16, 8, 128), (3, 1, 64), (2, 2, 8)):
+            t = 6
+            qkv = torch.randn(t, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype).to(device)
+            q = qkv[:, : heads * dim].view(t, heads, dim)
+            k = qkv[:, heads * dim: (heads + kv_heads) * dim].view(t, kv_heads, dim)
+            rope = RotaryEmbedding(dim, 8192, 1e6, None).to(device)
+            cos, sin = rope.cos_sin(torch.tensor([0, 1, 5, 100, 4000, 8191], device=device))
+            qw = (torch.rand(dim, generator=gen) + 0.5).to(dtype).to(device)
+            kw = (torch.rand(dim, generator=gen) + 0.5).to(dtype).to(device)
+            nq, nk = te.qk_norm_rotary(q, k, qw, kw, 1e-6, cos, sin)
+            _close(nq, _rotary_ref(q, qw, 1e-6, cos, sin), dtype)
+            _close(nk, _rotary_ref(k, kw, 1e-6, cos, sin), dtype)
+            pq, pk = te.apply_rotary(q, k, cos, sin)
+            _close(pq, _rotary_ref(q, None, 0.0, cos, sin), dtype)
+            _close(pk, _rotary_ref(k, None, 0.0, cos, sin), dtype)
+            if dtype == torch.float32:   # the eager versions round nothing in float32: the same values
+                for new, old in zip((nq, nk, pq, pk), fused.qk_norm_rotary(q, k, qw, kw, 1e-6, cos, sin)
+                                    + fused.apply_rotary(q, k, cos, sin)):
+                    torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-5)
+        assert te.rotary_supported(q) and not te.rotary_supported(torch.empty(1, 1, 96))
+        with pytest.raises(ValueError):
+            te.apply_rotary(q, k[:, :, : dim // 2], cos, sin)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the interpreter run needs a POSIX child process")
+def test_kernels_under_the_triton_interpreter_match_the_references():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, __file__, "cpu"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "kernels ok" in proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kernels_on_the_gpu_match_the_references():
+    check_kernels("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kernels_replay_in_a_cuda_graph_and_serve_the_compiled_model_functions():
+    from rlserve.layers.fused import Kernels
+    from rlserve.layers import triton_elementwise as te
+    Kernels.compile()
+    x = torch.randn(64, 2 * 3072, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(64, 16, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(64, 8, 128, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(128, device="cuda", dtype=torch.bfloat16) + 0.5
+    cos, sin = torch.rand(64, 128, device="cuda"), torch.rand(64, 128, device="cuda")
+    with torch.inference_mode():
+        want = (Kernels.silu_mul(x[:, :3072], x[:, 3072:]), *Kernels.qk_norm_rotary(q, k, w, w, 1e-6, cos, sin))
+        direct = (te.silu_mul(x[:, :3072], x[:, 3072:]), *te.qk_norm_rotary(q, k, w, w, 1e-6, cos, sin))
+        for a, b in zip(want, direct):   # on CUDA the model's functions are these kernels
+            assert torch.equal(a, b)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = (te.silu_mul(x[:, :3072], x[:, 3072:]), *te.qk_norm_rotary(q, k, w, w, 1e-6, cos, sin))
+        for t in (x, q, k):
+            t.normal_()
+        graph.replay()
+        want = (te.silu_mul(x[:, :3072], x[:, 3072:]), *te.qk_norm_rotary(q, k, w, w, 1e-6, cos, sin))
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+if __name__ == "__main__":   # the child process of the interpreter test
+    check_kernels(sys.argv[1])
+    print("kernels ok")
