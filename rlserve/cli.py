@@ -67,6 +67,8 @@ def add_engine_args(parser: argparse.ArgumentParser, default_model_help: str = "
     g.add_argument("--disable-overlap-schedule", action="store_true",
                    help="don't overlap host work with the device's decode step")
     g.add_argument("--disable-compile", action="store_true", help="don't fuse elementwise ops with torch.compile")
+    g.add_argument("--triton-elementwise", action="store_true",
+                   help="on CUDA, run the gated activation and rotary as Triton kernels (experimental)")
     g.add_argument("--enable-cascade-attention", action="store_true",
                    help="decode reads a prefix shared by several requests once per step (experimental)")
     g.add_argument("--disable-fp32-logits", action="store_true",
@@ -87,8 +89,12 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["cuda_graph"] = False
     if args.disable_overlap_schedule:
         kwargs["overlap_schedule"] = False
+    if args.disable_compile and args.triton_elementwise:
+        raise SystemExit("--disable-compile and --triton-elementwise exclude each other")
     if args.disable_compile:
         kwargs["compile"] = False
+    if args.triton_elementwise:
+        kwargs["compile"] = "triton"
     if args.enable_cascade_attention:
         kwargs["cascade_attention"] = True
     if args.disable_fp32_logits:

@@ -114,7 +114,9 @@ class EngineConfig:
     attention_backend: str = "auto"         # "torch" | "triton" | "auto"
     cuda_graph: bool = True                 # capture decode graphs on CUDA (eager when False)
     cuda_graph_max_bs: int | None = None    # largest captured decode batch; None: max_running_requests
-    compile: bool | str = "auto"            # "auto": fuse elementwise chains with torch.compile on CUDA
+    # "auto": fuse elementwise chains with torch.compile on CUDA; "triton": that, and on CUDA the gated
+    # activation and rotary as Triton kernels (experimental: docs/benchmarks.md, "Triton activation").
+    compile: bool | str = "auto"
     overlap_schedule: bool | str = "auto"   # "auto": overlap host work with the device on CUDA
     tokenizer: str | None = None
     kv_cache_dtype: str = "auto"            # "auto" (the model's dtype) | "fp8_e4m3" (scaled, half the bytes)

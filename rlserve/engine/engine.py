@@ -87,8 +87,10 @@ class Engine:
         source = resolve_model(config.model, config.load_format)
         self.model_config = cfg = ModelConfig.from_hf(source.hf_config)
         self.tokenizer = load_tokenizer(config.tokenizer or source.tokenizer_dir)
-        if config.compile is True or (config.compile == "auto" and self.device.type == "cuda"):
-            Kernels.compile()
+        if config.compile not in (True, False, "auto", "triton"):
+            raise ValueError(f"compile must be True, False, 'auto' or 'triton', got {config.compile!r}")
+        if config.compile in (True, "triton") or (config.compile == "auto" and self.device.type == "cuda"):
+            Kernels.compile(triton_elementwise=config.compile == "triton")
         if config.max_model_len is not None and not 1 < config.max_model_len <= cfg.max_position:
             raise ValueError(f"max_model_len must be in [2, {cfg.max_position}] for this model, "
                              f"got {config.max_model_len}")

@@ -1,5 +1,5 @@
-"""Elementwise chains fused by torch.compile on CUDA (each is a plain torch function on CPU); on CUDA the
-gated activation and rotary run as Triton kernels instead (triton_elementwise.py).
+"""Elementwise chains fused by torch.compile on CUDA (each is a plain torch function on CPU). With
+compile="triton", the gated activation and rotary run on CUDA as Triton kernels (triton_elementwise.py).
 
 A decode step of a small model launches hundreds of tiny elementwise kernels (norms, rotary, the
 gated activation); compiling these few functions turns each chain into one kernel. The eager
@@ -93,10 +93,25 @@ class Kernels:
     qk_norm_rotary = staticmethod(qk_norm_rotary)
     compiled = False
 
+    triton_elementwise = False
+
     @classmethod
-    def compile(cls) -> None:
-        if cls.compiled:
-            return
+    def compile(cls, triton_elementwise: bool = False) -> None:
+        """Swap in the compiled functions (once a process); with `triton_elementwise`, also the Triton
+        activation and rotary kernels for CUDA inputs (from then on, for every engine in the process)."""
+        if not cls.compiled:
+            cls._compile()
+        if triton_elementwise and not cls.triton_elementwise:
+            from rlserve.layers import triton_elementwise as te
+            if not te.HAS_TRITON:
+                raise RuntimeError("compile='triton' needs the `triton` package")
+            cls.silu_mul = staticmethod(_OnCuda(te.silu_mul, cls.silu_mul))
+            cls.apply_rotary = staticmethod(_OnCuda(te.apply_rotary, cls.apply_rotary, te.rotary_supported))
+            cls.qk_norm_rotary = staticmethod(_OnCuda(te.qk_norm_rotary, cls.qk_norm_rotary, te.rotary_supported))
+            cls.triton_elementwise = True
+
+    @classmethod
+    def _compile(cls) -> None:
         # Several engines (dtypes, devices) in one process each add a specialisation.
         dynamo = torch._dynamo.config
         name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
@@ -106,9 +121,4 @@ class Kernels:
         cls.silu_mul = staticmethod(_Fused(silu_mul))
         cls.apply_rotary = staticmethod(_Fused(apply_rotary))
         cls.qk_norm_rotary = staticmethod(_Fused(qk_norm_rotary))
-        from rlserve.layers import triton_elementwise as te
-        if te.HAS_TRITON:   # inductor's versions of these run at a fraction of the bandwidth (see te)
-            cls.silu_mul = staticmethod(_OnCuda(te.silu_mul, cls.silu_mul))
-            cls.apply_rotary = staticmethod(_OnCuda(te.apply_rotary, cls.apply_rotary, te.rotary_supported))
-            cls.qk_norm_rotary = staticmethod(_OnCuda(te.qk_norm_rotary, cls.qk_norm_rotary, te.rotary_supported))
         cls.compiled = True

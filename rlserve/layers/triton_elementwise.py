@@ -8,9 +8,10 @@ copies at ~4 TB/s. They took 102 ms of a 378 ms prefill. Rows here are the progr
 - the activation handles a block of one token's columns.
 Both index by row stride, so the halves of a stacked projection are read in place.
 
-Both compute in float32 and round once. The casts the eager versions make on purpose are kept: the
-normalised row is rounded to the model dtype before the norm weight, and cos/sin before rotary. Each
-is checked against its eager version in fused.py (tests/layers/test_triton_elementwise.py).
+The engine uses them only with compile="triton" (`--triton-elementwise`): on the offline benchmark
+they have not yet shown a gain (docs/benchmarks.md). Both compute in float32 and round once, keeping
+the casts the eager versions in fused.py make on purpose: the normalised row is rounded to the model
+dtype before the norm weight, and cos/sin before rotary (tests/layers/test_triton_elementwise.py).
 """
 from __future__ import annotations
 

@@ -229,6 +229,8 @@ def test_unknown_model_rejected():
         LLM("no-such-preset")
     with pytest.raises(ValueError):
         LLM("tiny-llama", dtype="float13")
+    with pytest.raises(ValueError, match="compile must be"):
+        LLM("tiny-llama", compile="max-autotune")
 
 
 def test_overlap_schedule_stops_aborts_and_matches_sync(tiny_model_dir):

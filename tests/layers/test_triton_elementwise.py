@@ -92,6 +92,18 @@ def test_kernels_under_the_triton_interpreter_match_the_references():
     assert "kernels ok" in proc.stdout
 
 
+def test_the_cli_flag_asks_for_the_kernels_and_excludes_disable_compile():
+    import argparse
+
+    from rlserve.cli import add_engine_args, engine_kwargs
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert "compile" not in engine_kwargs(parser.parse_args(["--device", "cpu"]))
+    assert engine_kwargs(parser.parse_args(["--device", "cpu", "--triton-elementwise"]))["compile"] == "triton"
+    with pytest.raises(SystemExit):
+        engine_kwargs(parser.parse_args(["--device", "cpu", "--triton-elementwise", "--disable-compile"]))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_kernels_on_the_gpu_match_the_references():
@@ -103,7 +115,7 @@ def test_kernels_on_the_gpu_match_the_references():
 def test_kernels_replay_in_a_cuda_graph_and_serve_the_compiled_model_functions():
     from rlserve.layers.fused import Kernels
     from rlserve.layers import triton_elementwise as te
-    Kernels.compile()
+    Kernels.compile(triton_elementwise=True)
     x = torch.randn(64, 2 * 3072, device="cuda", dtype=torch.bfloat16)
     q = torch.randn(64, 16, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(64, 8, 128, device="cuda", dtype=torch.bfloat16)
@@ -112,7 +124,7 @@ def test_kernels_replay_in_a_cuda_graph_and_serve_the_compiled_model_functions()
     with torch.inference_mode():
         want = (Kernels.silu_mul(x[:, :3072], x[:, 3072:]), *Kernels.qk_norm_rotary(q, k, w, w, 1e-6, cos, sin))
         direct = (te.silu_mul(x[:, :3072], x[:, 3072:]), *te.qk_norm_rotary(q, k, w, w, 1e-6, cos, sin))
-        for a, b in zip(want, direct):   # on CUDA the model's functions are these kernels
+        for a, b in zip(want, direct):   # with compile="triton" the model's functions are these kernels
             assert torch.equal(a, b)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
