@@ -92,7 +92,6 @@ class Kernels:
     apply_rotary = staticmethod(apply_rotary)
     qk_norm_rotary = staticmethod(qk_norm_rotary)
     compiled = False
-
     triton_elementwise = False
 
     @classmethod

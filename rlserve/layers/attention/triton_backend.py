@@ -344,10 +344,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _decode_launch(dtype: torch.dtype, fp8: bool) -> tuple[int, int, int, int | None]:
-    """(BLOCK_N, warps, stages, register cap or None) of the decode kernel, from `python -m rlserve.bench.attention --sweep`
-    on an H100 (batch 256, ~800-token contexts): bf16 64/2/2 at 2.73 TB/s. An fp8 pool is bound by
-    latency rather than bytes (its scale loads and e4m3 conversion sit on each tile's path), so it
-    wants many small programs in flight: 32/1/2 runs 22-32% faster than 128/4/2 at batch 64-256."""
+    """(BLOCK_N, warps, stages, register cap or None) of the decode kernel, from `python -m
+    rlserve.bench.attention --sweep` on an H100 (batch 256, ~800-token contexts): bf16 64/2/2 at
+    2.73 TB/s. An fp8 pool is bound by latency rather than bytes (its scale loads and e4m3 conversion
+    sit on each tile's path), so it wants many small programs in flight: 32/1/2 runs 22-32% faster than
+    128/4/2 at batch 64-256. Register caps (more warps an SM) only slowed it (docs/benchmarks.md)."""
     if fp8:
         return 32, 1, 2, None
     return (64, 2, 2, None) if dtype != torch.float32 else (32, 4, 2, None)
