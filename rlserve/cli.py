@@ -68,7 +68,7 @@ def add_engine_args(parser: argparse.ArgumentParser, default_model_help: str = "
                    help="don't overlap host work with the device's decode step")
     g.add_argument("--disable-compile", action="store_true", help="don't fuse elementwise ops with torch.compile")
     g.add_argument("--triton-elementwise", action="store_true",
-                   help="on CUDA, run the gated activation and rotary as Triton kernels (experimental)")
+                   help="on CUDA, run RMSNorm, the gated activation and rotary as Triton kernels (experimental)")
     g.add_argument("--enable-cascade-attention", action="store_true",
                    help="decode reads a prefix shared by several requests once per step (experimental)")
     g.add_argument("--disable-fp32-logits", action="store_true",

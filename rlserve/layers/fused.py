@@ -1,5 +1,5 @@
 """Elementwise chains fused by torch.compile on CUDA (each is a plain torch function on CPU). With
-compile="triton", the gated activation and rotary run on CUDA as Triton kernels (triton_elementwise.py).
+compile="triton", they run on CUDA as Triton kernels instead (triton_elementwise.py).
 
 A decode step of a small model launches hundreds of tiny elementwise kernels (norms, rotary, the
 gated activation); compiling these few functions turns each chain into one kernel. The eager
@@ -75,7 +75,7 @@ class _OnCuda:
     """A Triton kernel for CUDA inputs outside autograd where it serves the shapes; `other` (compiled
     or eager) everywhere else."""
 
-    def __init__(self, kernel, other, serves=lambda *args: True) -> None:
+    def __init__(self, kernel, other, serves) -> None:
         self.kernel, self.other, self.serves = kernel, other, serves
 
     def __call__(self, *args):
@@ -96,17 +96,20 @@ class Kernels:
 
     @classmethod
     def compile(cls, triton_elementwise: bool = False) -> None:
-        """Swap in the compiled functions (once a process); with `triton_elementwise`, also the Triton
-        activation and rotary kernels for CUDA inputs (from then on, for every engine in the process)."""
+        """Swap in the compiled functions (once a process); with `triton_elementwise`, Triton kernels
+        instead for CUDA inputs (from then on, for every engine in the process)."""
         if not cls.compiled:
             cls._compile()
         if triton_elementwise and not cls.triton_elementwise:
             from rlserve.layers import triton_elementwise as te
             if not te.HAS_TRITON:
                 raise RuntimeError("compile='triton' needs the `triton` package")
-            cls.silu_mul = staticmethod(_OnCuda(te.silu_mul, cls.silu_mul))
+            cls.rms_norm = staticmethod(_OnCuda(te.rms_norm, cls.rms_norm, te.norm_supported))
+            cls.add_rms_norm = staticmethod(_OnCuda(te.add_rms_norm, cls.add_rms_norm, te.add_norm_supported))
+            cls.silu_mul = staticmethod(_OnCuda(te.silu_mul, cls.silu_mul, te.silu_mul_supported))
             cls.apply_rotary = staticmethod(_OnCuda(te.apply_rotary, cls.apply_rotary, te.rotary_supported))
-            cls.qk_norm_rotary = staticmethod(_OnCuda(te.qk_norm_rotary, cls.qk_norm_rotary, te.rotary_supported))
+            cls.qk_norm_rotary = staticmethod(_OnCuda(te.qk_norm_rotary, cls.qk_norm_rotary,
+                                                      te.qk_norm_rotary_supported))
             cls.triton_elementwise = True
 
     @classmethod

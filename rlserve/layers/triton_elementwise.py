@@ -1,17 +1,21 @@
-"""Triton kernels for the two elementwise steps torch.compile fuses poorly: the gated activation and
-rotary (with Qwen3's per-head q/k norm before it).
+"""Triton kernels for the elementwise steps of a layer: the gated activation, rotary (with Qwen3's
+per-head q/k norm before it), and RMSNorm (with the residual add before it).
 
 Inductor compiles both with dynamic shapes. On a prefill step of 8,192 tokens with qwen3-0.6b, its
 q/k-norm-plus-rotary kernels streamed ~0.85 TB/s and its SiLU-and-mul ~1.8 TB/s, on an H200 that
 copies at ~4 TB/s. They took 102 ms of a 378 ms prefill. Rows here are the programs' unit:
 - rotary handles one token's every q and k head in one program;
 - the activation handles a block of one token's columns.
-Both index by row stride, so the halves of a stacked projection are read in place.
+Both index by row stride, so the halves of a stacked projection are read in place. RMSNorm is at
+the bandwidth already (~4 TB/s), but each compiled region costs the host guards and wrappers on every
+eager (prefill) call, 112 of them a step for qwen3-0.6b; with all four here, a layer's elementwise
+work costs one plain Triton launch each.
 
 The engine uses them only with compile="triton" (`--triton-elementwise`): on the offline benchmark
-they have not yet shown a gain (docs/benchmarks.md). Both compute in float32 and round once, keeping
+they have not yet shown a gain (docs/benchmarks.md). All compute in float32 and round once, keeping
 the casts the eager versions in fused.py make on purpose: the normalised row is rounded to the model
-dtype before the norm weight, and cos/sin before rotary (tests/layers/test_triton_elementwise.py).
+dtype before the norm weight, the residual sum before it is normalised, and cos/sin before rotary
+(tests/layers/test_triton_elementwise.py).
 """
 from __future__ import annotations
 
@@ -62,6 +66,71 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @_jit
+def _rms_norm_kernel(X, Delta, W, Out, Summed, stride_x, stride_d, stride_o, stride_s, cols, eps,
+                     BLOCK: tl.constexpr, ADD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < cols
+    x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if ADD:   # the residual sum, rounded to the model dtype as the eager add leaves it
+        x = x + tl.load(Delta + row * stride_d + offs, mask=mask, other=0.0).to(tl.float32)
+        x = x.to(Summed.dtype.element_ty)
+        tl.store(Summed + row * stride_s + offs, x, mask=mask)
+        x = x.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(x * x, 0) / cols + eps)
+    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+    y = (x * inv).to(Out.dtype.element_ty).to(tl.float32) * w
+    tl.store(Out + row * stride_o + offs, y.to(Out.dtype.element_ty), mask=mask)
+
+
+MAX_NORM_DIM = 32768   # one program holds a whole row
+
+
+def norm_supported(x: torch.Tensor, weight: torch.Tensor, *_) -> bool:
+    """Whether the RMSNorm kernel serves these: rows it can hold, and a weight of x's dtype (the eager
+    version would promote the output to a wider weight's dtype)."""
+    return 0 < x.shape[-1] <= MAX_NORM_DIM and weight.dtype == x.dtype
+
+
+def add_norm_supported(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, *_) -> bool:
+    return delta.dtype == x.dtype and norm_supported(x, weight)
+
+
+def silu_mul_supported(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    return gate.dtype == up.dtype
+
+
+def _norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cols = x.shape[-1]
+    if not 0 < cols <= MAX_NORM_DIM or weight.shape != (cols,) or (delta is not None and delta.shape != x.shape):
+        raise ValueError(f"rms_norm wants rows of at most {MAX_NORM_DIM} entries, a weight of the row's "
+                         f"length and a delta of x's shape; got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+                         + ("" if delta is None else f", delta {tuple(delta.shape)}"))
+    rows = _rows(x).reshape(-1, cols)
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    summed = None if delta is None else torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    d = rows if delta is None else _rows(delta).reshape(-1, cols)
+    if rows.shape[0]:
+        block = triton.next_power_of_2(cols)
+        _rms_norm_kernel[(rows.shape[0],)](
+            rows, d, weight, out, out if summed is None else summed, rows.stride(0), d.stride(0), out.stride(0),
+            out.stride(0), cols, eps, BLOCK=block, ADD=delta is not None, num_warps=min(16, max(1, block // 256)))
+    return out.view(x.shape), None if summed is None else summed.view(x.shape)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """fused.rms_norm over the last dim, one program a row."""
+    return _norm(x, None, weight, eps)[0]
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused.add_rms_norm: (rms_norm(x + delta), x + delta) in one pass."""
+    return _norm(x, delta, weight, eps)
+
+
+@_jit
 def _rotate_heads(X, Out, W, cos1, sin1, cos2, sin2, row, stride_xt, stride_xh, stride_ot, stride_oh, eps,
                   HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr):
     """One token's HEADS heads of X: optional RMSNorm over head_dim, then rotate-half rotary."""
@@ -102,16 +171,23 @@ def _rotary_kernel(Q, K, QOut, KOut, QW, KW, Cos, Sin,
                   K_HEADS, BLOCK_KH, HALF, NORM)
 
 
-def rotary_supported(q: torch.Tensor, *_) -> bool:
-    """Whether the rotary kernel serves this head_dim (a power of two: the halves are tl.arange spans)."""
+def rotary_supported(q: torch.Tensor, k: torch.Tensor, *_) -> bool:
+    """Whether the rotary kernel serves this head_dim (a power of two: the halves are tl.arange spans)
+    and q and k share a dtype."""
     dim = q.shape[-1]
-    return dim >= 2 and dim & (dim - 1) == 0
+    return dim >= 2 and dim & (dim - 1) == 0 and k.dtype == q.dtype
+
+
+def qk_norm_rotary_supported(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                             *_) -> bool:
+    """rotary_supported, and norm weights of q's dtype (as for norm_supported)."""
+    return rotary_supported(q, k) and q_weight.dtype == k_weight.dtype == q.dtype
 
 
 def _rotary(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
             eps: float, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     t, q_heads, dim = q.shape
-    if (k.dim() != 3 or k.shape[0] != t or k.shape[2] != dim or not rotary_supported(q)
+    if (k.dim() != 3 or k.shape[0] != t or k.shape[2] != dim or not rotary_supported(q, k)
             or cos.shape != (t, dim) or sin.shape != (t, dim)):
         raise ValueError(f"rotary wants q [T, Hq, D] and k [T, Hk, D] with D a power of two, and cos/sin "
                          f"[T, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, "

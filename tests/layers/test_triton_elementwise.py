@@ -1,4 +1,4 @@
-"""The Triton activation and rotary kernels against float64 references of the math they promise (the
+"""The Triton RMSNorm, activation and rotary kernels against float64 references of the math they promise (the
 eager versions' deliberate casts included) and against the eager versions themselves.
 
 On a CPU the kernels run under Triton's interpreter in a child process (TRITON_INTERPRET must be set
@@ -25,6 +25,14 @@ def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
 def _silu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     g = gate.double()
     return g * torch.sigmoid(g) * up.double()
+
+
+def _norm_ref(x: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = x.dtype
+    summed = x if delta is None else (x.double() + delta.double()).to(dtype)   # the eager add's rounding
+    s = summed.double()
+    return (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)).to(dtype).double() * w.double(), summed
 
 
 def _rotary_ref(x: torch.Tensor, w: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor
@@ -56,8 +64,35 @@ def check_kernels(device: str) -> None:
             _close(out, _silu_ref(gate, up), dtype)
             _close(out, fused.silu_mul(gate.double(), up.double()), dtype)   # the eager version
         assert te.silu_mul(stacked[:0, :cols], stacked[:0, cols:]).shape == (0, cols)
+        assert te.silu_mul_supported(gate, up) and not te.silu_mul_supported(gate, up.float() if dtype != torch.float32
+                                                                              else up.double())
         with pytest.raises(ValueError):
             te.silu_mul(stacked[:, :cols], stacked[:, : cols - 1])
+
+        for shape in ((5, 1024), (2, 3, 576), (1, 3000)):
+            x = (torch.randn(*shape, generator=gen) * 4).to(dtype).to(device)
+            delta = torch.randn(*shape, generator=gen).to(dtype).to(device)
+            w = (torch.rand(shape[-1], generator=gen) + 0.5).to(dtype).to(device)
+            want, _ = _norm_ref(x, None, w, 1e-6)
+            _close(te.rms_norm(x, w, 1e-6), want, dtype)
+            _close(te.rms_norm(x, w, 1e-6), fused.rms_norm(x.double(), w.double(), 1e-6), dtype)
+            normed, summed = te.add_rms_norm(x, delta, w, 1e-6)
+            want, want_sum = _norm_ref(x, delta, w, 1e-6)
+            assert summed.dtype == dtype
+            if device != "cpu" or dtype == torch.float32:   # the residual stream, bit for bit
+                assert torch.equal(summed, want_sum)
+            else:   # Triton's interpreter narrows float32 to 16 bits by truncation, GPUs to nearest
+                _close(summed, want_sum, dtype)
+            _close(normed, want, dtype)
+        strided = x.t()   # rows that aren't contiguous are copied first
+        torch.testing.assert_close(te.rms_norm(strided, x.new_ones(strided.shape[-1]), 1e-6),
+                                   fused.rms_norm(strided, x.new_ones(strided.shape[-1]), 1e-6),
+                                   rtol=TOL[dtype], atol=TOL[dtype] * 8)
+        assert te.norm_supported(x, w) and not te.norm_supported(x, w.double())
+        assert te.add_norm_supported(x, delta, w) and not te.add_norm_supported(x, delta.double(), w)
+        with pytest.raises(ValueError):
+            te.rms_norm(x, w[:-1], 1e-6)
+        assert te.rms_norm(x[:0], w, 1e-6).shape == (0, x.shape[-1])
 
         for heads, kv_heads, dim in ((16, 8, 128), (3, 1, 64), (2, 2, 8)):
             t = 6
@@ -78,7 +113,8 @@ def check_kernels(device: str) -> None:
                 for new, old in zip((nq, nk, pq, pk), fused.qk_norm_rotary(q, k, qw, kw, 1e-6, cos, sin)
                                     + fused.apply_rotary(q, k, cos, sin)):
                     torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-5)
-        assert te.rotary_supported(q) and not te.rotary_supported(torch.empty(1, 1, 96))
+        assert te.rotary_supported(q, k) and not te.rotary_supported(torch.empty(1, 1, 96), torch.empty(1, 1, 96))
+        assert te.qk_norm_rotary_supported(q, k, qw, kw) and not te.qk_norm_rotary_supported(q, k, qw.double(), kw)
         with pytest.raises(ValueError):
             te.apply_rotary(q, k[:, :, : dim // 2], cos, sin)
 
@@ -121,18 +157,24 @@ def test_kernels_replay_in_a_cuda_graph_and_serve_the_compiled_model_functions()
     k = torch.randn(64, 8, 128, device="cuda", dtype=torch.bfloat16)
     w = torch.rand(128, device="cuda", dtype=torch.bfloat16) + 0.5
     cos, sin = torch.rand(64, 128, device="cuda"), torch.rand(64, 128, device="cuda")
+    h = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
+    hw = torch.rand(1024, device="cuda", dtype=torch.bfloat16) + 0.5
     with torch.inference_mode():
-        want = (Kernels.silu_mul(x[:, :3072], x[:, 3072:]), *Kernels.qk_norm_rotary(q, k, w, w, 1e-6, cos, sin))
-        direct = (te.silu_mul(x[:, :3072], x[:, 3072:]), *te.qk_norm_rotary(q, k, w, w, 1e-6, cos, sin))
+        want = (Kernels.silu_mul(x[:, :3072], x[:, 3072:]), *Kernels.qk_norm_rotary(q, k, w, w, 1e-6, cos, sin),
+                Kernels.rms_norm(h, hw, 1e-6), *Kernels.add_rms_norm(h, x[:, :1024], hw, 1e-6))
+        direct = (te.silu_mul(x[:, :3072], x[:, 3072:]), *te.qk_norm_rotary(q, k, w, w, 1e-6, cos, sin),
+                  te.rms_norm(h, hw, 1e-6), *te.add_rms_norm(h, x[:, :1024], hw, 1e-6))
         for a, b in zip(want, direct):   # with compile="triton" the model's functions are these kernels
             assert torch.equal(a, b)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            got = (te.silu_mul(x[:, :3072], x[:, 3072:]), *te.qk_norm_rotary(q, k, w, w, 1e-6, cos, sin))
-        for t in (x, q, k):
+            got = (te.silu_mul(x[:, :3072], x[:, 3072:]), *te.qk_norm_rotary(q, k, w, w, 1e-6, cos, sin),
+                   *te.add_rms_norm(h, x[:, :1024], hw, 1e-6))
+        for t in (x, q, k, h):
             t.normal_()
         graph.replay()
-        want = (te.silu_mul(x[:, :3072], x[:, 3072:]), *te.qk_norm_rotary(q, k, w, w, 1e-6, cos, sin))
+        want = (te.silu_mul(x[:, :3072], x[:, 3072:]), *te.qk_norm_rotary(q, k, w, w, 1e-6, cos, sin),
+                *te.add_rms_norm(h, x[:, :1024], hw, 1e-6))
         for a, b in zip(got, want):
             assert torch.equal(a, b)
 
