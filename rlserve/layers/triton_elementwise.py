@@ -1,15 +1,15 @@
 """Triton kernels for the elementwise steps of a layer: the gated activation, rotary (with Qwen3's
 per-head q/k norm before it), and RMSNorm (with the residual add before it).
 
-Inductor compiles both with dynamic shapes. On a prefill step of 8,192 tokens with qwen3-0.6b, its
+Inductor compiles these with dynamic shapes. On a prefill step of 8,192 tokens with qwen3-0.6b, its
 q/k-norm-plus-rotary kernels streamed ~0.85 TB/s and its SiLU-and-mul ~1.8 TB/s, on an H200 that
-copies at ~4 TB/s. They took 102 ms of a 378 ms prefill. Rows here are the programs' unit:
-- rotary handles one token's every q and k head in one program;
-- the activation handles a block of one token's columns.
-Both index by row stride, so the halves of a stacked projection are read in place. RMSNorm is at
-the bandwidth already (~4 TB/s), but each compiled region costs the host guards and wrappers on every
-eager (prefill) call, 112 of them a step for qwen3-0.6b; with all four here, a layer's elementwise
-work costs one plain Triton launch each.
+copies at ~4 TB/s; together they took 102 ms of a 378 ms prefill. Its RMSNorm reaches ~4 TB/s, but
+every call of a compiled region also costs the host dynamo's guards and wrappers: 112 calls a prefill
+step. Here each step is one plain Triton launch:
+- rotary: one program per token, covering its every q and k head;
+- the activation: one program per block of one token's columns, reading the halves of a stacked
+  projection in place;
+- RMSNorm: one program per row.
 
 The engine uses them only with compile="triton" (`--triton-elementwise`): on the offline benchmark
 they have not yet shown a gain (docs/benchmarks.md). All compute in float32 and round once, keeping
