@@ -148,9 +148,13 @@ def test_kernels_on_the_gpu_match_the_references():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_kernels_replay_in_a_cuda_graph_and_serve_the_compiled_model_functions():
+def test_kernels_replay_in_a_cuda_graph_and_serve_the_compiled_model_functions(monkeypatch):
     from rlserve.layers.fused import Kernels
     from rlserve.layers import triton_elementwise as te
+    # Kernels is process-wide: put back what this test swaps in, so later tests run the default path.
+    for name in ("rms_norm", "add_rms_norm", "silu_mul", "apply_rotary", "qk_norm_rotary", "compiled",
+                 "triton_elementwise"):
+        monkeypatch.setattr(Kernels, name, Kernels.__dict__[name])
     Kernels.compile(triton_elementwise=True)
     x = torch.randn(64, 2 * 3072, device="cuda", dtype=torch.bfloat16)
     q = torch.randn(64, 16, 128, device="cuda", dtype=torch.bfloat16)
