@@ -119,11 +119,45 @@ def check_kernels(device: str) -> None:
             te.apply_rotary(q, k[:, :, : dim // 2], cos, sin)
 
 
+def check_model_forward() -> None:
+    """Whole tiny models (q/k norm and plain rotary, stacked projections) with every Kernels function
+    swapped for its Triton kernel, as compile="triton" does for CUDA inputs: the same hidden states as
+    the eager functions, in float32 and bfloat16."""
+    from rlserve import LLM
+    from rlserve.layers import triton_elementwise as te
+    from rlserve.layers.fused import Kernels
+
+    kernels = dict(rms_norm=te.rms_norm, add_rms_norm=te.add_rms_norm, silu_mul=te.silu_mul,
+                   apply_rotary=te.apply_rotary, qk_norm_rotary=te.qk_norm_rotary)
+    eager = {name: Kernels.__dict__[name] for name in kernels}
+    gen = torch.Generator().manual_seed(1)
+    for preset in ("tiny-qwen3", "tiny-llama"):
+        for dtype, tol in (("float32", 1e-4), ("bfloat16", 6e-2)):
+            model = LLM(preset, load_format="dummy", device="cpu", dtype=dtype, compile=False,
+                        max_total_tokens=256).engine.model
+            assert all(layer.mlp.stacked is not None for layer in model.model.layers)
+            lens = [7, 12]
+            ids = torch.randint(0, model.model.embed_tokens.num_embeddings, (sum(lens),), generator=gen)
+            positions = torch.cat([torch.arange(n) for n in lens])
+            with torch.no_grad():
+                want = model(ids, positions, cu_seqlens=[0, lens[0], sum(lens)]).float()
+                for name, fn in kernels.items():
+                    setattr(Kernels, name, staticmethod(fn))
+                try:
+                    got = model(ids, positions, cu_seqlens=[0, lens[0], sum(lens)]).float()
+                finally:
+                    for name, fn in eager.items():
+                        setattr(Kernels, name, fn)
+            scale = want.abs().max().item()
+            assert (got - want).abs().max().item() <= tol * max(scale, 1.0), (preset, dtype)
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="the interpreter run needs a POSIX child process")
-def test_kernels_under_the_triton_interpreter_match_the_references():
+@pytest.mark.parametrize("what", ["cpu", "model"])
+def test_kernels_under_the_triton_interpreter_match_the_references(what):
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, __file__, "cpu"], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, __file__, what], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "kernels ok" in proc.stdout
 
@@ -184,5 +218,5 @@ def test_kernels_replay_in_a_cuda_graph_and_serve_the_compiled_model_functions(m
 
 
 if __name__ == "__main__":   # the child process of the interpreter test
-    check_kernels(sys.argv[1])
+    check_model_forward() if sys.argv[1] == "model" else check_kernels(sys.argv[1])
     print("kernels ok")
