@@ -1,0 +1,47 @@
+"""The Triton attention kernels (fused KV store, split-K decode and its merge, extend) against the torch
+reference on a CPU, under Triton's interpreter, so that CI checks their logic without a GPU.
+
+The interpreter must be switched on before any kernel is defined, so the checks run in a child
+process. It computes float32 and float16 dots faithfully but not bfloat16 ones (it holds bf16 as raw
+16-bit integers) nor, closely enough, e4m3 conversions: those stay with the GPU tests in
+test_triton_attention.py and test_fp8_and_gumbel.py, which also time nothing here.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def check_kernels() -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_triton_attention import Case, check_against_torch
+
+    for dtype in (torch.float32, torch.float16):
+        seq = [1, 2, 63, 65, 300, 700]                     # one token, tile edges, several spans
+        for splits in (None, 1, 3):
+            for heads, kv_heads in ((8, 2), (2, 2)):
+                case = Case([s - 1 for s in seq], [1] * len(seq), heads, kv_heads, 64, dtype, "cpu", seed=heads)
+                assert case.batch.is_decode
+                check_against_torch(case, dtype, max_kv_splits=splits)
+        # extend: no prefix, short and long prefixes, one new token that is not a decode batch
+        check_against_torch(Case([0, 5, 40, 100], [3, 17, 30, 1], 4, 2, 64, dtype, "cpu", seed=2), dtype)
+        check_against_torch(Case([0, 9], [20, 5], 6, 3, 80, dtype, "cpu", seed=3), dtype)   # head_dim 80
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the interpreter run needs a POSIX child process")
+def test_attention_kernels_under_the_triton_interpreter_match_torch():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "attention ok" in proc.stdout
+
+
+if __name__ == "__main__":   # the child process
+    check_kernels()
+    print("attention ok")
