@@ -1,10 +1,11 @@
-"""The Triton attention kernels (fused KV store, split-K decode and its merge, extend) against the torch
-reference on a CPU, under Triton's interpreter, so that CI checks their logic without a GPU.
+"""The Triton attention kernels (fused KV store, split-K decode and its merge, extend, cascade decode over
+shared prefixes) against the torch reference on a CPU, under Triton's interpreter, so that CI checks
+their logic without a GPU.
 
 The interpreter must be switched on before any kernel is defined, so the checks run in a child
 process. It computes float32 and float16 dots faithfully but not bfloat16 ones (it holds bf16 as raw
 16-bit integers) nor, closely enough, e4m3 conversions: those stay with the GPU tests in
-test_triton_attention.py and test_fp8_and_gumbel.py, which also time nothing here.
+test_triton_attention.py, test_cascade_attention.py and test_fp8_and_gumbel.py.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 
 def check_kernels() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
+    from test_cascade_attention import test_cascade_decode_matches_torch as check_cascade
     from test_triton_attention import Case, check_against_torch
 
     for dtype in (torch.float32, torch.float16):
@@ -31,6 +33,8 @@ def check_kernels() -> None:
         # extend: no prefix, short and long prefixes, one new token that is not a decode batch
         check_against_torch(Case([0, 5, 40, 100], [3, 17, 30, 1], 4, 2, 64, dtype, "cpu", seed=2), dtype)
         check_against_torch(Case([0, 9], [20, 5], 6, 3, 80, dtype, "cpu", seed=3), dtype)   # head_dim 80
+    for heads, kv_heads, dim in ((4, 2, 64), (16, 2, 128), (8, 8, 64)):
+        check_cascade(torch.float32, heads, kv_heads, dim)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="the interpreter run needs a POSIX child process")
