@@ -12,17 +12,8 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except ImportError:
-    triton = tl = None
-    HAS_TRITON = False
-
-
-def _jit(fn):
-    return triton.jit(fn) if HAS_TRITON else fn
+from rlserve.layers.triton_support import HAS_TRITON, tl, triton
+from rlserve.layers.triton_support import jit as _jit
 
 
 def _jit_unspecialized(*names: str):

@@ -21,17 +21,9 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except ImportError:   # CPU-only installs
-    triton = tl = None
-    HAS_TRITON = False
-
-
-def _jit(fn):
-    return triton.jit(fn) if HAS_TRITON else fn
+from rlserve.layers.triton_support import HAS_TRITON, tl, triton
+from rlserve.layers.triton_support import jit as _jit
+from rlserve.layers.triton_support import last_dim_contiguous
 
 
 @_jit
@@ -45,16 +37,12 @@ def _silu_mul_kernel(Gate, Up, Out, stride_g, stride_u, stride_o, cols, BLOCK: t
     tl.store(Out + row * stride_o + offs, out.to(Out.dtype.element_ty), mask=mask)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for [T, I] inputs (rows may be strided, as halves of one projection are)."""
     if gate.shape != up.shape or gate.dim() != 2:
         raise ValueError(f"silu_mul wants two [T, I] tensors of one shape, got {tuple(gate.shape)} and "
                          f"{tuple(up.shape)}")
-    gate, up = _rows(gate), _rows(up)
+    gate, up = last_dim_contiguous(gate), last_dim_contiguous(up)
     t, cols = gate.shape
     out = torch.empty(t, cols, dtype=gate.dtype, device=gate.device)
     if t == 0:
@@ -107,10 +95,10 @@ def _norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps
         raise ValueError(f"rms_norm wants rows of at most {MAX_NORM_DIM} entries, a weight of the row's "
                          f"length and a delta of x's shape; got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
                          + ("" if delta is None else f", delta {tuple(delta.shape)}"))
-    rows = _rows(x).reshape(-1, cols)
+    rows = last_dim_contiguous(x).reshape(-1, cols)
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     summed = None if delta is None else torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    d = rows if delta is None else _rows(delta).reshape(-1, cols)
+    d = rows if delta is None else last_dim_contiguous(delta).reshape(-1, cols)
     if rows.shape[0]:
         block = triton.next_power_of_2(cols)
         _rms_norm_kernel[(rows.shape[0],)](
@@ -192,7 +180,7 @@ def _rotary(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None, k_w
         raise ValueError(f"rotary wants q [T, Hq, D] and k [T, Hk, D] with D a power of two, and cos/sin "
                          f"[T, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, "
                          f"sin {tuple(sin.shape)}")
-    q, k, cos, sin = _rows(q), _rows(k), _rows(cos), _rows(sin)
+    q, k, cos, sin = (last_dim_contiguous(x) for x in (q, k, cos, sin))
     k_heads = k.shape[1]
     q_out = torch.empty(t, q_heads, dim, dtype=q.dtype, device=q.device)
     k_out = torch.empty(t, k_heads, dim, dtype=k.dtype, device=k.device)

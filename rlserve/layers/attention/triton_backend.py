@@ -22,14 +22,10 @@ import torch
 
 from rlserve.engine.cache import KVPool
 from rlserve.layers.attention.base import ForwardBatch
-
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except ImportError:   # CPU-only installs still import this module; the backend refuses to build
-    triton = tl = None
-    HAS_TRITON = False
+# CPU-only installs still import this module; the backend refuses to build without Triton.
+from rlserve.layers.triton_support import HAS_TRITON, tl, triton
+from rlserve.layers.triton_support import jit as _jit
+from rlserve.layers.triton_support import last_dim_contiguous as _last_dim_contiguous
 
 _LOG2E = 1.4426950408889634
 MAX_KV_SPLITS = 16        # upper bound on spans per (sequence, kv head)
@@ -41,10 +37,6 @@ RESCALE_SLACK = tl.constexpr(8.0) if HAS_TRITON else 8.0
 # step to step (each new combination would compile anew) and a CUDA graph captured for a batch size
 # serves every grouping; each span's length follows the prefix's length on the device.
 CASCADE_PREFIX_SPLITS = 4
-
-
-def _jit(fn):
-    return triton.jit(fn) if HAS_TRITON else fn
 
 
 def _next_pow2(n: int) -> int:
@@ -332,10 +324,6 @@ def _scale_strides(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -
     if k_scale.stride() != v_scale.stride():
         raise ValueError(f"K and V scales must share strides, got {k_scale.stride()} and {v_scale.stride()}")
     return k_scale.stride(0), k_scale.stride(1)
-
-
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
