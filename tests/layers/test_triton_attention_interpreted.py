@@ -9,12 +9,9 @@ test_triton_attention.py, test_cascade_attention.py and test_fp8_and_gumbel.py.
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 
@@ -37,13 +34,9 @@ def check_kernels() -> None:
         check_cascade(torch.float32, heads, kv_heads, dim)
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="the interpreter run needs a POSIX child process")
 def test_attention_kernels_under_the_triton_interpreter_match_torch():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "attention ok" in proc.stdout
+    from conftest import run_under_triton_interpreter   # here: the child process has no conftest
+    assert "attention ok" in run_under_triton_interpreter(__file__)
 
 
 if __name__ == "__main__":   # the child process

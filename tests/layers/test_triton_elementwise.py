@@ -6,8 +6,6 @@ before any kernel is defined); on a GPU they run compiled, also inside a CUDA gr
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import pytest
@@ -152,14 +150,10 @@ def check_model_forward() -> None:
             assert (got - want).abs().max().item() <= tol * max(scale, 1.0), (preset, dtype)
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="the interpreter run needs a POSIX child process")
 @pytest.mark.parametrize("what", ["cpu", "model"])
 def test_kernels_under_the_triton_interpreter_match_the_references(what):
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, __file__, what], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "kernels ok" in proc.stdout
+    from conftest import run_under_triton_interpreter   # here: the child process has no conftest
+    assert "kernels ok" in run_under_triton_interpreter(__file__, what)
 
 
 def test_the_cli_flag_asks_for_the_kernels_and_excludes_disable_compile():
