@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -73,15 +71,3 @@ def hf_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int) -> tuple[l
     tokens = out.sequences[0, len(prompt_ids):].tolist()
     lps = [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(out.logits, tokens)]
     return tokens, lps
-
-
-def run_under_triton_interpreter(script: str, *args: str) -> str:
-    """Run a test file as a child process with TRITON_INTERPRET=1 (which must be set before any kernel
-    is defined), so that its Triton kernels run on the CPU; assert it succeeded and return its stdout."""
-    pytest.importorskip("triton")
-    if sys.platform == "win32":
-        pytest.skip("the interpreter run needs a POSIX child process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from triton_interpreter import run_under_triton_interpreter  # (same folder)
+
 
 def check_kernels() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
@@ -35,7 +37,6 @@ def check_kernels() -> None:
 
 
 def test_attention_kernels_under_the_triton_interpreter_match_torch():
-    from conftest import run_under_triton_interpreter   # here: the child process has no conftest
     assert "attention ok" in run_under_triton_interpreter(__file__)
 
 

@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+from triton_interpreter import run_under_triton_interpreter  # same folder
+
 TOL = {torch.float32: 1e-5, torch.float16: 2 ** -9, torch.bfloat16: 2 ** -6}
 
 
@@ -152,7 +154,6 @@ def check_model_forward() -> None:
 
 @pytest.mark.parametrize("what", ["cpu", "model"])
 def test_kernels_under_the_triton_interpreter_match_the_references(what):
-    from conftest import run_under_triton_interpreter   # here: the child process has no conftest
     assert "kernels ok" in run_under_triton_interpreter(__file__, what)
 
 
