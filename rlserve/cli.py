@@ -68,7 +68,9 @@ def add_engine_args(parser: argparse.ArgumentParser, default_model_help: str = "
                    help="don't overlap host work with the device's decode step")
     g.add_argument("--disable-compile", action="store_true", help="don't fuse elementwise ops with torch.compile")
     g.add_argument("--triton-elementwise", action="store_true",
-                   help="on CUDA, run RMSNorm, the gated activation and rotary as Triton kernels (experimental)")
+                   help="run RMSNorm, the gated activation and rotary as Triton kernels on CUDA (the default there)")
+    g.add_argument("--inductor-elementwise", action="store_true",
+                   help="fuse RMSNorm, the gated activation and rotary with torch.compile instead of Triton kernels")
     g.add_argument("--enable-cascade-attention", action="store_true",
                    help="decode reads a prefix shared by several requests once per step (experimental)")
     g.add_argument("--disable-fp32-logits", action="store_true",
@@ -89,12 +91,17 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["cuda_graph"] = False
     if args.disable_overlap_schedule:
         kwargs["overlap_schedule"] = False
-    if args.disable_compile and args.triton_elementwise:
-        raise SystemExit("--disable-compile and --triton-elementwise exclude each other")
+    chosen = [flag for flag, on in (("--disable-compile", args.disable_compile),
+                                    ("--triton-elementwise", args.triton_elementwise),
+                                    ("--inductor-elementwise", args.inductor_elementwise)) if on]
+    if len(chosen) > 1:
+        raise SystemExit(f"{' and '.join(chosen)} exclude each other")
     if args.disable_compile:
         kwargs["compile"] = False
     if args.triton_elementwise:
         kwargs["compile"] = "triton"
+    if args.inductor_elementwise:
+        kwargs["compile"] = True
     if args.enable_cascade_attention:
         kwargs["cascade_attention"] = True
     if args.disable_fp32_logits:

@@ -114,8 +114,8 @@ class EngineConfig:
     attention_backend: str = "auto"         # "torch" | "triton" | "auto"
     cuda_graph: bool = True                 # capture decode graphs on CUDA (eager when False)
     cuda_graph_max_bs: int | None = None    # largest captured decode batch; None: max_running_requests
-    # "auto": fuse elementwise chains with torch.compile on CUDA; "triton": on CUDA, Triton kernels for
-    # them instead (experimental: docs/benchmarks.md, "Triton activation and rotary kernels").
+    # Elementwise chains (norms, rotary, gated activation): "triton" runs Triton kernels for CUDA inputs,
+    # True fuses them with torch.compile, False leaves them eager; "auto" is "triton" on CUDA, eager on CPU.
     compile: bool | str = "auto"
     overlap_schedule: bool | str = "auto"   # "auto": overlap host work with the device on CUDA
     tokenizer: str | None = None

@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--kv-cache-dtype", default="auto", help='"auto" or "fp8_e4m3"')
     a = ap.parse_args()
     llm = LLM(a.model, cuda_graph=not a.no_cuda_graph, overlap_schedule=not a.no_overlap,
-              compile=not a.no_compile, kv_cache_dtype=a.kv_cache_dtype)
+              compile=False if a.no_compile else "auto", kv_cache_dtype=a.kv_cache_dtype)
     e = llm.engine
     rng = random.Random(0)
     for _ in range(a.batch):

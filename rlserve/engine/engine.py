@@ -77,6 +77,19 @@ def pick_device(device: str) -> torch.device:
     return dev
 
 
+def resolve_compile(compile: bool | str, device: torch.device) -> bool | str:
+    """What `compile` means on this device: "triton" (Triton kernels for the elementwise chains, torch.compile
+    for shapes they don't serve), True (torch.compile only) or False (eager). "auto" is "triton" on CUDA
+    with Triton installed (faster than inductor's kernels and cheaper on the host: docs/benchmarks.md,
+    "Triton elementwise kernels by default"), torch.compile on CUDA without it, eager elsewhere."""
+    if compile != "auto":
+        return compile
+    if device.type != "cuda":
+        return False
+    from rlserve.layers.triton_support import HAS_TRITON
+    return "triton" if HAS_TRITON else True
+
+
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -89,8 +102,9 @@ class Engine:
         self.tokenizer = load_tokenizer(config.tokenizer or source.tokenizer_dir)
         if config.compile not in (True, False, "auto", "triton"):
             raise ValueError(f"compile must be True, False, 'auto' or 'triton', got {config.compile!r}")
-        if config.compile in (True, "triton") or (config.compile == "auto" and self.device.type == "cuda"):
-            Kernels.compile(triton_elementwise=config.compile == "triton")
+        elementwise = resolve_compile(config.compile, self.device)
+        if elementwise:
+            Kernels.compile(triton_elementwise=elementwise == "triton")
         if config.max_model_len is not None and not 1 < config.max_model_len <= cfg.max_position:
             raise ValueError(f"max_model_len must be in [2, {cfg.max_position}] for this model, "
                              f"got {config.max_model_len}")

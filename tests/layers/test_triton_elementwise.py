@@ -157,7 +157,7 @@ def test_kernels_under_the_triton_interpreter_match_the_references(what):
     assert "kernels ok" in run_under_triton_interpreter(__file__, what)
 
 
-def test_the_cli_flag_asks_for_the_kernels_and_excludes_disable_compile():
+def test_the_cli_flags_pick_the_elementwise_kernels_and_exclude_each_other():
     import argparse
 
     from rlserve.cli import add_engine_args, engine_kwargs
@@ -165,8 +165,26 @@ def test_the_cli_flag_asks_for_the_kernels_and_excludes_disable_compile():
     add_engine_args(parser)
     assert "compile" not in engine_kwargs(parser.parse_args(["--device", "cpu"]))
     assert engine_kwargs(parser.parse_args(["--device", "cpu", "--triton-elementwise"]))["compile"] == "triton"
-    with pytest.raises(SystemExit):
-        engine_kwargs(parser.parse_args(["--device", "cpu", "--triton-elementwise", "--disable-compile"]))
+    assert engine_kwargs(parser.parse_args(["--device", "cpu", "--inductor-elementwise"]))["compile"] is True
+    assert engine_kwargs(parser.parse_args(["--device", "cpu", "--disable-compile"]))["compile"] is False
+    for pair in (["--triton-elementwise", "--disable-compile"], ["--inductor-elementwise", "--disable-compile"],
+                 ["--triton-elementwise", "--inductor-elementwise"]):
+        with pytest.raises(SystemExit, match="exclude each other"):
+            engine_kwargs(parser.parse_args(["--device", "cpu", *pair]))
+
+
+def test_auto_means_triton_kernels_on_cuda_and_eager_on_cpu(monkeypatch):
+    from rlserve.engine.engine import resolve_compile
+    from rlserve.layers import triton_support
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert resolve_compile("auto", cpu) is False
+    monkeypatch.setattr(triton_support, "HAS_TRITON", True)
+    assert resolve_compile("auto", cuda) == "triton"
+    monkeypatch.setattr(triton_support, "HAS_TRITON", False)
+    assert resolve_compile("auto", cuda) is True     # torch.compile where Triton kernels can't run
+    for explicit in (True, False, "triton"):
+        assert resolve_compile(explicit, cuda) == explicit and resolve_compile(explicit, cpu) == explicit
 
 
 @pytest.mark.gpu
