@@ -32,6 +32,9 @@ def check_kernels() -> None:
         # extend: no prefix, short and long prefixes, one new token that is not a decode batch
         check_against_torch(Case([0, 5, 40, 100], [3, 17, 30, 1], 4, 2, 64, dtype, "cpu", seed=2), dtype)
         check_against_torch(Case([0, 9], [20, 5], 6, 3, 80, dtype, "cpu", seed=3), dtype)   # head_dim 80
+        # several query blocks: blocks wholly below the diagonal (read unmasked), edges off the block size
+        check_against_torch(Case([0, 33], [150, 70], 4, 2, 64, dtype, "cpu", seed=4), dtype)
+        check_against_torch(Case([0], [100], 2, 1, 80, dtype, "cpu", seed=5), dtype)
     for heads, kv_heads, dim in ((4, 2, 64), (16, 2, 128), (8, 8, 64)):
         check_cascade(torch.float32, heads, kv_heads, dim)
 

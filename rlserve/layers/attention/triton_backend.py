@@ -238,6 +238,28 @@ def _decode_merge_kernel(MidO, MidLse, SeqLens, O,
 # Extend: new tokens over their cached prefix, then causally over themselves
 # ---------------------------------------------------------------------------------------------
 @_jit
+def _extend_tile(q, k, v, k_scale, v_scale, m_i, l_i, acc, qk_scale, visible, DOT_PRECISION: tl.constexpr,
+                 MASK: tl.constexpr, SCALED: tl.constexpr):
+    """One online-softmax step of extend attention: q [M, D] against k [D, N] (already transposed) and
+    v [N, D]; `visible` [M or 1, N] masks scores when MASK; an fp8 tile's per-token scales (k_scale,
+    v_scale: [1, N]) apply to a column of q·kᵀ and of the weights when SCALED."""
+    qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale
+    if SCALED:
+        qk = qk * k_scale
+    if MASK:
+        qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.exp2(qk - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if SCALED:
+        p = p * v_scale
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@_jit
 def _extend_kernel(Q, K, V, O, K_buf, V_buf, K_scale, V_scale, ReqToToken, ReqRows, SeqLens, ExtendLens,
                    CuExtend, qk_scale,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -274,39 +296,42 @@ def _extend_kernel(Q, K, V, O, K_buf, V_buf, K_scale, V_scale, ReqToToken, ReqRo
         slots = tl.load(ReqToToken + row * stride_req + offs_n, mask=mask_n, other=0).to(tl.int64)
         k = tl.load(K_buf + slots[None, :] * stride_kbt + kvh * stride_kbh + offs_d[:, None],
                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)
-        qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale
-        if FP8:
-            qk = qk * tl.load(K_scale + slots * stride_ss + kvh * stride_sh, mask=mask_n, other=0.0)[None, :]
-        qk = tl.where(mask_n[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V_buf + slots[:, None] * stride_vbt + kvh * stride_vbh + offs_d[None, :],
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        pv = p
+        k_scale = 1.0
+        v_scale = 1.0
         if FP8:
-            pv = p * tl.load(V_scale + slots * stride_ss + kvh * stride_sh, mask=mask_n, other=0.0)[None, :]
-        acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-        m_i = m_new
+            k_scale = tl.load(K_scale + slots * stride_ss + kvh * stride_sh, mask=mask_n, other=0.0)[None, :]
+            v_scale = tl.load(V_scale + slots * stride_ss + kvh * stride_sh, mask=mask_n, other=0.0)[None, :]
+        m_i, l_i, acc = _extend_tile(q, k, v, k_scale, v_scale, m_i, l_i, acc, qk_scale, mask_n[None, :],
+                                     DOT_PRECISION, MASK=True, SCALED=FP8)
 
-    # The new tokens themselves, causally; nothing past this query block's last row is needed.
+    # The new tokens themselves. Blocks wholly below this query block's diagonal need no mask; the
+    # diagonal ones are masked causally; nothing past the block's last row is read.
+    k_ptrs = K + kvh * stride_kh + offs_d[:, None]
+    v_ptrs = V + kvh * stride_vh + offs_d[None, :]
+    full_end = tl.minimum(mb * BLOCK_M, ext_len) // BLOCK_N * BLOCK_N
+    for n0 in range(0, full_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if HEAD_DIM == BLOCK_D:   # the common case: no mask at all on these loads
+            k = tl.load(k_ptrs + (first + offs_n)[None, :] * stride_kt)
+            v = tl.load(v_ptrs + (first + offs_n)[:, None] * stride_vt)
+        else:
+            k = tl.load(k_ptrs + (first + offs_n)[None, :] * stride_kt, mask=mask_d[:, None], other=0.0)
+            v = tl.load(v_ptrs + (first + offs_n)[:, None] * stride_vt, mask=mask_d[None, :], other=0.0)
+        m_i, l_i, acc = _extend_tile(q, k, v, 1.0, 1.0, m_i, l_i, acc, qk_scale, True,
+                                     DOT_PRECISION, MASK=False, SCALED=False)
     causal_end = tl.minimum(ext_len, (mb + 1) * BLOCK_M)
-    for n0 in range(0, causal_end, BLOCK_N):
+    for n0 in range(full_end, causal_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < ext_len
-        k = tl.load(K + (first + offs_n)[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None],
-                    mask=mask_n[None, :] & mask_d[:, None], other=0.0)
-        qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale
-        qk = tl.where(mask_n[None, :] & (offs_m[:, None] >= offs_n[None, :]), qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + (first + offs_n)[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-        m_i = m_new
+        k = tl.load(k_ptrs + (first + offs_n)[None, :] * stride_kt, mask=mask_n[None, :] & mask_d[:, None],
+                    other=0.0)
+        v = tl.load(v_ptrs + (first + offs_n)[:, None] * stride_vt, mask=mask_n[:, None] & mask_d[None, :],
+                    other=0.0)
+        visible = mask_n[None, :] & (offs_m[:, None] >= offs_n[None, :])
+        m_i, l_i, acc = _extend_tile(q, k, v, 1.0, 1.0, m_i, l_i, acc, qk_scale, visible,
+                                     DOT_PRECISION, MASK=True, SCALED=False)
 
     out = acc / l_i[:, None]
     tl.store(O + (first + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
@@ -466,10 +491,11 @@ class TritonAttentionBackend:
         if self.extend_launch is not None:
             block_m, block_n, warps, stages = self.extend_launch
         elif q.element_size() <= 2 and block_d <= 128:
-            # `python -m rlserve.bench.extend_attention --sweep` on an H100, against 2 stages: 16 x 1,024 new
-            # tokens 416 -> 353 us (the fastest config), 4 x 2,048 after 2,048 cached 936 -> 848 us, 64 x 300
-            # 270 -> 256 us. 128/128/8/3 wins the long-prefix shape (729 us) but loses the other two.
-            block_m, block_n, warps, stages = 64, 64, 4, 3
+            # H100, graph-timed (docs/benchmarks.md, "Extend attention: unmasked blocks below the diagonal"):
+            # 64/32/4/3 is the fastest config on prefill chunks like the offline workload's (14 x 585 new
+            # tokens 121.8 us, 64 x 300 224.4 us) and within 4% on 16 x 1,024; 128/32/4/3 wins long prefixes
+            # (4 x 2,048 after 2,048: 642 against 737 us).
+            block_m, block_n, warps, stages = 64, 32, 4, 3
         elif q.element_size() <= 2:
             block_m, block_n, warps, stages = 64, 32, 4, 2
         else:
