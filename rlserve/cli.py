@@ -66,7 +66,8 @@ def add_engine_args(parser: argparse.ArgumentParser, default_model_help: str = "
                    help="largest decode batch captured in a CUDA graph (default: --max-running-requests)")
     g.add_argument("--disable-overlap-schedule", action="store_true",
                    help="don't overlap host work with the device's decode step")
-    g.add_argument("--disable-compile", action="store_true", help="don't fuse elementwise ops with torch.compile")
+    g.add_argument("--disable-compile", action="store_true",
+                   help="run the elementwise steps (norms, rotary, activation) as eager torch ops, unfused")
     g.add_argument("--triton-elementwise", action="store_true",
                    help="run RMSNorm, the gated activation and rotary as Triton kernels on CUDA (the default there)")
     g.add_argument("--inductor-elementwise", action="store_true",
