@@ -20,7 +20,7 @@ from triton_interpreter import run_under_triton_interpreter  # (same folder)
 def check_kernels() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from test_cascade_attention import test_cascade_decode_matches_torch as check_cascade
-    from test_triton_attention import Case, check_against_torch
+    from test_triton_attention import Case, check_against_torch, check_repeated_decode
 
     for dtype in (torch.float32, torch.float16):
         seq = [1, 2, 63, 65, 300, 700]                     # one token, tile edges, several spans
@@ -29,6 +29,9 @@ def check_kernels() -> None:
                 case = Case([s - 1 for s in seq], [1] * len(seq), heads, kv_heads, 64, dtype, "cpu", seed=heads)
                 assert case.batch.is_decode
                 check_against_torch(case, dtype, max_kv_splits=splits)
+        # every layer of a step and the same layer again, with one backend
+        case = Case([s - 1 for s in seq], [1] * len(seq), 4, 2, 64, dtype, "cpu", seed=7)
+        check_repeated_decode(case, dtype, max_kv_splits=3)
         # extend: no prefix, short and long prefixes, one new token that is not a decode batch
         check_against_torch(Case([0, 5, 40, 100], [3, 17, 30, 1], 4, 2, 64, dtype, "cpu", seed=2), dtype)
         check_against_torch(Case([0, 9], [20, 5], 6, 3, 80, dtype, "cpu", seed=3), dtype)   # head_dim 80
