@@ -5,7 +5,8 @@ their logic without a GPU.
 The interpreter must be switched on before any kernel is defined, so the checks run in a child
 process. It computes float32 and float16 dots faithfully but not bfloat16 ones (it holds bf16 as raw
 16-bit integers) nor, closely enough, e4m3 conversions: those stay with the GPU tests in
-test_triton_attention.py, test_cascade_attention.py and test_fp8_and_gumbel.py.
+test_triton_attention.py, test_cascade_attention.py and test_fp8_and_gumbel.py. An fp8 pool gets one
+loose check here, of where extend applies the scales.
 """
 from __future__ import annotations
 
@@ -40,6 +41,33 @@ def check_kernels() -> None:
         check_against_torch(Case([0], [100], 2, 1, 80, dtype, "cpu", seed=5), dtype)
     for heads, kv_heads, dim in ((4, 2, 64), (16, 2, 128), (8, 8, 64)):
         check_cascade(torch.float32, heads, kv_heads, dim)
+    check_fp8_extend_scales()
+
+
+def check_fp8_extend_scales() -> None:
+    """Extend over an fp8 pool's prefix applies K's and V's scales where they belong. The interpreter's
+    e4m3 conversions are not exact, so this is a loose check (as on the GPU, the kernel attends to the
+    new tokens unquantised and the reference reads them back from the pool): K's scales are ~300× V's
+    here, so scales applied to the wrong tensor or axis land far outside it."""
+    from test_triton_attention import Case
+
+    from rlserve.engine.cache import FP8_DTYPE, KVPool
+    from rlserve.layers.attention.torch_backend import TorchAttentionBackend
+    from rlserve.layers.attention.triton_backend import TritonAttentionBackend
+
+    case = Case([0, 64, 133], [50, 17, 90], 4, 2, 64, torch.float32, "cpu", seed=3)
+
+    def fp8_pool() -> KVPool:
+        pool = KVPool(case.pool.num_layers, case.pool.num_slots, 2, 64, FP8_DTYPE, "cpu")
+        every = torch.arange(case.pool.num_slots)
+        for layer in range(pool.num_layers):
+            pool.store(layer, every, case.pool.k_buffers[layer] * 3, case.pool.v_buffers[layer] * 0.01)
+        return pool
+
+    ref = case.run(TorchAttentionBackend(fp8_pool(), case.scale))
+    out = case.run(TritonAttentionBackend(fp8_pool(), case.scale))
+    assert (out - ref).abs().mean() < 0.05 * ref.abs().mean()
+    assert (out - ref).abs().max() < 0.25 * ref.abs().max()
 
 
 def test_attention_kernels_under_the_triton_interpreter_match_torch():
