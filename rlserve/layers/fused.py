@@ -1,5 +1,6 @@
-"""Elementwise chains fused by torch.compile on CUDA (each is a plain torch function on CPU). With
-compile="triton", they run on CUDA as Triton kernels instead (triton_elementwise.py).
+"""Elementwise chains, fused on CUDA (each is a plain torch function on CPU): by Triton kernels with
+compile="triton" (the CUDA default, triton_elementwise.py), by torch.compile with compile=True and for
+the shapes the Triton kernels don't serve.
 
 A decode step of a small model launches hundreds of tiny elementwise kernels (norms, rotary, the
 gated activation); compiling these few functions turns each chain into one kernel. The eager

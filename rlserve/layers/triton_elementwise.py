@@ -11,8 +11,9 @@ step. Here each step is one plain Triton launch:
   projection in place;
 - RMSNorm: one program per row.
 
-The engine uses them only with compile="triton" (`--triton-elementwise`): on the offline benchmark
-they have not yet shown a gain (docs/benchmarks.md). All compute in float32 and round once, keeping
+The engine uses them on CUDA by default (compile="auto" or "triton"; `--inductor-elementwise` keeps
+torch.compile's): on an H100 the offline benchmark runs 2-3% faster with them (docs/benchmarks.md,
+"Triton elementwise kernels by default"). All compute in float32 and round once, keeping
 the casts the eager versions in fused.py make on purpose: the normalised row is rounded to the model
 dtype before the norm weight, the residual sum before it is normalised, and cos/sin before rotary
 (tests/layers/test_triton_elementwise.py).
