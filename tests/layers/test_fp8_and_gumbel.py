@@ -14,22 +14,26 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
+from test_gumbel_interpreted import pack_bitmask  # noqa: E402  (same folder)
 from test_triton_attention import Case, triton_backend  # noqa: E402  (same folder)
 
 
-def fp8_case(prefix_lens, extend_lens, heads=16, kv_heads=8, dim=128, seed=0) -> Case:
-    case = Case(prefix_lens, extend_lens, heads, kv_heads, dim, torch.bfloat16, "cuda", seed)
-    bf16 = case.pool
-    pool = KVPool(bf16.num_layers, bf16.num_slots, kv_heads, dim, FP8_DTYPE, "cuda")
-    every = torch.arange(bf16.num_slots, device="cuda")
-    for layer in range(bf16.num_layers):      # quantise the random bf16 pool, scales included
-        pool.store(layer, every, bf16.k_buffers[layer] * 3, bf16.v_buffers[layer] * 0.01)
+def fp8_case(prefix_lens, extend_lens, heads=16, kv_heads=8, dim=128, seed=0, dtype=torch.bfloat16,
+             device="cuda") -> Case:
+    """A Case whose pool is its random pool quantised to fp8 (K scaled by 3, V by 0.01: their scales
+    differ ~300×), scales included; q/k/v stay in `dtype`."""
+    case = Case(prefix_lens, extend_lens, heads, kv_heads, dim, dtype, device, seed)
+    src = case.pool
+    pool = KVPool(src.num_layers, src.num_slots, kv_heads, dim, FP8_DTYPE, device)
+    every = torch.arange(src.num_slots, device=device)
+    for layer in range(src.num_layers):
+        pool.store(layer, every, src.k_buffers[layer] * 3, src.v_buffers[layer] * 0.01)
     case.pool = pool
     return case
 
 
 def copy_pool(p: KVPool) -> KVPool:
-    out = KVPool(p.num_layers, p.num_slots, p.num_kv_heads, p.head_dim, p.dtype, "cuda")
+    out = KVPool(p.num_layers, p.num_slots, p.num_kv_heads, p.head_dim, p.dtype, p.k_buffers[0].device)
     for dst, src in zip(out.k_buffers + out.v_buffers + out.k_scales + out.v_scales,
                         p.k_buffers + p.v_buffers + p.k_scales + p.v_scales):
         dst.copy_(src)
@@ -127,11 +131,7 @@ def test_gumbel_kernel_bitmask_draws_as_if_masked_logits():
     allowed = torch.rand(rows, vocab, generator=gen) < torch.linspace(0.001, 0.5, rows)[:, None]
     allowed[-4:] = True                                           # unconstrained rows: every bit set
     allowed[:, vocab - 1] |= torch.arange(rows) % 5 == 0          # the last token reachable in some rows
-    words = (vocab + 31) // 32
-    padded = torch.zeros(rows, words * 32, dtype=torch.int64)
-    padded[:, :vocab] = allowed.long()
-    packed = (padded.view(rows, words, 32) << torch.arange(32)).sum(-1)
-    bitmask = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).cuda()
+    bitmask = pack_bitmask(allowed).cuda()
     masked = logits.clone()
     xgr.apply_token_bitmask_inplace(masked, bitmask, vocab_size=vocab)
     assert torch.equal(masked.isfinite().cpu(), allowed)          # the packing matches xgrammar's

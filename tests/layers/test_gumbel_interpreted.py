@@ -12,7 +12,7 @@ import torch
 from triton_interpreter import run_under_triton_interpreter  # (same folder)
 
 
-def _pack(allowed: torch.Tensor) -> torch.Tensor:
+def pack_bitmask(allowed: torch.Tensor) -> torch.Tensor:
     """[rows, vocab] bool -> xgrammar's bitmask layout: int32 words, bit i of word w = token 32·w + i."""
     rows, vocab = allowed.shape
     words = (vocab + 31) // 32
@@ -48,11 +48,11 @@ def check_kernel() -> None:
     allowed[:, vocab - 1] |= torch.arange(rows) % 5 == 0
     masked = logits.masked_fill(~allowed, float("-inf"))
     for s in (0, 1000):
-        got = gumbel_argmax(logits, temps, seeds + s, _pack(allowed))
+        got = gumbel_argmax(logits, temps, seeds + s, pack_bitmask(allowed))
         assert torch.equal(got, gumbel_argmax(masked, temps, seeds + s))
         assert allowed[torch.arange(rows), got].all()
     with pytest.raises(ValueError, match="does not cover"):
-        gumbel_argmax(logits, temps, seeds, _pack(allowed)[:, :-1])
+        gumbel_argmax(logits, temps, seeds, pack_bitmask(allowed)[:, :-1])
 
 
 def test_gumbel_kernel_under_the_triton_interpreter():

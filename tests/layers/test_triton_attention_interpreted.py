@@ -49,23 +49,14 @@ def check_fp8_extend_scales() -> None:
     e4m3 conversions are not exact, so this is a loose check (as on the GPU, the kernel attends to the
     new tokens unquantised and the reference reads them back from the pool): K's scales are ~300× V's
     here, so scales applied to the wrong tensor or axis land far outside it."""
-    from test_triton_attention import Case
+    from test_fp8_and_gumbel import copy_pool, fp8_case
 
-    from rlserve.engine.cache import FP8_DTYPE, KVPool
     from rlserve.layers.attention.torch_backend import TorchAttentionBackend
     from rlserve.layers.attention.triton_backend import TritonAttentionBackend
 
-    case = Case([0, 64, 133], [50, 17, 90], 4, 2, 64, torch.float32, "cpu", seed=3)
-
-    def fp8_pool() -> KVPool:
-        pool = KVPool(case.pool.num_layers, case.pool.num_slots, 2, 64, FP8_DTYPE, "cpu")
-        every = torch.arange(case.pool.num_slots)
-        for layer in range(pool.num_layers):
-            pool.store(layer, every, case.pool.k_buffers[layer] * 3, case.pool.v_buffers[layer] * 0.01)
-        return pool
-
-    ref = case.run(TorchAttentionBackend(fp8_pool(), case.scale))
-    out = case.run(TritonAttentionBackend(fp8_pool(), case.scale))
+    case = fp8_case([0, 64, 133], [50, 17, 90], 4, 2, 64, seed=3, dtype=torch.float32, device="cpu")
+    ref = case.run(TorchAttentionBackend(copy_pool(case.pool), case.scale))
+    out = case.run(TritonAttentionBackend(case.pool, case.scale))
     assert (out - ref).abs().mean() < 0.05 * ref.abs().mean()
     assert (out - ref).abs().max() < 0.25 * ref.abs().max()
 
