@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--profile-host", default=None, help="write cProfile stats here and print the top")
     ap.add_argument("--kv-dtype", default=None)
+    ap.add_argument("--show-steps", type=int, default=0, help="also print the first N steps one by one")
     a = ap.parse_args()
     kwargs = {"kv_cache_dtype": a.kv_dtype} if a.kv_dtype else {}
     llm = LLM(a.model, **kwargs)
@@ -96,6 +97,8 @@ def main() -> None:
         prof.disable()
         prof.dump_stats(a.profile_host)
         pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+    for i, r in enumerate(records[:a.show_steps]):
+        print(f"step {i}: {r.seconds * 1e3:.1f} ms, {'decode' if r.decode else 'prefill'}, batch {r.batch}")
     print(summarise(llm, records, total))
     print(f"kv leaked: {llm.engine.kv_leaked()}")
 
