@@ -45,6 +45,8 @@ class _Pending:
     # Sampled already, behind a wait on the device for the helpers' answers, which the host has still
     # to take (GrammarBackend.confirm_masks).
     unconfirmed: bool = False
+    # A prefill step: reqs are the prompts it completed (possibly none), tokens their first samples.
+    prefill: bool = False
 
 
 @dataclass
@@ -157,7 +159,8 @@ class Engine:
         # the next step and keeps only slices (the server's engine loop) may turn this off: copying every
         # running request's whole list on every step is the largest host cost of a step at large batch.
         self.snapshot_outputs = True
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0, "overlapped_steps": 0}
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0, "overlapped_steps": 0,
+                      "overlapped_prefills": 0}
 
     # ---- construction ----
     def _build_model(self, cfg: ModelConfig, source, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -285,6 +288,9 @@ class Engine:
             self._pending = self._launch_decode(batch, None)
             if self._pending is not None:
                 return []
+        if self.overlap and not batch.is_decode and self._prefill_overlappable(batch):
+            self._pending = self._launch_prefill(batch)
+            return []
         return self._step_sync(batch, emit_unfinished)
 
     # Overlapped decode: launch step N+1 on the device (its inputs are step N's samples, still on the
@@ -292,6 +298,46 @@ class Engine:
     # A request that stops at step N has had one extra token computed at N+1; it is dropped.
     def _overlappable(self, reqs: list[Request]) -> bool:
         return all(not has_penalties(r.params) and len(r.output_ids) >= r.params.min_tokens for r in reqs)
+
+    # Overlapped prefill: a prefill step's first tokens are sampled on the device and read only once the
+    # next prefill step is launched, so the host builds that step while the device runs this one. Rows
+    # that need the host before sampling (grammar masks, logprobs, banned tokens, penalties) run in step.
+    def _prefill_overlappable(self, batch) -> bool:
+        return self._overlappable(batch.reqs) and all(
+            r.grammar is None and r.params.logprobs is None and r.params.prompt_logprobs is None for r in batch.reqs)
+
+    def _launch_prefill(self, batch) -> _Pending:
+        result = self.runner.forward(batch)
+        for req in batch.reqs:
+            self.stats["prompt_tokens"] += req.chunk_len
+        self.scheduler.after_prefill(batch)
+        pending = _Pending(result.sampling_reqs, None, None, False, prefill=True)
+        self.stats["overlapped_prefills"] += 1
+        if result.sampling_reqs:
+            rows = [r.decode_row or self._decode_row(r) for r in result.sampling_reqs]
+            pending.tokens = self.sampler.sample_tensor(result.next_logits, rows)
+            pending.host = HostCopy([pending.tokens])
+        return pending
+
+    def _step_after_prefill(self, pending: _Pending, emit_unfinished: bool) -> list[RequestOutput]:
+        """Launch the next prefill step (if the scheduler has one) before reading `pending`'s tokens."""
+        nxt = self.scheduler.schedule_prefill()
+        in_step = None
+        if nxt is not None and self._prefill_overlappable(nxt):
+            self._pending = self._launch_prefill(nxt)
+        else:
+            in_step = nxt
+        changed: dict[str, _Group] = {}
+        if pending.host is not None:
+            for req, token in zip(pending.reqs, pending.host.get()[0].tolist()):
+                if req.finished:      # aborted meanwhile
+                    continue
+                self._accept(req, token, None)
+                if emit_unfinished or req.finished:
+                    changed[req.group] = self.groups[req.group]
+        if in_step is not None:
+            self._run_sync(in_step, emit_unfinished, changed)
+        return self._emit(changed)
 
     def _launch_decode(self, batch, input_ids: torch.Tensor | None, defer_grammar: bool = False
                        ) -> _Pending | None:
@@ -345,6 +391,8 @@ class Engine:
     def _step_overlapped(self, emit_unfinished: bool) -> list[RequestOutput]:
         pending, sched = self._pending, self.scheduler
         self._pending = None
+        if pending.prefill:
+            return self._step_after_prefill(pending, emit_unfinished)
         # Chain another decode step unless the scheduler might prefill next: nothing is being chunked,
         # and either nothing waits or the running batch is full (waiting requests can't be admitted
         # before a running one finishes, which the host learns while this step's successor runs).
@@ -419,13 +467,19 @@ class Engine:
 
     def _step_sync(self, batch, emit_unfinished: bool) -> list[RequestOutput]:
         changed: dict[str, _Group] = {}
+        self._run_sync(batch, emit_unfinished, changed)
+        return self._emit(changed)
+
+    def _run_sync(self, batch, emit_unfinished: bool, changed: dict[str, _Group]) -> None:
+        """Run a step and take its samples before returning; the groups that changed go into `changed`."""
         decode_slots = None
         if batch.is_decode:
             decode_slots = self.scheduler.alloc_decode_slots(batch)
             if decode_slots is None:   # a lone request has outgrown the whole pool
                 req = batch.reqs[0]
                 self._finish(req, "length")
-                return self._emit({req.group: self.groups[req.group]})
+                changed[req.group] = self.groups[req.group]
+                return
         result = self.runner.forward(batch, decode_slots)
         if batch.is_decode:
             for req in batch.reqs:
@@ -441,7 +495,6 @@ class Engine:
             for req in result.sampling_reqs:
                 if emit_unfinished or req.finished:
                     changed[req.group] = self.groups[req.group]
-        return self._emit(changed)
 
     def _add_prompt_logprobs(self, req: Request, logits: torch.Tensor) -> None:
         start, n = req.kv_len, req.chunk_len
@@ -567,8 +620,10 @@ class Engine:
         """Copy new parameters in place (a module with our parameter names, or (name, tensor) pairs);
         addresses don't change, so captured CUDA graphs stay valid. The prefix cache is dropped since
         its KV was computed with the old weights. Returns how many tensors were updated."""
-        if self.has_unfinished() or self._pending is not None:
+        if self.has_unfinished():
             raise RuntimeError("update_weights needs an idle engine: finish or abort running requests first")
+        while self._pending is not None:      # an overlapped launch whose requests all finished
+            self.step()
         pairs = weights.named_parameters() if isinstance(weights, torch.nn.Module) else weights
         params = dict(self.model.named_parameters())
         n = 0

@@ -69,7 +69,7 @@ class Scheduler:
 
     # ---- one step ----
     def schedule(self) -> ScheduledBatch | None:
-        batch = self._schedule_prefill()
+        batch = self.schedule_prefill()
         if batch is not None:
             return batch
         if self.running:
@@ -102,7 +102,8 @@ class Scheduler:
         inflight = admitted + ([self.chunked] if self.chunked is not None and self.chunked not in admitted else [])
         return any(other.num_tokens > end and _head(other, end) == head for other in inflight)
 
-    def _schedule_prefill(self) -> ScheduledBatch | None:
+    def schedule_prefill(self) -> ScheduledBatch | None:
+        """The next prefill batch, or None when nothing waits or nothing more fits now."""
         budget = self.cfg.chunked_prefill_size
         room = self.memory.available_tokens() - self._reserved()
         reqs: list[Request] = []

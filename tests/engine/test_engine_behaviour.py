@@ -277,3 +277,52 @@ def test_overlap_continues_while_requests_wait_behind_a_full_batch(tiny_model_di
     assert [done[r] for r in rids] == want
     assert chained_while_waiting > 0
     assert_clean(over)
+
+
+def test_overlapped_prefill_matches_sync(tiny_model_dir):
+    # 120-token chunks make prompts span prefill steps and several complete in one, launched back to back with each
+    # step's first tokens read after the next launch. Seeded sampling, a request that ends at its first
+    # token, a stop token and a logprobs request (which runs its step in sync, inside the chain) must
+    # all give the sync engine's tokens.
+    path = str(tiny_model_dir("tiny-llama"))
+    ps = rand_prompts(10, seed=9, lo=20, hi=90)
+    params = [SamplingParams(temperature=0.8, seed=100 + i, max_tokens=1 if i == 3 else 12, ignore_eos=True)
+              for i in range(10)]
+    params[5] = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    sync = LLM(path, overlap_schedule=False, chunked_prefill_size=120)
+    base = sync.generate(ps, params, use_tqdm=False)
+    params[7] = SamplingParams(temperature=0.8, seed=107, max_tokens=12, ignore_eos=True,
+                               stop_token_ids=[base[7].outputs[0].token_ids[0]])
+    want = [o.outputs[0].token_ids for o in sync.generate(ps, params, use_tqdm=False)]
+    assert len(want[3]) == 1 and len(want[7]) == 1
+    over = LLM(path, overlap_schedule=True, chunked_prefill_size=120)
+    got = over.generate(ps, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == want
+    lps = got[5].outputs[0].logprobs
+    assert len(lps) == 12 and all(len(lp) >= 2 for lp in lps)
+    assert over.engine.stats["overlapped_prefills"] > 2
+    assert over.engine.stats["prompt_tokens"] == sum(len(p) for p in ps)
+    assert_clean(over)
+
+
+def test_abort_while_a_prefill_is_in_flight(tiny_model_dir):
+    path = str(tiny_model_dir("tiny-llama"))
+    ps = rand_prompts(4, seed=13, lo=30, hi=60)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(path, overlap_schedule=False).generate(ps, params, use_tqdm=False)]
+    over = LLM(path, overlap_schedule=True, chunked_prefill_size=64)
+    e = over.engine
+    rids = [e.add_request(p, params) for p in ps]
+    assert e.step() == [] and e._pending is not None and e._pending.prefill   # launched, not yet read
+    first = e._pending.reqs[0].group
+    aborted = e.abort(first)
+    assert aborted.outputs[0].finish_reason == "abort" and aborted.outputs[0].token_ids == []
+    done = {}
+    while e.has_unfinished():
+        for out in e.step(emit_unfinished=False):
+            done[out.request_id] = out.outputs[0].token_ids
+    assert first not in done
+    assert [done[r] for r, w in zip(rids, want) if r != first] == [w for r, w in zip(rids, want) if r != first]
+    while e._pending is not None:
+        e.step()
+    assert_clean(over)
