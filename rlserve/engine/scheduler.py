@@ -151,7 +151,7 @@ class Scheduler:
         return ScheduledBatch(reqs, is_decode=False, completes=completes)
 
     def _schedule_decode(self) -> ScheduledBatch:
-        while self.memory.available_tokens() < len(self.running) and len(self.running) > 1:
+        while self.memory.available_tokens() < self.memory.decode_need(self.running) and len(self.running) > 1:
             self._retract(max(self.running, key=lambda r: r.arrival))
         self.new_token_ratio = max(self.cfg.min_new_token_ratio,
                                    self.new_token_ratio - self.cfg.new_token_ratio_decay)
@@ -176,4 +176,4 @@ class Scheduler:
 
     def alloc_decode_slots(self, batch: ScheduledBatch):
         """One new slot per decoding request; None for a lone request that has outgrown the pool."""
-        return self.memory.alloc_tokens(len(batch.reqs))
+        return self.memory.alloc_decode(batch.reqs)

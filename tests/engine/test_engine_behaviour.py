@@ -326,3 +326,26 @@ def test_abort_while_a_prefill_is_in_flight(tiny_model_dir):
     while e._pending is not None:
         e.step()
     assert_clean(over)
+
+
+def test_decode_slots_come_in_runs_per_request(tiny_model_dir):
+    # Four requests decoding together: each one's new tokens sit in runs of consecutive pool slots (one
+    # slot per request per step would interleave them, four apart). Aborting frees the unused rest.
+    from rlserve.engine.memory import DECODE_RESERVE
+    llm = LLM(str(tiny_model_dir("tiny-llama")), overlap_schedule=False)
+    e = llm.engine
+    rids = [e.add_request(p, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
+            for p in rand_prompts(4, seed=3, lo=10, hi=30)]
+    for _ in range(40):
+        e.step()
+    assert len(e.scheduler.running) == 4
+    for req in e.scheduler.running:
+        slots = e.memory.table.table[req.row, len(req.prompt_ids):req.kv_len].tolist()
+        assert len(slots) > 2 * DECODE_RESERVE
+        for i in range(0, len(slots), DECODE_RESERVE):
+            run = slots[i:i + DECODE_RESERVE]
+            assert run == list(range(run[0], run[0] + len(run))), slots
+    assert e.kv_leaked() == 0
+    for rid in rids:
+        e.abort(rid)
+    assert_clean(llm)
