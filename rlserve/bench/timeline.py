@@ -51,7 +51,8 @@ def run(llm: LLM, num_prompts: int) -> tuple[list[StepRecord], float]:
         now = time.perf_counter()
         records.append(StepRecord(now - last, decode, batch, context))
         last = now
-    torch.cuda.synchronize()
+    if e.device.type == "cuda":
+        torch.cuda.synchronize()
     return records, time.perf_counter() - start
 
 
@@ -78,17 +79,18 @@ def summarise(llm: LLM, records: list[StepRecord], total_s: float) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[StepRecord]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen3-0.6b")
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--profile-host", default=None, help="write cProfile stats here and print the top")
     ap.add_argument("--kv-dtype", default=None)
     ap.add_argument("--show-steps", type=int, default=0, help="also print the first N steps one by one")
-    a = ap.parse_args()
+    ap.add_argument("--warmup-prompts", type=int, default=16)
+    a = ap.parse_args(argv)
     kwargs = {"kv_cache_dtype": a.kv_dtype} if a.kv_dtype else {}
     llm = LLM(a.model, **kwargs)
-    run(llm, 16)                                   # warm-up: compile, autotune, allocator
+    run(llm, a.warmup_prompts)                     # warm-up: compile, autotune, allocator
     prof = cProfile.Profile() if a.profile_host else None
     if prof:
         prof.enable()
@@ -100,7 +102,14 @@ def main() -> None:
     for i, r in enumerate(records[:a.show_steps]):
         print(f"step {i}: {r.seconds * 1e3:.1f} ms, {'decode' if r.decode else 'prefill'}, batch {r.batch}")
     print(summarise(llm, records, total))
+    if llm.engine.device.type == "cuda":
+        # cudaFree (and an allocation retried after freeing the cache) waits for the device: a step that
+        # hits one loses its overlap with the host.
+        m = torch.cuda.memory_stats()
+        print(f"allocator: {m.get('num_device_alloc', 0)} device allocations, {m.get('num_device_free', 0)} "
+              f"frees, {m.get('num_alloc_retries', 0)} retries")
     print(f"kv leaked: {llm.engine.kv_leaked()}")
+    return records
 
 
 if __name__ == "__main__":
