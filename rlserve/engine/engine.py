@@ -275,6 +275,12 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.groups)
 
+    @property
+    def in_flight(self) -> bool:
+        """A step is running on the device whose results the next step() reads (overlapped scheduling):
+        a step that returned nothing may still have launched work."""
+        return self._pending is not None
+
     # ---- the step ----
     def step(self, emit_unfinished: bool = True) -> list[RequestOutput]:
         """Run one scheduler step; return outputs of every request group that changed (only the

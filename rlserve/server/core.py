@@ -159,8 +159,8 @@ def run_engine(config: EngineConfig, in_addr: str, out_addr: str, max_waiting: i
     idle_steps = 0
     while not loop.stopped:
         busy = engine.has_unfinished()
-        # After a step that produced nothing (a prefill chunk, or nothing schedulable) wait a moment
-        # on the socket instead of spinning.
+        # After a step that did nothing (nothing schedulable, nothing launched) wait a moment on the
+        # socket instead of spinning.
         timeout = 0 if busy and idle_steps == 0 else (1 if busy else IDLE_POLL_MS)
         updates: list[ipc.Update] = []
         if pull.poll(timeout):
@@ -180,7 +180,8 @@ def run_engine(config: EngineConfig, in_addr: str, out_addr: str, max_waiting: i
             break
         if engine.has_unfinished():
             stepped = loop.step()
-            idle_steps = 0 if stepped else idle_steps + 1
+            # An overlapped launch returns no outputs yet but is work: the next step reads it at once.
+            idle_steps = 0 if stepped or engine.in_flight else idle_steps + 1
             loop.send_updates(stepped)
     push.close()
     pull.close(linger=0)

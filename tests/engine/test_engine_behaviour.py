@@ -313,7 +313,7 @@ def test_abort_while_a_prefill_is_in_flight(tiny_model_dir):
     over = LLM(path, overlap_schedule=True, chunked_prefill_size=64)
     e = over.engine
     rids = [e.add_request(p, params) for p in ps]
-    assert e.step() == [] and e._pending is not None and e._pending.prefill   # launched, not yet read
+    assert e.step() == [] and e.in_flight and e._pending.prefill   # launched, not yet read
     first = e._pending.reqs[0].group
     aborted = e.abort(first)
     assert aborted.outputs[0].finish_reason == "abort" and aborted.outputs[0].token_ids == []
@@ -323,7 +323,7 @@ def test_abort_while_a_prefill_is_in_flight(tiny_model_dir):
             done[out.request_id] = out.outputs[0].token_ids
     assert first not in done
     assert [done[r] for r, w in zip(rids, want) if r != first] == [w for r, w in zip(rids, want) if r != first]
-    while e._pending is not None:
+    while e.in_flight:
         e.step()
     assert_clean(over)
 
