@@ -8,7 +8,9 @@ Datasets (prompts are random token ids, sent as a token-id `prompt` to /v1/compl
 request asks for exactly its output length (max_tokens with ignore_eos).
 
 Arrival: --request-rate R sends with Poisson gaps (exponential, mean 1/R s; inf sends all at once);
---max-concurrency C keeps at most C requests in flight. Both may be combined.
+--max-concurrency C keeps at most C requests in flight. Both may be combined. --client-processes N sends
+from N processes on the same schedule, C split between them (rlserve.bench.client_processes), for loads
+that keep one client process busy.
 
 Measured per request (streaming, stream_options.include_usage):
   TTFT  send → the first chunk that carries choices.
@@ -255,10 +257,12 @@ class RunOutcome(NamedTuple):
     client_cpu_s: float              # this process's CPU time meanwhile: a busy client delays timestamps
 
 
-async def run_requests(client: httpx.AsyncClient, requests: list[BenchRequest], cfg: RunConfig) -> RunOutcome:
-    """Send on the Poisson schedule under the concurrency cap."""
+async def run_requests(client: httpx.AsyncClient, requests: list[BenchRequest], cfg: RunConfig,
+                       offsets: list[float] | None = None) -> RunOutcome:
+    """Send on the Poisson schedule (or at the given offsets from now, in seconds) under the concurrency cap."""
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
-    offsets = arrival_times(len(requests), cfg.request_rate, cfg.seed)
+    if offsets is None:
+        offsets = arrival_times(len(requests), cfg.request_rate, cfg.seed)
     bar = None
     if cfg.progress:
         from tqdm import tqdm
@@ -408,7 +412,11 @@ async def bench(args: argparse.Namespace) -> tuple[Summary, dict[str, Any]]:
                       f"{next(r.error for r in results if not r.ok)}", file=sys.stderr)
         if args.flush_cache:
             await flush_cache(client)
-        run = await run_requests(client, requests, cfg)
+        if args.client_processes > 1:
+            from rlserve.bench.client_processes import run_in_processes
+            run = await asyncio.to_thread(run_in_processes, requests, cfg, args.client_processes)
+        else:
+            run = await run_requests(client, requests, cfg)
         after = await server_state(client)
     summary = summarize(requests, *run)
     server = {k: info.get(k) for k in ("served_model_name", "model_path", "max_model_len", "vocab_size")}
@@ -488,6 +496,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--temperature", type=float, default=0.0, help="default 0 (greedy)")
     b.add_argument("--warmup", type=int, default=0, metavar="N",
                    help=f"first send N short requests ({WARMUP_INPUT_LEN} in / {WARMUP_OUTPUT_LEN} out), not counted")
+    b.add_argument("--client-processes", type=int, default=1,
+                   help="send from this many processes (default 1); one process parsing every stream gets busy "
+                        "at tens of thousands of tokens a second")
     b.add_argument("--timeout", type=float, default=3600.0, help="per-request read timeout in s (default 3600)")
     b.add_argument("--seed", type=int, default=0, help="seeds the dataset and the arrival times")
     b.add_argument("--json-out", metavar="FILE", help="append the result as one JSON line")
@@ -502,11 +513,15 @@ def validate(args: argparse.Namespace) -> None:
                 "--timeout": args.timeout}
     if args.max_concurrency is not None:
         positive["--max-concurrency"] = args.max_concurrency
+    positive["--client-processes"] = args.client_processes
     if args.max_token_id is not None:
         positive["--max-token-id"] = args.max_token_id
     for flag, value in positive.items():
         if not value > 0:
             raise ValueError(f"{flag} must be positive, got {value}")
+    if args.max_concurrency is not None and args.max_concurrency < args.client_processes:
+        raise ValueError(f"--max-concurrency {args.max_concurrency} is less than --client-processes "
+                         f"{args.client_processes}: every process needs a share of it")
     if not args.request_rate > 0:
         raise ValueError(f"--request-rate must be positive (inf for all at once), got {args.request_rate}")
     if args.warmup < 0:

@@ -8,7 +8,8 @@
 2. The same server with --disable-radix-cache: the same shared-prefix run.
 Prints both shared-prefix output throughputs and their ratio, and the ITL figures. Each server is a
 `python -m rlserve.server` subprocess on a free loopback port; any extra arguments go to both servers
-(e.g. --load-format dummy, --kv-cache-dtype fp8_e4m3). The --groups/--questions/--prefix-len/
+(e.g. --load-format dummy, --kv-cache-dtype fp8_e4m3). The load generator runs in --client-processes
+processes (default 4; see rlserve.bench.client_processes). The --groups/--questions/--prefix-len/
 --output-len/--itl-* flags shrink the runs (the test suite uses tiny ones on CPU).
 """
 from __future__ import annotations
@@ -103,15 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--itl-input-len", type=int, default=1024)
     ap.add_argument("--itl-concurrency", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--client-processes", type=int, default=4,
+                    help="load-generator processes (one alone gets busy parsing 512 streams)")
     ap.add_argument("--json-out", default=None, help="append one JSON line with every run's record")
     ap.add_argument("--log-dir", default=".", help="where the servers' logs go")
     args, server_args = ap.parse_known_args(argv)
     shared = ["--dataset", "shared-prefix", "--num-groups", str(args.groups), "--questions-per-group",
               str(args.questions), "--prefix-len", str(args.prefix_len), "--question-len", str(args.question_len),
-              "--output-len", str(args.output_len), "--warmup", str(args.warmup), "--flush-cache"]
+              "--output-len", str(args.output_len), "--warmup", str(args.warmup), "--flush-cache",
+              "--client-processes", str(args.client_processes)]
     itl = ["--dataset", "random", "--num-prompts", str(args.itl_prompts), "--input-len", str(args.itl_input_len),
            "--output-len", str(args.output_len), "--max-concurrency", str(args.itl_concurrency),
-           "--warmup", str(args.warmup), "--flush-cache"]
+           "--warmup", str(args.warmup), "--flush-cache",
+           "--client-processes", str(min(args.client_processes, args.itl_concurrency))]
     logs = Path(args.log_dir)
     results: dict = {}
     with ServerProcess(server_args, logs / "server-radix-on.log") as server:

@@ -13,7 +13,7 @@ import pytest
 
 from rlserve.bench.serving import (BenchRequest, RunConfig, Stats, StreamTimer, arrival_times, build_requests,
                                    make_client, parse_len, percentile, random_requests, run_requests,
-                                   send_request, shared_prefix_requests, summarize)
+                                   send_request, shared_prefix_requests, summarize, validate)
 from rlserve.cli import build_parser, main
 
 
@@ -236,3 +236,42 @@ def test_cli_random_and_shared_prefix_runs(bench_server, tmp_path, capsys):
     assert all(rec["server"]["kv_leaked"] == 0 for rec in lines)     # the bench's requests freed their KV
     # Later questions of a group find the group's prefix in the radix cache.
     assert lines[1]["cached_tokens"] >= 64
+
+
+def test_requests_split_over_client_processes():
+    from rlserve.bench.client_processes import concurrency_shares, shards
+    assert shards(7, 3) == [[0, 3, 6], [1, 4], [2, 5]]
+    assert shards(2, 3) == [[0], [1], []]
+    assert concurrency_shares(64, 3) == [22, 21, 21] and concurrency_shares(None, 2) == [None, None]
+    with pytest.raises(ValueError, match="can't be split"):
+        concurrency_shares(2, 3)
+    with pytest.raises(ValueError, match="less than --client-processes"):
+        validate(_args("--max-concurrency", "2", "--client-processes", "3"))
+    with pytest.raises(ValueError, match="--client-processes must be positive"):
+        validate(_args("--client-processes", "0"))
+
+
+def test_several_client_processes_send_every_request_in_order(bench_server):
+    from rlserve.bench.client_processes import run_in_processes
+    reqs = random_requests(10, (16, 48), (3, 12), vocab_size=49152, seed=4)
+    cfg = RunConfig(base_url=bench_server.url, max_concurrency=4, request_rate=100.0, seed=4)
+    results, duration, cpu = run_in_processes(reqs, cfg, 3)
+    assert len(results) == len(reqs) and cpu > 0
+    for req, res in zip(reqs, results):     # each result sits at its request's place
+        assert res.ok, res.error
+        assert res.output_tokens == req.output_len and res.prompt_tokens == len(req.prompt)
+        assert 0 < res.ttft <= res.e2e <= duration
+        assert len(res.itl) == res.output_tokens - 1
+
+
+def test_cli_with_client_processes(bench_server, tmp_path):
+    out = tmp_path / "serving.jsonl"
+    flags = ["--base-url", bench_server.url, "--num-prompts", "8", "--input-len", "16:40", "--output-len", "3:9",
+             "--max-concurrency", "4", "--client-processes", "2", "--no-tqdm", "--json-out", str(out), "--seed", "5"]
+    assert main(["bench", "serving", *flags]) == 0
+    rec = json.loads(out.read_text())
+    expected = build_requests(_args(*flags), vocab_size=rec["server"]["vocab_size"])
+    assert rec["completed"] == len(expected) == 8 and rec["failed"] == 0
+    assert rec["total_output_tokens"] == sum(r.output_len for r in expected)
+    assert rec["itl"]["count"] == rec["total_output_tokens"] - rec["completed"]
+    assert rec["config"]["client_processes"] == 2
