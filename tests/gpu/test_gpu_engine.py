@@ -167,3 +167,18 @@ def test_cascade_attention_keeps_greedy_tokens():
     off = LLM("qwen3-0.6b", dtype="float32", max_total_tokens=60000)
     assert got == greedy_tokens(off, ps, max_tokens=32)
     assert off.engine.runner.cascade_steps == 0
+
+
+def test_overlapped_prefill_matches_sync():
+    """Prefill steps launched before the previous step's first tokens are read (real device concurrency
+    here, unlike the CPU test) give the tokens of an engine that runs every step in sync."""
+    ps = prompts(40, seed=11, lo=100, hi=700)
+    over = LLM("qwen3-0.6b", dtype="float32", chunked_prefill_size=2048, overlap_schedule=True)
+    got = greedy_tokens(over, ps)
+    assert over.engine.stats["overlapped_prefills"] > 3
+    assert over.engine.kv_leaked() == 0
+    del over
+    torch.cuda.empty_cache()
+    sync = LLM("qwen3-0.6b", dtype="float32", chunked_prefill_size=2048, overlap_schedule=False)
+    assert got == greedy_tokens(sync, ps)
+    assert sync.engine.stats["overlapped_prefills"] == 0
