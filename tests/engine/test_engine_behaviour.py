@@ -349,3 +349,23 @@ def test_decode_slots_come_in_runs_per_request(tiny_model_dir):
     for rid in rids:
         e.abort(rid)
     assert_clean(llm)
+
+
+def test_update_weights_after_aborting_a_prefill_in_flight(tiny_model_dir):
+    # Every request aborted while its prefill is on the device: the engine is idle but holds a launch
+    # nobody will read. update_weights settles it instead of refusing, and generation goes on.
+    llm = LLM(str(tiny_model_dir("tiny-llama")), overlap_schedule=True)
+    e = llm.engine
+    rids = [e.add_request(p, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+            for p in rand_prompts(3, seed=2, lo=20, hi=40)]
+    e.step()
+    assert e.in_flight
+    for rid in rids:
+        e.abort(rid)
+    assert not e.has_unfinished()
+    weights = [(n, p.detach().clone()) for n, p in e.model.named_parameters()]
+    assert e.update_weights(weights) == len(weights)
+    assert not e.in_flight
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+    assert_clean(llm)
