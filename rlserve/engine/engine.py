@@ -281,6 +281,11 @@ class Engine:
         a step that returned nothing may still have launched work."""
         return self._pending is not None
 
+    def _settle_in_flight(self) -> None:
+        """Read an overlapped launch whose requests all finished (the engine is idle otherwise)."""
+        while self._pending is not None:
+            self.step()
+
     # ---- the step ----
     def step(self, emit_unfinished: bool = True) -> list[RequestOutput]:
         """Run one scheduler step; return outputs of every request group that changed (only the
@@ -335,12 +340,8 @@ class Engine:
             in_step = nxt
         changed: dict[str, _Group] = {}
         if pending.host is not None:
-            for req, token in zip(pending.reqs, pending.host.get()[0].tolist()):
-                if req.finished:      # aborted meanwhile
-                    continue
-                self._accept(req, token, None)
-                if emit_unfinished or req.finished:
-                    changed[req.group] = self.groups[req.group]
+            self._accept_rows(pending.reqs, pending.host.get()[0].tolist(), [None] * len(pending.reqs),
+                              emit_unfinished, changed)
         if in_step is not None:
             self._run_sync(in_step, emit_unfinished, changed)
         return self._emit(changed)
@@ -424,12 +425,7 @@ class Engine:
         lps: list = [None] * len(pending.reqs)
         if pending.has_logprobs:
             lps = logprob_dicts(tuple(host[1:]), [r.params.logprobs or 0 for r in pending.reqs])
-        for req, token, lp in zip(pending.reqs, tokens, lps):
-            if req.finished:
-                continue
-            self._accept(req, token, lp, mirrored)
-            if emit_unfinished or req.finished:
-                changed[req.group] = self.groups[req.group]
+        self._accept_rows(pending.reqs, tokens, lps, emit_unfinished, changed, mirrored)
         nxt = self._pending
         if nxt is not None and nxt.logits is not None:
             self._sample_pending(nxt)     # the grammars have seen every token now
@@ -437,6 +433,16 @@ class Engine:
             nxt.unconfirmed = False
             self._grammar.confirm_masks(nxt.helper_rows, lambda: [self._grammar_now(r) for r in nxt.reqs])
         return self._emit(changed)
+
+    def _accept_rows(self, reqs: list[Request], tokens: list[int], lps: list, emit_unfinished: bool,
+                     changed: dict[str, _Group], mirrored: bool = False) -> None:
+        """Take an overlapped step's tokens; a request that finished meanwhile (stop, abort) drops its own."""
+        for req, token, lp in zip(reqs, tokens, lps):
+            if req.finished:
+                continue
+            self._accept(req, token, lp, mirrored)
+            if emit_unfinished or req.finished:
+                changed[req.group] = self.groups[req.group]
 
     def _sample_when_answered(self, nxt: _Pending) -> None:
         """Queue the next step's sampling at once, its masks copied to the device once the helpers
@@ -628,8 +634,7 @@ class Engine:
         its KV was computed with the old weights. Returns how many tensors were updated."""
         if self.has_unfinished():
             raise RuntimeError("update_weights needs an idle engine: finish or abort running requests first")
-        while self._pending is not None:      # an overlapped launch whose requests all finished
-            self.step()
+        self._settle_in_flight()
         pairs = weights.named_parameters() if isinstance(weights, torch.nn.Module) else weights
         params = dict(self.model.named_parameters())
         n = 0
@@ -674,8 +679,7 @@ class Engine:
         tags = self._memory_tags(tags)
         if self.has_unfinished():
             raise RuntimeError("release_memory needs an idle engine: finish or abort running requests first")
-        while self._pending is not None:      # an overlapped launch whose requests all finished
-            self.step()
+        self._settle_in_flight()
         if not isinstance(self.runner, _Released):
             graphs = self.runner.graphs
             self.runner.graphs = None

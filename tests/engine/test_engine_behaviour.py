@@ -25,6 +25,11 @@ def rand_prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 40) -> list[list[
     return [[rng.randint(10, 20000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
+def add_greedy(engine, prompts: list[list[int]], max_tokens: int) -> list[str]:
+    return [engine.add_request(p, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+            for p in prompts]
+
+
 def assert_clean(llm: LLM) -> None:
     e = llm.engine
     assert not e.has_unfinished() and not e.scheduler.has_work()
@@ -334,8 +339,7 @@ def test_decode_slots_come_in_runs_per_request(tiny_model_dir):
     from rlserve.engine.memory import DECODE_RESERVE
     llm = LLM(str(tiny_model_dir("tiny-llama")), overlap_schedule=False)
     e = llm.engine
-    rids = [e.add_request(p, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
-            for p in rand_prompts(4, seed=3, lo=10, hi=30)]
+    rids = add_greedy(e, rand_prompts(4, seed=3, lo=10, hi=30), max_tokens=60)
     for _ in range(40):
         e.step()
     assert len(e.scheduler.running) == 4
@@ -356,8 +360,7 @@ def test_update_weights_after_aborting_a_prefill_in_flight(tiny_model_dir):
     # nobody will read. update_weights settles it instead of refusing, and generation goes on.
     llm = LLM(str(tiny_model_dir("tiny-llama")), overlap_schedule=True)
     e = llm.engine
-    rids = [e.add_request(p, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-            for p in rand_prompts(3, seed=2, lo=20, hi=40)]
+    rids = add_greedy(e, rand_prompts(3, seed=2, lo=20, hi=40), max_tokens=4)
     e.step()
     assert e.in_flight
     for rid in rids:
