@@ -160,7 +160,7 @@ class Engine:
         # running request's whole list on every step is the largest host cost of a step at large batch.
         self.snapshot_outputs = True
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0, "overlapped_steps": 0,
-                      "overlapped_prefills": 0}
+                      "overlapped_prefills": 0, "prefill_steps": 0, "decode_steps": 0}
 
     # ---- construction ----
     def _build_model(self, cfg: ModelConfig, source, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -318,7 +318,7 @@ class Engine:
             r.grammar is None and r.params.logprobs is None and r.params.prompt_logprobs is None for r in batch.reqs)
 
     def _launch_prefill(self, batch) -> _Pending:
-        result = self.runner.forward(batch)
+        result = self._forward(batch)
         for req in batch.reqs:
             self.stats["prompt_tokens"] += req.chunk_len
         self.scheduler.after_prefill(batch)
@@ -354,7 +354,7 @@ class Engine:
         slots = self.scheduler.alloc_decode_slots(batch)
         if slots is None:
             return None
-        result = self.runner.forward(batch, slots, input_ids)
+        result = self._forward(batch, slots, input_ids)
         for req in batch.reqs:
             req.kv_len += 1
         pending = _Pending(batch.reqs, None, None, False, logits=result.next_logits)
@@ -477,6 +477,10 @@ class Engine:
         nxt.helper_rows = keys
         return True
 
+    def _forward(self, batch, decode_slots=None, input_ids: torch.Tensor | None = None):
+        self.stats["decode_steps" if batch.is_decode else "prefill_steps"] += 1
+        return self.runner.forward(batch, decode_slots, input_ids)
+
     def _step_sync(self, batch, emit_unfinished: bool) -> list[RequestOutput]:
         changed: dict[str, _Group] = {}
         self._run_sync(batch, emit_unfinished, changed)
@@ -492,7 +496,7 @@ class Engine:
                 self._finish(req, "length")
                 changed[req.group] = self.groups[req.group]
                 return
-        result = self.runner.forward(batch, decode_slots)
+        result = self._forward(batch, decode_slots)
         if batch.is_decode:
             for req in batch.reqs:
                 req.kv_len += 1

@@ -116,7 +116,7 @@ class NativeServing:
         return JSONResponse(items if batch or n_total > 1 else items[0])
 
     async def _stream(self, req: GenerateRequest, results: list[RequestResult], merged: AsyncIterator,
-                      first: tuple, indexed: bool) -> AsyncIterator[str]:
+                      first: tuple, indexed: bool) -> AsyncIterator[bytes]:
         pending = [first]
         offsets = [0]
         for r in results:

@@ -57,7 +57,7 @@ def with_response_format(params: dict[str, Any], rf: Any) -> dict[str, Any]:
     return params
 
 
-def stream_chunk(rid: str, obj: str, created: int, model: str, choices: list[dict], include_usage: bool) -> str:
+def stream_chunk(rid: str, obj: str, created: int, model: str, choices: list[dict], include_usage: bool) -> bytes:
     """One SSE chunk; with include_usage every chunk carries "usage": null until the final one."""
     body: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
     if include_usage:
@@ -89,7 +89,7 @@ class OpenAIServing:
     def _encode_prompts(self, prompt: Any) -> list[tuple[str | None, list[int]]]:
         if isinstance(prompt, str):
             items: list[Any] = [prompt]
-        elif prompt and all(isinstance(t, int) for t in prompt):
+        elif prompt and isinstance(prompt[0], int):      # validated: a list of ids throughout
             items = [list(prompt)]
         else:
             items = list(prompt)
@@ -136,7 +136,7 @@ class OpenAIServing:
             raise
         return merged, first
 
-    async def _guarded(self, prep: Prepared, stream: AsyncIterator[str]) -> AsyncIterator[str]:
+    async def _guarded(self, prep: Prepared, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """Once the stream has begun, a failure can only be reported in-band: an error event, then [DONE]."""
         try:
             async for s in stream:
@@ -226,7 +226,7 @@ class OpenAIServing:
 
     async def _completion_stream(self, req: CompletionRequest, prep: Prepared,
                                  merged: AsyncIterator[tuple[int, ipc.Update]],
-                                 first: tuple[int, ipc.Update]) -> AsyncIterator[str]:
+                                 first: tuple[int, ipc.Update]) -> AsyncIterator[bytes]:
         created, model = int(time.time()), self.state.model_name
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         results = [RequestResult(f"{prep.rid}-{i}", ids, [SeqState() for _ in range(prep.n)])
@@ -329,7 +329,7 @@ class OpenAIServing:
 
     async def _chat_stream(self, req: ChatCompletionRequest, prep: Prepared,
                            merged: AsyncIterator[tuple[int, ipc.Update]],
-                           first: tuple[int, ipc.Update]) -> AsyncIterator[str]:
+                           first: tuple[int, ipc.Update]) -> AsyncIterator[bytes]:
         created, model = int(time.time()), self.state.model_name
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         res = RequestResult(prep.rid, prep.prompts[0][1], [SeqState() for _ in range(prep.n)])

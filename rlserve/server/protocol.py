@@ -7,12 +7,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 MAX_N = 64
 MAX_LOGPROBS = 20
 MAX_TOKENS = 1 << 30
 TokenId = Annotated[int, Field(ge=0, lt=1 << 31)]
+# In a prompt, token ids are strict ints so that ["12", "34"] stays two texts, and the token-id branches
+# come first, tried left to right: a smart-mode union validates a 2,000-token prompt against every
+# branch (~0.35 ms a request on the front end's one thread; ~0.07 ms this way).
+PromptTokenId = Annotated[StrictInt, Field(ge=0, lt=1 << 31)]
+PromptIds = Annotated[list[PromptTokenId] | list[list[PromptTokenId]], Field(union_mode="left_to_right")]
 Seed = Annotated[int, Field(ge=-(1 << 63), le=(1 << 63) - 1 - MAX_N)]
 StopStrings = str | Annotated[list[str], Field(max_length=64)] | None
 
@@ -59,7 +64,8 @@ class StreamOptions(_Model):
 
 
 # ---- /v1/completions ----
-Prompt = str | list[str] | list[TokenId] | list[list[TokenId]]
+Prompt = Annotated[list[PromptTokenId] | list[list[PromptTokenId]] | str | list[str],
+                   Field(union_mode="left_to_right")]
 
 
 class CompletionRequest(_Sampling):
@@ -229,7 +235,7 @@ class NativeSamplingParams(_Model):
 
 class GenerateRequest(_Model):
     text: str | list[str] | None = None
-    input_ids: list[TokenId] | list[list[TokenId]] | None = None
+    input_ids: PromptIds | None = None
     sampling_params: NativeSamplingParams | list[NativeSamplingParams] | None = None
     rid: str | list[str] | None = None
     stream: bool = False

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import msgspec
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -91,8 +91,14 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def sse(data: Any) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False, allow_nan=False)}\n\n"
+# msgspec writes a chunk ~5x faster than json.dumps; at tens of thousands of streamed tokens a second
+# the front end's per-chunk cost decides how many tokens it can stream. Non-finite floats become null
+# (logprobs are clamped before they get here).
+_encode = msgspec.json.Encoder().encode
 
 
-SSE_DONE = "data: [DONE]\n\n"
+def sse(data: Any) -> bytes:
+    return b"data: " + _encode(data) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"

@@ -372,3 +372,13 @@ def test_update_weights_after_aborting_a_prefill_in_flight(tiny_model_dir):
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3
     assert_clean(llm)
+
+
+def test_stats_count_prefill_and_decode_steps(tiny_model_dir):
+    """One prefill step for a batch that fits the chunk budget, then a decode step per further token."""
+    llm = LLM(str(tiny_model_dir("tiny-llama")), chunked_prefill_size=512)
+    before = dict(llm.engine.stats)
+    llm.generate(rand_prompts(4, seed=3), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                 use_tqdm=False)
+    delta = {k: llm.engine.stats[k] - before[k] for k in ("prefill_steps", "decode_steps")}
+    assert delta == {"prefill_steps": 1, "decode_steps": 5}
