@@ -243,15 +243,17 @@ class Engine:
     def _validate_prompt(self, prompt_ids) -> list[int]:
         if isinstance(prompt_ids, torch.Tensor):
             prompt_ids = prompt_ids.tolist()
-        if not isinstance(prompt_ids, (list, tuple)) or not all(isinstance(t, int) for t in prompt_ids):
+        # map/min/max run in C: a server adds each prompt here, ~0.15 ms a 2k prompt as Python loops.
+        if not isinstance(prompt_ids, (list, tuple)) or not all(map(isinstance, prompt_ids, itertools.repeat(int))):
             raise ValueError("prompt token ids must be a list of integers")
         prompt_ids = list(prompt_ids)
         if not prompt_ids:
             raise ValueError("prompt is empty: at least one token is required")
         vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is out of range for a vocabulary of {vocab}")
+        lo, hi = min(prompt_ids), max(prompt_ids)
+        if lo < 0 or hi >= vocab:
+            bad = next(t for t in prompt_ids if not 0 <= t < vocab)
+            raise ValueError(f"token id {bad} is out of range for a vocabulary of {vocab}")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens but the context length is "
                              f"{self.max_model_len} (room is needed for at least one new token)")

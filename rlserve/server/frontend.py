@@ -284,9 +284,10 @@ class EngineClient:
         if not ids:
             raise RequestFailed("the prompt is empty: at least one token is required", 400)
         vocab = self.info["vocab_size"]
-        for t in ids:
-            if not 0 <= t < vocab:
-                raise RequestFailed(f"token id {t} is out of range for a vocabulary of {vocab}")
+        lo, hi = min(ids), max(ids)          # two C-level passes; a Python loop costs ~0.1 ms a 2k prompt
+        if lo < 0 or hi >= vocab:
+            t = lo if lo < 0 else hi
+            raise RequestFailed(f"token id {t} is out of range for a vocabulary of {vocab}")
         limit = self.info["max_model_len"]
         if len(ids) >= limit:
             raise RequestFailed(f"this model's maximum context length is {limit} tokens, but the prompt has "
