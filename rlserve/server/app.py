@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rlserve.server import protocol as P
 from rlserve.server.errors import APIError, error_body, error_response
+from rlserve.server.fast_json import FastJSONRoute
 from rlserve.server.frontend import EngineClient, EngineDeadError, RequestFailed
 from rlserve.server.args import add_server_args  # noqa: F401  (re-exported for the CLI)
 from rlserve.server.metrics import Metrics
@@ -134,6 +135,7 @@ def build_app(args: ServerArgs, client: EngineClient | None = None) -> FastAPI:
 
     app = FastAPI(title="rlserve", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible and native APIs of rlserve.")
+    app.router.route_class = FastJSONRoute       # before the routes below are declared
     app.add_middleware(Guard, state_getter=lambda: holder["state"])
 
     def st() -> ServerState:
