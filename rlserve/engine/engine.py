@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -160,7 +161,8 @@ class Engine:
         # running request's whole list on every step is the largest host cost of a step at large batch.
         self.snapshot_outputs = True
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0, "overlapped_steps": 0,
-                      "overlapped_prefills": 0, "prefill_steps": 0, "decode_steps": 0}
+                      "overlapped_prefills": 0, "prefill_steps": 0, "decode_steps": 0,
+                      "device_wait_s": 0.0}
 
     # ---- construction ----
     def _build_model(self, cfg: ModelConfig, source, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -342,7 +344,7 @@ class Engine:
             in_step = nxt
         changed: dict[str, _Group] = {}
         if pending.host is not None:
-            self._accept_rows(pending.reqs, pending.host.get()[0].tolist(), [None] * len(pending.reqs),
+            self._accept_rows(pending.reqs, self._read_host(pending)[0].tolist(), [None] * len(pending.reqs),
                               emit_unfinished, changed)
         if in_step is not None:
             self._run_sync(in_step, emit_unfinished, changed)
@@ -419,7 +421,7 @@ class Engine:
             self._pending = self._launch_decode(batch, inputs, defer_grammar=True)
             self.stats["overlapped_steps"] += 1
         changed: dict[str, _Group] = {}
-        host = pending.host.get()
+        host = self._read_host(pending)
         tokens = host[0].tolist()
         mirrored = self._request_masks(pending.reqs, tokens)
         if mirrored:
@@ -478,6 +480,14 @@ class Engine:
             return False
         nxt.helper_rows = keys
         return True
+
+    def _read_host(self, pending: _Pending) -> list[torch.Tensor]:
+        """An overlapped step's samples; the time spent waiting for the device is counted, so that a
+        run can tell a host-bound loop (little waiting) from a device-bound one."""
+        start = time.perf_counter()
+        host = pending.host.get()
+        self.stats["device_wait_s"] += time.perf_counter() - start
+        return host
 
     def _forward(self, batch, decode_slots=None, input_ids: torch.Tensor | None = None):
         self.stats["decode_steps" if batch.is_decode else "prefill_steps"] += 1

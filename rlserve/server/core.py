@@ -10,6 +10,7 @@ import gc
 import logging
 import multiprocessing
 import signal
+import time
 import traceback
 from typing import Any
 
@@ -32,6 +33,9 @@ class EngineLoop:
         # rid → per-sequence (tokens sent, characters of text sent)
         self.sent: dict[str, list[tuple[int, int]]] = {}
         self.stopped = False
+        # Host seconds of the loop's parts, for /get_server_info: engine steps, turning their outputs
+        # into deltas, and encoding and sending them.
+        self.timing = {"loop_steps": 0, "step_s": 0.0, "delta_s": 0.0, "send_s": 0.0}
 
     # ---- commands ----
     def handle(self, cmd: ipc.Command) -> list[ipc.Update]:
@@ -79,6 +83,7 @@ class EngineLoop:
             "num_requests": len(self.sent),
             "num_retractions": sched.num_retractions,
             "stats": dict(eng.stats),
+            "loop": dict(self.timing),
         }
 
     # ---- outputs ----
@@ -100,7 +105,15 @@ class EngineLoop:
 
     def step(self) -> list[ipc.Update]:
         try:
-            return [self._delta(o) for o in self.engine.step()]
+            t0 = time.perf_counter()
+            outs = self.engine.step()
+            t1 = time.perf_counter()
+            updates = [self._delta(o) for o in outs]
+            tm = self.timing
+            tm["loop_steps"] += 1
+            tm["step_s"] += t1 - t0
+            tm["delta_s"] += time.perf_counter() - t1
+            return updates
         except Exception:
             log.error("engine step failed; failing the requests in flight:\n%s", traceback.format_exc())
             failed = []
@@ -119,7 +132,9 @@ class EngineLoop:
 
     def send_updates(self, updates: list[ipc.Update]) -> None:
         if updates:
+            t0 = time.perf_counter()
             self._send(ipc.Updates(updates))
+            self.timing["send_s"] += time.perf_counter() - t0
 
 
 def engine_info(engine: Any) -> dict[str, Any]:

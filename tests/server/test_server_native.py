@@ -116,3 +116,18 @@ def test_metrics_move(http):
                  "rlserve_prefix_cache_hit_rate", "rlserve_inter_token_latency_seconds_bucket",
                  "rlserve_e2e_request_latency_seconds_bucket"):
         assert name in after
+
+
+def test_server_info_counts_engine_steps_and_loop_time(http):
+    """/get_server_info reports the engine's step counters and the engine loop's host time."""
+    before = http.get("/get_server_info").json()
+    http.post("/generate", json={"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 4, "ignore_eos": True,
+                                                                              "temperature": 0}})
+    after = http.get("/get_server_info").json()
+    steps = {k: after["stats"][k] - before["stats"][k] for k in ("prefill_steps", "decode_steps")}
+    assert steps["prefill_steps"] >= 1 and steps["decode_steps"] >= 3
+    loop_steps = after["loop"]["loop_steps"] - before["loop"]["loop_steps"]
+    assert loop_steps >= steps["prefill_steps"] + steps["decode_steps"] - 1 >= 3
+    assert after["loop"]["step_s"] > before["loop"]["step_s"]
+    assert after["loop"]["send_s"] > before["loop"]["send_s"]
+    assert after["stats"]["device_wait_s"] >= 0.0
