@@ -79,6 +79,36 @@ class RequestResult:
         return sum(len(s.token_ids) for s in self.seqs)
 
 
+def merge_updates(a: ipc.Update, b: ipc.Update) -> ipc.Update:
+    """One update with a's deltas followed by b's (b came later)."""
+    seqs = {d.index: d for d in a.seqs}
+    for d in b.seqs:
+        p = seqs.get(d.index)
+        if p is None:
+            seqs[d.index] = d
+            continue
+        lps = None if p.logprobs is None and d.logprobs is None else (p.logprobs or []) + (d.logprobs or [])
+        seqs[d.index] = ipc.SeqDelta(d.index, p.text + d.text, p.token_ids + d.token_ids, lps,
+                                     d.finish_reason, d.stop_reason)
+    return ipc.Update(b.rid, [seqs[i] for i in sorted(seqs)], b.prompt_tokens or a.prompt_tokens,
+                      b.cached_tokens or a.cached_tokens, b.finished, None, b.status,
+                      b.prompt_logprobs if b.prompt_logprobs is not None else a.prompt_logprobs)
+
+
+def coalesce(item: ipc.Update | Exception, q: asyncio.Queue) -> tuple[Any, Any]:
+    """Merge the updates already queued behind `item` into it. A front end that keeps up sees one
+    update per engine step; one that has fallen behind (a burst of new requests, hundreds of streams)
+    then writes one chunk per stream for several steps instead of one per step, so it catches up
+    instead of falling further behind. An error or exception is never merged: it is returned second,
+    to be handled on the next turn."""
+    while (isinstance(item, ipc.Update) and item.error is None and not item.finished and not q.empty()):
+        nxt = q.get_nowait()
+        if isinstance(nxt, Exception) or nxt.error is not None:
+            return item, nxt
+        item = merge_updates(item, nxt)
+    return item, None
+
+
 class EngineClient:
     def __init__(self, config: EngineConfig, max_waiting: int | None = None,
                  startup_timeout_s: float = 900.0) -> None:
@@ -204,8 +234,10 @@ class EngineClient:
         finished = False
         try:
             await self._send(ipc.AddRequest(rid, prompt_ids, params, prompt))
+            held: ipc.Update | Exception | None = None
             while True:
-                item = await q.get()
+                item = held if held is not None else await q.get()
+                item, held = coalesce(item, q)
                 if isinstance(item, Exception):
                     raise item
                 if item.error is not None:
