@@ -16,7 +16,8 @@ Measured per request (streaming, stream_options.include_usage):
   TTFT  send → the first chunk that carries choices.
   ITL   the gap between successive choice-carrying chunks. A chunk carrying k tokens (k from the
         chunk's usage when the server reports usage on every chunk, else 1) adds k samples of gap/k,
-        so ITL is per token. rlserve sends one chunk per engine step, one token each.
+        so ITL is per token. rlserve sends one chunk per engine step, one token each, unless a stream
+        has fallen behind; then its chunk holds the steps it missed, and reports usage on every chunk.
   E2E   send → the end of the stream.
   TPOT  (E2E − TTFT) / (output tokens − 1), requests with more than one output token.
 Token counts come from the final usage chunk (the server's own count); cached tokens from
@@ -187,6 +188,7 @@ class StreamTimer:
         self.res.chunks += 1
         if self.last_chunk is None:
             self.res.ttft = now - self.start
+            self.res.itl += [0.0] * (k - 1)      # tokens that came with the first one came without a gap
         else:
             self.res.itl += [(now - self.last_chunk) / k] * k
         self.last_chunk = now

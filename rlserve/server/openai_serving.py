@@ -57,12 +57,19 @@ def with_response_format(params: dict[str, Any], rf: Any) -> dict[str, Any]:
     return params
 
 
-def stream_chunk(rid: str, obj: str, created: int, model: str, choices: list[dict], include_usage: bool) -> bytes:
-    """One SSE chunk; with include_usage every chunk carries "usage": null until the final one."""
+def stream_chunk(rid: str, obj: str, created: int, model: str, choices: list[dict], include_usage: bool,
+                 usage_now: dict[str, Any] | None = None) -> bytes:
+    """One SSE chunk. With include_usage every chunk carries "usage": null until the final one, or, with
+    continuous_usage_stats, the counts so far (`usage_now`), so a client can tell how many tokens a
+    chunk holds when a stream that fell behind sends several in one."""
     body: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
     if include_usage:
-        body["usage"] = None
+        body["usage"] = usage_now
     return sse(body)
+
+
+def continuous_usage(req: CompletionRequest | ChatCompletionRequest) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage and req.stream_options.continuous_usage_stats)
 
 
 async def first_then(first: tuple[int, ipc.Update], rest: AsyncIterator[tuple[int, ipc.Update]]
@@ -234,8 +241,11 @@ class OpenAIServing:
         offsets = [[0] * prep.n for _ in prep.prompts]
         echoed = [[not req.echo] * prep.n for _ in prep.prompts]
 
-        def chunk(choices: list[dict]) -> str:
-            return stream_chunk(prep.rid, "text_completion", created, model, choices, include_usage)
+        continuous = continuous_usage(req)
+
+        def chunk(choices: list[dict]) -> bytes:
+            return stream_chunk(prep.rid, "text_completion", created, model, choices, include_usage,
+                                usage(results) if continuous else None)
 
         try:
             async for i, u in first_then(first, merged):
@@ -335,8 +345,11 @@ class OpenAIServing:
         res = RequestResult(prep.rid, prep.prompts[0][1], [SeqState() for _ in range(prep.n)])
         k = req.top_logprobs or 0
 
-        def chunk(choices: list[dict]) -> str:
-            return stream_chunk(prep.rid, "chat.completion.chunk", created, model, choices, include_usage)
+        continuous = continuous_usage(req)
+
+        def chunk(choices: list[dict]) -> bytes:
+            return stream_chunk(prep.rid, "chat.completion.chunk", created, model, choices, include_usage,
+                                usage([res]) if continuous else None)
 
         try:
             yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,

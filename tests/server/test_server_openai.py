@@ -51,6 +51,19 @@ def test_chat_stream_equals_non_stream(client, model):
     assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
 
 
+def test_continuous_usage_counts_the_tokens_so_far(client, model):
+    full = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=6, temperature=0)
+    chunks = list(client.completions.create(
+        model=model, prompt=PROMPTS[0], max_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in chunks if c.choices]
+    assert counts == sorted(counts) and counts[0] >= 1 and counts[-1] == full.usage.completion_tokens
+    assert all(c.usage.prompt_tokens == full.usage.prompt_tokens for c in chunks)
+    plain = list(client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=6, temperature=0,
+                                           stream=True, stream_options={"include_usage": True}))
+    assert all(c.usage is None for c in plain if c.choices)
+
+
 def test_completion_stream_equals_non_stream(client, model):
     full = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=6, temperature=0)
     stream = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=6, temperature=0, stream=True)
