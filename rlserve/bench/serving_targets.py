@@ -36,14 +36,15 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m rlserve.server <args>` on a free port, stopped (SIGTERM, then SIGKILL) on exit."""
+    """`python -m <module> <args>` (the server by default) on a free port, stopped (SIGTERM, then
+    SIGKILL) on exit."""
 
-    def __init__(self, args: list[str], log_path: Path) -> None:
+    def __init__(self, args: list[str], log_path: Path, module: str = "rlserve.server") -> None:
         import httpx
 
         self.url = f"http://127.0.0.1:{free_port()}"
         self._log = open(log_path, "w")
-        cmd = [sys.executable, "-m", "rlserve.server", "--port", self.url.rsplit(":", 1)[1],
+        cmd = [sys.executable, "-m", module, "--port", self.url.rsplit(":", 1)[1],
                "--log-level", "warning", *args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
