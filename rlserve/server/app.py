@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import os
@@ -128,9 +129,19 @@ def build_app(args: ServerArgs, client: EngineClient | None = None) -> FastAPI:
         holder["state"] = state
         app.state.rl = state
         log.info("serving %s on http://%s:%d", name, args.host, args.port)
+        # What the front end holds for its lifetime (torch, transformers, the tokenizer: ~10^5 objects)
+        # is kept out of the cyclic collector's view, as in the engine process. Streaming makes garbage
+        # fast enough that full collections walking that heap cost more than decoding the engine's
+        # messages (docs/benchmarks.md). Unfrozen on the way out, for servers built inside tests.
+        froze = gc.get_freeze_count() == 0
+        if froze:
+            gc.collect()
+            gc.freeze()
         try:
             yield
         finally:
+            if froze:
+                gc.unfreeze()
             await c.close()
 
     app = FastAPI(title="rlserve", version="0.1.0", lifespan=lifespan,

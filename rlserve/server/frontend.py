@@ -79,20 +79,25 @@ class RequestResult:
         return sum(len(s.token_ids) for s in self.seqs)
 
 
-def merge_updates(a: ipc.Update, b: ipc.Update) -> ipc.Update:
-    """One update with a's deltas followed by b's (b came later)."""
-    seqs = {d.index: d for d in a.seqs}
-    for d in b.seqs:
-        p = seqs.get(d.index)
-        if p is None:
-            seqs[d.index] = d
-            continue
-        lps = None if p.logprobs is None and d.logprobs is None else (p.logprobs or []) + (d.logprobs or [])
-        seqs[d.index] = ipc.SeqDelta(d.index, p.text + d.text, p.token_ids + d.token_ids, lps,
-                                     d.finish_reason, d.stop_reason)
-    return ipc.Update(b.rid, [seqs[i] for i in sorted(seqs)], b.prompt_tokens or a.prompt_tokens,
-                      b.cached_tokens or a.cached_tokens, b.finished, None, b.status,
-                      b.prompt_logprobs if b.prompt_logprobs is not None else a.prompt_logprobs)
+def merge_updates(updates: list[ipc.Update]) -> ipc.Update:
+    """One update with the deltas of `updates`, oldest first."""
+    texts: dict[int, list[str]] = {}
+    ids: dict[int, list[int]] = {}
+    lps: dict[int, list | None] = {}
+    last: dict[int, ipc.SeqDelta] = {}
+    for u in updates:
+        for d in u.seqs:
+            texts.setdefault(d.index, []).append(d.text)
+            ids.setdefault(d.index, []).extend(d.token_ids)
+            if d.logprobs is not None:
+                lps.setdefault(d.index, []).extend(d.logprobs)
+            last[d.index] = d
+    seqs = [ipc.SeqDelta(i, "".join(texts[i]), ids[i], lps.get(i), last[i].finish_reason, last[i].stop_reason)
+            for i in sorted(last)]
+    a, b = updates[0], updates[-1]
+    prompt_logprobs = next((u.prompt_logprobs for u in reversed(updates) if u.prompt_logprobs is not None), None)
+    return ipc.Update(b.rid, seqs, b.prompt_tokens or a.prompt_tokens, b.cached_tokens or a.cached_tokens,
+                      b.finished, None, b.status, prompt_logprobs)
 
 
 def coalesce(item: ipc.Update | Exception, q: asyncio.Queue) -> tuple[Any, Any]:
@@ -101,12 +106,16 @@ def coalesce(item: ipc.Update | Exception, q: asyncio.Queue) -> tuple[Any, Any]:
     then writes one chunk per stream for several steps instead of one per step, so it catches up
     instead of falling further behind. An error or exception is never merged: it is returned second,
     to be handled on the next turn."""
-    while (isinstance(item, ipc.Update) and item.error is None and not item.finished and not q.empty()):
+    if not isinstance(item, ipc.Update) or item.error is not None or item.finished or q.empty():
+        return item, None
+    batch, held = [item], None
+    while not q.empty() and not batch[-1].finished:
         nxt = q.get_nowait()
         if isinstance(nxt, Exception) or nxt.error is not None:
-            return item, nxt
-        item = merge_updates(item, nxt)
-    return item, None
+            held = nxt
+            break
+        batch.append(nxt)
+    return (merge_updates(batch) if len(batch) > 1 else item), held
 
 
 class EngineClient:

@@ -23,9 +23,7 @@ def replay(updates: list[ipc.Update], n: int = 1) -> RequestResult:
 def test_merge_is_the_same_as_applying_one_after_the_other():
     parts = [upd([5], "a", lps=True), upd([6, 7], "bc", lps=True), upd([8], "d", index=1, lps=True),
              upd([9], "e", finished=True, reason="length", lps=True)]
-    merged = parts[0]
-    for p in parts[1:]:
-        merged = merge_updates(merged, p)
+    merged = merge_updates(parts)
     want, got = replay(parts, 2), replay([merged], 2)
     assert got.seqs == want.seqs and merged.finished
     assert got.seqs[0].token_ids == [5, 6, 7, 9] and got.seqs[0].finish_reason == "length"
