@@ -31,7 +31,10 @@ Command = AddRequest | Abort | Query | Shutdown
 
 
 # ---- engine → front end ----
-class SeqDelta(msgspec.Struct):
+# The per-request messages go out for every running request on every step: encoded as arrays (a
+# quarter of the bytes) and untracked by the cyclic collector (they hold no cycles), which makes them
+# ~30% cheaper to encode and decode (docs/benchmarks.md).
+class SeqDelta(msgspec.Struct, array_like=True, gc=False):
     """What one sequence (choice) of a request gained since the last update."""
     index: int
     text: str
@@ -41,7 +44,7 @@ class SeqDelta(msgspec.Struct):
     stop_reason: int | str | None = None
 
 
-class Update(msgspec.Struct):
+class Update(msgspec.Struct, array_like=True, gc=False):
     rid: str
     seqs: list[SeqDelta]
     prompt_tokens: int = 0
