@@ -118,22 +118,16 @@ def cpu_seconds(pid: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     from rlserve.bench import serving
-    from rlserve.bench.serving_targets import ServerProcess, bench_args
+    from rlserve.bench.serving_targets import ServerProcess, add_shared_prefix_args, bench_args, shared_prefix_flags
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--step-ms", type=float, default=13.0, help="the stand-in engine's step time (default 13)")
     ap.add_argument("--max-running", type=int, default=512)
-    ap.add_argument("--groups", type=int, default=32)
-    ap.add_argument("--questions", type=int, default=16)
-    ap.add_argument("--prefix-len", type=int, default=2048)
-    ap.add_argument("--output-len", type=int, default=256)
-    ap.add_argument("--client-processes", type=int, default=4)
+    add_shared_prefix_args(ap)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--log-dir", default=".")
     a = ap.parse_args(argv)
-    flags = ["--dataset", "shared-prefix", "--num-groups", str(a.groups), "--questions-per-group",
-             str(a.questions), "--prefix-len", str(a.prefix_len), "--output-len", str(a.output_len),
-             "--warmup", "8", "--client-processes", str(a.client_processes)]
+    flags = shared_prefix_flags(a)
     requests = a.groups * a.questions
     ideal = min(requests, a.max_running) / (a.step_ms / 1e3)
     server_args = ["--step-ms", str(a.step_ms), "--max-running", str(a.max_running)]

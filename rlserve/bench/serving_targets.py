@@ -94,26 +94,36 @@ def run_bench(url: str, flags: list[str], label: str, results: dict) -> serving.
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shared_prefix_args(ap: argparse.ArgumentParser) -> None:
+    """The shared-prefix workload's size and its load generator (also used by bench.frontend_load)."""
     ap.add_argument("--groups", type=int, default=32)
     ap.add_argument("--questions", type=int, default=16)
     ap.add_argument("--prefix-len", type=int, default=2048)
     ap.add_argument("--question-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=256)
-    ap.add_argument("--itl-prompts", type=int, default=256)
-    ap.add_argument("--itl-input-len", type=int, default=1024)
-    ap.add_argument("--itl-concurrency", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--client-processes", type=int, default=4,
                     help="load-generator processes (one alone gets busy parsing 512 streams)")
+
+
+def shared_prefix_flags(args: argparse.Namespace) -> list[str]:
+    """`rlserve bench serving` flags for the workload of add_shared_prefix_args."""
+    return ["--dataset", "shared-prefix", "--num-groups", str(args.groups), "--questions-per-group",
+            str(args.questions), "--prefix-len", str(args.prefix_len), "--question-len", str(args.question_len),
+            "--output-len", str(args.output_len), "--warmup", str(args.warmup),
+            "--client-processes", str(args.client_processes)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shared_prefix_args(ap)
+    ap.add_argument("--itl-prompts", type=int, default=256)
+    ap.add_argument("--itl-input-len", type=int, default=1024)
+    ap.add_argument("--itl-concurrency", type=int, default=64)
     ap.add_argument("--json-out", default=None, help="append one JSON line with every run's record")
     ap.add_argument("--log-dir", default=".", help="where the servers' logs go")
     args, server_args = ap.parse_known_args(argv)
-    shared = ["--dataset", "shared-prefix", "--num-groups", str(args.groups), "--questions-per-group",
-              str(args.questions), "--prefix-len", str(args.prefix_len), "--question-len", str(args.question_len),
-              "--output-len", str(args.output_len), "--warmup", str(args.warmup), "--flush-cache",
-              "--client-processes", str(args.client_processes)]
+    shared = [*shared_prefix_flags(args), "--flush-cache"]
     itl = ["--dataset", "random", "--num-prompts", str(args.itl_prompts), "--input-len", str(args.itl_input_len),
            "--output-len", str(args.output_len), "--max-concurrency", str(args.itl_concurrency),
            "--warmup", str(args.warmup), "--flush-cache",
