@@ -76,6 +76,9 @@ def add_engine_args(parser: argparse.ArgumentParser, default_model_help: str = "
                    help="decode reads a prefix shared by several requests once per step (experimental)")
     g.add_argument("--disable-fp32-logits", action="store_true",
                    help="let a 16-bit model's lm_head write 16-bit logits (faster, but near-tied tokens tie)")
+    g.add_argument("--skip-warmup", action="store_true",
+                   help="on CUDA, skip the start-up run of each prefill size (the first requests then pay "
+                   "CUDA's lazy kernel loading)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"],
                    help="auto (the model's dtype) | fp8_e4m3 (scaled per token and head; half the KV bytes)")
 
@@ -107,6 +110,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["cascade_attention"] = True
     if args.disable_fp32_logits:
         kwargs["fp32_logits"] = False
+    if args.skip_warmup:
+        kwargs["warmup"] = False
     optional = {"max_model_len": args.max_model_len, "chunked_prefill_size": args.chunked_prefill_size,
                 "max_running_requests": args.max_running_requests, "cuda_graph_max_bs": args.cuda_graph_max_bs,
                 "max_total_tokens": args.max_total_tokens, "kv_cache_bytes": args.kv_cache_bytes,

@@ -124,6 +124,7 @@ class EngineConfig:
     # first H100 measurement was slower than plain decode (docs/benchmarks.md, "Serving").
     cascade_attention: bool = False
     fp32_logits: bool = True                # lm_head writes float32 logits from a 16-bit model (layers/logits.py)
+    warmup: bool = True                     # on CUDA, run each prefill size once at start (Engine.warm_up)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -137,7 +138,7 @@ def engine_config(model: str | None = None, *, load_format: str = "auto", dtype:
                   schedule_policy: str = "fcfs", cuda_graph: bool = True, cuda_graph_max_bs: int | None = None,
                   overlap_schedule: bool | str = "auto", compile: bool | str = "auto",
                   kv_cache_dtype: str = "auto", cascade_attention: bool = False,
-                  fp32_logits: bool = True) -> EngineConfig:
+                  fp32_logits: bool = True, warmup: bool = True) -> EngineConfig:
     """The layered EngineConfig from flat keyword arguments (what LLM(...) and the CLI flags take)."""
     cache = CacheConfig(enable_radix_cache=enable_radix_cache, gpu_memory_fraction=gpu_memory_fraction,
                         max_total_tokens=max_total_tokens)
@@ -149,5 +150,5 @@ def engine_config(model: str | None = None, *, load_format: str = "auto", dtype:
                         max_model_len=max_model_len, tokenizer=tokenizer, attention_backend=attention_backend,
                         cuda_graph=cuda_graph, cuda_graph_max_bs=cuda_graph_max_bs,
                         overlap_schedule=overlap_schedule, compile=compile, kv_cache_dtype=kv_cache_dtype,
-                        cascade_attention=cascade_attention, fp32_logits=fp32_logits, cache=cache,
+                        cascade_attention=cascade_attention, fp32_logits=fp32_logits, warmup=warmup, cache=cache,
                         scheduler=sched)

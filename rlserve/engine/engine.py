@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import random
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -160,9 +161,9 @@ class Engine:
         # the next step and keeps only slices (the server's engine loop) may turn this off: copying every
         # running request's whole list on every step is the largest host cost of a step at large batch.
         self.snapshot_outputs = True
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0, "overlapped_steps": 0,
-                      "overlapped_prefills": 0, "prefill_steps": 0, "decode_steps": 0,
-                      "device_wait_s": 0.0}
+        self.stats = self._zero_stats()
+        if config.warmup and self.device.type == "cuda":
+            self.warm_up()
 
     # ---- construction ----
     def _build_model(self, cfg: ModelConfig, source, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -665,6 +666,42 @@ class Engine:
         return n
 
     # ---- maintenance ----
+    @staticmethod
+    def _zero_stats() -> dict[str, float]:
+        return {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0, "overlapped_steps": 0,
+                "overlapped_prefills": 0, "prefill_steps": 0, "decode_steps": 0, "device_wait_s": 0.0}
+
+    def warm_up(self) -> None:
+        """Run one prefill of each power-of-two size up to the prefill chunk (one of them after a cached
+        prefix), greedy and sampled, each with a decode step, then forget them: stats, request ids, the
+        sampler's seed stream and the prefix cache are as before.
+
+        CUDA loads a kernel the first time it runs, and cuBLAS picks a different GEMM kernel for each range
+        of token counts. Unwarmed, a fresh machine paid ~1-2 s of that inside the first large requests
+        (docs/benchmarks.md, "Start-up warm-up"); CUDA graph capture covers only the decode batches."""
+        if self.has_unfinished():
+            raise RuntimeError("warm_up needs an idle engine")
+        rng = random.Random(self.config.seed)
+        vocab = min(self.model_config.vocab_size, 10_000)
+        longest = min(self.scheduler.cfg.chunked_prefill_size or 2048, self.max_model_len - 2,
+                      self.allocator.available() // 2)
+        sizes = [n for n in (1 << i for i in range(4, 20)) if n <= longest][::-1]
+        first: list[int] = []
+        for i, n in enumerate(sizes):
+            prompt = [rng.randrange(vocab) for _ in range(n)]
+            if i == 1 and self.tree is not None:   # an extend over a cached prefix
+                prompt = first[:n // 2] + prompt[n // 2:]
+            first = first or prompt
+            self.add_request(prompt, SamplingParams(max_tokens=2, ignore_eos=True, temperature=i % 2 * 0.7),
+                             rid=f"warm-up-{i}")
+            while self.has_unfinished():
+                self.step()
+        self.flush_cache()
+        self.stats = self._zero_stats()
+        self.sampler = Sampler(seed=self.config.seed, device=self.device)
+        self._arrival = itertools.count()
+        self._auto_rid = itertools.count()
+
     def flush_cache(self) -> bool:
         """Drop the whole prefix cache; refused (False) while requests hold parts of it."""
         return self.tree.flush() if self.tree is not None else True

@@ -382,3 +382,42 @@ def test_stats_count_prefill_and_decode_steps(tiny_model_dir):
                  use_tqdm=False)
     delta = {k: llm.engine.stats[k] - before[k] for k in ("prefill_steps", "decode_steps")}
     assert delta == {"prefill_steps": 1, "decode_steps": 5}
+
+
+def test_warm_up_leaves_no_trace(tiny_model_dir):
+    """After the start-up warm-up (CUDA runs it by itself; here it is called), a seeded engine gives the
+    tokens and request ids a fresh engine gives, with zeroed stats, an empty prefix cache and no KV held."""
+    prompts = rand_prompts(3, seed=5)
+    sampled = SamplingParams(temperature=0.8, max_tokens=8, ignore_eos=True)   # the engine's seed stream
+
+    def run(warm: bool) -> tuple[list[list[int]], list[str], dict]:
+        llm = LLM(str(tiny_model_dir("tiny-llama")), chunked_prefill_size=256, seed=7)
+        engine = llm.engine
+        if warm:
+            engine.warm_up()
+            assert engine.stats == engine._zero_stats()
+            assert engine.allocator.available() == engine.allocator.size, "warm-up left KV behind"
+        rids = [engine.add_request(p, sampled) for p in prompts]
+        outs: dict[str, list[int]] = {}
+        while engine.has_unfinished():
+            for o in engine.step():
+                outs[o.request_id] = o.outputs[0].token_ids
+        assert_clean(llm)
+        return [outs[r] for r in rids], rids, dict(engine.stats)
+
+    warm, cold = run(True), run(False)
+    assert warm == cold
+
+
+def test_warm_up_runs_every_prefill_size_and_a_cached_prefix(tiny_model_dir, monkeypatch):
+    llm = LLM(str(tiny_model_dir("tiny-llama")), chunked_prefill_size=256)
+    engine = llm.engine
+    seen = []
+    add = engine.add_request
+    monkeypatch.setattr(engine, "add_request", lambda p, params, rid=None: (seen.append(len(p)), add(p, params, rid))[1])
+    cached = []
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (cached.append(engine.stats["cached_tokens"]), step())[1])
+    engine.warm_up()
+    assert seen == [256, 128, 64, 32, 16]
+    assert max(cached) >= 64, "no warm-up prompt read a cached prefix"
