@@ -698,6 +698,7 @@ class Engine:
                 self.step()
         self.flush_cache()
         self.stats = self._zero_stats()
+        self.scheduler = Scheduler(self.scheduler.cfg, self.memory)   # its admission estimate adapts per step
         self.sampler = Sampler(seed=self.config.seed, device=self.device)
         self._arrival = itertools.count()
         self._auto_rid = itertools.count()

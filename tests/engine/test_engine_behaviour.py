@@ -397,6 +397,8 @@ def test_warm_up_leaves_no_trace(tiny_model_dir):
             engine.warm_up()
             assert engine.stats == engine._zero_stats()
             assert engine.allocator.available() == engine.allocator.size, "warm-up left KV behind"
+            sched = engine.scheduler
+            assert sched.new_token_ratio == sched.cfg.init_new_token_ratio and not sched.prefilled_groups
         rids = [engine.add_request(p, sampled) for p in prompts]
         outs: dict[str, list[int]] = {}
         while engine.has_unfinished():
