@@ -674,11 +674,13 @@ class Engine:
     def warm_up(self) -> None:
         """Run one prefill of each power-of-two size up to the prefill chunk (one of them after a cached
         prefix), greedy and sampled, each with a decode step, then forget them: stats, request ids, the
-        sampler's seed stream and the prefix cache are as before.
+        sampler's seed stream, the scheduler and the prefix cache are as before.
 
-        CUDA loads a kernel the first time it runs, and cuBLAS picks a different GEMM kernel for each range
-        of token counts. Unwarmed, a fresh machine paid ~1-2 s of that inside the first large requests
-        (docs/benchmarks.md, "Start-up warm-up"); CUDA graph capture covers only the decode batches."""
+        CUDA loads a kernel the first time a process runs it, and cuBLAS picks a different GEMM kernel for
+        each range of token counts; CUDA graph capture covers only the decode batches. Without eager
+        loading, the offline benchmark's first run was 1-2 s slower than the next (docs/benchmarks.md, "The
+        first timed run's extra second"); this pays for the prefill kernels at start instead.
+        """
         if self.has_unfinished():
             raise RuntimeError("warm_up needs an idle engine")
         rng = random.Random(self.config.seed)

@@ -423,3 +423,19 @@ def test_warm_up_runs_every_prefill_size_and_a_cached_prefix(tiny_model_dir, mon
     engine.warm_up()
     assert seen == [256, 128, 64, 32, 16]
     assert max(cached) >= 64, "no warm-up prompt read a cached prefix"
+
+
+def test_skip_warmup_flag_reaches_the_engine_config_and_a_cpu_engine_never_warms_up(tiny_model_dir, monkeypatch):
+    import argparse
+
+    from rlserve.cli import add_engine_args, engine_kwargs
+    from rlserve.engine.engine import Engine
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert "warmup" not in engine_kwargs(parser.parse_args(["--device", "cpu"]))
+    assert engine_kwargs(parser.parse_args(["--device", "cpu", "--skip-warmup"]))["warmup"] is False
+    assert LLM(str(tiny_model_dir("tiny-llama")), warmup=False).engine.config.warmup is False
+    calls = []
+    monkeypatch.setattr(Engine, "warm_up", lambda self: calls.append(self))
+    LLM(str(tiny_model_dir("tiny-llama")))   # CUDA only: a CPU engine starts at once
+    assert calls == []
