@@ -698,6 +698,7 @@ class Engine:
                              rid=f"warm-up-{i}")
             while self.has_unfinished():
                 self.step()
+        self._settle_in_flight()
         self.flush_cache()
         self.stats = self._zero_stats()
         self.scheduler = Scheduler(self.scheduler.cfg, self.memory)   # its admission estimate adapts per step
