@@ -17,16 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from rlserve.bench.attention import graph_time_ms
-from rlserve.config import parse_dtype
+from rlserve.config import ModelConfig, parse_dtype
 from rlserve.models.presets import preset_hf_config
 
 
 def layer_shapes(model: str) -> dict[str, tuple[int, int]]:
     """(out, in) of each product of one decoder layer, projections stacked as the engine stacks them."""
-    cfg = preset_hf_config(model)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head_dim
-    return {"qkv": (qkv, cfg.hidden_size), "o": (cfg.hidden_size, cfg.num_attention_heads * head_dim),
+    cfg = ModelConfig.from_hf(preset_hf_config(model))
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    return {"qkv": (qkv, cfg.hidden_size), "o": (cfg.hidden_size, cfg.num_heads * cfg.head_dim),
             "gate_up": (2 * cfg.intermediate_size, cfg.hidden_size),
             "down": (cfg.hidden_size, cfg.intermediate_size)}
 
@@ -44,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("decode_gemm needs a CUDA device")
     dtype = parse_dtype(args.dtype)
     shapes = layer_shapes(args.model)
-    layers = args.layers or preset_hf_config(args.model).num_hidden_layers
+    layers = args.layers or ModelConfig.from_hf(preset_hf_config(args.model)).num_layers
     gen = torch.Generator(device="cuda").manual_seed(0)
     weights = {name: [torch.randn(n, k, device="cuda", dtype=dtype, generator=gen) * k ** -0.5
                       for _ in range(layers)] for name, (n, k) in shapes.items()}
