@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from rlserve.config import parse_dtype
-from rlserve.engine.cache import KVPool
+from rlserve.kv_pool import KVPool
 from rlserve.layers.attention.base import ForwardBatch
 from rlserve.layers.attention.torch_backend import TorchAttentionBackend
 
@@ -169,7 +169,7 @@ def _bytes_per_token(pool: KVPool) -> int:
 
 
 def fp8_copy(pool: KVPool) -> KVPool:
-    from rlserve.engine.cache import FP8_DTYPE
+    from rlserve.kv_pool import FP8_DTYPE
     out = KVPool(pool.num_layers, pool.num_slots, pool.num_kv_heads, pool.head_dim, FP8_DTYPE, "cuda")
     every = torch.arange(pool.num_slots, device="cuda")
     for layer in range(pool.num_layers):

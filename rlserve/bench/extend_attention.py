@@ -18,7 +18,7 @@ import torch
 
 from rlserve.bench.attention import graph_time_ms
 from rlserve.config import parse_dtype
-from rlserve.engine.cache import KVPool
+from rlserve.kv_pool import KVPool
 from rlserve.layers.attention.base import ForwardBatch
 from rlserve.layers.attention.torch_backend import TorchAttentionBackend
 

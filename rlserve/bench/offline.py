@@ -352,7 +352,7 @@ def run_offline(workload: Workload | None = None, backend: str = "rlserve", batc
     """Run the workload on rlserve and/or transformers (one after the other, same process)."""
     import torch
 
-    from rlserve.engine.cache import KVPool
+    from rlserve.kv_pool import KVPool
     from rlserve.models.loader import resolve_model
 
     if backend not in ("rlserve", "hf", "both"):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from rlserve.bench.offline import count_params, device_peaks, make_workload, step_roofline_s
-from rlserve.engine.cache import KVPool
+from rlserve.kv_pool import KVPool
 from rlserve.llm import LLM
 from rlserve.sampling import SamplingParams
 

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from rlserve.config import EngineConfig, ModelConfig, parse_dtype
-from rlserve.engine.cache import FP8_DTYPE, KVPool, RadixCache, ReqToTokenPool, TokenAllocator
+from rlserve.engine.cache import RadixCache, ReqToTokenPool, TokenAllocator
+from rlserve.kv_pool import FP8_DTYPE, KVPool
 from rlserve.engine.detokenizer import IncrementalDetokenizer
 from rlserve.engine.grammar import GrammarBackend, GrammarSpec
 from rlserve.engine.memory import RequestMemory

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from rlserve.bench.attention import _bytes_per_token
-from rlserve.engine.cache import FP8_DTYPE, KVPool
+from rlserve.kv_pool import FP8_DTYPE, KVPool
 
 
 def test_bytes_per_token_counts_k_and_v_and_fp8_scales():

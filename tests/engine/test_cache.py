@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from rlserve.engine.cache import KVPool, RadixCache, ReqToTokenPool, TokenAllocator, TreeNode
+from rlserve.engine.cache import RadixCache, ReqToTokenPool, TokenAllocator, TreeNode
+from rlserve.kv_pool import KVPool
 
 
 def slots(*ids: int) -> torch.Tensor:

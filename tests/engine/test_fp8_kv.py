@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlserve import LLM, SamplingParams
-from rlserve.engine.cache import FP8_DTYPE, KVPool, quantize_fp8
+from rlserve.kv_pool import FP8_DTYPE, KVPool, quantize_fp8
 
 
 def test_quantize_fp8_error_is_relative_to_each_head():

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from rlserve.engine.cache import KVPool
+from rlserve.kv_pool import KVPool
 from rlserve.layers.attention.base import ForwardBatch, SharedPrefixes
 from rlserve.layers.attention.torch_backend import TorchAttentionBackend
 
@@ -106,7 +106,7 @@ def test_cascade_decode_matches_torch(dtype, heads, kv_heads, dim):
 
 def test_cascade_decode_over_an_fp8_pool_matches_torch():
     """The shared-prefix pass reads e4m3 values and head-major scales like the decode kernel does."""
-    from rlserve.engine.cache import FP8_DTYPE
+    from rlserve.kv_pool import FP8_DTYPE
     from rlserve.layers.attention.triton_backend import TritonAttentionBackend
     pool, batch, (q, k, v) = shared_case([(4, 900), (3, 300)], loners=2, heads=16, kv_heads=8, dim=128,
                                          dtype=torch.bfloat16, max_members=4, seed=2)

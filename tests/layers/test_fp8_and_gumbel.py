@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlserve.engine.cache import FP8_DTYPE, KVPool, quantize_fp8
+from rlserve.kv_pool import FP8_DTYPE, KVPool, quantize_fp8
 from rlserve.layers.attention.torch_backend import TorchAttentionBackend
 
 pytestmark = [

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from rlserve.engine.cache import KVPool
+from rlserve.kv_pool import KVPool
 from rlserve.layers.attention.base import ForwardBatch
 from rlserve.layers.attention.torch_backend import TorchAttentionBackend
 

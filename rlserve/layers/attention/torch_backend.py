@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rlserve.engine.cache import KVPool
+from rlserve.kv_pool import KVPool
 from rlserve.layers.attention.base import ForwardBatch
 
 

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from rlserve.engine.cache import KVPool
+from rlserve.kv_pool import KVPool
 from rlserve.layers.attention.base import ForwardBatch
 # CPU-only installs still import this module; the backend refuses to build without Triton.
 from rlserve.layers.triton_support import HAS_TRITON, tl, triton
