@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from typing import Any
 
 import torch
@@ -16,6 +17,23 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
     return _DTYPES[dtype]
+
+
+class Switch(str, Enum):
+    """A feature that is on, off, or chosen by the engine for its device (AUTO)."""
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+class Elementwise(str, Enum):
+    """How the elementwise chains (norms, rotary, the gated activation) run: Triton kernels on CUDA,
+    torch.compile (inductor), or eager torch ops; AUTO is TRITON on CUDA with Triton, INDUCTOR on CUDA
+    without it, EAGER on a CPU."""
+    AUTO = "auto"
+    TRITON = "triton"
+    INDUCTOR = "inductor"
+    EAGER = "eager"
 
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -116,8 +134,8 @@ class EngineConfig:
     cuda_graph_max_bs: int | None = None    # largest captured decode batch; None: max_running_requests
     # Elementwise chains (norms, rotary, gated activation): "triton" runs Triton kernels for CUDA inputs,
     # True fuses them with torch.compile, False leaves them eager; "auto" is "triton" on CUDA, eager on CPU.
-    compile: bool | str = "auto"
-    overlap_schedule: bool | str = "auto"   # "auto": overlap host work with the device on CUDA
+    compile: Elementwise = Elementwise.AUTO
+    overlap_schedule: Switch = Switch.AUTO  # AUTO: overlap host work with the device on CUDA
     tokenizer: str | None = None
     kv_cache_dtype: str = "auto"            # "auto" (the model's dtype) | "fp8_e4m3" (scaled, half the bytes)
     # Read a prefix shared by decode requests once per step (triton + radix cache). Off by default: its
@@ -127,6 +145,19 @@ class EngineConfig:
     warmup: bool = True                     # on CUDA, run each prefill size once at start (Engine.warm_up)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        # Legacy spellings (compile=True/False/"triton", overlap_schedule=True/False) map onto the enums.
+        legacy_compile = {True: Elementwise.INDUCTOR, False: Elementwise.EAGER}
+        compile_ = legacy_compile.get(self.compile, self.compile) if isinstance(self.compile, bool) else self.compile
+        overlap = self.overlap_schedule
+        if isinstance(overlap, bool):
+            overlap = Switch.ON if overlap else Switch.OFF
+        try:
+            object.__setattr__(self, "compile", Elementwise(compile_))
+            object.__setattr__(self, "overlap_schedule", Switch(overlap))
+        except ValueError as e:
+            raise ValueError(f"invalid engine option: {e}") from None
 
 
 def engine_config(model: str | None = None, *, load_format: str = "auto", dtype: str = "auto",
