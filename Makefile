@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup model serve test bench clean
+.PHONY: setup model serve lint test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,12 @@ model: setup
 serve: model
 	$(VENV)/bin/rlserve serve
 
-test: model
+# Style, unused code and types fail the build before any test runs (the benchmarks folder is linted when present).
+lint: setup
+	$(VENV)/bin/ruff check rlserve tests $(wildcard benchmarks)
+	$(VENV)/bin/mypy
+
+test: lint model
 	$(PY) -m pytest -q
 
 bench: model
