@@ -1,13 +1,16 @@
 """FastAPI routes, middleware and the server's entry point (`rlserve serve`)."""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import hmac
 import logging
+import math
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,10 +21,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rlserve.server import protocol as P
-from rlserve.server.errors import APIError, error_body, error_response
+from rlserve.server.errors import APIError, error_response
 from rlserve.server.fast_json import FastJSONRoute
 from rlserve.server.frontend import EngineClient, EngineDeadError, RequestFailed
-from rlserve.server.args import add_server_args  # noqa: F401  (re-exported for the CLI)
 from rlserve.server.metrics import Metrics
 from rlserve.server.native import NativeServing
 from rlserve.server.openai_serving import OpenAIServing
@@ -30,7 +32,7 @@ from rlserve.server.streams import ClientDisconnected
 
 log = logging.getLogger("rlserve.server")
 OPEN_PATHS = {"/health"}
-ERRORS = {400: {"model": P.ErrorResponse}, 404: {"model": P.ErrorResponse}, 503: {"model": P.ErrorResponse}}
+ERRORS: dict[int | str, dict[str, Any]] = {400: {"model": P.ErrorResponse}, 404: {"model": P.ErrorResponse}, 503: {"model": P.ErrorResponse}}
 
 
 class Guard:
@@ -120,8 +122,8 @@ def build_app(args: ServerArgs, client: EngineClient | None = None) -> FastAPI:
     holder: dict[str, ServerState] = {}
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        c = client or EngineClient(args.engine, args.max_waiting_requests)
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        c = client or EngineClient(args.engine)
         await c.start()
         name = model_name_for(args)
         state = ServerState(args, c, Metrics(name), name)
@@ -132,7 +134,7 @@ def build_app(args: ServerArgs, client: EngineClient | None = None) -> FastAPI:
         # What the front end holds for its lifetime (torch, transformers, the tokenizer: ~10^5 objects)
         # is kept out of the cyclic collector's view, as in the engine process. Streaming makes garbage
         # fast enough that full collections walking that heap cost more than decoding the engine's
-        # messages (docs/benchmarks.md). Unfrozen on the way out, for servers built inside tests.
+        # messages. Unfrozen on the way out, for servers built inside tests.
         froze = gc.get_freeze_count() == 0
         if froze:
             gc.collect()
@@ -217,6 +219,7 @@ def build_app(args: ServerArgs, client: EngineClient | None = None) -> FastAPI:
         s = st()
         s.check_model(req.model)
         c = s.client
+        text: str | None
         if req.messages is not None:
             text = c.apply_chat_template([m.model_dump(exclude_none=True) for m in req.messages],
                                          req.add_generation_prompt)
@@ -262,7 +265,7 @@ def build_app(args: ServerArgs, client: EngineClient | None = None) -> FastAPI:
         try:
             await asyncio.wait_for(c.collect(f"health-{time.monotonic_ns()}", ids,
                                              {"n": 1, "max_tokens": 1, "temperature": 0.0}), 60)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return error_response(503, "the engine did not generate a token within 60 s", code="engine_stuck")
         return Response(status_code=200)
 
@@ -280,7 +283,8 @@ def build_app(args: ServerArgs, client: EngineClient | None = None) -> FastAPI:
         s = st()
         engine = await s.client.query("info")
         return {"version": "0.1.0", "model": s.model_name, "host": args.host, "port": args.port,
-                "max_waiting_requests": args.max_waiting_requests, "drain_timeout": args.drain_timeout,
+                "max_waiting_requests": args.engine.scheduler.max_waiting_requests,
+                "drain_timeout": args.drain_timeout,
                 "max_model_len": s.client.info["max_model_len"], "device": s.client.info["device"],
                 "dtype": s.client.info["dtype"], "frontend_in_flight": s.client.num_in_flight,
                 "engine_pid": s.client.proc.pid if s.client.proc else None, "engine_alive": not s.client.dead,
@@ -307,7 +311,7 @@ def build_app(args: ServerArgs, client: EngineClient | None = None) -> FastAPI:
         if not s.client.dead:
             try:
                 s.metrics.set_engine(await s.client.query("info", timeout_s=5))
-            except (asyncio.TimeoutError, EngineDeadError):
+            except (TimeoutError, EngineDeadError):
                 pass
         return Response(s.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -342,7 +346,7 @@ def run_server(args: ServerArgs) -> int:
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.drain_timeout + 5, timeout_keep_alive=5,
+                            timeout_graceful_shutdown=math.ceil(args.drain_timeout) + 5, timeout_keep_alive=5,
                             access_log=False)
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler lets us exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -353,14 +357,12 @@ def run_server(args: ServerArgs) -> int:
 
 
 # ---- command line (`rlserve serve`) ----
-def serve_from_args(args: Any) -> int:
-    from rlserve.cli import engine_kwargs
-    from rlserve.config import engine_config
+def serve_from_args(args: argparse.Namespace) -> int:
+    """Serve what the flags of rlserve.server.args.add_serve_args describe; a bad engine option raises a
+    ValueError naming it. The waiting-queue limit is the engine's (max_waiting_requests)."""
+    from rlserve.config_args import engine_config_from_args
 
-    if args.max_waiting_requests is not None and args.max_waiting_requests < 1:
-        raise ValueError(f"--max-waiting-requests must be positive, got {args.max_waiting_requests}")
-    return run_server(ServerArgs(engine=engine_config(**engine_kwargs(args)), host=args.host, port=args.port,
+    return run_server(ServerArgs(engine=engine_config_from_args(args), host=args.host, port=args.port,
                                  api_key=args.api_key or None, served_model_name=args.served_model_name,
-                                 max_waiting_requests=args.max_waiting_requests,
                                  drain_timeout=args.drain_timeout, log_level=args.log_level,
                                  tool_call_parser=args.tool_call_parser))

@@ -6,36 +6,41 @@ error in a step fails the requests in flight and the loop carries on.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import multiprocessing
 import signal
 import time
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from rlserve.config import EngineConfig
+from rlserve.engine.errors import QueueFullError
 from rlserve.outputs import RequestOutput
+from rlserve.sampling import SamplingParams
 from rlserve.server import ipc
+
+if TYPE_CHECKING:
+    from rlserve.engine.engine import Engine
 
 log = logging.getLogger("rlserve.core")
 IDLE_POLL_MS = 200
 
 
 class EngineLoop:
-    def __init__(self, engine: Any, push: zmq.Socket, max_waiting: int | None) -> None:
+    def __init__(self, engine: Engine, push: zmq.Socket) -> None:
         self.engine = engine
         engine.snapshot_outputs = False     # _delta slices each output at once and keeps nothing
         self.push = push
-        self.max_waiting = max_waiting
         # rid → per-sequence (tokens sent, characters of text sent)
         self.sent: dict[str, list[tuple[int, int]]] = {}
         self.stopped = False
         # Host seconds of the loop's parts, for /get_server_info: engine steps, turning their outputs
         # into deltas, and encoding and sending them.
-        self.timing = {"loop_steps": 0, "step_s": 0.0, "delta_s": 0.0, "send_s": 0.0}
+        self.timing: dict[str, float] = {"loop_steps": 0, "step_s": 0.0, "delta_s": 0.0, "send_s": 0.0}
 
     # ---- commands ----
     def handle(self, cmd: ipc.Command) -> list[ipc.Update]:
@@ -52,14 +57,14 @@ class EngineLoop:
         return []
 
     def _add(self, cmd: ipc.AddRequest) -> list[ipc.Update]:
-        from rlserve.sampling import SamplingParams
-        if self.max_waiting is not None and len(self.engine.scheduler.waiting) >= self.max_waiting:
-            return [ipc.Update(cmd.rid, [], finished=True, status=503,
-                               error=f"the server is overloaded: {self.max_waiting} requests are already "
-                                     f"waiting; retry later")]
         try:
             params = SamplingParams(**cmd.params)
             self.engine.add_request(cmd.prompt_ids, params, rid=cmd.rid, prompt=cmd.prompt)
+        except QueueFullError:
+            limit = self.engine.config.scheduler.max_waiting_requests
+            return [ipc.Update(cmd.rid, [], finished=True, status=503,
+                               error=f"the server is overloaded: {limit} requests are already waiting; "
+                                     f"retry later")]
         except (ValueError, TypeError) as e:
             return [ipc.Update(cmd.rid, [], finished=True, status=400, error=str(e))]
         self.sent[cmd.rid] = [(0, 0)] * params.n
@@ -69,27 +74,28 @@ class EngineLoop:
         eng = self.engine
         if what == "flush_cache":
             return {"success": bool(eng.flush_cache())}
-        sched = eng.scheduler
-        tree = eng.tree
+        status = eng.status()
         return {
-            "kv_total": eng.allocator.size,
-            "kv_available": eng.allocator.available(),
-            "kv_usage": eng.kv_usage(),
-            "kv_leaked": eng.kv_leaked(),
-            "tree_tokens": tree.total_size() if tree is not None else 0,
-            "tree_evictable_tokens": tree.evictable_size() if tree is not None else 0,
-            "num_running": len(sched.running) + (1 if sched.chunked else 0),
-            "num_waiting": len(sched.waiting),
+            "kv_total": status.kv_total,
+            "kv_available": status.kv_free,
+            "kv_usage": status.kv_usage,
+            "kv_leaked": status.kv_leaked,
+            "tree_tokens": status.kv_cached,
+            "tree_evictable_tokens": status.kv_evictable,
+            "num_running": status.running,
+            "num_waiting": status.waiting,
             "num_requests": len(self.sent),
-            "num_retractions": sched.num_retractions,
-            "stats": dict(eng.stats),
+            "num_retractions": status.retractions,
+            "weight_version": status.weight_version,
+            "stats": dataclasses.asdict(status.counters),
             "loop": dict(self.timing),
         }
 
     # ---- outputs ----
     def _delta(self, out: RequestOutput) -> ipc.Update:
         sent = self.sent.get(out.request_id) or [(0, 0)] * len(out.outputs)
-        seqs, now = [], []
+        seqs: list[ipc.SeqDelta] = []
+        now: list[tuple[int, int]] = []
         for comp, (n_tok, n_txt) in zip(out.outputs, sent):
             lps = comp.logprobs[n_tok:] if comp.logprobs is not None else None
             seqs.append(ipc.SeqDelta(comp.index, comp.text[n_txt:], comp.token_ids[n_tok:], lps,
@@ -116,7 +122,7 @@ class EngineLoop:
             return updates
         except Exception:
             log.error("engine step failed; failing the requests in flight:\n%s", traceback.format_exc())
-            failed = []
+            failed: list[ipc.Update] = []
             for rid in list(self.sent):
                 try:
                     self.engine.abort(rid)
@@ -137,14 +143,15 @@ class EngineLoop:
             self.timing["send_s"] += time.perf_counter() - t0
 
 
-def engine_info(engine: Any) -> dict[str, Any]:
-    cfg = engine.model_config
-    return {"max_model_len": engine.max_model_len, "vocab_size": cfg.vocab_size,
-            "architecture": cfg.architecture, "kv_total": engine.allocator.size,
-            "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch.")}
+def engine_info(engine: Engine) -> dict[str, Any]:
+    """What the front end keeps for its lifetime: fixed when the engine starts."""
+    cfg, status = engine.model_config, engine.status()
+    return {"max_model_len": status.max_model_len, "vocab_size": cfg.vocab_size,
+            "architecture": cfg.architecture, "kv_total": status.kv_total,
+            "device": status.device, "dtype": status.dtype}
 
 
-def run_engine(config: EngineConfig, in_addr: str, out_addr: str, max_waiting: int | None) -> None:
+def run_engine(config: EngineConfig, in_addr: str, out_addr: str) -> None:
     """Entry point of the engine process."""
     # The front end owns the lifecycle: it drains on SIGTERM, then tells us to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -169,7 +176,7 @@ def run_engine(config: EngineConfig, in_addr: str, out_addr: str, max_waiting: i
     # 256-request decode step: 28 → 18 µs of host time per request).
     gc.freeze()
     push.send(ipc.encoder.encode(ipc.Ready(engine_info(engine))))
-    loop = EngineLoop(engine, push, max_waiting)
+    loop = EngineLoop(engine, push)
     parent = multiprocessing.parent_process()
     idle_steps = 0
     while not loop.stopped:

@@ -8,7 +8,8 @@ through json.loads, so what a request parses to, and how a bad body is reported,
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Coroutine
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import msgspec
 from fastapi import Request, Response

@@ -12,7 +12,7 @@ import multiprocessing
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,10 @@ from rlserve.server.core import run_engine
 
 log = logging.getLogger("rlserve.server")
 WATCH_INTERVAL_S = 0.25
+
+
+# An update of one of a request's prompts, tagged with the prompt's index (streams.merge yields these).
+Tagged = tuple[int, ipc.Update]
 
 
 class EngineDeadError(RuntimeError):
@@ -83,7 +87,7 @@ def merge_updates(updates: list[ipc.Update]) -> ipc.Update:
     """One update with the deltas of `updates`, oldest first."""
     texts: dict[int, list[str]] = {}
     ids: dict[int, list[int]] = {}
-    lps: dict[int, list | None] = {}
+    lps: dict[int, list[dict[int, float]]] = {}
     last: dict[int, ipc.SeqDelta] = {}
     for u in updates:
         for d in u.seqs:
@@ -100,7 +104,8 @@ def merge_updates(updates: list[ipc.Update]) -> ipc.Update:
                       b.finished, None, b.status, prompt_logprobs)
 
 
-def coalesce(item: ipc.Update | Exception, q: asyncio.Queue) -> tuple[Any, Any]:
+def coalesce(item: ipc.Update | Exception, q: asyncio.Queue[ipc.Update | Exception]
+             ) -> tuple[ipc.Update | Exception, ipc.Update | Exception | None]:
     """Merge the updates already queued behind `item` into it. A front end that keeps up sees one
     update per engine step; one that has fallen behind (a burst of new requests, hundreds of streams)
     then writes one chunk per stream for several steps instead of one per step, so it catches up
@@ -119,10 +124,8 @@ def coalesce(item: ipc.Update | Exception, q: asyncio.Queue) -> tuple[Any, Any]:
 
 
 class EngineClient:
-    def __init__(self, config: EngineConfig, max_waiting: int | None = None,
-                 startup_timeout_s: float = 900.0) -> None:
+    def __init__(self, config: EngineConfig, startup_timeout_s: float = 900.0) -> None:
         self.config = config
-        self.max_waiting = max_waiting
         self.startup_timeout_s = startup_timeout_s
         self.info: dict[str, Any] = {}
         self.tokenizer: Any = None
@@ -131,9 +134,9 @@ class EngineClient:
         self._streams: dict[str, asyncio.Queue[ipc.Update | Exception]] = {}
         self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._qids = itertools.count()
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self.proc: multiprocessing.process.BaseProcess | None = None
-        self.on_update = None    # optional callback(rid, Update), the metrics hook
+        self.on_update: Callable[[str, ipc.Update], None] | None = None    # the metrics hook
 
     # ---- lifecycle ----
     async def start(self) -> None:
@@ -151,13 +154,13 @@ class EngineClient:
         self.pull.setsockopt(zmq.RCVHWM, 0)
         self.pull.bind(out_addr)
         mp = multiprocessing.get_context("spawn")
-        self.proc = mp.Process(target=run_engine, args=(self.config, in_addr, out_addr, self.max_waiting),
-                               name="rlserve-engine", daemon=True)
-        self.proc.start()
-        await self._wait_ready()
+        self.proc = proc = mp.Process(target=run_engine, args=(self.config, in_addr, out_addr),
+                                      name="rlserve-engine", daemon=True)
+        proc.start()
+        await self._wait_ready(proc)
         self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._watch_loop())]
 
-    async def _wait_ready(self) -> None:
+    async def _wait_ready(self, proc: multiprocessing.process.BaseProcess) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if await self.pull.poll(500):
@@ -168,9 +171,9 @@ class EngineClient:
                 if isinstance(ev, ipc.Ready):
                     self.info = ev.info
                     return
-            elif not self.proc.is_alive():
+            elif not proc.is_alive():
                 await self.close()
-                raise RuntimeError(f"the engine process exited during startup (code {self.proc.exitcode})")
+                raise RuntimeError(f"the engine process exited during startup (code {proc.exitcode})")
         await self.close()
         raise RuntimeError("the engine did not start in time")
 
@@ -206,9 +209,11 @@ class EngineClient:
                 fut.set_exception(err)
 
     async def _watch_loop(self) -> None:
+        proc = self.proc
+        assert proc is not None, "started by start()"
         while not self.dead:
-            if not self.proc.is_alive():
-                self._mark_dead(f"the engine process exited (code {self.proc.exitcode})")
+            if not proc.is_alive():
+                self._mark_dead(f"the engine process exited (code {proc.exitcode})")
             await asyncio.sleep(WATCH_INTERVAL_S)
 
     async def _recv_loop(self) -> None:
@@ -234,7 +239,7 @@ class EngineClient:
         await self.push.send(ipc.encoder.encode(msg))
 
     async def generate(self, rid: str, prompt_ids: list[int], params: dict[str, Any],
-                       prompt: str | None = None) -> AsyncIterator[ipc.Update]:
+                       prompt: str | None = None) -> AsyncGenerator[ipc.Update, None]:
         self.check_alive()
         if rid in self._streams:
             raise RequestFailed(f"request id {rid!r} is already in use")

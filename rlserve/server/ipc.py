@@ -33,7 +33,7 @@ Command = AddRequest | Abort | Query | Shutdown
 # ---- engine → front end ----
 # The per-request messages go out for every running request on every step: encoded as arrays (a
 # quarter of the bytes) and untracked by the cyclic collector (they hold no cycles), which makes them
-# ~30% cheaper to encode and decode (docs/benchmarks.md).
+# ~30% cheaper to encode and decode.
 class SeqDelta(msgspec.Struct, array_like=True, gc=False):
     """What one sequence (choice) of a request gained since the last update."""
     index: int

@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 import time
 from bisect import bisect_left
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import HistogramMetricFamily
@@ -37,7 +38,7 @@ class TokenGapHistogram:
         total, buckets = 0, []
         for bound, n in zip([*self.bounds, math.inf], self.counts):
             total += n
-            buckets.append((floatToGoString(bound), total))
+            buckets.append((floatToGoString(bound), total))  # type: ignore[no-untyped-call]  # untyped library helper
         family.add_metric([self.model_name], buckets, self.sum)
         yield family
 

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator
+from typing import Any, cast
 
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request
 
 from rlserve.server.errors import APIError, error_body
-from rlserve.server.frontend import EngineDeadError, RequestFailed, RequestResult, SeqState
+from rlserve.server.frontend import EngineDeadError, RequestFailed, RequestResult, SeqState, Tagged
 from rlserve.server.protocol import GenerateRequest, NativeSamplingParams
 from rlserve.server.state import ServerState, finite, new_id, validated
 from rlserve.server.streams import SSE_DONE, gather_or_cancel, merge, sse, until_disconnect
@@ -35,14 +35,16 @@ class NativeServing:
     def _prepare(self, req: GenerateRequest) -> tuple[bool, list[tuple[str, str | None, list[int], dict]]]:
         if (req.text is None) == (req.input_ids is None):
             raise APIError(400, "give exactly one of text or input_ids", param="text")
+        prompts: list[tuple[str | None, list[int]]]
         if req.text is not None:
             batch = isinstance(req.text, list)
-            prompts: list[tuple[str | None, list[int]]] = [(t, self.client.encode(t))
-                                                           for t in (req.text if batch else [req.text])]
+            texts = req.text if isinstance(req.text, list) else [req.text]
+            prompts = [(t, self.client.encode(t)) for t in texts]
         else:
-            ids = req.input_ids
+            ids = req.input_ids or []
             batch = bool(ids) and isinstance(ids[0], list)
-            prompts = [(None, list(p)) for p in (ids if batch else [ids])]
+            rows = cast(list[list[int]], ids) if batch else [cast(list[int], ids)]   # validated: one or the other
+            prompts = [(None, list(p)) for p in rows]
         if not prompts:
             raise APIError(400, "the batch is empty", param="text")
         if len(prompts) > self.state.args.max_prompts_per_request:
@@ -115,8 +117,9 @@ class NativeServing:
         items = [self._item(res, j, seq, req.return_logprob, k) for res in results for j, seq in enumerate(res.seqs)]
         return JSONResponse(items if batch or n_total > 1 else items[0])
 
-    async def _stream(self, req: GenerateRequest, results: list[RequestResult], merged: AsyncIterator,
-                      first: tuple, indexed: bool) -> AsyncIterator[bytes]:
+    async def _stream(self, req: GenerateRequest, results: list[RequestResult],
+                      merged: AsyncGenerator[Tagged, None], first: Tagged, indexed: bool
+                      ) -> AsyncGenerator[bytes, None]:
         pending = [first]
         offsets = [0]
         for r in results:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +11,7 @@ from starlette.requests import Request
 
 from rlserve.server import ipc, tools
 from rlserve.server.errors import APIError, error_body
-from rlserve.server.frontend import EngineDeadError, RequestFailed, RequestResult, SeqState
+from rlserve.server.frontend import EngineDeadError, RequestFailed, RequestResult, SeqState, Tagged
 from rlserve.server.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
 from rlserve.server.state import ServerState, finite, new_id, validated
 from rlserve.server.streams import SSE_DONE, gather_or_cancel, merge, sse, until_disconnect
@@ -72,8 +72,7 @@ def continuous_usage(req: CompletionRequest | ChatCompletionRequest) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage and req.stream_options.continuous_usage_stats)
 
 
-async def first_then(first: tuple[int, ipc.Update], rest: AsyncIterator[tuple[int, ipc.Update]]
-                     ) -> AsyncIterator[tuple[int, ipc.Update]]:
+async def first_then(first: Tagged, rest: AsyncGenerator[Tagged, None]) -> AsyncGenerator[Tagged, None]:
     """The update that was awaited before the response started, then the rest of the stream."""
     yield first
     async for x in rest:
@@ -112,7 +111,7 @@ class OpenAIServing:
             out.append((text, ids))
         return out
 
-    def _streams(self, prep: Prepared) -> list[AsyncIterator[ipc.Update]]:
+    def _streams(self, prep: Prepared) -> list[AsyncGenerator[ipc.Update, None]]:
         for i in range(len(prep.prompts)):
             self.state.metrics.start(f"{prep.rid}-{i}")
         return [self.client.generate(f"{prep.rid}-{i}", ids, prep.params, text)
@@ -131,8 +130,7 @@ class OpenAIServing:
         return await until_disconnect(
             request, gather_or_cancel([one(i, t, ids) for i, (t, ids) in enumerate(prep.prompts)]))
 
-    async def _primed(self, request: Request, prep: Prepared) -> tuple[AsyncIterator[tuple[int, ipc.Update]],
-                                                                        tuple[int, ipc.Update]]:
+    async def _primed(self, request: Request, prep: Prepared) -> tuple[AsyncGenerator[Tagged, None], Tagged]:
         """Start the engine requests and wait for their first update, so that request errors
         (overload, a bad prompt) still become an HTTP error status instead of a broken stream."""
         merged = merge(self._streams(prep))
@@ -143,7 +141,7 @@ class OpenAIServing:
             raise
         return merged, first
 
-    async def _guarded(self, prep: Prepared, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async def _guarded(self, prep: Prepared, stream: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
         """Once the stream has begun, a failure can only be reported in-band: an error event, then [DONE]."""
         try:
             async for s in stream:
@@ -232,8 +230,8 @@ class OpenAIServing:
                              "model": self.state.model_name, "choices": choices, "usage": usage(results)})
 
     async def _completion_stream(self, req: CompletionRequest, prep: Prepared,
-                                 merged: AsyncIterator[tuple[int, ipc.Update]],
-                                 first: tuple[int, ipc.Update]) -> AsyncIterator[bytes]:
+                                 merged: AsyncGenerator[Tagged, None],
+                                 first: Tagged) -> AsyncGenerator[bytes, None]:
         created, model = int(time.time()), self.state.model_name
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         results = [RequestResult(f"{prep.rid}-{i}", ids, [SeqState() for _ in range(prep.n)])
@@ -338,8 +336,8 @@ class OpenAIServing:
                              "model": self.state.model_name, "choices": choices, "usage": usage([res])})
 
     async def _chat_stream(self, req: ChatCompletionRequest, prep: Prepared,
-                           merged: AsyncIterator[tuple[int, ipc.Update]],
-                           first: tuple[int, ipc.Update]) -> AsyncIterator[bytes]:
+                           merged: AsyncGenerator[Tagged, None],
+                           first: Tagged) -> AsyncGenerator[bytes, None]:
         created, model = int(time.time()), self.state.model_name
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         res = RequestResult(prep.rid, prep.prompts[0][1], [SeqState() for _ in range(prep.n)])

@@ -22,7 +22,6 @@ class ServerArgs:
     port: int = 8000
     api_key: str | None = None
     served_model_name: str | None = None
-    max_waiting_requests: int | None = 1024
     drain_timeout: float = 30.0
     max_body_bytes: int = 8 << 20
     max_prompts_per_request: int = 256

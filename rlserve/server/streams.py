@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import asyncio
-import msgspec
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from typing import Any, TypeVar
 
+import msgspec
 from starlette.requests import Request
 
 T = TypeVar("T")
@@ -57,7 +57,7 @@ async def gather_or_cancel(aws: list[Awaitable[T]]) -> list[T]:
             await asyncio.wait(tasks)
 
 
-async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+async def merge(streams: list[AsyncGenerator[T, None]]) -> AsyncGenerator[tuple[int, T], None]:
     """Interleave several async iterators as items arrive, tagging each with its stream's index."""
     if len(streams) == 1:
         async for item in streams[0]:
@@ -65,7 +65,7 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
         return
     q: asyncio.Queue[Any] = asyncio.Queue()
 
-    async def pump(i: int, it: AsyncIterator[T]) -> None:
+    async def pump(i: int, it: AsyncGenerator[T, None]) -> None:
         try:
             async for item in it:
                 q.put_nowait((i, item))

@@ -98,7 +98,7 @@ def tools_system_prompt(tools: list[Tool]) -> str:
 
 
 def template_supports_tools(chat_template: str | None) -> bool:
-    return bool(chat_template) and "tools" in chat_template
+    return chat_template is not None and "tools" in chat_template
 
 
 def family_for(architecture: str) -> str:

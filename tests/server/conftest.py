@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -53,6 +54,18 @@ class Server:
         r = httpx.get(self.url + "/get_server_info", headers=self.headers(), timeout=30)
         r.raise_for_status()
         return r.json()
+
+    def wait_until(self, condition: Callable[[dict], bool], what: str, timeout: float = 120) -> None:
+        """Poll /get_server_info until `condition(info)`: a state to wait on instead of a sleep that a
+        busy machine can outlast (the timeout only ends a hang)."""
+        deadline = time.monotonic() + timeout
+        while not condition(self.info()):
+            assert time.monotonic() < deadline, f"never saw {what}:\n{self.log()}"
+            time.sleep(0.05)
+
+    def wait_for_requests(self, n: int) -> None:
+        """Until the engine holds at least `n` requests (started client threads have really arrived)."""
+        self.wait_until(lambda info: info["num_requests"] >= n, f"{n} request(s) in the engine")
 
     def log(self) -> str:
         self._log.flush()

@@ -21,6 +21,7 @@ def guarded_server(server_factory, tiny_args):
 
 def test_api_key(guarded_server):
     url = guarded_server.url
+    assert guarded_server.info()["max_waiting_requests"] == 1    # the engine's limit, set by the flag
     assert httpx.get(url + "/health").status_code == 200          # open for load balancers
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("GET", "/metrics"),
@@ -81,16 +82,23 @@ def test_sigterm_drains_then_aborts_and_exits_0(server_factory):
     threads = [threading.Thread(target=post, args=("short", 8)), threading.Thread(target=post, args=("endless", 2000))]
     for t in threads:
         t.start()
-    time.sleep(1.0)
-    start = time.monotonic()
+    # Both requests have arrived: in the engine, or (the short one) already answered.
+    server.wait_until(lambda info: info["num_requests"] + len(results) >= 2, "both requests arrive")
     server.proc.send_signal(signal.SIGTERM)
-    time.sleep(1.0)
-    with pytest.raises(httpx.ConnectError):     # no new connections while draining
-        httpx.get(server.url + "/health", timeout=2)
-    assert server.proc.wait(60) == 0
-    assert time.monotonic() - start < 30
+    # No new connections while draining: the listening socket closes once the signal is handled, and
+    # the drain (the endless request runs until --drain-timeout) keeps the process alive meanwhile.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(server.url + "/health", timeout=2)
+        except httpx.ConnectError:
+            break
+        assert time.monotonic() < deadline, "the server still accepts connections after SIGTERM"
+        time.sleep(0.1)
+    assert server.proc.poll() is None, "the server exited before draining"
+    assert server.proc.wait(120) == 0
     for t in threads:
-        t.join(10)
+        t.join(60)
         assert not t.is_alive()
     short = results["short"]
     assert isinstance(short, httpx.Response), short
@@ -107,23 +115,24 @@ def test_engine_death_fails_fast(server_factory, tiny_args):
     result: dict = {}
 
     def in_flight() -> None:
-        result["r"] = httpx.post(server.url + "/v1/completions", timeout=60,
+        result["r"] = httpx.post(server.url + "/v1/completions", timeout=300,
                                  json={"prompt": "doomed", "max_tokens": 400, "ignore_eos": True})
 
     t = threading.Thread(target=in_flight)
     t.start()
-    time.sleep(0.5)
+    server.wait_for_requests(1)
     os.kill(engine_pid, signal.SIGKILL)
-    start = time.monotonic()
-    t.join(10)
+    # Failing fast: the request is answered once the death is noticed, long before its own timeout
+    # (the bounds are generous on purpose; the watcher looks every 0.25 s).
+    t.join(60)
+    assert not t.is_alive(), "the in-flight request was not failed when the engine died"
     assert result["r"].status_code == 503 and result["r"].json()["error"]["code"] == "engine_dead"
-    deadline = start + 5
+    deadline = time.monotonic() + 60
     while httpx.get(server.url + "/health").status_code == 200:
         assert time.monotonic() < deadline, "/health still healthy after the engine died"
         time.sleep(0.1)
     assert httpx.get(server.url + "/health").status_code == 503
-    r = httpx.post(server.url + "/v1/chat/completions", timeout=5,
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
                    json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
     assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable_error"
-    assert time.monotonic() - start < 10
     assert server.stop() == 0

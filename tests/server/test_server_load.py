@@ -12,7 +12,7 @@ import pytest
 N_REQUESTS, CONCURRENCY, N_DISCONNECT = 200, 32, 20
 
 
-def wait_idle(server, timeout: float = 20.0) -> dict:
+def wait_idle(server, timeout: float = 120.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         info = server.info()
@@ -106,7 +106,8 @@ def test_disconnect_aborts_the_request(default_server, stream):
     else:
         with pytest.raises(httpx.TimeoutException):
             httpx.post(url + "/v1/completions", json=body, timeout=1.0)
-    info = wait_idle(default_server, timeout=5)
+    # The abort shows in the count: well short of the 1,000 tokens the request asked for.
+    info = wait_idle(default_server)
     assert info["stats"]["generation_tokens"] - before < 500
     assert info["kv_leaked"] == 0
     assert info["kv_available"] + info["tree_tokens"] == info["kv_total"]

@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 import jsonschema
 import openai
 import pytest
-
 from structured_schemas import SCHEMAS
 
 
