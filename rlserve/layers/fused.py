@@ -1,17 +1,24 @@
-"""Elementwise chains, fused on CUDA (each is a plain torch function on CPU): by Triton kernels with
-compile="triton" (the CUDA default, triton_elementwise.py), by torch.compile with compile=True and for
-the shapes the Triton kernels don't serve.
+"""Elementwise chains (norms, rotary, the gated activation) and the kernel sets a model runs them with.
 
-A decode step of a small model launches hundreds of tiny elementwise kernels (norms, rotary, the
-gated activation); compiling these few functions turns each chain into one kernel. The eager
-versions stay the reference and run wherever compilation is off.
+A decode step of a small model launches hundreds of tiny elementwise kernels; fusing each chain into
+one kernel removes most of them. `Kernels.for_mode(Elementwise.X)` gives one set of the five functions:
+EAGER the plain torch functions below (the reference), INDUCTOR torch.compile'd versions, TRITON the
+Triton kernels of triton_elementwise.py for the CUDA inputs they serve (the compiled versions for the
+rest). A model holds the set its engine chose, so two engines in one process can run different sets;
+the compiled and Triton function objects are shared process-wide (compiling is expensive).
 """
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from rlserve.config import Elementwise
 
 log = logging.getLogger("rlserve")
 
@@ -55,12 +62,12 @@ class _Fused:
     more recompile) and for good once dynamo gives up on it (its recompile limit, an unsupported
     input): a fused kernel is a speed-up, never a reason to fail a forward pass."""
 
-    def __init__(self, fn) -> None:
+    def __init__(self, fn: Callable[..., Any]) -> None:
         self.eager = fn
         self.compiled = torch.compile(fn, dynamic=True, fullgraph=True)
         self.failed = False
 
-    def __call__(self, *args):
+    def __call__(self, *args: Any) -> Any:
         if self.failed or torch.is_grad_enabled():
             return self.eager(*args)
         try:
@@ -76,52 +83,55 @@ class _OnCuda:
     """A Triton kernel for CUDA inputs outside autograd where it serves the shapes; `other` (compiled
     or eager) everywhere else."""
 
-    def __init__(self, kernel, other, serves) -> None:
+    def __init__(self, kernel: Callable[..., Any], other: Callable[..., Any], serves: Callable[..., bool]) -> None:
         self.kernel, self.other, self.serves = kernel, other, serves
 
-    def __call__(self, *args):
+    def __call__(self, *args: Any) -> Any:
         if args[0].is_cuda and not torch.is_grad_enabled() and self.serves(*args):
             return self.kernel(*args)
         return self.other(*args)
 
 
+@dataclass(frozen=True)
 class Kernels:
-    """The functions the model calls; `compile()` swaps in fused versions."""
-    rms_norm = staticmethod(rms_norm)
-    add_rms_norm = staticmethod(add_rms_norm)
-    silu_mul = staticmethod(silu_mul)
-    apply_rotary = staticmethod(apply_rotary)
-    qk_norm_rotary = staticmethod(qk_norm_rotary)
-    compiled = False
-    triton_elementwise = False
+    """The elementwise functions one model calls (the layers read them from the set their model holds)."""
+    mode: Elementwise
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+    silu_mul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    apply_rotary: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                           tuple[torch.Tensor, torch.Tensor]]
+    qk_norm_rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
-    @classmethod
-    def compile(cls, triton_elementwise: bool = False) -> None:
-        """Swap in the compiled functions (once a process); with `triton_elementwise`, Triton kernels
-        instead for CUDA inputs (from then on, for every engine in the process)."""
-        if not cls.compiled:
-            cls._compile()
-        if triton_elementwise and not cls.triton_elementwise:
-            from rlserve.layers import triton_elementwise as te
-            if not te.HAS_TRITON:
-                raise RuntimeError("compile='triton' needs the `triton` package")
-            cls.rms_norm = staticmethod(_OnCuda(te.rms_norm, cls.rms_norm, te.norm_supported))
-            cls.add_rms_norm = staticmethod(_OnCuda(te.add_rms_norm, cls.add_rms_norm, te.add_norm_supported))
-            cls.silu_mul = staticmethod(_OnCuda(te.silu_mul, cls.silu_mul, te.silu_mul_supported))
-            cls.apply_rotary = staticmethod(_OnCuda(te.apply_rotary, cls.apply_rotary, te.rotary_supported))
-            cls.qk_norm_rotary = staticmethod(_OnCuda(te.qk_norm_rotary, cls.qk_norm_rotary,
-                                                      te.qk_norm_rotary_supported))
-            cls.triton_elementwise = True
+    @staticmethod
+    def for_mode(mode: Elementwise) -> Kernels:
+        """The set for a resolved mode (AUTO depends on the device: the engine resolves it first). The
+        same object for every call with one mode."""
+        if mode is Elementwise.AUTO:
+            raise ValueError("Elementwise.AUTO depends on the device; resolve it before asking for kernels")
+        return _kernel_set(Elementwise(mode))
 
-    @classmethod
-    def _compile(cls) -> None:
+
+EAGER = Kernels(Elementwise.EAGER, rms_norm, add_rms_norm, silu_mul, apply_rotary, qk_norm_rotary)
+
+
+@functools.cache
+def _kernel_set(mode: Elementwise) -> Kernels:
+    if mode is Elementwise.EAGER:
+        return EAGER
+    if mode is Elementwise.INDUCTOR:
         # Several engines (dtypes, devices) in one process each add a specialisation.
         dynamo = torch._dynamo.config
         name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
         setattr(dynamo, name, max(getattr(dynamo, name), 64))
-        cls.rms_norm = staticmethod(_Fused(rms_norm))
-        cls.add_rms_norm = staticmethod(_Fused(add_rms_norm))
-        cls.silu_mul = staticmethod(_Fused(silu_mul))
-        cls.apply_rotary = staticmethod(_Fused(apply_rotary))
-        cls.qk_norm_rotary = staticmethod(_Fused(qk_norm_rotary))
-        cls.compiled = True
+        return Kernels(mode, _Fused(rms_norm), _Fused(add_rms_norm), _Fused(silu_mul), _Fused(apply_rotary),
+                       _Fused(qk_norm_rotary))
+    from rlserve.layers import triton_elementwise as te
+    if not te.HAS_TRITON:
+        raise RuntimeError("Elementwise.TRITON needs the `triton` package")
+    other = _kernel_set(Elementwise.INDUCTOR)
+    return Kernels(mode, _OnCuda(te.rms_norm, other.rms_norm, te.norm_supported),
+                   _OnCuda(te.add_rms_norm, other.add_rms_norm, te.add_norm_supported),
+                   _OnCuda(te.silu_mul, other.silu_mul, te.silu_mul_supported),
+                   _OnCuda(te.apply_rotary, other.apply_rotary, te.rotary_supported),
+                   _OnCuda(te.qk_norm_rotary, other.qk_norm_rotary, te.qk_norm_rotary_supported))

@@ -39,5 +39,5 @@ class RotaryEmbedding(nn.Module):
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The tables' rows for these positions ([T, D] each); a forward pass gathers them once for all
-        layers, which pass them to Kernels.apply_rotary."""
+        layers, which pass them to their kernel set's apply_rotary."""
         return self.cos[positions], self.sin[positions]

@@ -5,7 +5,7 @@ inference (attention through a backend over the KV pool) and training (plain cau
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ from torch import nn
 from rlserve.config import ModelConfig
 from rlserve.layers.attention.base import AttentionBackend, ForwardBatch
 from rlserve.layers.attention.torch_backend import causal_attention
-from rlserve.layers.fused import Kernels
+from rlserve.layers.fused import EAGER, Kernels
 from rlserve.layers.logits import float32_logits
 from rlserve.layers.norm import RMSNorm
 from rlserve.layers.rotary import RotaryEmbedding
@@ -36,6 +36,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
         self.stacked: StackedLinear | None = None      # set by LlamaForCausalLM.stack_projections
+        self.kernels: Kernels = EAGER                  # set by LlamaForCausalLM.use_kernels
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 backend: AttentionBackend | None, batch: ForwardBatch | None,
@@ -46,9 +47,10 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = Kernels.qk_norm_rotary(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, *cos_sin)
+            q, k = self.kernels.qk_norm_rotary(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                                               *cos_sin)
         else:
-            q, k = Kernels.apply_rotary(q, k, *cos_sin)
+            q, k = self.kernels.apply_rotary(q, k, *cos_sin)
         if batch is None:
             out = causal_attention(q, k, v, self.scale, cu_seqlens or [0, t])
         else:
@@ -63,10 +65,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.stacked: StackedLinear | None = None
+        self.kernels: Kernels = EAGER
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project(x, [self.gate_proj, self.up_proj], self.stacked)
-        return self.down_proj(Kernels.silu_mul(gate, up))
+        return self.down_proj(self.kernels.silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -100,7 +103,7 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, kernels: Kernels = EAGER) -> None:
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg)
@@ -111,6 +114,7 @@ class LlamaForCausalLM(nn.Module):
         self.attn_backend: AttentionBackend | None = None
         # float32 logits from 16-bit models (layers/logits.py says why); the engine sets it from its config.
         self.fp32_logits = True
+        self.use_kernels(kernels)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch | None = None,
                 cu_seqlens: list[int] | None = None) -> torch.Tensor:
@@ -122,6 +126,14 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             x, delta = layer(x, delta, cos_sin, self.attn_backend, batch, cu_seqlens)
         return self.model.norm(x) if delta is None else self.model.norm.add_forward(x, delta)[0]
+
+    def use_kernels(self, kernels: Kernels) -> None:
+        """Run the elementwise chains with this set (its engine's choice; a forward under autograd takes
+        the eager functions whatever the set)."""
+        self.kernels = kernels
+        for module in self.modules():
+            if isinstance(module, (Attention, MLP, RMSNorm)):
+                module.kernels = kernels
 
     def stack_projections(self) -> None:
         """Run q/k/v and gate/up as one GEMM each at inference (see layers/stacked_linear.py). Call it
