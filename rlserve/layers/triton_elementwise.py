@@ -11,20 +11,19 @@ step. Here each step is one plain Triton launch:
   projection in place;
 - RMSNorm: one program per row.
 
-The engine uses them on CUDA by default (compile="auto" or "triton"; `--inductor-elementwise` keeps
-torch.compile's): on an H100 the offline benchmark runs 2-3% faster with them (docs/benchmarks.md,
-"Triton elementwise kernels by default"). All compute in float32 and round once, keeping
-the casts the eager versions in fused.py make on purpose: the normalised row is rounded to the model
-dtype before the norm weight, the residual sum before it is normalised, and cos/sin before rotary
-(tests/layers/test_triton_elementwise.py).
+The engine uses them on CUDA by default (compile="auto" or "triton"; `--elementwise inductor` keeps
+torch.compile's): on an H100 the offline benchmark runs 2-3% faster with them. All compute in float32
+and round once, keeping the casts the eager versions in fused.py make on purpose: the normalised row is
+rounded to the model dtype before the norm weight, the residual sum before it is normalised, and cos/sin
+before rotary (tests/layers/test_triton_elementwise.py).
 """
 from __future__ import annotations
 
 import torch
 
-from rlserve.layers.triton_support import HAS_TRITON, tl, triton
+from rlserve.layers.triton_support import HAS_TRITON as HAS_TRITON  # fused.py asks this module
 from rlserve.layers.triton_support import jit as _jit
-from rlserve.layers.triton_support import last_dim_contiguous
+from rlserve.layers.triton_support import last_dim_contiguous, tl, triton
 
 
 @_jit
@@ -116,7 +115,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """fused.add_rms_norm: (rms_norm(x + delta), x + delta) in one pass."""
-    return _norm(x, delta, weight, eps)
+    out, summed = _norm(x, delta, weight, eps)
+    assert summed is not None     # a delta always gives the sum
+    return out, summed
 
 
 @_jit

@@ -31,7 +31,7 @@ def shared_case(groups: list[tuple[int, int]], loners: int, heads: int, kv_heads
     gen = torch.Generator().manual_seed(seed)
     own = [rng.randint(1, 300) for _ in range(sum(m for m, _ in groups) + loners)]
     shared_total = sum(n for _, n in groups)
-    seq_lens, rows_of, starts, members_lists, lengths, group_rows = [], [], [], [], [], []
+    seq_lens, starts, members_lists, lengths, group_rows = [], [], [], [], []
     num_slots = shared_total + sum(own) + 64
     perm = (torch.randperm(num_slots - 1, generator=gen) + 1).tolist()
     table = torch.zeros(len(own) + 2, max(n for _, n in groups) + max(own) + 2, dtype=torch.int64)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from triton_interpreter import run_under_triton_interpreter  # (same folder)
 
 

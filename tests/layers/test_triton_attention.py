@@ -3,6 +3,7 @@ CUDA-graph replay of decode, and whole models (teacher-forced logits, greedy tok
 from __future__ import annotations
 
 import random
+from unittest import mock
 
 import pytest
 import torch
@@ -21,10 +22,21 @@ TOL = {torch.float32: dict(atol=1e-3, rtol=1e-3), torch.bfloat16: dict(atol=2e-2
        torch.float16: dict(atol=5e-3, rtol=5e-3)}
 
 
-def triton_backend(pool: KVPool, scale: float, **kwargs):
+def triton_backend(pool: KVPool, scale: float, max_kv_splits: int | None = None):
+    """The backend; with max_kv_splits, every decode batch it prepares gets that many spans instead of
+    the count decode_kv_splits picks (as the attention benchmark's --splits times them)."""
     pytest.importorskip("triton")
+    from rlserve.layers.attention import triton_decode
     from rlserve.layers.attention.triton_backend import TritonAttentionBackend
-    return TritonAttentionBackend(pool, scale, **kwargs)
+    backend = TritonAttentionBackend(pool, scale)
+    if max_kv_splits is not None:
+        prepare = backend.prepare
+
+        def prepare_with_splits(batch: ForwardBatch) -> None:
+            with mock.patch.object(triton_decode, "decode_kv_splits", lambda *_: max_kv_splits):
+                prepare(batch)
+        backend.prepare = prepare_with_splits
+    return backend
 
 
 # ---- random pools and batches --------------------------------------------------------------

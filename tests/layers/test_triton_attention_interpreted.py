@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from triton_interpreter import run_under_triton_interpreter  # (same folder)
 
 

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-
 from triton_interpreter import run_under_triton_interpreter  # same folder
 
 TOL = {torch.float32: 1e-5, torch.float16: 2 ** -9, torch.bfloat16: 2 ** -6}
@@ -196,8 +195,8 @@ def test_kernels_on_the_gpu_match_the_references():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_kernels_replay_in_a_cuda_graph_and_serve_the_compiled_model_functions(monkeypatch):
-    from rlserve.layers.fused import Kernels
     from rlserve.layers import triton_elementwise as te
+    from rlserve.layers.fused import Kernels
     # Kernels is process-wide: put back what this test swaps in, so later tests run the default path.
     for name in ("rms_norm", "add_rms_norm", "silu_mul", "apply_rotary", "qk_norm_rotary", "compiled",
                  "triton_elementwise"):

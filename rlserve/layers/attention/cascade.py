@@ -15,11 +15,16 @@ from __future__ import annotations
 import torch
 
 from rlserve.layers.attention.base import SharedPrefixes
-from rlserve.layers.attention.triton_backend import (_attend_span, _dot_precision, _jit, _next_pow2,
-                                                     _scale_strides, tl)
+from rlserve.layers.attention.triton_common import attend_span, dot_precision, next_pow2, scale_strides
+from rlserve.layers.triton_support import jit, tl
+
+# Spans per shared prefix. Fixed, so that the kernels' compile-time shapes never change from step to
+# step (each new combination would compile anew) and a CUDA graph captured for a batch size serves
+# every grouping; each span's length follows the prefix's length on the device.
+CASCADE_PREFIX_SPLITS = 4
 
 
-@_jit
+@jit
 def _shared_prefix_kernel(Q, K_buf, V_buf, K_scale, V_scale, ReqToToken, Members, Lengths, Rows, MidO, MidLse,
                           qk_scale,
                           stride_qb, stride_qh, stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_ss,
@@ -54,7 +59,7 @@ def _shared_prefix_kernel(Q, K_buf, V_buf, K_scale, V_scale, ReqToToken, Members
         q = q.to(tl.float16)
     row = tl.load(Rows + g).to(tl.int64)
 
-    m_i, l_i, acc = _attend_span(q, K_buf, V_buf, K_scale, V_scale, ReqToToken, row, start, end, kvh, qk_scale,
+    m_i, l_i, acc = attend_span(q, K_buf, V_buf, K_scale, V_scale, ReqToToken, row, start, end, kvh, qk_scale,
                                  stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_ss, stride_sh, stride_req,
                                  BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, FP8)
 
@@ -75,15 +80,15 @@ def shared_prefix_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.T
     kv_heads = k_buf.shape[1]
     group = heads // kv_heads
     fp8 = k_scale is not None
-    block_d = _next_pow2(dim)
-    block_m = max(16, _next_pow2(shared.max_members * group))
+    block_d = next_pow2(dim)
+    block_m = max(16, next_pow2(shared.max_members * group))
     block_n = 64 if block_d <= 128 and q.element_size() <= 2 else 32
     ks, vs = (k_scale, v_scale) if fp8 else (k_buf, v_buf)
     _shared_prefix_kernel[(shared.num_groups, kv_heads, prefix_splits)](
         q, k_buf, v_buf, ks, vs, table, shared.members, shared.lengths, shared.rows, mid_o, mid_lse, qk_scale,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
-        *_scale_strides(k_scale, v_scale), table.stride(0), shared.members.stride(0),
+        *scale_strides(k_scale, v_scale), table.stride(0), shared.members.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, MAX_MEMBERS=shared.max_members, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_D=block_d,
         BLOCK_N=block_n, PREFIX_SPLITS=prefix_splits, FIRST_SLOT=first_slot,
-        DOT_PRECISION=_dot_precision(q.dtype), FP8=fp8, num_warps=4, num_stages=2)
+        DOT_PRECISION=dot_precision(q.dtype), FP8=fp8, num_warps=4, num_stages=2)
