@@ -99,6 +99,7 @@ def build_model(cfg: ModelConfig, source: ModelSource, device: torch.device, dty
         model.init_dummy(config.seed)
     else:
         from rlserve.models.loader import iter_safetensors
+        assert source.model_dir is not None, "a checkpoint that is not a preset has a directory"
         model.load_weights(iter_safetensors(source.model_dir))
     model = model.to(dtype).eval()
     model.fp32_logits = config.fp32_logits

@@ -75,13 +75,15 @@ class CudaGraphRunner:
         # Each row's new slot goes into the req-to-token table inside the graph (a padded row writes
         # slot 0 into the all-zero pad row, which changes nothing).
         self.req_to_token[fb.req_rows, fb.positions] = fb.out_cache_loc
-        self.model.attn_backend.prepare(fb)
+        backend = self.model.attn_backend
+        assert backend is not None, "the engine attaches the backend before capturing"
+        backend.prepare(fb)
         return self.model.compute_logits(self.model(fb.input_ids, fb.positions, fb), float32=False)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
         pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
+        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         keys = [(bs, False) for bs in self.sizes]
         if self.cascade_width:
             keys += [(bs, True) for bs in self.sizes if bs >= 2]

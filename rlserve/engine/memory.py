@@ -35,14 +35,16 @@ class RequestMemory:
 
     def decode_need(self, reqs: list[Request]) -> int:
         """Free slots a decode step of `reqs` needs: one for each request with no reserved slot left."""
-        return sum(1 for r in reqs if not self.reserve_left[r.row])
+        left = self.reserve_left
+        return sum(1 for r in reqs if not left[r.row])  # type: ignore[index,misc]  # scheduled: rows are set
 
     def alloc_decode(self, reqs: list[Request]) -> torch.Tensor | None:
         """One slot for each request's next token, from its reserved run; requests that have used theirs
         up take a new run (a single slot when free slots are short, so reserving never evicts the prefix
         cache nor starves a request). None when the pool can't give every request a slot."""
         P, left = DECODE_RESERVE, self.reserve_left
-        need = [r.row for r in reqs if not left[r.row]]
+        rows: list[int] = [r.row for r in reqs]  # type: ignore[misc]  # scheduled requests hold a row
+        need = [row for row in rows if not left[row]]
         if need:
             per = P if self.allocator.available() >= len(need) * P + len(reqs) else 1
             fresh = self.alloc_tokens(len(need) * per)
@@ -52,9 +54,9 @@ class RequestMemory:
             self.reserve[to_device(need, torch.int64, device), P - per:] = fresh.view(len(need), per)
             for row in need:
                 left[row] = per
-        flat = [r.row * P + P - left[r.row] for r in reqs]
-        for r in reqs:
-            left[r.row] -= 1
+        flat = [row * P + P - left[row] for row in rows]
+        for row in rows:
+            left[row] -= 1
         return self.reserve.view(-1)[to_device(flat, torch.int64, self.reserve.device)]
 
     def _free_reserved(self, row: int) -> None:

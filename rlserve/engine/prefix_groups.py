@@ -8,8 +8,8 @@ prefix once for the whole group.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from rlserve.engine.request import Request
 
@@ -66,7 +66,7 @@ def find_prefix_groups(reqs: Sequence[Request], max_members: int,
                 continue
             groups.members.append(chunk)
             groups.lengths.append(depth)
-            groups.rows.append(reqs[chunk[0]].row)
+            groups.rows.append(reqs[chunk[0]].row)  # type: ignore[arg-type]  # running requests hold a row
             for i in chunk:
                 groups.starts[i] = depth
     return groups if groups.members else None

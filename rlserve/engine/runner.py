@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,9 @@ from rlserve.engine.transfer import pack_to_device
 from rlserve.layers.attention.base import ForwardBatch, SharedPrefixes
 from rlserve.models.llama import LlamaForCausalLM
 
+if TYPE_CHECKING:
+    from rlserve.engine.cuda_graph import CudaGraphRunner
+
 # A cascade step runs a second kernel per layer and pads its groups to the batch's capacity: use it only
 # when the KV it avoids reading (this many bytes a step, ~0.15 ms of HBM on an H100) outweighs that.
 CASCADE_MIN_SAVED_BYTES = 5 * 10**8
@@ -19,7 +23,7 @@ CASCADE_MIN_SAVED_BYTES = 5 * 10**8
 
 @dataclass
 class ForwardResult:
-    next_logits: torch.Tensor                   # [R, V]: one row per request that samples this step
+    next_logits: torch.Tensor | None            # [R, V]: one row per request that samples this step (None: none)
     sampling_reqs: list                         # the requests those rows belong to
     prompt_logits: dict[int, torch.Tensor]      # id(req) → [chunk, V] logits over its prefilled tokens
 
@@ -29,7 +33,7 @@ class ModelRunner:
         self.model = model
         self.table = table
         self.device = device
-        self.graphs = None            # a CudaGraphRunner once captured
+        self.graphs: CudaGraphRunner | None = None
         self.cascade_max_members = 0  # > 0: decode batches may read shared prefixes once (cascade)
         self.cascade_min_saved_tokens = 0
         self._groups_key: tuple | None = None
@@ -92,7 +96,8 @@ class ModelRunner:
             group_parts = [[i for m in groups.members for i in m + [-1] * (width - len(m))],
                            groups.lengths, groups.rows, groups.starts]
         t_ids, t_pos, t_rows, t_seq, t_ext, t_logit, *t_groups = pack_to_device(
-            [decode_ids, positions, [r.row for r in sb.reqs], seq_lens, extend_lens, logit_rows, *group_parts], dev)
+            [decode_ids, positions, [r.row for r in sb.reqs], seq_lens, extend_lens, logit_rows,  # type: ignore[misc]
+             *group_parts], dev)
         shared = None
         if groups is not None:
             members, lengths, rows, starts = t_groups
@@ -100,8 +105,11 @@ class ModelRunner:
                                     starts, len(groups.members), self.cascade_max_members)
             self.cascade_steps += 1
         if sb.is_decode:
+            assert decode_slots is not None, "a decode step writes into the slots it was given"
             table[t_rows, t_pos] = decode_slots       # decode writes at position == kv_len
-        loc = decode_slots if sb.is_decode else torch.cat(out_loc)
+            loc = decode_slots
+        else:
+            loc = torch.cat(out_loc)
         fb = ForwardBatch(
             input_ids=input_ids if input_ids is not None else t_ids,
             positions=t_pos, out_cache_loc=loc, req_rows=t_rows, seq_lens=t_seq, extend_lens=t_ext,
@@ -118,11 +126,12 @@ class ModelRunner:
         if sb.is_decode and graphs is not None and len(sb.reqs) <= graphs.max_bs and (
                 not self.cascade_max_members or self._prefix_groups(sb.reqs) is None):
             # The common decode step: no batch tensors to build, the graph takes the requests as they are.
-            return ForwardResult(graphs.replay_decode(sb.reqs, decode_slots, input_ids), sb.reqs, {})
+            return ForwardResult(graphs.replay_decode(sb.reqs, decode_slots, input_ids),  # type: ignore[arg-type]
+                                 sb.reqs, {})                    # (a decode step always comes with its slots)
         fb, sampling_reqs, prompt_spans = self.build(sb, decode_slots, input_ids)
         if self.graphs is not None and self.graphs.can_run(fb):
             return ForwardResult(self.graphs.run(fb), sampling_reqs, {})
-        self.model.attn_backend.prepare(fb)
+        self.model.attn_backend.prepare(fb)  # type: ignore[union-attr]  # the engine attached it
         hidden = self.model(fb.input_ids, fb.positions, fb)
         logits = self.model.compute_logits(hidden[fb.logits_indices], float32=False) if sampling_reqs else None
         prompt_logits = {id(req): self.model.compute_logits(hidden[s:s + n]) for req, s, n in prompt_spans}

@@ -6,6 +6,7 @@ inference (attention through a backend over the KV pool) and training (plain cau
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 from torch import nn
@@ -54,7 +55,7 @@ class Attention(nn.Module):
         if batch is None:
             out = causal_attention(q, k, v, self.scale, cu_seqlens or [0, t])
         else:
-            out = backend.forward(q, k, v, self.layer, batch)
+            out = backend.forward(q, k, v, self.layer, batch)  # type: ignore[union-attr]  # a batch comes with one
         return self.o_proj(out)
 
 
@@ -127,6 +128,9 @@ class LlamaForCausalLM(nn.Module):
             x, delta = layer(x, delta, cos_sin, self.attn_backend, batch, cu_seqlens)
         return self.model.norm(x) if delta is None else self.model.norm.add_forward(x, delta)[0]
 
+    def decoder_layers(self) -> list[DecoderLayer]:
+        return cast("list[DecoderLayer]", list(self.model.layers))
+
     def use_kernels(self, kernels: Kernels) -> None:
         """Run the elementwise chains with this set (its engine's choice; a forward under autograd takes
         the eager functions whatever the set)."""
@@ -138,7 +142,7 @@ class LlamaForCausalLM(nn.Module):
     def stack_projections(self) -> None:
         """Run q/k/v and gate/up as one GEMM each at inference (see layers/stacked_linear.py). Call it
         once the weights sit on their final device and dtype."""
-        for layer in self.model.layers:
+        for layer in self.decoder_layers():
             attn, mlp = layer.self_attn, layer.mlp
             attn.stacked = StackedLinear([attn.q_proj, attn.k_proj, attn.v_proj])
             mlp.stacked = StackedLinear([mlp.gate_proj, mlp.up_proj])
@@ -146,7 +150,7 @@ class LlamaForCausalLM(nn.Module):
     def unstack_projections(self) -> None:
         """Drop the stacked tensors (each layer then runs alone): they hold the weights' storage, so
         releasing the weights' memory must drop them too."""
-        for layer in self.model.layers:
+        for layer in self.decoder_layers():
             layer.self_attn.stacked = layer.mlp.stacked = None
 
     def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
