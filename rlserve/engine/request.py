@@ -34,10 +34,6 @@ class Request:
     cached_tokens: int = 0                    # prompt tokens served from the prefix cache (first admission)
     admitted_once: bool = False
     chunk_len: int = 0                        # tokens being prefilled in the current step
-    grammar: Any = None                       # an xgrammar matcher when output is constrained
-    grammar_key: int | None = None            # that matcher's name for the grammar backend's mask helper
-    # Tokens the helper's copy of the matcher took and `grammar` has not yet (see Engine._grammar_now).
-    grammar_lag: list[int] = field(default_factory=list)
     decode_row: Any = None                    # its SampleRow for overlapped decode steps, made once
 
     @property
@@ -48,6 +44,12 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def constrained(self) -> bool:
+        """Whether its output must match a grammar (its masks need every earlier token taken first)."""
+        p = self.params
+        return p.json_schema is not None or p.json_object or p.regex is not None or p.ebnf is not None
 
     @property
     def finished(self) -> bool:

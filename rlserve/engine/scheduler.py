@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from rlserve.config import SchedulerConfig
 from rlserve.engine.memory import RequestMemory
 from rlserve.engine.request import Request
+from rlserve.engine.sampler import has_penalties
 
 LPM_MAX_QUEUE = 128   # sorting by prefix match costs a tree walk per waiting request
 # A waiting request that shares at least this many uncached leading tokens with a prompt being prefilled
@@ -23,12 +24,32 @@ def _head(req: Request, n: int) -> list[int]:
     return req.prompt_ids[:n] if n <= len(req.prompt_ids) else req.fill_ids[:n]
 
 
+def rows_may_overlap(reqs: list[Request]) -> bool:
+    """Whether these rows' next tokens can be sampled without the host (no penalties, which read every
+    earlier token; no tokens banned until min_tokens are out), so a step can launch before the last
+    one's tokens are read."""
+    return all(not has_penalties(r.params) and len(r.output_ids) >= r.params.min_tokens for r in reqs)
+
+
 @dataclass
 class ScheduledBatch:
+    """One step's plan."""
     reqs: list[Request]
     is_decode: bool
     # Prefill only: whether each request's prompt is now complete (so it samples its next token).
     completes: list[bool]
+    overlap: bool | None = None    # may_overlap, when the scheduler knows it already
+
+    @property
+    def may_overlap(self) -> bool:
+        """Whether the step may run overlapped: launched now, its tokens read by the next step. A decode
+        step may if its rows need no host work before sampling (grammar rows wait on the device side for
+        their masks); a prefill step's first tokens also must need no grammar mask or logprobs."""
+        if self.overlap is None:
+            self.overlap = rows_may_overlap(self.reqs) and (self.is_decode or all(
+                not r.constrained and r.params.logprobs is None and r.params.prompt_logprobs is None
+                for r in self.reqs))
+        return self.overlap
 
 
 class Scheduler:
@@ -45,6 +66,10 @@ class Scheduler:
     # ---- queue ----
     def add(self, req: Request) -> None:
         self.waiting.append(req)
+
+    def num_waiting(self) -> int:
+        """Requests queued for admission: each sample of an n > 1 request counts, retracted ones too."""
+        return len(self.waiting)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.chunked)
@@ -74,6 +99,20 @@ class Scheduler:
             return batch
         if self.running:
             return self._schedule_decode()
+        return None
+
+    def schedule_ahead(self) -> ScheduledBatch | None:
+        """The next decode step, planned while the running requests' last tokens are still on the device;
+        None when that plan could differ from the one made after reading them: a prompt is being
+        chunked, a waiting request might be admitted once a running one finishes (the batch has room),
+        the pool is short, or a row needs its last token on the host before sampling."""
+        full = len(self.running) >= self.cfg.max_running_requests
+        if (self.chunked is None and self.running and (not self.waiting or full)
+                and self.memory.available_tokens() >= 2 * len(self.running) and rows_may_overlap(self.running)):
+            batch = self.schedule()
+            if batch is not None:
+                batch.overlap = True
+            return batch
         return None
 
     def _reserved(self) -> float:

@@ -1,6 +1,7 @@
 """Engine behaviour beyond greedy parity: seeds, n > 1, aborts, stops, streaming, limits, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from conftest import hf_model
 from rlserve import LLM, SamplingParams
+from rlserve.engine.status import LoopCounters
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +34,12 @@ def add_greedy(engine, prompts: list[list[int]], max_tokens: int) -> list[str]:
 
 def assert_clean(llm: LLM) -> None:
     e = llm.engine
-    assert not e.has_unfinished() and not e.scheduler.has_work()
+    st = e.status()
+    assert not e.has_unfinished() and st.running == st.waiting == 0 and not st.chunked
     assert e.kv_leaked() == 0
     assert e.flush_cache()
-    assert e.allocator.available() == e.allocator.size
+    st = e.status()
+    assert st.kv_free == st.kv_total
     assert e.table.available() == e.table.table.shape[0] - 1   # one row is the padding row
 
 
@@ -64,16 +68,16 @@ def test_seeded_sampling_survives_retraction(tiny_model_dir):
     roomy = LLM(path).generate(prompts, sp, use_tqdm=False)
     tight_llm = LLM(path, max_total_tokens=300)
     tight = tight_llm.generate(prompts, sp, use_tqdm=False)
-    assert tight_llm.engine.scheduler.num_retractions > 0
+    assert tight_llm.engine.status().retractions > 0
     assert [o.outputs[0].token_ids for o in roomy] == [o.outputs[0].token_ids for o in tight]
     assert_clean(tight_llm)
 
 
 def test_n_samples_are_distinct_and_share_prompt_kv(smol):
     prompt = smol.apply_chat_template([{"role": "user", "content": "Write a short poem about the sea."}])
-    before = smol.engine.stats["prompt_tokens"]
+    before = smol.engine.status().counters.prompt_tokens
     out = smol.generate(prompt, SamplingParams(n=4, temperature=1.0, max_tokens=16, seed=3), use_tqdm=False)[0]
-    computed = smol.engine.stats["prompt_tokens"] - before
+    computed = smol.engine.status().counters.prompt_tokens - before
     assert len(out.outputs) == 4 and [c.index for c in out.outputs] == [0, 1, 2, 3]
     assert len({tuple(c.token_ids) for c in out.outputs}) == 4
     # The prompt is computed once; each other sample recomputes only its last token.
@@ -85,15 +89,17 @@ def test_abort_anywhere_frees_memory(tiny):
     e = tiny.engine
     long_prompts = rand_prompts(6, seed=2, lo=80, hi=120)   # several chunks each at budget 32
     rids = [e.add_request(p, SamplingParams(max_tokens=50, ignore_eos=True)) for p in long_prompts]
-    e.step()                                   # one prompt part-way through chunked prefill
-    assert e.scheduler.chunked is not None
-    chunked_rid = e.scheduler.chunked.group
+    e.step()                                   # the first prompt part-way through chunked prefill
+    assert e.status().chunked
+    chunked_rid = rids[0]                      # (admitted in arrival order)
     out = e.abort(chunked_rid)
     assert out.finished and out.outputs[0].finish_reason == "abort"
+    assert not e.status().chunked
+    started: set[str] = set()
     for _ in range(12):
-        e.step()
-    running = [r.group for r in e.scheduler.running]
-    waiting = [r.group for r in e.scheduler.waiting]
+        started.update(o.request_id for o in e.step() if o.outputs[0].token_ids)
+    running = [r for r in rids[1:] if r in started]
+    waiting = [r for r in rids[1:] if r not in started]
     assert running, "some requests should be decoding"
     e.abort(running[0])                        # mid-decode
     if waiting:
@@ -249,7 +255,7 @@ def test_overlap_schedule_stops_aborts_and_matches_sync(tiny_model_dir):
     want = [o.outputs[0].token_ids for o in sync.generate(ps, params, use_tqdm=False)]
     got_outs = over.generate(ps, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got_outs] == want
-    assert over.engine.stats["overlapped_steps"] > 0
+    assert over.engine.status().counters.overlapped_steps > 0
     assert_clean(over)
     # Break out of a stream while a step is in flight: everything is aborted and freed.
     for i, _ in enumerate(over.stream(ps, SamplingParams(max_tokens=30, ignore_eos=True))):
@@ -273,11 +279,10 @@ def test_overlap_continues_while_requests_wait_behind_a_full_batch(tiny_model_di
     chained_while_waiting = 0
     done = {}
     while e.has_unfinished():
-        before = e.stats["overlapped_steps"]
-        waiting = len(e.scheduler.waiting)
+        before = e.status()
         for out in e.step(emit_unfinished=False):
             done[out.request_id] = out.outputs[0].token_ids
-        if waiting and e.stats["overlapped_steps"] > before:
+        if before.waiting and e.status().counters.overlapped_steps > before.counters.overlapped_steps:
             chained_while_waiting += 1
     assert [done[r] for r in rids] == want
     assert chained_while_waiting > 0
@@ -305,8 +310,9 @@ def test_overlapped_prefill_matches_sync(tiny_model_dir):
     assert [o.outputs[0].token_ids for o in got] == want
     lps = got[5].outputs[0].logprobs
     assert len(lps) == 12 and all(len(lp) >= 2 for lp in lps)
-    assert over.engine.stats["overlapped_prefills"] > 2
-    assert over.engine.stats["prompt_tokens"] == sum(len(p) for p in ps)
+    counters = over.engine.status().counters
+    assert counters.overlapped_prefills > 2
+    assert counters.prompt_tokens == sum(len(p) for p in ps)
     assert_clean(over)
 
 
@@ -318,8 +324,9 @@ def test_abort_while_a_prefill_is_in_flight(tiny_model_dir):
     over = LLM(path, overlap_schedule=True, chunked_prefill_size=64)
     e = over.engine
     rids = [e.add_request(p, params) for p in ps]
-    assert e.step() == [] and e.in_flight and e._pending.prefill   # launched, not yet read
-    first = e._pending.reqs[0].group
+    assert e.step() == [] and e.status().in_flight                 # launched, not yet read
+    assert e.status().counters.overlapped_prefills == 1
+    first = rids[0]                            # its prompt fits the first prefill step
     aborted = e.abort(first)
     assert aborted.outputs[0].finish_reason == "abort" and aborted.outputs[0].token_ids == []
     done = {}
@@ -377,10 +384,11 @@ def test_update_weights_after_aborting_a_prefill_in_flight(tiny_model_dir):
 def test_stats_count_prefill_and_decode_steps(tiny_model_dir):
     """One prefill step for a batch that fits the chunk budget, then a decode step per further token."""
     llm = LLM(str(tiny_model_dir("tiny-llama")), chunked_prefill_size=512)
-    before = dict(llm.engine.stats)
+    before = llm.engine.status().counters
     llm.generate(rand_prompts(4, seed=3), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
                  use_tqdm=False)
-    delta = {k: llm.engine.stats[k] - before[k] for k in ("prefill_steps", "decode_steps")}
+    after = llm.engine.status().counters
+    delta = {k: getattr(after, k) - getattr(before, k) for k in ("prefill_steps", "decode_steps")}
     assert delta == {"prefill_steps": 1, "decode_steps": 5}
 
 
@@ -395,9 +403,10 @@ def test_warm_up_leaves_no_trace(tiny_model_dir):
         engine = llm.engine
         if warm:
             engine.warm_up()
-            assert not engine.in_flight, "warm-up left an overlapped launch to the first real step"
-            assert engine.stats == engine._zero_stats()
-            assert engine.allocator.available() == engine.allocator.size, "warm-up left KV behind"
+            st = engine.status()
+            assert not st.in_flight, "warm-up left an overlapped launch to the first real step"
+            assert st.counters == LoopCounters()
+            assert st.kv_free == st.kv_total, "warm-up left KV behind"
             sched = engine.scheduler
             assert sched.new_token_ratio == sched.cfg.init_new_token_ratio and not sched.prefilled_groups
         rids = [engine.add_request(p, sampled) for p in prompts]
@@ -406,7 +415,8 @@ def test_warm_up_leaves_no_trace(tiny_model_dir):
             for o in engine.step():
                 outs[o.request_id] = o.outputs[0].token_ids
         assert_clean(llm)
-        counts = {k: v for k, v in engine.stats.items() if k != "device_wait_s"}   # a wall time, never equal
+        counts = dataclasses.asdict(engine.status().counters)
+        counts.pop("device_wait_s")            # a wall time, never equal
         return [outs[r] for r in rids], rids, counts
 
     for overlap in (False, True):   # CUDA overlaps by default; the CPU can be made to
@@ -421,21 +431,17 @@ def test_warm_up_runs_every_prefill_size_and_a_cached_prefix(tiny_model_dir, mon
     monkeypatch.setattr(engine, "add_request", lambda p, params, rid=None: (seen.append(len(p)), add(p, params, rid))[1])
     cached = []
     step = engine.step
-    monkeypatch.setattr(engine, "step", lambda: (cached.append(engine.stats["cached_tokens"]), step())[1])
+    monkeypatch.setattr(engine, "step", lambda: (cached.append(engine.status().counters.cached_tokens), step())[1])
     engine.warm_up()
     assert seen == [256, 128, 64, 32, 16]
     assert max(cached) >= 64, "no warm-up prompt read a cached prefix"
 
 
 def test_skip_warmup_flag_reaches_the_engine_config_and_a_cpu_engine_never_warms_up(tiny_model_dir, monkeypatch):
-    import argparse
-
-    from rlserve.cli import add_engine_args, engine_kwargs
+    from rlserve.config_args import parse_engine_args
     from rlserve.engine.engine import Engine
-    parser = argparse.ArgumentParser()
-    add_engine_args(parser)
-    assert "warmup" not in engine_kwargs(parser.parse_args(["--device", "cpu"]))
-    assert engine_kwargs(parser.parse_args(["--device", "cpu", "--skip-warmup"]))["warmup"] is False
+    assert parse_engine_args(["--device", "cpu"]).warmup is True
+    assert parse_engine_args(["--device", "cpu", "--skip-warmup"]).warmup is False
     assert LLM(str(tiny_model_dir("tiny-llama")), warmup=False).engine.config.warmup is False
     calls = []
     monkeypatch.setattr(Engine, "warm_up", lambda self: calls.append(self))

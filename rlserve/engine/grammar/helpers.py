@@ -6,19 +6,17 @@ matchers it is given (see GrammarBackend.helper_share for how many; helper key %
 engine sends the tokens those accept and the next batch's rows, the helpers advance their copies and
 write their rows of one bitmask in shared memory while the engine fills any rows of its own, and the
 engine copies the whole mask to the device when it launches the sampling. The engine's own matchers
-for those rows lag behind: they take their tokens only when read (Engine._grammar_now), when the
-engine must fill the rows itself; a stop token sampled under a helper's mask ends its request at once.
+for those rows lag behind: they take their tokens only when read (Constraints catches them up), when
+the engine must fill the rows itself; a stop token sampled under a helper's mask ends its request at once.
 
-A helper runs `python -m rlserve.engine.grammar_worker` (not multiprocessing's spawn, which would
+A helper runs `python -m rlserve.engine.grammar.worker` (not multiprocessing's spawn, which would
 re-run the caller's main script) and talks over a socket pair. If one fails, the engine drops them
 all and fills the masks itself, catching its matchers up first.
 """
 from __future__ import annotations
 
 import logging
-import os
 import pickle
-import platform
 import socket
 import struct
 import subprocess
@@ -33,37 +31,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlserve.engine.grammar.slots import (
+    ACCEPT_NS,
+    DONE,
+    FAILED,
+    FILL_NS,
+    STORES_IN_ORDER,
+    answer_slots,
+    segment_size,
+    slots_offset,
+)
+
 log = logging.getLogger("rlserve")
 # How long the helper polls for the next request before sleeping (GPU engines only, whose steps come
 # every few milliseconds; it keeps one core busy while requests flow).
 SPIN_S = 0.005
 STARTUP_TIMEOUT_S = 120.0   # for a helper to import xgrammar and take its first message
 RESULT_TIMEOUT_S = 10.0     # a helper this late is stuck: the engine stops using it and fills masks itself
-# Each helper's answer slot after the bitmask in the shared segment: the step it last answered, its
-# seconds advancing matchers and filling rows in that step (as ns), and 0 or 1 if it sent an error. A
-# helper that fails sets FAILED and leaves DONE: a device waiting on DONE must not read its rows.
-DONE, ACCEPT_NS, FILL_NS, FAILED = range(4)
-# Another process sees a helper's stores to shared memory in the order it made them on x86 only. Where
-# they may be reordered (ARM), a helper also sends an empty message after writing its slot: the
-# system calls on both sides order the slot and the mask rows before the engine reads them.
-# RLSERVE_GRAMMAR_HELPER_NOTIFY=1 takes that path anywhere.
-STORES_IN_ORDER = (platform.machine().lower() in ("x86_64", "amd64")
-                   and os.environ.get("RLSERVE_GRAMMAR_HELPER_NOTIFY") != "1")
-
-
-def _slots_offset(max_rows: int, words: int) -> int:
-    return -(-max_rows * words * 4 // 64) * 64
-
-
-def _control(buf: memoryview, max_rows: int, words: int, count: int) -> np.ndarray:
-    """The helpers' answer slots [count, 4] int64, placed after the bitmask (on a 64-byte boundary).
-    A helper writes its slot's DONE last, so an engine that reads DONE first sees the rest and the
-    helper's mask rows (see STORES_IN_ORDER)."""
-    return np.ndarray((count, 4), dtype=np.int64, buffer=buf, offset=_slots_offset(max_rows, words))
-
-
-def _segment_size(max_rows: int, words: int, count: int) -> int:
-    return _slots_offset(max_rows, words) + count * 4 * 8
+__all__ = ["MaskHelpers", "STORES_IN_ORDER"]
 
 
 @dataclass
@@ -89,12 +74,12 @@ class MaskHelpers:
     def __init__(self, count: int, tokenizer_info_json: str, stop_ids: list[int], max_rows: int, words: int,
                  pin: bool) -> None:
         self.max_rows = max_rows
-        self._shm = SharedMemory(create=True, size=_segment_size(max_rows, words, count))
+        self._shm = SharedMemory(create=True, size=segment_size(max_rows, words, count))
         # The helpers' bitmask, pinned when it feeds a GPU so the copy to the device is asynchronous.
         self.bitmask = torch.frombuffer(self._shm.buf, dtype=torch.int32, count=max_rows * words).view(max_rows, words)
-        self._answers = _control(self._shm.buf, max_rows, words, count)
+        self._answers = answer_slots(self._shm.buf, max_rows, words, count)
         self._answers[:] = 0
-        self._pinned = pin and _register(self.bitmask.data_ptr(), _segment_size(max_rows, words, count))
+        self._pinned = pin and _register(self.bitmask.data_ptr(), segment_size(max_rows, words, count))
         # Where the device can wait for the answer slots itself, a batch's mask copy and sampling can be
         # queued before the helpers are done (wait_on_device).
         self._slot_addresses = self._device_slots() if self._pinned and STORES_IN_ORDER else None
@@ -104,7 +89,7 @@ class MaskHelpers:
             ours, theirs = socket.socketpair()
             _send_timeout(ours.fileno(), STARTUP_TIMEOUT_S)    # the first message waits for the helper to start
             proc = subprocess.Popen(
-                [sys.executable, "-m", "rlserve.engine.grammar_worker", str(theirs.fileno()), self._shm.name,
+                [sys.executable, "-m", "rlserve.engine.grammar.worker", str(theirs.fileno()), self._shm.name,
                  str(max_rows), str(words), str(SPIN_S if pin else 0.0), str(index), str(count)],
                 pass_fds=(theirs.fileno(),))
             theirs.close()
@@ -119,14 +104,21 @@ class MaskHelpers:
         self._finalizer = weakref.finalize(self, _shut_down, [h.conn for h in self._helpers],
                                            [h.proc for h in self._helpers], self._shm,
                                            self.bitmask.data_ptr() if self._pinned else None,
-                                           _slots_offset(max_rows, words))
+                                           slots_offset(max_rows, words))
 
     @property
     def pinned(self) -> bool:
         return self._pinned
 
+    @property
+    def count(self) -> int:
+        return len(self._helpers)
+
+    def pids(self) -> tuple[int, ...]:
+        return tuple(h.proc.pid for h in self._helpers)
+
     def _device_slots(self) -> list[int] | None:
-        from rlserve.engine.stream_wait import StreamWaiter
+        from rlserve.engine.grammar.stream_wait import StreamWaiter
         waiter = StreamWaiter.load()
         if waiter is None:
             return None
@@ -292,114 +284,3 @@ def _shut_down(conns: list[Connection], procs: list[subprocess.Popen], shm: Shar
     except BufferError:
         pass        # a tensor still views the buffer; the segment is unlinked anyway
     shm.unlink()
-
-
-def _wait(conn: Connection, spin_s: float) -> None:
-    """Poll for the next request for up to spin_s before sleeping in the kernel: a step's request
-    follows the last one within milliseconds, and waking a sleeping process costs a good part of what
-    the helper saves (~0.3 ms a step, measured on an H200 host)."""
-    end = time.perf_counter() + spin_s
-    while time.perf_counter() < end:
-        if conn.poll(0):
-            return
-    conn.poll(None)
-
-
-def serve(conn: Connection, shm_name: str, max_rows: int, words: int, spin_s: float, index: int = 0,
-          count: int = 1) -> None:
-    """The helper's loop: apply grammar events as they come; for each step, advance its matchers by
-    their tokens, fill its rows (keys with key % count == index), answer with the seconds those two
-    took (or the first error's text, after which the engine stops asking)."""
-    torch.set_num_threads(1)    # one core: idle OpenMP workers would spin on cores the engine uses
-    try:
-        import xgrammar as xgr
-
-        info_json, stop_ids = conn.recv()
-        info = xgr.TokenizerInfo.deserialize_json(info_json)
-        stop_ids = frozenset(stop_ids)
-        shm = SharedMemory(name=shm_name)
-        try:   # attaching registered the segment for removal at this process's exit: it is the engine's
-            from multiprocessing import resource_tracker
-            resource_tracker.unregister(shm._name, "shared_memory")
-        except Exception:
-            pass
-        bitmask = torch.frombuffer(shm.buf, dtype=torch.int32, count=max_rows * words).view(max_rows, words)
-        answer = _control(shm.buf, max_rows, words, count)[index]
-        filler = xgr.BatchGrammarMatcher(max_threads=1)
-    except Exception as e:
-        conn.send(f"{type(e).__name__}: {e}")
-        return
-    conn.send("ready")
-    grammars: dict[int, Any] = {}
-    matchers: dict[int, Any] = {}
-    terminated: set[int] = set()
-    error: str | None = None         # from an events message (which gets no answer of its own)
-
-    def take(key: int, token: int) -> None:
-        matcher = matchers.get(key)
-        # A rejection leaves the state as the engine's; only a stop token can terminate.
-        if matcher is not None and matcher.accept_token(token) and token in stop_ids and matcher.is_terminated():
-            terminated.add(key)
-
-    while True:
-        try:
-            _wait(conn, spin_s)
-            msg = conn.recv()
-        except EOFError:
-            break
-        if msg is None:
-            break
-        try:
-            if msg[0] == "events":
-                _, new_grammars, new_matchers, accepted, dropped = msg
-                for gid, text in new_grammars:
-                    grammars[gid] = xgr.CompiledGrammar.deserialize_json(text, info)
-                for key, gid in new_matchers:
-                    matchers[key] = xgr.GrammarMatcher(grammars[gid])
-                for key, token in accepted:
-                    take(key, token)
-                for key in dropped:
-                    matchers.pop(key, None)
-                    terminated.discard(key)
-                continue
-            _, step, took, tokens, keys = msg
-            start = time.perf_counter()
-            for key, token in zip(took, tokens):
-                if key is not None and key % count == index:
-                    take(key, token)
-            took_s = time.perf_counter() - start
-            # Only this helper's rows: the other helpers and the engine fill the rest meanwhile. A
-            # terminated matcher has no next token: its request is finishing and its row is unused.
-            mine = [i for i, k in enumerate(keys) if k is not None and k % count == index]
-            rows = [i for i in mine if keys[i] in matchers and keys[i] not in terminated]
-            if len(rows) < len(mine):
-                bitmask[[i for i in mine if keys[i] not in matchers or keys[i] in terminated]] = -1
-            if rows:
-                filler.batch_fill_next_token_bitmask([matchers[keys[i]] for i in rows], bitmask, rows)
-            if error is None:
-                answer[ACCEPT_NS] = int(took_s * 1e9)
-                answer[FILL_NS] = int((time.perf_counter() - start - took_s) * 1e9)
-            _answer(conn, answer, step, error)
-        except Exception as e:   # report, don't die silently: the engine falls back to its own fills
-            error = error or f"{type(e).__name__}: {e}"
-            if msg[0] != "events":
-                _answer(conn, answer, msg[1], error)
-    del bitmask, answer
-    shm.close()
-
-
-def _answer(conn: Connection, answer: np.ndarray, step: int, error: str | None) -> None:
-    if error is not None:
-        answer[FAILED] = 1  # and no DONE: a device may be waiting for it to read this helper's rows
-    else:
-        answer[DONE] = step     # after the rest: the engine reads the slot once this changes
-    if not STORES_IN_ORDER:
-        conn.send_bytes(b"")
-    if error is not None:
-        conn.send(error)
-
-
-if __name__ == "__main__":
-    fd, name, rows, width, spin, index, count = sys.argv[1:8]
-    serve(Connection(int(fd)), name, int(rows), int(width), float(spin), int(index), int(count))
-    os._exit(0)

@@ -1,19 +1,18 @@
-"""Grammar-constrained decoding through xgrammar: compile once per distinct constraint, one matcher
-per sample, a vocabulary bitmask applied to the logits before every sampling mode (or, for rows the
-one-pass Gumbel kernel samples on a GPU, handed to that kernel, which skips masked tokens itself)."""
+"""xgrammar underneath the constraints: compile once per distinct constraint, one matcher per sample,
+packed vocabulary bitmasks filled on the host (here or by the mask helpers) and copied to the device."""
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from rlserve.engine.grammar_worker import MaskHelpers
+from rlserve.engine.grammar.helpers import MaskHelpers
+from rlserve.engine.grammar.spec import GrammarSpec
 
 log = logging.getLogger("rlserve")
 # xgrammar's thread pool costs ~0.2 ms a fill to dispatch (H100 host: 64 cheap rows take 0.27 ms on one
@@ -24,34 +23,14 @@ PARALLEL_FILL_S = 1e-3
 SERIAL_PROBE_EVERY = 16     # fills between serial ones that re-measure the cost per row
 
 
-@dataclass(frozen=True)
-class GrammarSpec:
-    kind: str      # "json_schema" | "json_object" | "regex" | "ebnf"
-    source: str    # the schema as canonical JSON text, the regex, or the EBNF grammar
-
-    @staticmethod
-    def from_params(params: Any) -> GrammarSpec | None:
-        if params.json_schema is not None:
-            schema = params.json_schema
-            text = json.dumps(schema, sort_keys=True) if isinstance(schema, dict) else schema
-            return GrammarSpec("json_schema", text)
-        if params.json_object:
-            return GrammarSpec("json_object", "")
-        if params.regex is not None:
-            return GrammarSpec("regex", params.regex)
-        if params.ebnf is not None:
-            return GrammarSpec("ebnf", params.ebnf)
-        return None
-
-
 class GrammarBackend:
     """Owns the xgrammar compiler for one tokenizer; compiled grammars are cached by spec."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], max_cache: int = 256,
                  helpers: int = 0, helper_rows: int = 0, pin: bool = False) -> None:
-        """helpers > 0: that many helper processes (grammar_worker) fill masks of batches of up to
+        """helpers > 0: that many helper processes (grammar.worker) fill masks of batches of up to
         helper_rows rows beside the engine."""
-        import xgrammar as xgr   # imported on first use: the engine core doesn't need it otherwise
+        import xgrammar as xgr  # imported on first use: the engine core doesn't need it otherwise
 
         self.xgr = xgr
         self.vocab_size = vocab_size
@@ -71,6 +50,8 @@ class GrammarBackend:
         self._matchers = itertools.count()
         self._helper_keys = itertools.count()
         self.helpers: MaskHelpers | None = None
+        self.given_up = 0            # times the helpers failed, exited or were stuck and were dropped
+        self.queued_on_device = 0    # samplings queued behind a device-side wait for the helpers' answers
         # The share of matchers whose rows the helpers fill (for matchers made after it is set). One
         # helper takes half and the engine fills the rest meanwhile; two or more take them all, since
         # the engine's own fills were then the longest path (docs/benchmarks.md has the figures).
@@ -133,8 +114,8 @@ class GrammarBackend:
             self._lose_helpers(e)
             return False
 
-    def request_masks(self, keys: list[int | None], took: list[int | None] = (),
-                      tokens: list[int] = ()) -> bool:
+    def request_masks(self, keys: list[int | None], took: Sequence[int | None] = (),
+                      tokens: Sequence[int] = ()) -> bool:
         """Start the helpers on their rows of a batch's masks (keys: the rows' helper keys, None
         where the engine fills or the row is unconstrained), once their matchers have taken `tokens`
         (took: each token's helper key, or None). False when there are no helpers, and then they
@@ -183,9 +164,10 @@ class GrammarBackend:
         if not helpers.wait_on_device(torch.cuda.current_stream(device)):
             # Some waits may be queued: they pass once the helpers answer, which they do regardless.
             return None
+        self.queued_on_device += 1
         return bitmask.to(device, non_blocking=True)
 
-    def confirm_masks(self, owned: list[int | None], matchers_now: Any) -> None:
+    def confirm_masks(self, owned: list[int | None], matchers_now: Callable[[], list[Any | None]]) -> None:
         """After masks_on_device_when_answered: take the helpers' answers. If one failed, exited or is
         stuck, the engine fills the helpers' rows itself (matchers_now() gives every row's current
         matcher), lets the device's copy go, waits for it, and stops using the helpers."""
@@ -204,7 +186,9 @@ class GrammarBackend:
     def _lose_helpers(self, error: Exception) -> None:
         log.warning("grammar mask helper stopped (%s); masks are filled in the engine process", error)
         helpers, self.helpers = self.helpers, None
-        helpers.abandon()
+        self.given_up += 1
+        if helpers is not None:
+            helpers.abandon()
 
     def apply_masks(self, logits: torch.Tensor, matchers: list[Any | None]) -> None:
         """Mask, in place, every row whose request is constrained."""
