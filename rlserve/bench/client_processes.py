@@ -15,8 +15,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 
-from rlserve.bench.serving import (BenchRequest, RequestResult, RunConfig, RunOutcome, arrival_times, make_client,
-                                   run_requests)
+from rlserve.bench.serving_client import RequestResult, RunConfig, RunOutcome, make_client, run_requests
+from rlserve.bench.serving_workload import BenchRequest, arrival_times
 
 START_DELAY_S = 0.5      # from the last process's readiness to the common start
 
@@ -68,9 +68,10 @@ def run_in_processes(requests: list[BenchRequest], cfg: RunConfig, processes: in
                                start_at)
                    for part, cap in zip(parts, caps)]
         done = [f.result() for f in futures]
-    results: list[RequestResult | None] = [None] * len(requests)
+    slots: list[RequestResult | None] = [None] * len(requests)
     for part, (res, _, _) in zip(parts, done):
         for i, r in zip(part, res):
-            results[i] = r
+            slots[i] = r
+    results = [r for r in slots if r is not None]     # every index is in one part
     duration = max(end for _, end, _ in done) - start_at
     return RunOutcome(results, duration, max(cpu for _, _, cpu in done))

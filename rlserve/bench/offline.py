@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import random
 import statistics
 import sys
 import time
@@ -22,146 +21,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from rlserve.bench.roofline import Roofline, decode_roofline, device_peaks
+from rlserve.bench.workload import Workload, make_workload
+
 if TYPE_CHECKING:
     import torch
 
-    from rlserve.config import ModelConfig
-
 TEMPERATURE = 0.6
-
-# (substring of torch.cuda.get_device_name(), HBM bytes/s, dense bf16 FLOP/s); first match wins.
-GPU_PEAKS: tuple[tuple[str, float, float], ...] = (
-    ("H200", 4.8e12, 989e12),
-    ("H100 PCIe", 2.0e12, 756e12),
-    ("H100", 3.35e12, 989e12),      # SXM
-)
-
-
-# ---- workload ----
-@dataclass(frozen=True)
-class Workload:
-    prompt_token_ids: list[list[int]]
-    max_tokens: list[int]
-
-    @property
-    def num_requests(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def input_tokens(self) -> int:
-        return sum(map(len, self.prompt_token_ids))
-
-    @property
-    def output_tokens(self) -> int:
-        return sum(self.max_tokens)
-
-
-def make_workload(num_prompts: int = 256, min_input: int = 100, max_input: int = 1024,
-                  min_output: int = 100, max_output: int = 1024, seed: int = 0,
-                  max_token_id: int = 10000) -> Workload:
-    """nano-vllm's draw order: every prompt (its length, then its ids) first, then every max_tokens."""
-    if not 1 <= min_input <= max_input or not 1 <= min_output <= max_output or num_prompts < 1:
-        raise ValueError(f"bad workload: need num prompts >= 1 (got {num_prompts}), 1 <= min input <= max input "
-                         f"(got {min_input}, {max_input}), 1 <= min output <= max output "
-                         f"(got {min_output}, {max_output})")
-    rng = random.Random(seed)     # the same stream as random.seed(seed), without touching global state
-    prompts = [[rng.randint(0, max_token_id) for _ in range(rng.randint(min_input, max_input))]
-               for _ in range(num_prompts)]
-    max_tokens = [rng.randint(min_output, max_output) for _ in range(num_prompts)]
-    return Workload(prompts, max_tokens)
-
-
-# ---- roofline ----
-def count_params(cfg: ModelConfig) -> tuple[int, int]:
-    """(all parameters, parameters a decode step streams from memory).
-
-    A step reads every weight once, except an untied input embedding, of which it gathers only the
-    rows of the batch's tokens; a tied embedding is read in full as the LM head.
-    """
-    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    attn = h * q + 2 * h * kv + q * h
-    if cfg.attention_bias:
-        attn += q + 2 * kv
-    if cfg.qk_norm:
-        attn += 2 * cfg.head_dim
-    layer = attn + 3 * h * cfg.intermediate_size + 2 * h
-    embed = cfg.vocab_size * h
-    body = cfg.num_layers * layer + h
-    total = body + embed + (0 if cfg.tie_word_embeddings else embed)
-    return total, body + embed
-
-
-@dataclass(frozen=True)
-class Roofline:
-    min_time_s: float
-    prefill_s: float
-    decode_s: float
-    decode_steps: int
-    output_tok_per_s: float
-    total_tok_per_s: float
-    hbm_bytes_per_s: float
-    peak_flops: float
-
-
-def step_roofline_s(weight_bytes: float, context_tokens: int, kv_bytes_per_token: int, batch: int,
-                    streamed_params: int, hbm_bytes_per_s: float, peak_flops: float = float("inf")) -> float:
-    """The least time of one decode step: the larger of streaming every weight once plus the KV of
-    every live context token, and 2 × params FLOPs per active request at peak."""
-    memory_s = (weight_bytes + context_tokens * kv_bytes_per_token) / hbm_bytes_per_s
-    return max(memory_s, 2 * streamed_params * batch / peak_flops)
-
-
-def decode_roofline(model_config: ModelConfig, dtype_bytes: int, kv_bytes_per_token: int,
-                    workload: Workload, hbm_bytes_per_s: float, peak_flops: float,
-                    max_running: int | None = None) -> Roofline:
-    """The least time any engine could take for `workload` on this hardware.
-
-    Prefill: 2 × params FLOPs per prompt token at peak (attention FLOPs left out). Decode is simulated
-    step by step: request r runs its max_tokens steps, attending at step s to its prompt plus s tokens;
-    all requests start at once unless `max_running` caps concurrency (then a finished request's slot
-    goes to the next in line). A step costs the larger of its memory time (every streamed weight once +
-    the KV of every active context token, over `hbm_bytes_per_s`) and its compute time (2 × params
-    FLOPs per active request, at `peak_flops`). Pass peak_flops=inf to bound by bandwidth alone.
-    """
-    _, streamed = count_params(model_config)
-    weight_bytes = streamed * dtype_bytes
-    prefill_s = 2 * streamed * workload.input_tokens / peak_flops
-
-    cap = workload.num_requests if max_running is None else max(1, min(max_running, workload.num_requests))
-    prompt_lens = [len(p) for p in workload.prompt_token_ids]
-    waiting = list(range(workload.num_requests))[::-1]     # pop() takes the next in line
-    active: dict[int, int] = {}                             # request → tokens generated so far
-    decode_s, steps = 0.0, 0
-    while waiting or active:
-        while waiting and len(active) < cap:
-            active[waiting.pop()] = 0
-        context = sum(prompt_lens[r] + done + 1 for r, done in active.items())
-        decode_s += step_roofline_s(weight_bytes, context, kv_bytes_per_token, len(active), streamed,
-                                    hbm_bytes_per_s, peak_flops)
-        steps += 1
-        for r in list(active):
-            active[r] += 1
-            if active[r] >= workload.max_tokens[r]:
-                del active[r]
-
-    total = prefill_s + decode_s
-    return Roofline(min_time_s=total, prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps,
-                    output_tok_per_s=workload.output_tokens / total,
-                    total_tok_per_s=(workload.input_tokens + workload.output_tokens) / total,
-                    hbm_bytes_per_s=hbm_bytes_per_s, peak_flops=peak_flops)
-
-
-def device_peaks(device: torch.device) -> tuple[float, float] | None:
-    """(HBM bytes/s, bf16 FLOP/s) of a known GPU, else None."""
-    import torch
-
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, bw, flops in GPU_PEAKS:
-        if key in name:
-            return bw, flops
-    return None
 
 
 # ---- results ----
@@ -334,15 +200,10 @@ def run_hf(hf_model: Any, workload: Workload, batch_size: int, device: torch.dev
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     """The engine's rule: auto is CUDA when present; auto dtype is float32 on CPU, bfloat16 on CUDA."""
-    import torch
-
-    from rlserve.config import parse_dtype
-    from rlserve.engine.engine import pick_device
+    from rlserve.engine.build import model_dtype, pick_device
 
     dev = pick_device(device)
-    if dtype == "auto":
-        return dev, torch.float32 if dev.type == "cpu" else torch.bfloat16
-    return dev, parse_dtype(dtype)
+    return dev, model_dtype(dtype, dev)
 
 
 def run_offline(workload: Workload | None = None, backend: str = "rlserve", batch_size: int = 32,
@@ -405,7 +266,7 @@ def run_offline(workload: Workload | None = None, backend: str = "rlserve", batc
 
 # ---- command line ----
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from rlserve.cli import add_engine_args
+    from rlserve.config_args import add_engine_args
 
     w = parser.add_argument_group("workload (defaults: nano-vllm's bench.py)")
     w.add_argument("--num-prompts", type=int, default=256)
@@ -461,14 +322,14 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         add_arguments(parser)
         args = parser.parse_args(args)
-    from rlserve.cli import engine_kwargs
+    from rlserve.config_args import engine_options_from_args
 
     # A lone --max-input/--max-output below the default minimum of 100 pulls the minimum down with it.
     min_input = args.min_input if args.min_input is not None else min(100, args.max_input)
     min_output = args.min_output if args.min_output is not None else min(100, args.max_output)
     workload = make_workload(args.num_prompts, min_input, args.max_input, min_output, args.max_output,
                              seed=args.workload_seed)
-    result = run_offline(workload, args.backend, args.batch_size, args.warmup, engine_kwargs(args),
+    result = run_offline(workload, args.backend, args.batch_size, args.warmup, engine_options_from_args(args),
                          hbm_bytes_per_s=args.hbm_gbps * 1e9 if args.hbm_gbps else None,
                          peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None,
                          use_tqdm=not args.no_tqdm, repeat=args.repeat)

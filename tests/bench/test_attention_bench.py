@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from rlserve.bench.attention import _bytes_per_token
+from benchmarks.attention import _bytes_per_token
 from rlserve.kv_pool import FP8_DTYPE, KVPool
 
 

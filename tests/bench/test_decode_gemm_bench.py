@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlserve.bench.decode_gemm import layer_shapes, main
+from benchmarks.decode_gemm import layer_shapes, main
 from rlserve.config import ModelConfig
 from rlserve.models.llama import LlamaForCausalLM
 from rlserve.models.presets import preset_hf_config

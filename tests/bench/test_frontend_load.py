@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from rlserve.bench import frontend_load
+from benchmarks import frontend_load
 
 
 def test_stand_in_engine_serves_every_request(capsys, tmp_path, default_model_dir):

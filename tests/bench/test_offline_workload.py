@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from rlserve.bench.offline import Workload, count_params, decode_roofline, make_workload
+from rlserve.bench.roofline import count_params, decode_roofline, step_roofline_s
+from rlserve.bench.workload import Workload, make_workload
 from rlserve.config import ModelConfig
 from rlserve.models.llama import LlamaForCausalLM
 from rlserve.models.presets import preset_hf_config
@@ -79,7 +80,6 @@ def test_roofline_toy_compute_bound():
 
 
 def test_step_roofline_is_the_slower_of_memory_and_compute():
-    from rlserve.bench.offline import step_roofline_s
     # 1 GB of weights + 1,000 tokens × 1 MB of KV over 1 TB/s = 2 ms; compute 2 × 1e9 × 8 / 1e15 = 16 µs.
     assert step_roofline_s(1e9, 1000, 10**6, 8, 10**9, 1e12, 1e15) == pytest.approx(2e-3)
     # A huge batch on a slow chip turns compute-bound.

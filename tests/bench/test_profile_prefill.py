@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import math
 
-from rlserve.bench import profile_prefill
-from rlserve.bench.offline import make_workload
+from benchmarks import profile_prefill
+from rlserve.bench.workload import make_workload
 
 
 def test_each_round_prefills_every_prompt_in_chunks(capsys):

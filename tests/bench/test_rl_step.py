@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from rlserve.bench import rl_step
+from benchmarks import rl_step
 
 
 def test_rl_step_bench_reports_each_phase(tmp_path, capsys):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from rlserve.bench import rollout_sampling
+from benchmarks import rollout_sampling
 
 
 def test_rollout_sampling_bench_times_both_sides_of_equal_work(capsys):

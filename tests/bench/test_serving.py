@@ -11,10 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlserve.bench.serving import (BenchRequest, RunConfig, Stats, StreamTimer, arrival_times, build_requests,
-                                   make_client, parse_len, percentile, random_requests, run_requests,
-                                   send_request, shared_prefix_requests, summarize, validate)
-from rlserve.cli import build_parser, main
+from rlserve.bench import serving
+from rlserve.bench.client_processes import concurrency_shares, run_in_processes, shards
+from rlserve.bench.serving import build_requests, validate
+from rlserve.bench.serving_client import RequestResult, RunConfig, StreamTimer, make_client, run_requests, send_request
+from rlserve.bench.serving_stats import Stats, percentile, summarize
+from rlserve.bench.serving_workload import (
+    BenchRequest,
+    arrival_times,
+    parse_len,
+    random_requests,
+    shared_prefix_requests,
+)
+from rlserve.cli import main
 
 
 # ---- datasets ----
@@ -62,7 +71,9 @@ def test_shared_prefix_structure():
 
 
 def _args(*flags: str) -> argparse.Namespace:
-    return build_parser().parse_args(["bench", "serving", *flags])
+    parser = argparse.ArgumentParser()
+    serving.add_arguments(parser)
+    return parser.parse_args(flags)
 
 
 def test_shuffle_keeps_the_requests_and_changes_the_order():
@@ -145,7 +156,6 @@ def test_stream_timer_rejects_error_events_and_empty_streams():
 
 
 def test_summary_counts_only_completed_requests():
-    from rlserve.bench.serving import RequestResult
     reqs = [BenchRequest([1, 2, 3], 4), BenchRequest([1, 2], 5), BenchRequest([7], 2)]
     results = [RequestResult(ok=True, prompt_tokens=3, output_tokens=4, cached_tokens=1, ttft=0.1, e2e=0.4,
                              itl=[0.1, 0.1, 0.1], chunks=4),
@@ -248,7 +258,6 @@ def test_cli_random_and_shared_prefix_runs(bench_server, tmp_path, capsys):
 
 
 def test_requests_split_over_client_processes():
-    from rlserve.bench.client_processes import concurrency_shares, shards
     assert shards(7, 3) == [[0, 3, 6], [1, 4], [2, 5]]
     assert shards(2, 3) == [[0], [1], []]
     assert concurrency_shares(64, 3) == [22, 21, 21] and concurrency_shares(None, 2) == [None, None]
@@ -261,7 +270,6 @@ def test_requests_split_over_client_processes():
 
 
 def test_several_client_processes_send_every_request_in_order(bench_server):
-    from rlserve.bench.client_processes import run_in_processes
     reqs = random_requests(10, (16, 48), (3, 12), vocab_size=49152, seed=4)
     cfg = RunConfig(base_url=bench_server.url, max_concurrency=4, request_rate=100.0, seed=4)
     results, duration, cpu = run_in_processes(reqs, cfg, 3)

@@ -1,11 +1,11 @@
-"""`python -m rlserve.bench.serving_targets` end to end on CPU with a tiny model and tiny runs: both
+"""`python benchmarks/serving_targets.py` end to end on CPU with a tiny model and tiny runs: both
 servers start and stop, the radix-on run reuses prefixes and the radix-off run doesn't, the JSON line
 holds the speed-up and the ITL figures."""
 from __future__ import annotations
 
 import json
 
-from rlserve.bench.serving_targets import main
+from benchmarks.serving_targets import main
 
 TINY = ["--model", "tiny-llama", "--max-total-tokens", "16384", "--max-model-len", "512"]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from rlserve.bench import structured
+from benchmarks import structured
 
 
 def test_structured_bench_reports_equal_work_and_the_spread_of_pairs(default_model_dir, capsys):

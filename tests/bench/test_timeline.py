@@ -2,8 +2,8 @@
 groups the decode steps by batch size."""
 from __future__ import annotations
 
-from rlserve.bench import timeline
-from rlserve.bench.offline import make_workload
+from benchmarks import timeline
+from rlserve.bench.workload import make_workload
 
 
 def test_timeline_records_each_step(capsys):

@@ -13,7 +13,13 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 from rlserve import LLM, SamplingParams  # noqa: E402
-from rlserve.bench.structured import SCHEMA  # noqa: E402
+
+# The structured-output benchmark's object (benchmarks/structured.py).
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string"},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+    "required": ["name", "age", "tags"], "additionalProperties": False}
 
 PATTERN = r"[a-z]{3,8}-\d{2}(\.[A-Z]{1,3})?"
 

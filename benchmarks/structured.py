@@ -1,6 +1,6 @@
 """Structured-output overhead: a batch under a JSON-schema constraint vs the same batch unconstrained,
 forced to the same output lengths (each unconstrained request decodes exactly as many tokens as its
-constrained twin produced, ignoring EOS). `python -m rlserve.bench.structured [--model M]`."""
+constrained twin produced, ignoring EOS). `python benchmarks/structured.py [--model M]`."""
 from __future__ import annotations
 
 import argparse
@@ -56,13 +56,13 @@ def _twins(lengths: list[int]) -> list[SamplingParams]:
 
 
 def _wait_for_mask_helper(llm: LLM, timeout_s: float = 120.0) -> None:
-    """Time the steady state: the grammar backend's mask helper process (on CUDA) has started."""
-    backend = llm.engine._grammar
+    """Time the steady state: the mask helper processes (on CUDA) have started."""
+    grammar = llm.engine.grammar
     deadline = time.monotonic() + timeout_s
-    # helper_ready() drops a helper that failed to start (the engine then fills every mask itself).
-    while backend is not None and backend.helpers is not None and not backend.helper_ready():
+    # Asking drops helpers that failed to start (status().helpers is then 0: the engine fills every mask).
+    while not grammar.helpers_ready() and grammar.status().helpers:
         if time.monotonic() > deadline:
-            raise RuntimeError("the grammar mask helper did not start")
+            raise RuntimeError("the grammar mask helpers did not start")
         time.sleep(0.05)
 
 

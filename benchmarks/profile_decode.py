@@ -1,5 +1,5 @@
 """Where a decode step's time goes: wall time per step with the engine's settings, and the top device
-kernels from torch.profiler. `python -m rlserve.bench.profile_decode --model qwen3-0.6b`."""
+kernels from torch.profiler. `python benchmarks/profile_decode.py --model qwen3-0.6b`."""
 from __future__ import annotations
 
 import argparse
@@ -24,8 +24,8 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--kv-cache-dtype", default="auto", help='"auto" or "fp8_e4m3"')
     a = ap.parse_args()
-    llm = LLM(a.model, cuda_graph=not a.no_cuda_graph, overlap_schedule=not a.no_overlap,
-              compile=False if a.no_compile else "auto", kv_cache_dtype=a.kv_cache_dtype)
+    llm = LLM(a.model, cuda_graph=not a.no_cuda_graph, overlap_schedule="off" if a.no_overlap else "auto",
+              compile="eager" if a.no_compile else "auto", kv_cache_dtype=a.kv_cache_dtype)
     e = llm.engine
     rng = random.Random(0)
     for _ in range(a.batch):
@@ -36,7 +36,7 @@ def main() -> None:
     t = time.perf_counter()
     prefill_steps = 0
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if a.trace else nullcontext() as prof:
-        while e.scheduler.waiting or e.scheduler.chunked:
+        while (s := e.status()).waiting or s.chunked:
             e.step()
             prefill_steps += 1
         torch.cuda.synchronize()
@@ -61,8 +61,8 @@ def main() -> None:
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
-    for rid in list(e.groups):
-        e.abort(rid)
+    while e.has_unfinished():     # the rest of the requests' tokens, untimed
+        e.step(emit_unfinished=False)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Decode GEMM micro-benchmark: a model's per-layer products at decode batch sizes, through torch's
 cuBLAS and cuBLASLt paths.
 
-    python -m rlserve.bench.decode_gemm [--model qwen3-0.6b] [--rows 1 16 64 128 256]
+    python benchmarks/decode_gemm.py [--model qwen3-0.6b] [--rows 1 16 64 128 256]
 
 One "layer" is the four products of a decoder layer as the engine runs them (q/k/v stacked, o,
 gate/up stacked, down). Every layer gets its own weights, so a pass over all layers streams the
@@ -12,13 +12,18 @@ over that time, to set beside the card's bandwidth.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from rlserve.bench.attention import graph_time_ms
 from rlserve.config import ModelConfig, parse_dtype
 from rlserve.models.presets import preset_hf_config
+
+if __package__ in (None, ""):     # run as `python benchmarks/decode_gemm.py`: the repository root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import graph_time_ms  # noqa: E402
 
 
 def layer_shapes(model: str) -> dict[str, tuple[int, int]]:

@@ -1,6 +1,6 @@
 """Where one colocated RL step spends its time, and how fast weights reach the engine.
 
-    python -m rlserve.bench.rl_step --model qwen3-0.6b --load-format dummy --dtype bfloat16 \\
+    python benchmarks/rl_step.py --model qwen3-0.6b --load-format dummy --dtype bfloat16 \\
         --prompts 64 --group-size 8 --max-tokens 512 --steps 3
 
 Runs `rlserve.rl.train.train` itself (GRPO, one optimizer step per train step) on random token-id
@@ -23,7 +23,8 @@ import random
 import statistics
 import tempfile
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

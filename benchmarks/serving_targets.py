@@ -1,6 +1,6 @@
 """The serving targets in one command: prefix caching's gain and inter-token latency under load.
 
-    python -m rlserve.bench.serving_targets --model qwen3-0.6b [--json-out FILE] [engine flags...]
+    python benchmarks/serving_targets.py --model qwen3-0.6b [--json-out FILE] [engine flags...]
 
 1. A server with the radix cache on: the shared-prefix dataset (32 prefixes of 2,048 tokens × 16
    questions of 64, 256 output tokens each), then the random dataset at max concurrency 64 (1,024 in /
@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from rlserve.bench import serving
+from rlserve.bench.serving_stats import Summary, report
 
 STARTUP_TIMEOUT_S = 900
 
@@ -36,15 +37,15 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m <module> <args>` (the server by default) on a free port, stopped (SIGTERM, then
-    SIGKILL) on exit."""
+    """`python <command> --port P --log-level warning <args>` (command: `-m rlserve.server`, the server, by
+    default) on a free port P, stopped (SIGTERM, then SIGKILL) on exit."""
 
-    def __init__(self, args: list[str], log_path: Path, module: str = "rlserve.server") -> None:
+    def __init__(self, args: list[str], log_path: Path, command: list[str] | None = None) -> None:
         import httpx
 
         self.url = f"http://127.0.0.1:{free_port()}"
         self._log = open(log_path, "w")
-        cmd = [sys.executable, "-m", module, "--port", self.url.rsplit(":", 1)[1],
+        cmd = [sys.executable, *(command or ["-m", "rlserve.server"]), "--port", self.url.rsplit(":", 1)[1],
                "--log-level", "warning", *args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -86,16 +87,16 @@ def bench_args(url: str, flags: list[str]) -> argparse.Namespace:
     return args
 
 
-def run_bench(url: str, flags: list[str], label: str, results: dict) -> serving.Summary:
+def run_bench(url: str, flags: list[str], label: str, results: dict) -> Summary:
     args = bench_args(url, flags)
     summary, record = asyncio.run(serving.bench(args))
-    print(serving.report(summary, f"{label}: {serving.title(args)}"), flush=True)
+    print(report(summary, f"{label}: {serving.title(args)}"), flush=True)
     results[label] = record
     return summary
 
 
 def add_shared_prefix_args(ap: argparse.ArgumentParser) -> None:
-    """The shared-prefix workload's size and its load generator (also used by bench.frontend_load)."""
+    """The shared-prefix workload's size and its load generator (also used by frontend_load.py)."""
     ap.add_argument("--groups", type=int, default=32)
     ap.add_argument("--questions", type=int, default=16)
     ap.add_argument("--prefix-len", type=int, default=2048)

@@ -1,11 +1,11 @@
 """Where an offline run's time goes, step by step, beside the roofline of each step.
 
-    python -m rlserve.bench.timeline --model qwen3-0.6b [--profile-host FILE]
+    python benchmarks/timeline.py --model qwen3-0.6b [--profile-host FILE]
 
 Drives the engine over `bench offline`'s workload one `Engine.step()` at a time and records each step's
 wall time (no device syncs: with overlapped scheduling a step's wall time is the pipeline's pace), its
 kind and its batch size. Decode steps are grouped by batch size; each group is printed with its
-measured time and its roofline time (`offline.step_roofline_s`, the step cost the offline roofline
+measured time and its roofline time (`roofline.step_roofline_s`, the step cost the offline roofline
 sums), so the gap to the roofline can be pinned on a phase: prefill, large batches, or the small-batch
 tail.
 """
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rlserve.bench.offline import count_params, device_peaks, make_workload, step_roofline_s
+from rlserve.bench.roofline import count_params, device_peaks, step_roofline_s
+from rlserve.bench.workload import make_workload
 from rlserve.kv_pool import KVPool
 from rlserve.llm import LLM
 from rlserve.sampling import SamplingParams
@@ -43,13 +44,14 @@ def run(llm: LLM, num_prompts: int) -> tuple[list[StepRecord], float]:
     records = []
     start = last = time.perf_counter()
     while e.has_unfinished():
-        sched = e.scheduler
-        decode = not sched.waiting and sched.chunked is None
-        batch = len(sched.running)
-        context = sum(r.kv_len for r in sched.running)
+        s = e.status()
+        decode = not s.waiting and not s.chunked
+        # KV slots the running requests hold: their contexts, plus the few slots reserved for their
+        # next tokens (under 2% of the context at the workload's lengths).
+        context = s.kv_total - s.kv_free - s.kv_evictable
         e.step(emit_unfinished=False)
         now = time.perf_counter()
-        records.append(StepRecord(now - last, decode, batch, context))
+        records.append(StepRecord(now - last, decode, s.running, context))
         last = now
     if e.device.type == "cuda":
         torch.cuda.synchronize()

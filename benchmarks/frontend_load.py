@@ -1,10 +1,10 @@
 """The HTTP front end under load, with a stand-in engine that keeps a fixed step time.
 
-    python -m rlserve.bench.frontend_load --step-ms 13 [--max-running 512] [--groups ... --output-len ...]
+    python benchmarks/frontend_load.py --step-ms 13 [--max-running 512] [--groups ... --output-len ...]
 
 The engine process is replaced by a loop with no model: it admits up to --max-running requests and,
 every --step-ms, gives each running request one token, as a device-bound engine at that pace would.
-`rlserve bench serving` then runs the shared-prefix workload of `serving_targets` against it. The
+`rlserve bench serving` then runs the shared-prefix workload of serving_targets.py against it. The
 stand-in could stream `running / step` tokens a second; what the run gets below that is the front
 end's cost (and the client's, which the report's client line shows), measured without a GPU. The front
 end (routes, validation, streaming, metrics) is the real one; the tokenizer is the default model's.
@@ -21,12 +21,14 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):     # run as `python benchmarks/frontend_load.py`: the repository root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 FAKE_VOCAB = 49152
 FAKE_TOKEN = 330
 
 
-def stand_in_engine(config: Any, in_addr: str, out_addr: str, max_waiting: int | None, *, step_s: float,
-                    max_running: int) -> None:
+def stand_in_engine(config: Any, in_addr: str, out_addr: str, *, step_s: float, max_running: int) -> None:
     """Speaks the engine process's protocol (rlserve.server.ipc) with no model behind it."""
     import zmq
 
@@ -100,14 +102,13 @@ def serve(argv: list[str]) -> int:
     ap.add_argument("--step-ms", type=float, required=True)
     ap.add_argument("--max-running", type=int, required=True)
     a = ap.parse_args(argv)
-    from rlserve.config import engine_config
+    from rlserve.config import EngineConfig
     from rlserve.server import frontend
     from rlserve.server.app import run_server
     from rlserve.server.state import ServerArgs
 
     frontend.run_engine = functools.partial(stand_in_engine, step_s=a.step_ms / 1e3, max_running=a.max_running)
-    return run_server(ServerArgs(engine=engine_config(None), port=a.port, log_level=a.log_level,
-                                 max_waiting_requests=None))
+    return run_server(ServerArgs(engine=EngineConfig(), port=a.port, log_level=a.log_level))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -117,8 +118,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.serving_targets import ServerProcess, add_shared_prefix_args, bench_args, shared_prefix_flags
     from rlserve.bench import serving
-    from rlserve.bench.serving_targets import ServerProcess, add_shared_prefix_args, bench_args, shared_prefix_flags
+    from rlserve.bench.serving_stats import report
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--step-ms", type=float, default=13.0, help="the stand-in engine's step time (default 13)")
@@ -132,12 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     ideal = min(requests, a.max_running) / (a.step_ms / 1e3)
     server_args = ["--step-ms", str(a.step_ms), "--max-running", str(a.max_running)]
     with ServerProcess(server_args, Path(a.log_dir) / "server-frontend-load.log",
-                       module="rlserve.bench.frontend_load") as server:
+                       command=[str(Path(__file__).resolve())]) as server:
         for _ in range(a.repeat):
             cpu0 = cpu_seconds(server.proc.pid)
             summary, _ = asyncio.run(serving.bench(bench_args(server.url, flags)))
             cpu = cpu_seconds(server.proc.pid) - cpu0
-            print(serving.report(summary, f"front end, stand-in engine at {a.step_ms:g} ms a step"), flush=True)
+            print(report(summary, f"front end, stand-in engine at {a.step_ms:g} ms a step"), flush=True)
             print(f"stand-in engine's pace: {ideal:,.0f} output tok/s at full batch; the run got "
                   f"{summary.output_throughput:,.0f} ({summary.output_throughput / ideal:.0%}); API server CPU "
                   f"{cpu / summary.duration_s:.0%} busy, {cpu * 1e6 / max(summary.total_output_tokens, 1):.1f} "

@@ -1,7 +1,7 @@
 """Where prefill's time goes: the offline workload's prompts with one output token each, wall time per
 step, then torch.profiler's device kernels over one more round.
 
-    python -m rlserve.bench.profile_prefill --model qwen3-0.6b [--kv-cache-dtype fp8_e4m3] [--trace]
+    python benchmarks/profile_prefill.py --model qwen3-0.6b [--kv-cache-dtype fp8_e4m3] [--trace]
 
 A round prefills every prompt from an empty prefix cache; the first (shorter) round compiles and
 autotunes, so it is not reported.
@@ -14,7 +14,8 @@ import time
 import torch
 
 from rlserve import LLM, SamplingParams
-from rlserve.bench.offline import make_workload, sync_device
+from rlserve.bench.offline import sync_device
+from rlserve.bench.workload import make_workload
 
 
 def prefill_round(llm: LLM, prompts: list[list[int]]) -> list[float]:

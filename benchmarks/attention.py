@@ -1,7 +1,7 @@
 """Decode-attention micro-benchmark: the triton backend vs the torch reference over one KV pool layer.
 
-    python -m rlserve.bench.attention [--batch 64 128 256] [--context 1024] [--splits 1 2 4 8]
-                                      [--slots runs] [--kv-cache-dtype fp8_e4m3]
+    python benchmarks/attention.py [--batch 64 128 256] [--context 1024] [--splits 1 2 4 8]
+                                   [--slots runs] [--kv-cache-dtype fp8_e4m3] [--sweep]
 
 Shapes default to qwen3-0.6b (16 query heads, 8 kv heads, head_dim 128, bf16). Contexts are drawn
 uniformly from ±25% around --context and scattered over random pool slots, as a busy server leaves
@@ -15,32 +15,21 @@ from __future__ import annotations
 import argparse
 import itertools
 import random
-import statistics
-from collections.abc import Callable
+import sys
+from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
 from rlserve.config import parse_dtype
-from rlserve.kv_pool import KVPool
+from rlserve.kv_pool import FP8_DTYPE, KVPool
+from rlserve.layers.attention import triton_decode
 from rlserve.layers.attention.base import ForwardBatch
 from rlserve.layers.attention.torch_backend import TorchAttentionBackend
 
-
-def time_ms(fn: Callable[[], object], warmup: int = 5, reps: int = 20, inner: int = 10) -> float:
-    """Median over `reps` CUDA-event timings of `inner` back-to-back calls, per call."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    return statistics.median(times)
+if __package__ in (None, ""):     # run as `python benchmarks/attention.py`: the repository root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import graph_time_ms, overriding, time_ms  # noqa: E402
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
@@ -77,17 +66,6 @@ def decode_batch(batch_size: int, context: int, kv_heads: int, head_dim: int, dt
     return pool, batch, seq
 
 
-def graph_time_ms(fn: Callable[[], object], calls: int = 10) -> float:
-    """Per-call time of `calls` captured back to back and replayed: kernel time without launch gaps."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return time_ms(graph.replay, warmup=3, reps=10, inner=1) / calls
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, nargs="+", default=[64, 128, 256])
@@ -111,8 +89,6 @@ def main(argv: list[str] | None = None) -> None:
         return sweep(args)
     if not torch.cuda.is_available():
         raise SystemExit("the attention benchmark needs a CUDA device")
-    from rlserve.layers.attention.triton_backend import TritonAttentionBackend, decode_kv_splits, num_sms, store_kv
-
     dtype = parse_dtype(args.dtype)
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  "
@@ -121,46 +97,56 @@ def main(argv: list[str] | None = None) -> None:
     header = f"{'batch':>5} {'ctx':>5} {'backend':<18} {'mode':<6} {'us':>9} {'GB/s':>7}"
     print(header)
     print("-" * len(header))
-    sms = num_sms(torch.device("cuda"))
-    scale = args.head_dim ** -0.5
     for bs in args.batch:
-        pool, batch, seq = decode_batch(bs, args.context, args.kv_heads, args.head_dim, dtype, seed=bs,
-                                          runs=args.slots == "runs")
-        if args.kv_cache_dtype == "fp8_e4m3":
-            pool = fp8_copy(pool)
-        kv_bytes = sum(seq) * _bytes_per_token(pool)
-        q = torch.randn(bs, args.heads, args.head_dim, dtype=dtype, device="cuda")
-        k = torch.randn(bs, args.kv_heads, args.head_dim, dtype=dtype, device="cuda")
-        v = torch.randn_like(k)
-        auto = decode_kv_splits(bs, args.kv_heads, sms)
-        runs: list[tuple[str, object]] = [("torch", TorchAttentionBackend(pool, scale)),
-                                          (f"triton auto={auto}", TritonAttentionBackend(pool, scale))]
-        runs += [(f"triton splits={s}", TritonAttentionBackend(pool, scale, max_kv_splits=s))
-                 for s in args.splits if s != auto]
-        ctx = round(sum(seq) / bs)
-        outputs = {}
-        for name, backend in runs:
-            backend.prepare(batch)
-            fn = lambda b=backend: b.forward(q, k, v, 0, batch)  # noqa: E731
-            outputs[name] = fn()
-            modes = [("eager", time_ms(fn))]
-            if name != "torch":
-                backend.prepare(batch)
-                modes.append(("graph", graph_time_ms(fn)))
-            for mode, ms in modes:
-                print(f"{bs:>5} {ctx:>5} {name:<18} {mode:<6} {ms * 1e3:>9.1f} {kv_bytes / ms / 1e6:>7.0f}")
-        ref = outputs["torch"].float()
-        worst = max((o.float() - ref).abs().max().item() for o in outputs.values())
-        print(f"      max |triton - torch| over the runs above: {worst:.2e}")
+        time_batch(args, bs, dtype)
+        torch.cuda.empty_cache()     # this batch's pool is gone with time_batch's frame
 
-        loc = batch.out_cache_loc
-        kb, vb = pool.k_buffers[0], pool.v_buffers[0]
-        scales = (pool.k_scales[0], pool.v_scales[0]) if pool.fp8 else (None, None)
-        fused = time_ms(lambda: store_kv(kb, vb, loc, k, v, *scales))
-        indexed = time_ms(lambda: pool.store(0, loc, k, v))
-        print(f"      kv store of {bs} tokens: triton {fused * 1e3:.1f} us, index_put {indexed * 1e3:.1f} us")
-        del pool, batch, runs, outputs
-        torch.cuda.empty_cache()
+
+def time_batch(args: argparse.Namespace, bs: int, dtype: torch.dtype) -> None:
+    """One batch size: torch, triton with its own split count and with each of --splits, then the KV store."""
+    from rlserve.layers.attention.triton_backend import TritonAttentionBackend, store_kv
+
+    sms = triton_decode.num_sms(torch.device("cuda"))
+    scale = args.head_dim ** -0.5
+    pool, batch, seq = decode_batch(bs, args.context, args.kv_heads, args.head_dim, dtype, seed=bs,
+                                    runs=args.slots == "runs")
+    if args.kv_cache_dtype == "fp8_e4m3":
+        pool = fp8_copy(pool)
+    kv_bytes = sum(seq) * _bytes_per_token(pool)
+    q = torch.randn(bs, args.heads, args.head_dim, dtype=dtype, device="cuda")
+    k = torch.randn(bs, args.kv_heads, args.head_dim, dtype=dtype, device="cuda")
+    v = torch.randn_like(k)
+    auto = triton_decode.decode_kv_splits(bs, args.kv_heads, sms)
+    # (name, backend, split count forced over decode_kv_splits' choice, or None)
+    runs: list[tuple[str, object, int | None]] = [
+        ("torch", TorchAttentionBackend(pool, scale), None),
+        (f"triton auto={auto}", TritonAttentionBackend(pool, scale), None)]
+    runs += [(f"triton splits={s}", TritonAttentionBackend(pool, scale), s) for s in args.splits if s != auto]
+    ctx = round(sum(seq) / bs)
+    outputs = {}
+    for name, backend, splits in runs:
+        def prepare(b=backend, n=splits) -> None:
+            with overriding(triton_decode, "decode_kv_splits", lambda *_: n) if n else nullcontext():
+                b.prepare(batch)
+        prepare()
+        fn = lambda b=backend: b.forward(q, k, v, 0, batch)
+        outputs[name] = fn()
+        modes = [("eager", time_ms(fn))]
+        if name != "torch":
+            prepare()
+            modes.append(("graph", graph_time_ms(fn)))
+        for mode, ms in modes:
+            print(f"{bs:>5} {ctx:>5} {name:<18} {mode:<6} {ms * 1e3:>9.1f} {kv_bytes / ms / 1e6:>7.0f}")
+    ref = outputs["torch"].float()
+    worst = max((o.float() - ref).abs().max().item() for o in outputs.values())
+    print(f"      max |triton - torch| over the runs above: {worst:.2e}")
+
+    loc = batch.out_cache_loc
+    kb, vb = pool.k_buffers[0], pool.v_buffers[0]
+    scales = (pool.k_scales[0], pool.v_scales[0]) if pool.k_scales and pool.v_scales else (None, None)
+    fused = time_ms(lambda: store_kv(kb, vb, loc, k, v, *scales))
+    indexed = time_ms(lambda: pool.store(0, loc, k, v))
+    print(f"      kv store of {bs} tokens: triton {fused * 1e3:.1f} us, index_put {indexed * 1e3:.1f} us")
 
 
 def _bytes_per_token(pool: KVPool) -> int:
@@ -169,7 +155,6 @@ def _bytes_per_token(pool: KVPool) -> int:
 
 
 def fp8_copy(pool: KVPool) -> KVPool:
-    from rlserve.kv_pool import FP8_DTYPE
     out = KVPool(pool.num_layers, pool.num_slots, pool.num_kv_heads, pool.head_dim, FP8_DTYPE, "cuda")
     every = torch.arange(pool.num_slots, device="cuda")
     for layer in range(pool.num_layers):
@@ -194,11 +179,12 @@ def sweep(args: argparse.Namespace) -> None:
                 for warps in (1, 2, 4, 8):
                     for stages, regs in itertools.product((1, 2, 3, 4), args.maxnreg):
                         launch = (block_n, warps, stages, regs or None)
-                        backend = TritonAttentionBackend(kv_pool, scale, decode_launch=launch)
+                        backend = TritonAttentionBackend(kv_pool, scale)
                         backend.prepare(batch)
                         name = f"{bs:>5} {kv_name} N={block_n:<3} w={warps} s={stages} r={regs or '-':<3}"
                         try:
-                            ms = graph_time_ms(lambda b=backend: b.forward(q, k, v, 0, batch))
+                            with overriding(triton_decode, "decode_launch_config", lambda *_, c=launch: c):
+                                ms = graph_time_ms(lambda b=backend: b.forward(q, k, v, 0, batch))
                         except Exception as e:  # e.g. out of shared memory for a large tile
                             print(f"{name}: {type(e).__name__}")
                             continue

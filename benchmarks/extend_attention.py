@@ -1,7 +1,7 @@
 """Prefill (extend) attention micro-benchmark: the triton kernel's launch configs against the torch
 reference, on sequences of new tokens after an optional cached prefix.
 
-    python -m rlserve.bench.extend_attention [--shapes 16x1024 4x2048+2048 64x300] [--sweep]
+    python benchmarks/extend_attention.py [--shapes 16x1024 4x2048+2048 64x300] [--sweep]
 
 A shape NxL+P is N sequences of L new tokens, each after P cached tokens (P = 0 when omitted). Shapes
 default to qwen3-0.6b's attention (16 query heads, 8 kv heads, head_dim 128, bf16). TFLOP/s counts the
@@ -12,15 +12,22 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from rlserve.bench.attention import graph_time_ms
 from rlserve.config import parse_dtype
 from rlserve.kv_pool import KVPool
+from rlserve.layers.attention import triton_extend
 from rlserve.layers.attention.base import ForwardBatch
 from rlserve.layers.attention.torch_backend import TorchAttentionBackend
+
+if __package__ in (None, ""):     # run as `python benchmarks/extend_attention.py`: the repository root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import graph_time_ms, overriding  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -97,39 +104,46 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--heads must be a multiple of --kv-heads")
     if not torch.cuda.is_available():
         raise SystemExit("the extend-attention benchmark needs a CUDA device")
-    from rlserve.layers.attention.triton_backend import TritonAttentionBackend
-
     dtype = parse_dtype(args.dtype)
-    scale = args.head_dim ** -0.5
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"heads {args.heads}/{args.kv_heads}  head_dim {args.head_dim}  {dtype}")
     configs: list[tuple[int, int, int, int] | None] = [None] + (launch_configs(dtype) if args.sweep else [])
     for shape in args.shapes:
-        pool, batch = extend_batch(shape, args.kv_heads, args.head_dim, dtype)
-        tokens = shape.sequences * shape.new
-        q = torch.randn(tokens, args.heads, args.head_dim, dtype=dtype, device="cuda")
-        k = torch.randn(tokens, args.kv_heads, args.head_dim, dtype=dtype, device="cuda")
-        v = torch.randn_like(k)
-        ref_backend = TorchAttentionBackend(pool, scale)
-        ref_backend.prepare(batch)
-        ref = ref_backend.forward(q, k, v, 0, batch).float()
-        flops = extend_flops(shape, args.heads, args.head_dim)
-        for config in configs:
-            backend = TritonAttentionBackend(pool, scale, extend_launch=config)
-            backend.prepare(batch)
-            name = "default" if config is None else "M={} N={} w={} s={}".format(*config)
-            try:
+        time_shape(args, shape, dtype, configs)
+        torch.cuda.empty_cache()     # this shape's pool is gone with time_shape's frame
+
+
+def time_shape(args: argparse.Namespace, shape: ExtendShape, dtype: torch.dtype,
+               configs: list[tuple[int, int, int, int] | None]) -> None:
+    """Each launch config (None: the kernel's own) on one shape, checked against the torch reference."""
+    from rlserve.layers.attention.triton_backend import TritonAttentionBackend
+
+    scale = args.head_dim ** -0.5
+    pool, batch = extend_batch(shape, args.kv_heads, args.head_dim, dtype)
+    tokens = shape.sequences * shape.new
+    q = torch.randn(tokens, args.heads, args.head_dim, dtype=dtype, device="cuda")
+    k = torch.randn(tokens, args.kv_heads, args.head_dim, dtype=dtype, device="cuda")
+    v = torch.randn_like(k)
+    ref_backend = TorchAttentionBackend(pool, scale)
+    ref_backend.prepare(batch)
+    ref = ref_backend.forward(q, k, v, 0, batch).float()
+    flops = extend_flops(shape, args.heads, args.head_dim)
+    for config in configs:
+        backend = TritonAttentionBackend(pool, scale)
+        backend.prepare(batch)
+        name = "default" if config is None else "M={} N={} w={} s={}".format(*config)
+        launch = nullcontext() if config is None else overriding(
+            triton_extend, "extend_launch_config", lambda *_, c=config: c)
+        try:
+            with launch:
                 err = (backend.forward(q, k, v, 0, batch).float() - ref).abs().max().item()
                 ms = graph_time_ms(lambda b=backend: b.forward(q, k, v, 0, batch))
-            except Exception as e:   # e.g. a tile that needs more shared memory than an SM has
-                print(f"{str(shape):>14} {name:<22} {type(e).__name__}")
-                continue
-            print(f"{str(shape):>14} {name:<22} {ms * 1e3:>9.1f} us {flops / ms / 1e9:>7.1f} TFLOP/s "
-                  f"max err {err:.1e}", flush=True)
-        del pool, batch
-        torch.cuda.empty_cache()
-
+        except Exception as e:   # e.g. a tile that needs more shared memory than an SM has
+            print(f"{str(shape):>14} {name:<22} {type(e).__name__}")
+            continue
+        print(f"{str(shape):>14} {name:<22} {ms * 1e3:>9.1f} us {flops / ms / 1e9:>7.1f} TFLOP/s "
+              f"max err {err:.1e}", flush=True)
 
 if __name__ == "__main__":
     main()

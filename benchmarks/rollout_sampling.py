@@ -1,6 +1,6 @@
 """Rollout-shaped generation, seeded (as `rlserve.rl.rollout` samples) against unseeded, same process.
 
-    python -m rlserve.bench.rollout_sampling [--model qwen3-0.6b] [--prompts 64] [--n 8] [--max-tokens 256]
+    python benchmarks/rollout_sampling.py [--model qwen3-0.6b] [--prompts 64] [--n 8] [--max-tokens 256]
 
 Prompts are random ids; every completion runs to max_tokens (ignore_eos) at temperature 1 with
 tempered logprobs, so both sides sample exactly the same number of tokens.
