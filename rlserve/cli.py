@@ -1,7 +1,9 @@
 """The `rlserve` command: generate, chat, bench, serve and train (the router is still to come).
 
-Every subcommand shares the engine flags of `add_engine_args`; `engine_kwargs` maps them onto LLM(...).
-Bad values end in one `error: ...` line on stderr and exit status 2, never a traceback.
+This module only parses arguments and dispatches. The engine flags, and the EngineConfig they describe,
+come from rlserve.config_args; the benchmarks' flags are read only once `bench` runs, so `rlserve --help`
+imports no benchmark code. Bad values end in one `error: ...` line on stderr and exit status 2, never a
+traceback.
 """
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from rlserve.config_args import add_engine_args, engine_config_from_args
 
 if TYPE_CHECKING:
     from rlserve.llm import LLM
@@ -25,124 +29,10 @@ class CLIError(ValueError):
 
 
 # ---- shared flags ----
-def parse_bytes(text: str) -> int:
-    """'268435456', '256M', '2G', '1.5GiB' → bytes (binary units)."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    s = text.strip().upper().removesuffix("IB").removesuffix("B")
-    num, unit = (s[:-1], s[-1]) if s and s[-1] in units else (s, "")
-    try:
-        value = int(float(num) * units[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (try 512M or 2G)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"byte size must be positive, got {text!r}")
-    return value
-
-
-def add_engine_args(parser: argparse.ArgumentParser, default_model_help: str = "the default "
-                    "SmolLM2-135M-Instruct") -> None:
-    g = parser.add_argument_group("engine")
-    g.add_argument("--model", default=None,
-                   help=f"HF model directory, .gguf file or preset name (default: {default_model_help})")
-    g.add_argument("--load-format", default="auto", help="auto | safetensors | gguf | dummy")
-    g.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | "
-                   "bfloat16 | float16; on a CPU with AMX or AVX-512 bf16, bfloat16 decodes about twice as "
-                   "fast (docs/benchmarks.md)")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--seed", type=int, default=0, help="engine sampling seed (default 0)")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length cap")
-    g.add_argument("--disable-radix-cache", action="store_true", help="turn prefix caching off")
-    g.add_argument("--chunked-prefill-size", type=int, default=None, help="prefill tokens per step")
-    g.add_argument("--max-running-requests", "--max-running", type=int, default=None,
-                   help="cap on concurrently running requests")
-    g.add_argument("--max-total-tokens", type=int, default=None,
-                   help="KV pool size in tokens (overrides the byte/fraction budgets)")
-    g.add_argument("--kv-cache-bytes", type=parse_bytes, default=None,
-                   help="KV pool byte budget on CPU, e.g. 512M or 2G")
-    g.add_argument("--schedule-policy", default=None, help="fcfs | lpm")
-    g.add_argument("--attention-backend", default="auto", help="auto | torch | triton")
-    g.add_argument("--disable-cuda-graph", action="store_true", help="run decode eagerly on CUDA")
-    g.add_argument("--cuda-graph-max-bs", type=int, default=None,
-                   help="largest decode batch captured in a CUDA graph (default: --max-running-requests)")
-    g.add_argument("--disable-overlap-schedule", action="store_true",
-                   help="don't overlap host work with the device's decode step")
-    g.add_argument("--disable-compile", action="store_true",
-                   help="run the elementwise steps (norms, rotary, activation) as eager torch ops, unfused")
-    g.add_argument("--triton-elementwise", action="store_true",
-                   help="run RMSNorm, the gated activation and rotary as Triton kernels on CUDA (the default there)")
-    g.add_argument("--inductor-elementwise", action="store_true",
-                   help="fuse RMSNorm, the gated activation and rotary with torch.compile instead of Triton kernels")
-    g.add_argument("--enable-cascade-attention", action="store_true",
-                   help="decode reads a prefix shared by several requests once per step (experimental)")
-    g.add_argument("--disable-fp32-logits", action="store_true",
-                   help="let a 16-bit model's lm_head write 16-bit logits (faster, but near-tied tokens tie)")
-    g.add_argument("--skip-warmup", action="store_true",
-                   help="on CUDA, skip the start-up run of each prefill size (the first requests then pay "
-                   "CUDA's lazy kernel loading)")
-    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"],
-                   help="auto (the model's dtype) | fp8_e4m3 (scaled per token and head; half the KV bytes)")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """LLM(...) keyword arguments from the engine flags; unset flags keep LLM's defaults."""
-    _check_device(args.device)
-    kwargs: dict[str, Any] = dict(model=args.model, load_format=args.load_format, dtype=args.dtype,
-                                  device=args.device, seed=args.seed,
-                                  enable_radix_cache=not args.disable_radix_cache,
-                                  attention_backend=args.attention_backend,
-                                  kv_cache_dtype=args.kv_cache_dtype)
-    if args.disable_cuda_graph:
-        kwargs["cuda_graph"] = False
-    if args.disable_overlap_schedule:
-        kwargs["overlap_schedule"] = False
-    chosen = [flag for flag, on in (("--disable-compile", args.disable_compile),
-                                    ("--triton-elementwise", args.triton_elementwise),
-                                    ("--inductor-elementwise", args.inductor_elementwise)) if on]
-    if len(chosen) > 1:
-        raise SystemExit(f"{' and '.join(chosen)} exclude each other")
-    if args.disable_compile:
-        kwargs["compile"] = False
-    if args.triton_elementwise:
-        kwargs["compile"] = "triton"
-    if args.inductor_elementwise:
-        kwargs["compile"] = True
-    if args.enable_cascade_attention:
-        kwargs["cascade_attention"] = True
-    if args.disable_fp32_logits:
-        kwargs["fp32_logits"] = False
-    if args.skip_warmup:
-        kwargs["warmup"] = False
-    optional = {"max_model_len": args.max_model_len, "chunked_prefill_size": args.chunked_prefill_size,
-                "max_running_requests": args.max_running_requests, "cuda_graph_max_bs": args.cuda_graph_max_bs,
-                "max_total_tokens": args.max_total_tokens, "kv_cache_bytes": args.kv_cache_bytes,
-                "schedule_policy": args.schedule_policy}
-    for name, value in optional.items():
-        if value is not None:
-            if name != "schedule_policy" and value < 1:
-                raise CLIError(f"--{name.replace('_', '-')} must be positive, got {value}")
-            kwargs[name] = value
-    return kwargs
-
-
-def _check_device(device: str) -> None:
-    # torch reports a bad device string as RuntimeError and a missing GPU as AssertionError deep in
-    # the model build; catch both here so they read as flag errors.
-    if device == "auto":
-        return
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise CLIError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"device {device!r} requested but CUDA is not available")
-
-
 def build_llm(args: argparse.Namespace) -> LLM:
     from rlserve.llm import LLM
 
-    return LLM(**engine_kwargs(args))
+    return LLM(config=engine_config_from_args(args))
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -271,22 +161,30 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 # ---- bench ----
-def cmd_bench_offline(args: argparse.Namespace) -> int:
-    from rlserve.bench import offline
+def build_bench_parser(prog: str = "rlserve bench") -> argparse.ArgumentParser:
+    """The `bench` subcommands; imports the benchmark modules, so only `bench` itself calls it."""
+    from rlserve.bench import offline, serving  # serving is light: httpx is imported only when it runs
 
-    return offline.main(args)
+    parser = argparse.ArgumentParser(prog=prog, description="Benchmarks of rlserve.")
+    sub = parser.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    off = sub.add_parser("offline", help="offline throughput vs transformers and the roofline",
+                         description=offline.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    offline.add_arguments(off)
+    off.set_defaults(func=offline.main)
+    srv = sub.add_parser("serving", help="load a running server: throughput, TTFT, ITL, latency",
+                         description=serving.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serving.add_arguments(srv)
+    srv.set_defaults(func=serving.main)
+    return parser
 
 
-def cmd_bench_serving(args: argparse.Namespace) -> int:
-    from rlserve.bench import serving
-
-    return serving.main(args)
+def cmd_bench(args: argparse.Namespace) -> int:
+    bench_args = build_bench_parser().parse_args(args.bench_args)
+    return int(bench_args.func(bench_args) or 0)
 
 
 # ---- parser ----
 def build_parser() -> argparse.ArgumentParser:
-    from rlserve.bench import offline
-
     parser = argparse.ArgumentParser(prog="rlserve", description="rlserve: LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -310,24 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     chat.set_defaults(func=cmd_chat)
 
-    bench = sub.add_parser("bench", help="benchmarks")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    off = bench_sub.add_parser("offline", help="offline throughput vs transformers and the roofline",
-                               description=offline.__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    offline.add_arguments(off)
-    off.set_defaults(func=cmd_bench_offline)
-    from rlserve.bench import serving   # light: httpx is imported only when it runs
-    srv = bench_sub.add_parser("serving", help="load a running server: throughput, TTFT, ITL, latency",
-                               description=serving.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    serving.add_arguments(srv)
-    srv.set_defaults(func=cmd_bench_serving)
+    # Everything after `bench` goes to build_bench_parser (prefix_chars: no flag is read here).
+    bench = sub.add_parser("bench", help="benchmarks: offline, serving (rlserve bench --help)", add_help=False,
+                           prefix_chars="\x00")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible and native HTTP server",
                            description="Serve the engine over HTTP (engine in its own process).")
-    add_engine_args(serve)
-    from rlserve.server.args import add_server_args   # light: FastAPI is imported only when serving
-    add_server_args(serve)
+    from rlserve.server.args import add_serve_args  # light: FastAPI is imported only when serving
+    add_serve_args(serve)
     serve.set_defaults(func=cmd_serve)
 
     tr = sub.add_parser("train", help="RL post-training (colocated GRPO)",

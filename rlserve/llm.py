@@ -1,9 +1,10 @@
 """LLM: the offline, in-process API (shaped like vLLM's so it feels familiar)."""
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, cast
 
-from rlserve.config import engine_config
+from rlserve.config import EngineConfig
 from rlserve.engine.engine import Engine
 from rlserve.outputs import RequestOutput
 from rlserve.sampling import SamplingParams
@@ -13,14 +14,17 @@ Message = dict[str, Any]
 
 
 class LLM:
-    """`LLM(model=None | path | .gguf | preset)`; None serves the default SmolLM2-135M-Instruct."""
+    """`LLM(model=None | path | .gguf | preset, **options)`; None serves the default SmolLM2-135M-Instruct.
 
-    def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
-        """engine_kwargs: load_format, dtype, device, seed, max_model_len, tokenizer, attention_backend,
-        enable_radix_cache, kv_cache_bytes, gpu_memory_fraction, max_total_tokens, max_running_requests,
-        chunked_prefill_size, schedule_policy, cuda_graph, cuda_graph_max_bs, overlap_schedule, compile,
-        kv_cache_dtype, cascade_attention, fp32_logits (see rlserve.config.engine_config)."""
-        self.config = engine_config(model, **engine_kwargs)
+    `options` are EngineConfig options by name (its fields and those of its cache and scheduler sections:
+    `LLM("qwen3-0.6b", dtype="bfloat16", max_total_tokens=4096)`; `rlserve.config.option_names()` lists
+    them, and an unknown one is a TypeError that does too). `config=EngineConfig(...)` passes a whole
+    config; `model` and `options` then change it."""
+
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **options: Any) -> None:
+        if model is not None:
+            options["model"] = model
+        self.config = (config or EngineConfig()).with_options(**options)
         self.engine = Engine(self.config)
 
     def get_tokenizer(self):
@@ -76,7 +80,8 @@ class LLM:
              use_tqdm: bool = True, add_generation_prompt: bool = True,
              chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """One conversation (a list of messages) or several; rendered with the tokenizer's chat template."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        conversations = cast(list[list[Message]], [messages] if messages and isinstance(messages[0], dict)
+                             else messages)
         prompts = [self.apply_chat_template(c, add_generation_prompt, **(chat_template_kwargs or {}))
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)

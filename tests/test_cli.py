@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from rlserve.cli import main, parse_bytes
+from rlserve.cli import main
+from rlserve.config_args import parse_bytes
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from rlserve.config import DType, Elementwise, EngineConfig, option_names
 
 ADVANTAGES = ("grpo", "rloo", "reinforce++", "reinforce++-baseline", "gae")
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -18,20 +21,48 @@ def _one_of(where: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"config key {where!r} must be one of {', '.join(allowed)}; got {value!r}")
 
 
+def _training_engine() -> EngineConfig:
+    # float32 weights for the optimizer; eager elementwise ops because the trainer calls the same layers
+    # with and without autograd, and torch.compile'd ones recompile for each grad mode past dynamo's limit.
+    return EngineConfig(dtype=DType.FLOAT32, compile=Elementwise.EAGER)
+
+
 @dataclass
 class ModelSection:
-    path: str | None = None              # None → the default SmolLM2; a HF dir, .gguf or preset
-    load_format: str = "auto"            # "dummy": random weights at the architecture (benchmarks)
-    dtype: str = "float32"
-    device: str = "auto"                 # rollout and trainer share it: "auto", "cpu", "cuda", "cuda:1"
-    max_total_tokens: int | None = None  # KV pool size in tokens (None: the engine decides)
-    # torch.compile'd fused elementwise kernels (CUDA). Off by default for training: the trainer calls
-    # them with and without autograd, and each grad mode recompiles them past dynamo's limit.
-    compile: bool = False
+    """The `model:` section: the rollout engine's options by their EngineConfig names (`dtype`, `device`,
+    `max_total_tokens`, ...; `path` is the config's `model`), plus how the trainer shares its memory. The
+    engine's seed is the run's top-level `seed`."""
+    engine: EngineConfig = field(default_factory=_training_engine)
     # Free the engine's KV pool between rollout and the next rollout, so logprob recompute and the
     # update have that memory (colocated on one GPU). Costs a reallocation (and on CUDA a graph
     # recapture) per step; off by default.
     release_kv_cache: bool = False
+
+    @property
+    def path(self) -> str | None:
+        return self.engine.model
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], where: str) -> ModelSection:
+        options = dict(data)
+        known = ["path", "release_kv_cache", *(n for n in option_names() if n not in ("model", "seed"))]
+        unknown = [k for k in options if k not in known]
+        if unknown:
+            hint = " (the engine's seed is the top-level `seed`)" if "seed" in unknown else ""
+            raise ValueError(f"unknown config key {where + unknown[0]!r}{hint}; known: {', '.join(known)}")
+        release = _coerce(options.pop("release_kv_cache", False), False, f"{where}release_kv_cache")
+        if "path" in options:
+            options["model"] = options.pop("path")
+        try:
+            return cls(_training_engine().with_options(**options), release)
+        except ValueError as e:
+            raise ValueError(f"config section {where.rstrip('.')!r}: {e}") from None
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The section as YAML writes it (from_mapping reads it back)."""
+        options = self.engine.to_options()
+        del options["seed"]
+        return {"path": options.pop("model"), **options, "release_kv_cache": self.release_kv_cache}
 
 
 @dataclass
@@ -132,12 +163,16 @@ class TrainConfig:
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in fields:
             raise ValueError(f"unknown config key {where}{key!r}; known: {', '.join(fields)}")
         sub = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
-        if sub is not None and dataclasses.is_dataclass(sub):
+        if sub is ModelSection:
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {where}{key!r} is a section, got {value!r}")
+            kwargs[key] = ModelSection.from_mapping(value, f"{where}{key}.")
+        elif sub is not None and dataclasses.is_dataclass(sub):
             if not isinstance(value, dict):
                 raise ValueError(f"config key {where}{key!r} is a section, got {value!r}")
             kwargs[key] = _build(sub, value, f"{where}{key}.")
@@ -176,7 +211,7 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     import yaml
     data: dict[str, Any] = {}
     if path is not None:
@@ -198,4 +233,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as plain values, in the layout load_config reads."""
+    return {**dataclasses.asdict(cfg), "model": cfg.model.to_mapping()}

@@ -15,10 +15,11 @@ import itertools
 import json
 import random
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -27,8 +28,7 @@ from rlserve.models.llama import LlamaForCausalLM
 from rlserve.rl.advantages import compute_advantages
 from rlserve.rl.algorithms import dynamic_sampling_keep, kl_estimate, masked_mean
 from rlserve.rl.batch import Rollout, TrainBatch, pad
-from rlserve.rl.checkpoint import (latest_checkpoint, load_checkpoint, restore_rng_state, rng_state,
-                                   save_checkpoint)
+from rlserve.rl.checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from rlserve.rl.config import TrainConfig, to_dict
 from rlserve.rl.logprobs import completion_logprobs
 from rlserve.rl.metrics_log import MetricLog
@@ -37,7 +37,6 @@ from rlserve.rl.prompts import PromptStream, Sample
 from rlserve.rl.rewards import BUILTIN_REWARDS, RewardFn
 from rlserve.rl.rollout import encode_prompt, generate_rollout, greedy_accuracy
 from rlserve.rl.update import Critic, ppo_update, truncated_is_weights
-
 
 # ----------------------------------------------------------------------------- setup
 
@@ -102,8 +101,7 @@ def setup(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
     if prompts is None:
         prompts, default_held_out = _data_sources(cfg)
         held_out = default_held_out if held_out is None else held_out
-    llm = LLM(cfg.model.path, load_format=cfg.model.load_format, dtype=cfg.model.dtype, device=cfg.model.device, seed=cfg.seed,
-              max_total_tokens=cfg.model.max_total_tokens, compile=cfg.model.compile)
+    llm = LLM(config=cfg.model.engine.with_options(seed=cfg.seed))
     policy = llm.engine.model
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     run = Run(cfg, llm, policy, optimizer, warmup_scheduler(optimizer, cfg.optim.warmup_steps), reward_fn,

@@ -4,14 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rlserve.cli import add_engine_args
-from rlserve.server.args import add_server_args
+from rlserve.server.args import add_serve_args
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlserve.server", description="rlserve HTTP server")
-    add_engine_args(parser)
-    add_server_args(parser)
+    add_serve_args(parser)
     args = parser.parse_args(argv)
     try:
         from rlserve.server.app import serve_from_args

@@ -22,6 +22,7 @@ def test_bad_keys_are_rejected(overrides):
 
 def test_example_configs_load():
     from pathlib import Path
+
     from rlserve.rl.rewards import BUILTIN_REWARDS
     from rlserve.rl.tasks import TASKS
     examples = sorted(Path(__file__).parents[2].joinpath("examples").glob("*.yaml"))
@@ -29,3 +30,38 @@ def test_example_configs_load():
     for path in examples:
         cfg = load_config(path)
         assert cfg.task.name in TASKS and cfg.task.reward in BUILTIN_REWARDS, path
+
+
+def test_the_model_section_is_the_engine_config_by_option_name():
+    from rlserve.config import EngineConfig, SchedulePolicy
+
+    default = load_config(None, [])
+    assert default.model.engine == EngineConfig(dtype="float32", compile="eager")   # the training defaults
+    cfg = load_config(None, ["model.path=tiny-llama", "model.dtype=bfloat16", "model.max_total_tokens=512",
+                             "model.schedule_policy=lpm", "model.compile=true", "model.release_kv_cache=true"])
+    assert cfg.model.engine == EngineConfig(model="tiny-llama", dtype="bfloat16", compile="inductor").with_options(
+        max_total_tokens=512, policy="lpm")
+    assert cfg.model.engine.scheduler.policy is SchedulePolicy.LPM and cfg.model.release_kv_cache is True
+    assert cfg.model.path == "tiny-llama"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.max_totl_tokens=5", "unknown config key 'model.max_totl_tokens'.*known: path, release_kv_cache, .*"
+                                "max_total_tokens"),
+    ("model.seed=3", "top-level `seed`"),
+    ("model.dtype=float8", "dtype must be one of auto, float32, bfloat16, float16"),
+    ("model.max_total_tokens=0", "max_total_tokens must be a positive integer"),
+])
+def test_bad_model_keys_and_values_are_rejected_with_what_is_valid(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])
+
+
+def test_to_dict_writes_what_load_config_reads(tmp_path):
+    import yaml
+
+    cfg = load_config(None, ["model.path=tiny-llama", "model.kv_cache_dtype=fp8_e4m3", "model.cuda_graph=false",
+                             "steps=3"])
+    path = tmp_path / "again.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert load_config(path) == cfg
