@@ -127,8 +127,15 @@ def engine_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def engine_config_from_args(args: argparse.Namespace, base: EngineConfig | None = None) -> EngineConfig:
-    """The EngineConfig the flags describe (on top of `base`, or the defaults). A bad value raises ValueError."""
-    return (base or EngineConfig()).with_options(**engine_options_from_args(args))
+    """The EngineConfig the flags describe (on top of `base`, or the defaults). A bad value raises a
+    ValueError that names the flag."""
+    try:
+        return (base or EngineConfig()).with_options(**engine_options_from_args(args))
+    except ValueError as e:
+        option = str(e).split(" ", 1)[0]    # EngineConfig's messages start with the option's name
+        if option in FLAG_NAMES:
+            raise ValueError(f"{FLAG_NAMES[option]}: {e}") from None
+        raise
 
 
 def parse_engine_args(argv: Sequence[str], defaults: Mapping[str, Any] | None = None) -> EngineConfig:

@@ -141,6 +141,8 @@ def test_bad_flag_values_are_value_errors_naming_the_option():
         parse_engine_args(["--chunked-prefill-size", "0"])
     with pytest.raises(ValueError, match="auto, float32, bfloat16, float16"):
         parse_engine_args(["--dtype", "foo"])
+    with pytest.raises(ValueError, match="^--elementwise: compile must be one of auto, triton, inductor, eager"):
+        parse_engine_args(["--elementwise", "fast"])
 
 
 # ---- enums and checked values ----
