@@ -126,7 +126,7 @@ def time_batch(args: argparse.Namespace, bs: int, dtype: torch.dtype) -> None:
     outputs = {}
     for name, backend, splits in runs:
         def prepare(b=backend, n=splits) -> None:
-            with overriding(triton_decode, "decode_kv_splits", lambda *_: n) if n else nullcontext():
+            with overriding(triton_decode, "decode_kv_splits", lambda *a, **k: n) if n else nullcontext():
                 b.prepare(batch)
         prepare()
         fn = lambda b=backend: b.forward(q, k, v, 0, batch)
@@ -183,7 +183,7 @@ def sweep(args: argparse.Namespace) -> None:
                         backend.prepare(batch)
                         name = f"{bs:>5} {kv_name} N={block_n:<3} w={warps} s={stages} r={regs or '-':<3}"
                         try:
-                            with overriding(triton_decode, "decode_launch_config", lambda *_, c=launch: c):
+                            with overriding(triton_decode, "decode_launch_config", lambda *a, c=launch, **k: c):
                                 ms = graph_time_ms(lambda b=backend: b.forward(q, k, v, 0, batch))
                         except Exception as e:  # e.g. out of shared memory for a large tile
                             print(f"{name}: {type(e).__name__}")

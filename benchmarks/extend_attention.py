@@ -134,7 +134,7 @@ def time_shape(args: argparse.Namespace, shape: ExtendShape, dtype: torch.dtype,
         backend.prepare(batch)
         name = "default" if config is None else "M={} N={} w={} s={}".format(*config)
         launch = nullcontext() if config is None else overriding(
-            triton_extend, "extend_launch_config", lambda *_, c=config: c)
+            triton_extend, "extend_launch_config", lambda *a, c=config, **k: c)
         try:
             with launch:
                 err = (backend.forward(q, k, v, 0, batch).float() - ref).abs().max().item()

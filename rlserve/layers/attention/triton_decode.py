@@ -157,10 +157,10 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
     b, heads, dim = q.shape
     kv_heads = k_buf.shape[1]
     group = heads // kv_heads
-    block_n, warps, stages, maxnreg = decode_launch_config(q.dtype, fp8=scales[0] is not None)
+    fp8 = scales[0] is not None
+    block_n, warps, stages, maxnreg = decode_launch_config(q.dtype, fp8)
     block_d = next_pow2(dim)
     table = batch.req_to_token
-    fp8 = scales[0] is not None
     k_scale, v_scale = scales if fp8 else (k_buf, v_buf)
     _decode_split_kernel[(kv_heads, b, splits)](
         q, k_buf, v_buf, k_scale, v_scale, table, batch.req_rows, batch.seq_lens,
