@@ -20,7 +20,7 @@ def test_shared_prefix_in_one_batch_is_computed_once(tiny_model_dir):
     outs = llm.generate(_prompts(), params, use_tqdm=False)
     # two groups of four: the first of each computes its 300-token prefix, the three others reuse it
     assert sorted(o.cached_tokens for o in outs) == [0, 0] + [300] * 6
-    assert llm.engine.stats["prompt_tokens"] == sum(len(p) for p in _prompts()) - 6 * 300
+    assert llm.engine.status().counters.prompt_tokens == sum(len(p) for p in _prompts()) - 6 * 300
     ref = LLM(model, enable_radix_cache=False).generate(_prompts(), params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
     assert llm.engine.kv_leaked() == 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from conftest import hf_greedy
+
 from rlserve import LLM, SamplingParams
 
 MAX_NEW = 10
@@ -56,22 +56,23 @@ def check_parity(path, scenario: str) -> None:
         mine = [next(iter(d.values())) for d in got.logprobs]
         assert max(abs(a - b) for a, b in zip(mine, lps)) < 1e-4
     engine = llm.engine
-    assert engine.kv_leaked() == 0
+    status = engine.status()
+    assert status.kv_leaked == 0
     if scenario in ("radix", "chunked", "lpm", "overlap"):
-        assert engine.stats["cached_tokens"] > 0, "shared prefixes should hit the radix cache"
+        assert status.counters.cached_tokens > 0, "shared prefixes should hit the radix cache"
     if scenario == "no-radix":
-        assert engine.stats["cached_tokens"] == 0
-        assert engine.allocator.available() == engine.allocator.size
+        assert status.counters.cached_tokens == 0
+        assert status.kv_free == status.kv_total
     if scenario.startswith("overlap"):
-        assert engine.stats["overlapped_steps"] > 0
+        assert status.counters.overlapped_steps > 0
     else:
-        assert engine.stats["overlapped_steps"] == 0
+        assert status.counters.overlapped_steps == 0
     if scenario in ("retract", "overlap-retract"):
-        assert engine.scheduler.num_retractions > 0, "the tiny KV budget should force retraction"
+        assert status.retractions > 0, "the tiny KV budget should force retraction"
     if scenario == "chunked":
         assert any(len(p) > 24 for p in prompts)
     assert engine.flush_cache()
-    assert engine.allocator.available() == engine.allocator.size
+    assert engine.status().kv_free == status.kv_total
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

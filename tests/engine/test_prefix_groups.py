@@ -65,7 +65,8 @@ def test_cascade_flag_reaches_the_engine_and_is_inert_without_triton():
     import argparse
 
     from rlserve import LLM, SamplingParams
-    from rlserve.cli import add_engine_args, engine_kwargs
+    from rlserve.config_args import add_engine_args
+    from rlserve.config_args import engine_options_from_args as engine_kwargs
 
     parser = argparse.ArgumentParser()
     add_engine_args(parser)

@@ -94,6 +94,7 @@ def test_teacher_forced_argmax_real_weights_bf16():
     torch/transformers 98.2%, triton/torch 98.7%; with bf16 logits 96.9% and 97.7%), so the triton
     backend must be as close to both as they are to each other."""
     from transformers import AutoConfig
+
     from rlserve.models.default import ensure_default_model
     llm = LLM(dtype="bfloat16", attention_backend="triton", cuda_graph=False)
     hf = _hf_twin(llm, AutoConfig.from_pretrained(ensure_default_model()), torch.bfloat16)
@@ -148,7 +149,7 @@ def test_no_kv_leak_after_benchmark_run():
     assert all(len(o.outputs[0].token_ids) == p.max_tokens for o, p in zip(outs, params))
     assert llm.engine.kv_leaked() == 0
     assert llm.engine.flush_cache()
-    assert llm.engine.allocator.available() == llm.engine.allocator.size
+    assert llm.engine.status().kv_free == llm.engine.status().kv_total
 
 
 def test_cascade_attention_keeps_greedy_tokens():
@@ -175,10 +176,10 @@ def test_overlapped_prefill_matches_sync():
     ps = prompts(40, seed=11, lo=100, hi=700)
     over = LLM("qwen3-0.6b", dtype="float32", chunked_prefill_size=2048, overlap_schedule=True)
     got = greedy_tokens(over, ps)
-    assert over.engine.stats["overlapped_prefills"] > 3
+    assert over.engine.status().counters.overlapped_prefills > 3
     assert over.engine.kv_leaked() == 0
     del over
     torch.cuda.empty_cache()
     sync = LLM("qwen3-0.6b", dtype="float32", chunked_prefill_size=2048, overlap_schedule=False)
     assert got == greedy_tokens(sync, ps)
-    assert sync.engine.stats["overlapped_prefills"] == 0
+    assert sync.engine.status().counters.overlapped_prefills == 0

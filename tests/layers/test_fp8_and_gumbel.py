@@ -121,6 +121,7 @@ def test_gumbel_kernel_bitmask_draws_as_if_masked_logits():
     # seeds, same uniforms), for sampled and greedy rows, sparse and full masks, a vocab not a
     # multiple of 32; and it rejects a mask that doesn't cover the logits.
     import xgrammar as xgr
+
     from rlserve.layers.gumbel import gumbel_argmax
     rows, vocab = 48, 49_152 + 17
     logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
@@ -146,7 +147,7 @@ def test_gumbel_kernel_bitmask_draws_as_if_masked_logits():
 def test_engine_fp8_kv_runs_and_frees_everything():
     from rlserve import LLM, SamplingParams
     llm = LLM("qwen3-0.6b", kv_cache_dtype="fp8_e4m3", max_total_tokens=60_000, cuda_graph_max_bs=16)
-    assert llm.engine.kv_pool.k_buffers[0].dtype == FP8_DTYPE
+    assert llm.engine.status().kv_dtype == str(FP8_DTYPE).removeprefix("torch.")
     outs = llm.generate([[i + 1] * (50 + 30 * i) for i in range(24)],
                         SamplingParams(temperature=0.7, max_tokens=40, ignore_eos=True), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 40 for o in outs)
@@ -176,7 +177,7 @@ def test_gumbel_kernel_small_batch_splits_the_vocabulary_without_bias():
 def test_seeded_rows_draw_in_the_kernel_independently_of_the_batch():
     """A seeded row keys the Gumbel kernel with its own stream: its tokens are the same alone, in a
     large batch (other chunking of the vocabulary) and beside a top-p row (the unfused path)."""
-    from rlserve.engine.sampler import SampleRow, Sampler
+    from rlserve.engine.sampler import Sampler, SampleRow
     from rlserve.sampling import SamplingParams
     torch.manual_seed(3)
     vocab = 151_936
@@ -204,7 +205,7 @@ def test_seeded_rows_draw_in_the_kernel_independently_of_the_batch():
 def test_sampler_draws_the_same_tokens_from_bf16_logits_as_from_their_float32_widening():
     """Decode hands the sampler the model's bf16 logits; every path must pick what it picks from the
     same values in float32: greedy, the Gumbel kernel (seeded and not) and the sorted top-p path."""
-    from rlserve.engine.sampler import SampleRow, Sampler
+    from rlserve.engine.sampler import Sampler, SampleRow
     from rlserve.sampling import SamplingParams
     torch.manual_seed(4)
     logits = (torch.randn(24, 151_936, device="cuda") * 3).bfloat16()

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -15,8 +14,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from rlserve.config import ModelConfig
 from rlserve.models import default
-from rlserve.models.default import (DEFAULT_GGUF_MEMBER, DEFAULT_GGUF_NAME, DEFAULT_MODEL_NAME,
-                                    cache_dir, ensure_default_model, resolve_gguf)
+from rlserve.models.default import (
+    DEFAULT_GGUF_MEMBER,
+    DEFAULT_GGUF_NAME,
+    DEFAULT_MODEL_NAME,
+    cache_dir,
+    ensure_default_model,
+    resolve_gguf,
+)
 from rlserve.models.loader import iter_safetensors, load_tokenizer, resolve_model
 from rlserve.models.presets import PRESETS, preset_hf_config
 

@@ -49,13 +49,13 @@ def test_update_weights_in_place_changes_outputs_and_drops_cache(tiny_model_dir)
     prompt = [[5, 6, 7, 8, 9, 10]]
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     before = llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
-    assert llm.engine.tree.total_size() > 0
+    assert llm.engine.status().kv_cached > 0
     trainer = llm.engine.model
     new = {n: p.detach().clone() + 0.05 * torch.randn_like(p) for n, p in trainer.named_parameters()}
     ptr = trainer.model.embed_tokens.weight.data_ptr()
     assert llm.engine.update_weights(new.items()) == len(new)
     assert trainer.model.embed_tokens.weight.data_ptr() == ptr
-    assert llm.engine.tree.total_size() == 0
+    assert llm.engine.status().kv_cached == 0
     after = llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
     assert after != before
     with torch.no_grad():   # the engine now follows the new weights: its greedy token is their argmax
