@@ -9,7 +9,17 @@ from typing import Any
 
 import torch
 
-from rlserve.config import CacheConfig, Elementwise, EngineConfig, ModelConfig, SchedulerConfig, Switch, parse_dtype
+from rlserve.config import (
+    CacheConfig,
+    DType,
+    Elementwise,
+    EngineConfig,
+    KVCacheDtype,
+    ModelConfig,
+    SchedulerConfig,
+    Switch,
+    parse_dtype,
+)
 from rlserve.engine.cache import RadixCache, ReqToTokenPool, TokenAllocator
 from rlserve.engine.memory import RequestMemory
 from rlserve.engine.runner import ModelRunner
@@ -36,19 +46,15 @@ def pick_device(device: str) -> torch.device:
     return dev
 
 
-def model_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto" is float32 on a CPU (no fast 16-bit matmuls there) and bfloat16 on CUDA."""
-    if name == "auto":
+def model_dtype(dtype: DType | str, device: torch.device) -> torch.dtype:
+    """AUTO is float32 on a CPU (no fast 16-bit matmuls there) and bfloat16 on CUDA."""
+    if dtype == DType.AUTO:
         return torch.float32 if device.type == "cpu" else torch.bfloat16
-    return parse_dtype(name)
+    return parse_dtype(dtype)
 
 
-def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
-    if name == "auto":
-        return model_dtype
-    if name in ("fp8", "fp8_e4m3"):
-        return FP8_DTYPE
-    raise ValueError(f"unknown kv_cache_dtype {name!r}; choose auto or fp8_e4m3")
+def kv_cache_dtype(kind: KVCacheDtype, model_dtype: torch.dtype) -> torch.dtype:
+    return FP8_DTYPE if kind is KVCacheDtype.FP8_E4M3 else model_dtype
 
 
 def resolve_elementwise(mode: Elementwise, device: torch.device) -> Elementwise:
@@ -169,7 +175,7 @@ def build(config: EngineConfig) -> EngineParts:
     overlap = overlap_enabled(config.overlap_schedule, device)
     return EngineParts(device, dtype, kv_dtype, cfg, tokenizer, max_len, eos_ids, model, allocator, kv_pool, table,
                        pad_row, tree, memory, runner, scheduler_config(config.scheduler, device), overlap,
-                       grammar_helper_count(getattr(config, "grammar_helpers", None), overlap))
+                       grammar_helper_count(config.grammar_helpers, overlap))
 
 
 def build_runner(config: EngineConfig, model: LlamaForCausalLM, table: ReqToTokenPool, pad_row: int,
