@@ -17,7 +17,8 @@ token keeps the leading space it has after the prompt, which the standalone deco
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 REPLACEMENT = "\ufffd"
 PROMPT_CONTEXT = 6   # prompt tokens seeding the window

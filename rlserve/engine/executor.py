@@ -252,5 +252,6 @@ def _add_prompt_logprobs(req: Request, logits: torch.Tensor) -> None:
         req.prompt_logprobs = [None]          # nothing predicts the first token
     targets = req.prompt_ids[start + 1:start + n + 1]
     rows = logits[:len(targets)]
-    if len(targets):
-        req.prompt_logprobs.extend(prompt_logprobs(rows, targets, req.params.prompt_logprobs))
+    k = req.params.prompt_logprobs
+    if len(targets) and k is not None:
+        req.prompt_logprobs.extend(prompt_logprobs(rows, targets, k))

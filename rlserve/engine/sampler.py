@@ -12,8 +12,8 @@ own logits -- never on the other rows of the batch.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -51,7 +51,7 @@ def has_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
-def _row_token_index(token_lists: list[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_token_index(token_lists: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(row index, token id) pairs for scattering per-row token lists onto a [B, V] tensor."""
     rows = [i for i, toks in enumerate(token_lists) for _ in range(len(toks))]
     toks = [t for ts in token_lists for t in ts]
@@ -89,9 +89,9 @@ def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor
     pres = torch.tensor([p.presence_penalty for p in params], device=dev)
     if (freq != 0).any() or (pres != 0).any():
         counts = torch.zeros(B, V, dtype=torch.float32, device=dev)
-        lists = [r.output_ids if (r.params.frequency_penalty or r.params.presence_penalty) else ()
-                 for r in rows]
-        ri, ti = _row_token_index(lists, dev)
+        outputs = [r.output_ids if (r.params.frequency_penalty or r.params.presence_penalty) else ()
+                   for r in rows]
+        ri, ti = _row_token_index(outputs, dev)
         counts.index_put_((ri, ti), torch.ones_like(ti, dtype=torch.float32), accumulate=True)
         logits -= freq[:, None] * counts + pres[:, None] * (counts > 0).float()
     return logits
@@ -250,7 +250,7 @@ class Sampler:
             logits = _ban(logits, rows)
             random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
             # Greedy rows take the argmax; a batch of random rows only skips that pass.
-            token_ids = logits.argmax(dim=-1) if len(random_rows) < len(rows) else None
+            greedy = logits.argmax(dim=-1) if len(random_rows) < len(rows) else None
             # Rows without filters take one batched draw that needs no sort: the Gumbel kernel on a GPU,
             # else inverse CDF in vocabulary order (on a CPU 30-50x cheaper than a noise value per
             # token). Each row keys it with its own number. The rest need a sorted distribution.
@@ -260,8 +260,8 @@ class Sampler:
             draw_plain = self._gumbel if self._fused else self._draw
             if len(plain) == len(rows):              # the common case: no gather/scatter needed
                 return draw_plain(logits, rows)
-            if token_ids is None:
-                token_ids = torch.empty(len(rows), dtype=torch.int64, device=logits.device)
+            token_ids = greedy if greedy is not None else torch.empty(len(rows), dtype=torch.int64,
+                                                                      device=logits.device)
             if plain:
                 sel = to_device(plain, torch.int64, logits.device)
                 token_ids[sel] = draw_plain(logits[sel], [rows[i] for i in plain])
@@ -306,7 +306,7 @@ class Sampler:
         if want:
             sel = torch.tensor(want, device=raw.device)
             picked = torch.tensor([ids[i] for i in want], device=raw.device)
-            k_want = [ks[i] for i in want]
+            k_want = [k for k in ks if k is not None]     # (want's order)
             dicts = logprob_dicts(logprob_tensors(raw[sel], picked, max(k_want)), k_want)
             for i, d in zip(want, dicts):
                 out[i] = d

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from rlserve.config import SchedulerConfig
 from rlserve.engine.memory import RequestMemory
 from rlserve.engine.request import Request
@@ -144,6 +146,7 @@ class Scheduler:
     def schedule_prefill(self) -> ScheduledBatch | None:
         """The next prefill batch, or None when nothing waits or nothing more fits now."""
         budget = self.cfg.chunked_prefill_size
+        assert budget is not None, "the engine sets the chunk size at construction"
         room = self.memory.available_tokens() - self._reserved()
         reqs: list[Request] = []
         completes: list[bool] = []
@@ -213,6 +216,6 @@ class Scheduler:
                 if req.index == 0:
                     self.prefilled_groups.add(req.group)
 
-    def alloc_decode_slots(self, batch: ScheduledBatch):
+    def alloc_decode_slots(self, batch: ScheduledBatch) -> torch.Tensor | None:
         """One new slot per decoding request; None for a lone request that has outgrown the pool."""
         return self.memory.alloc_decode(batch.reqs)

@@ -6,8 +6,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import hf_model
+
 from rlserve import LLM, SamplingParams
 from rlserve.engine.status import LoopCounters
 
@@ -447,3 +447,24 @@ def test_skip_warmup_flag_reaches_the_engine_config_and_a_cpu_engine_never_warms
     monkeypatch.setattr(Engine, "warm_up", lambda self: calls.append(self))
     LLM(str(tiny_model_dir("tiny-llama")))   # CUDA only: a CPU engine starts at once
     assert calls == []
+
+
+def test_add_request_refuses_once_max_waiting_requests_wait(tiny_model_dir):
+    """Waiting samples count (each of an n > 1 request); a refused request leaves the engine as it was,
+    and room opens once the waiting ones are admitted."""
+    from rlserve.engine.errors import QueueFullError
+    llm = LLM(str(tiny_model_dir("tiny-llama")), max_waiting_requests=3)
+    e = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    e.add_request([5, 6, 7], params)
+    e.add_request([5, 6, 8], SamplingParams(n=2, temperature=0, max_tokens=4, ignore_eos=True))
+    assert e.status().waiting == 3
+    with pytest.raises(QueueFullError):
+        e.add_request([5, 6, 9], params, rid="refused")
+    assert e.status().waiting == 3 and e.abort("refused") is None
+    while e.status().waiting:
+        e.step()
+    e.add_request([5, 6, 9], params, rid="later")
+    while e.has_unfinished():
+        e.step()
+    assert_clean(llm)

@@ -73,24 +73,24 @@ def test_masks_from_the_helper_process_match_masks_filled_in_the_engine(llm):
     """On CUDA the grammar masks come from a helper process (pinned shared memory, asynchronous copy);
     an engine that fills them itself draws the same tokens."""
     import time
-    helper = llm.engine
-    helper._compile_grammar(SamplingParams(json_object=True))
-    worker = helper._grammar.helpers
-    assert worker is not None and worker.pinned
+    grammar = llm.engine.grammar
+    grammar.start()                    # the compiler and helpers now, not with the first constraint
+    status = grammar.status()
+    assert status.helpers > 0 and status.pinned
     deadline = time.monotonic() + 120
-    while not worker.ready():
+    while not grammar.helpers_ready():
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    own = LLM(dtype="bfloat16", gpu_memory_fraction=0.5)
-    own.engine.grammar_helpers = 0
+    own = LLM(dtype="bfloat16", gpu_memory_fraction=0.5, grammar_helpers=0)
     prompt = llm.apply_chat_template([{"role": "user", "content": "Give me a code, then a person as JSON."}])
     params = _params()
-    before = worker.requests
+    before = grammar.status().helper_requests
     outs = {}
     for name, engine in (("helper", llm), ("own", own)):
         engine.engine.flush_cache()
         outs[name] = [o.outputs[0].token_ids for o in engine.generate([prompt] * len(params), params, use_tqdm=False)]
-    assert worker.requests - before > 20 and helper._grammar.helpers is worker
-    assert own.engine._grammar.helpers is None
+    status = grammar.status()
+    assert status.helper_requests - before > 20 and status.helpers > 0 and status.helpers_given_up == 0
+    assert own.engine.grammar.status().helpers == 0
     assert outs["helper"] == outs["own"]
-    assert helper.kv_leaked() == 0 and own.engine.kv_leaked() == 0
+    assert llm.engine.kv_leaked() == 0 and own.engine.kv_leaked() == 0

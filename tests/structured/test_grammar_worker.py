@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import signal
 import time
 
 import jsonschema
 import pytest
 import torch
+from structured_schemas import REGEXES, SCHEMAS
 
+import rlserve.engine.grammar.helpers as helpers_module
 from rlserve import LLM, SamplingParams
 from rlserve.engine.grammar import GrammarSpec
-from structured_schemas import REGEXES, SCHEMAS
+from rlserve.engine.grammar.backend import GrammarBackend
 
 NAMES = list(SCHEMAS)[:6]
 REGEX = REGEXES[2]      # two capitalised words: a few tokens of free text
@@ -24,21 +28,49 @@ REGEX = REGEXES[2]      # two capitalised words: a few tokens of free text
 def _engine(helpers: int) -> LLM:
     # Overlapped steps are where the helpers work. Several engines live at once: a small share each of
     # a GPU's memory (a CPU ignores it).
-    llm = LLM(overlap_schedule=True, gpu_memory_fraction=0.1)
-    llm.engine.grammar_helpers = helpers
-    llm.engine._compile_grammar(SamplingParams(json_object=True))      # creates the grammar backend
-    worker = llm.engine._grammar.helpers
-    assert (worker is not None) == (helpers > 0)
+    llm = LLM(overlap_schedule=True, gpu_memory_fraction=0.1, grammar_helpers=helpers)
+    grammar = llm.engine.grammar
+    grammar.start()                     # the compiler and helpers now, not with the first constraint
+    assert grammar.status().helpers == helpers
     deadline = time.monotonic() + 120
-    while helpers and not worker.ready():          # until they have started the engine fills masks itself
+    while helpers and not grammar.helpers_ready():   # until they have started the engine fills masks itself
         assert time.monotonic() < deadline, "the mask helper did not start"
         time.sleep(0.05)
     return llm
 
 
+def _gone(pid: int) -> bool:
+    """Whether the process has exited (a zombie counts: it runs no more)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    while not _gone(pid):
+        time.sleep(0.01)
+
+
 @pytest.fixture(scope="module")
 def engines(default_model_dir) -> dict[bool, LLM]:
     return {helper: _engine(2 if helper else 0) for helper in (True, False)}
+
+
+@pytest.fixture(scope="module")
+def backend(engines):
+    """The grammar package's backend on its own (no engine loop): two helpers fill rows of its masks."""
+    e = engines[False].engine
+    b = GrammarBackend(e.tokenizer, e.model_config.vocab_size, sorted(e.eos_ids), helpers=2, helper_rows=64)
+    deadline = time.monotonic() + 120
+    while not b.helper_ready():
+        assert b.helpers is not None and time.monotonic() < deadline, "the mask helpers did not start"
+        time.sleep(0.05)
+    yield b
+    if b.helpers is not None:
+        b.helpers.close()
 
 
 def _batch(llm: LLM) -> tuple[list[str], list[SamplingParams]]:
@@ -58,34 +90,29 @@ def _run(llm: LLM) -> list[tuple[list[int], str]]:
     return [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].text) for o in outs]
 
 
-def test_helper_masks_give_the_same_tokens_as_masks_filled_in_the_engine(engines, monkeypatch):
+def test_helper_masks_give_the_same_tokens_as_masks_filled_in_the_engine(engines):
     with_helper, without = engines[True], engines[False]
-    worker = with_helper.engine._grammar.helpers
-    before, busy_before = worker.requests, worker.busy()
-    backend, queued = with_helper.engine._grammar, []
-    queue = backend.masks_on_device_when_answered
-    monkeypatch.setattr(backend, "masks_on_device_when_answered",
-                        lambda *a: queued.append(queue(*a)) or queued[-1])
+    before = with_helper.engine.grammar.status()
     got, want = _run(with_helper), _run(without)
-    assert worker.requests - before > 10, "the helper filled no masks"
+    after = with_helper.engine.grammar.status()
+    assert after.helper_requests - before.helper_requests > 10, "the helper filled no masks"
     # On CUDA the sampling is queued behind the device's wait for the helpers' answers.
-    assert sum(q is not None for q in queued) > (10 if torch.cuda.is_available() else -1)
+    assert after.queued_on_device - before.queued_on_device > (10 if torch.cuda.is_available() else -1)
     # Each helper reports the time it spent advancing its matchers and filling its rows.
-    assert all(a1 > a0 and f1 > f0 for (a0, f0), (a1, f1) in zip(busy_before, worker.busy()))
-    assert with_helper.engine._grammar.helpers is worker            # and never failed
+    assert all(a1 > a0 and f1 > f0 for (a0, f0), (a1, f1) in zip(before.helper_busy_s, after.helper_busy_s))
+    assert after.helpers == 2 and after.helpers_given_up == 0            # and never failed
     assert got == want
-    for (ids, reason, text), name in zip(got, NAMES * 2):
+    for (_ids, reason, text), name in zip(got, NAMES * 2):
         if reason == "stop":
             jsonschema.validate(json.loads(text), SCHEMAS[name])
-    for ids, reason, text in got[len(NAMES) * 2:len(NAMES) * 2 + 4]:
+    for _ids, reason, text in got[len(NAMES) * 2:len(NAMES) * 2 + 4]:
         if reason == "stop":
             assert re.fullmatch(REGEX, text), text
     assert sum(reason == "stop" for _, reason, _ in got[:len(NAMES) * 2]) >= len(NAMES)
     assert with_helper.engine.kv_leaked() == 0
 
 
-def test_helper_mask_equals_the_engines_fill_token_by_token(engines):
-    backend = engines[True].engine._grammar
+def test_helper_mask_equals_the_engines_fill_token_by_token(backend):
     spec = GrammarSpec.from_params(SamplingParams(json_schema=SCHEMAS[NAMES[0]]))
     compiled = backend.compile(spec)
     backend.helper_share = 0.5       # the engine fills some rows too (two helpers take all by default)
@@ -120,17 +147,17 @@ def test_helper_mask_equals_the_engines_fill_token_by_token(engines):
 def test_the_engine_fills_masks_itself_when_the_helper_dies(engines, caplog):
     llm = _engine(1)
     want = _run(engines[False])
-    llm.engine._grammar.helpers._helpers[0].proc.kill()
+    _kill(llm.engine.grammar.status().helper_pids[0])
     with caplog.at_level(logging.WARNING, logger="rlserve"):
         got = _run(llm)
     assert got == want
-    assert llm.engine._grammar.helpers is None
+    status = llm.engine.grammar.status()
+    assert status.helpers == 0 and status.helpers_given_up == 1
     assert any("mask helper stopped" in r.message for r in caplog.records)
     assert llm.engine.kv_leaked() == 0
 
 
-def test_helper_share_sets_how_many_matchers_the_helper_owns(engines):
-    backend = engines[True].engine._grammar
+def test_helper_share_sets_how_many_matchers_the_helper_owns(backend):
     default = backend.helper_share
     assert default == 1.0                   # two helpers take every matcher
     try:
@@ -146,14 +173,14 @@ def test_the_engine_catches_its_matchers_up_when_the_helper_dies_mid_run(engines
     in the middle of a batch leaves them behind, and the engine's own fills must catch them up."""
     llm = _engine(2)
     want = _run(engines[False])
-    helpers, step, steps, lagging = llm.engine._grammar.helpers, llm.engine.step, [0], []
+    grammar, step, steps, lagging = llm.engine.grammar, llm.engine.step, [0], []
+    pid = grammar.status().helper_pids[1]
 
     def step_then_kill(*args, **kwargs):
         steps[0] += 1
         if steps[0] == 12:
-            lagging.extend(r for r in llm.engine.scheduler.running if r.grammar_lag)
-            helpers._helpers[1].proc.kill()      # one of two
-            helpers._helpers[1].proc.wait()
+            lagging.extend(grammar.status().lagging)
+            _kill(pid)      # one of two
         return step(*args, **kwargs)
 
     llm.engine.step = step_then_kill
@@ -161,7 +188,7 @@ def test_the_engine_catches_its_matchers_up_when_the_helper_dies_mid_run(engines
         got = _run(llm)
     assert lagging, "no matcher was behind its helper copy when the helper died"
     assert got == want
-    assert llm.engine._grammar.helpers is None
+    assert grammar.status().helpers == 0
     assert any("mask helper stopped" in r.message for r in caplog.records)
     assert llm.engine.kv_leaked() == 0
 
@@ -170,39 +197,34 @@ def test_a_stuck_helper_is_given_up_and_the_engine_fills_its_rows(engines, monke
     """A helper that stops reading and answering (here: SIGSTOP) is given up after the timeout: neither
     a send into its full socket nor the wait for its answer blocks the engine. It is killed, and the
     engine fills every mask itself from then on, with the same tokens."""
-    import os
-    import signal
-    import rlserve.engine.grammar_worker as grammar_worker
-    monkeypatch.setattr(grammar_worker, "RESULT_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(helpers_module, "RESULT_TIMEOUT_S", 1.0)
     llm = _engine(2)
-    stuck = llm.engine._grammar.helpers._helpers[1].proc
-    os.kill(stuck.pid, signal.SIGSTOP)
+    stuck = llm.engine.grammar.status().helper_pids[1]
+    os.kill(stuck, signal.SIGSTOP)
     try:
-        start = time.monotonic()
         got = _run(llm)
-        took = time.monotonic() - start
     finally:
-        if stuck.poll() is None:
-            os.kill(stuck.pid, signal.SIGCONT)
-    assert llm.engine._grammar.helpers is None
-    assert stuck.poll() is not None                  # killed, not left behind
-    assert took < 30
+        if not _gone(stuck):
+            os.kill(stuck, signal.SIGCONT)
+    status = llm.engine.grammar.status()
+    assert status.helpers == 0 and status.helpers_given_up == 1     # given up once, for good
+    assert _gone(stuck)                                             # killed, not left behind
     assert got == _run(engines[False])
+    assert llm.engine.kv_leaked() == 0
 
 
 def test_helpers_that_also_answer_through_the_socket_give_the_same_tokens(engines, monkeypatch):
     """Where another process may see stores out of order (ARM), a helper also sends a message once its
     rows and answer slot are written, and the engine waits for that: the same tokens as the engine's
     own fills."""
-    import rlserve.engine.grammar_worker as grammar_worker
     monkeypatch.setenv("RLSERVE_GRAMMAR_HELPER_NOTIFY", "1")        # read by the helper processes
-    monkeypatch.setattr(grammar_worker, "STORES_IN_ORDER", False)
+    monkeypatch.setattr(helpers_module, "STORES_IN_ORDER", False)
     llm = _engine(2)
-    worker = llm.engine._grammar.helpers
-    before = worker.requests
+    before = llm.engine.grammar.status().helper_requests
     assert _run(llm) == _run(engines[False])
-    assert worker.requests - before > 10 and llm.engine._grammar.helpers is worker
-    assert all(fill > 0 for _, fill in worker.busy())
+    status = llm.engine.grammar.status()
+    assert status.helper_requests - before > 10 and status.helpers == 2 and status.helpers_given_up == 0
+    assert all(fill > 0 for _, fill in status.helper_busy_s)
 
 
 @pytest.mark.timeout(600)
@@ -211,18 +233,19 @@ def test_a_matcher_that_disagrees_with_its_helper_copy_aborts_only_its_request(e
     copy took (a stop token in the middle of the JSON): that request ends "abort" and is returned;
     the others finish as usual."""
     llm = _engine(2)
-    eos = llm.engine._grammar.stop_ids
-    helpers, step, steps, broken = llm.engine._grammar.helpers, llm.engine.step, [0], []
+    grammar, eos = llm.engine.grammar, sorted(llm.engine.eos_ids)
+    pid, step, steps, broken = grammar.status().helper_pids[0], llm.engine.step, [0], []
 
     def step_and_break_one(*args, **kwargs):
         steps[0] += 1
         if not broken and steps[0] >= 8:
-            lagging = [r for r in llm.engine.scheduler.running if r.grammar_lag and not r.finished]
+            lagging = grammar.status().lagging
             if lagging:
-                lagging[0].grammar_lag.append(min(eos))
-                broken.append(lagging[0].group)
-                helpers._helpers[0].proc.kill()
-                helpers._helpers[0].proc.wait()
+                # The fault, injected where no API reaches: a stop token among the tokens its matcher lags by.
+                row = next(row for req, row in grammar._rows.items() if req.rid == lagging[0])
+                row.lag.append(eos[0])
+                broken.append(lagging[0])
+                _kill(pid)
         return step(*args, **kwargs)
 
     llm.engine.step = step_and_break_one
@@ -235,10 +258,9 @@ def test_a_matcher_that_disagrees_with_its_helper_copy_aborts_only_its_request(e
     assert not llm.engine.has_unfinished() and llm.engine.kv_leaked() == 0
 
 
-def test_a_mask_allows_a_stop_token_only_where_taking_it_completes_the_grammar(engines):
+def test_a_mask_allows_a_stop_token_only_where_taking_it_completes_the_grammar(engines, backend):
     """The engine ends a helper-filled row at a sampled stop token without asking its own (lagging)
     matcher: that relies on the mask letting stop tokens through only where the grammar can end."""
-    backend = engines[True].engine._grammar
     outs = [o for o in _run(engines[False])[:len(NAMES) * 2] if o[1] == "stop"]
     assert outs
     checked = 0

@@ -8,9 +8,10 @@ import jsonschema
 import pytest
 import torch
 from lark import Lark
+from structured_schemas import EBNF, REGEXES, SCHEMAS
 
 from rlserve import LLM, SamplingParams
-from structured_schemas import EBNF, REGEXES, SCHEMAS
+from rlserve.engine.grammar import GrammarSpec
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def test_json_schemas_always_validate(llm):
             params.append(SamplingParams(temperature=1.0, seed=100 * i + j, max_tokens=200,
                                          json_schema=SCHEMAS[name]))
     outs = llm.generate(prompts, params, use_tqdm=False)
-    for out, sp, name in zip(outs, params, names):
+    for out, _sp, name in zip(outs, params, names):
         c = out.outputs[0]
         assert c.finish_reason == "stop", (name, c.text)
         jsonschema.validate(json.loads(c.text), SCHEMAS[name])
@@ -127,7 +128,7 @@ def test_overlapped_scheduling_keeps_grammars_exact(default_model_dir):
     sync = LLM(overlap_schedule=False).generate(prompts, params, use_tqdm=False)
     over_llm = LLM(overlap_schedule=True)
     over = over_llm.generate(prompts, params, use_tqdm=False)
-    assert over_llm.engine.stats["overlapped_steps"] > 20
+    assert over_llm.engine.status().counters.overlapped_steps > 20
     assert [o.outputs[0].token_ids for o in over] == [o.outputs[0].token_ids for o in sync]
     for out, sp in zip(over[:6], params[:6]):
         jsonschema.validate(json.loads(out.outputs[0].text), sp.json_schema)
@@ -146,10 +147,10 @@ class _CountingFiller:
 
 def test_serial_and_parallel_mask_fills_agree_and_cost_picks_the_filler(llm):
     """Cheap rows are filled on one thread, costly ones on xgrammar's pool; both give the same masks."""
-    import rlserve.engine.grammar as grammar
-    llm.engine._compile_grammar(SamplingParams(json_object=True))     # creates the backend
-    backend = llm.engine._grammar
-    spec = grammar.GrammarSpec.from_params(SamplingParams(json_schema=SCHEMAS[next(iter(SCHEMAS))]))
+    import rlserve.engine.grammar.backend as grammar
+    e = llm.engine
+    backend = grammar.GrammarBackend(e.tokenizer, e.model_config.vocab_size, sorted(e.eos_ids))
+    spec = GrammarSpec.from_params(SamplingParams(json_schema=SCHEMAS[next(iter(SCHEMAS))]))
     matchers = [backend.matcher(spec, backend.compile(spec))[0] for _ in range(4)]
     for m, prefix in zip(matchers, ['{', '{"']):
         assert m.accept_string(prefix)

@@ -54,7 +54,7 @@ class GrammarBackend:
         self.queued_on_device = 0    # samplings queued behind a device-side wait for the helpers' answers
         # The share of matchers whose rows the helpers fill (for matchers made after it is set). One
         # helper takes half and the engine fills the rest meanwhile; two or more take them all, since
-        # the engine's own fills were then the longest path (docs/benchmarks.md has the figures).
+        # the engine's own fills were then the longest path of a structured-output step (measured on an H100).
         self.helper_share = 0.5 if helpers == 1 else 1.0
         if helpers > 0 and helper_rows > 0:
             words = xgr.allocate_token_bitmask(1, vocab_size).shape[1]
@@ -120,10 +120,11 @@ class GrammarBackend:
         where the engine fills or the row is unconstrained), once their matchers have taken `tokens`
         (took: each token's helper key, or None). False when there are no helpers, and then they
         took nothing (fill everything with device_masks)."""
-        if not self.helper_ready():
+        helpers = self.helpers
+        if helpers is None or not self.helper_ready():
             return False
         try:
-            self.helpers.request(keys, list(took), list(tokens))
+            helpers.request(keys, list(took), list(tokens))
             return True
         except (OSError, EOFError, ValueError, RuntimeError) as e:
             self._lose_helpers(e)
@@ -172,6 +173,7 @@ class GrammarBackend:
         stuck, the engine fills the helpers' rows itself (matchers_now() gives every row's current
         matcher), lets the device's copy go, waits for it, and stops using the helpers."""
         helpers = self.helpers
+        assert helpers is not None
         try:
             helpers.result()
             return

@@ -23,7 +23,7 @@ from rlserve.sampling import SamplingParams
 
 REJECTED = ("abort", "grammar rejected the sampled token")
 GRAMMAR_STOP = ("stop", None)
-Ending = tuple[str, str | None]     # (finish reason, stop reason) the grammar gives a request
+Ending = tuple[str, int | str | None]     # (finish reason, stop reason) the grammar gives a request
 
 
 @dataclass
@@ -45,6 +45,7 @@ class GrammarStatus:
     constrained: int                 # live requests under a grammar
     helpers: int                     # helper processes in use (0: the engine fills every mask)
     helper_pids: tuple[int, ...]
+    pinned: bool                     # the helpers' mask is page-locked: copied to a GPU asynchronously
     helper_requests: int             # batches of masks the helpers were asked to fill
     helper_busy_s: tuple[tuple[float, float], ...]   # per helper: seconds advancing matchers, filling rows
     helpers_given_up: int            # times the helpers failed, exited or stalled and the engine took over
@@ -227,8 +228,9 @@ class Constraints:
             constrained=len(self._rows),
             helpers=helpers.count if helpers is not None else 0,
             helper_pids=helpers.pids() if helpers is not None else (),
+            pinned=helpers is not None and helpers.pinned,
             helper_requests=helpers.requests if helpers is not None else 0,
-            helper_busy_s=tuple(helpers.busy()) if helpers is not None else (),
+            helper_busy_s=tuple((float(a), float(f)) for a, f in helpers.busy()) if helpers is not None else (),
             helpers_given_up=backend.given_up if backend is not None else 0,
             queued_on_device=backend.queued_on_device if backend is not None else 0,
             lagging=tuple(r.rid for r, row in self._rows.items() if row.lag))

@@ -123,8 +123,9 @@ class MaskHelpers:
         if waiter is None:
             return None
         base = self._answers.ctypes.data
-        addresses = [waiter.device_address(base + (i * 4 + DONE) * 8) for i in range(len(self._answers))]
-        if None in addresses:
+        found = [waiter.device_address(base + (i * 4 + DONE) * 8) for i in range(len(self._answers))]
+        addresses = [a for a in found if a is not None]
+        if len(addresses) < len(found):
             return None
         stream = torch.cuda.current_stream()
         if not all(waiter.wait(stream, a, 0) for a in addresses):     # already true: a probe
@@ -141,6 +142,7 @@ class MaskHelpers:
         """Queue on `stream` a wait for every helper's answer to the last request: work queued after it
         (the mask's copy, the sampling) runs once the rows are written. Call result() later all the
         same: a helper that fails never answers, and result() fills its rows (see release_device)."""
+        assert self._slot_addresses is not None
         return all(self._waiter.wait(stream, a, self._step) for a in self._slot_addresses)
 
     def release_device(self) -> None:
@@ -252,7 +254,7 @@ def _register(address: int, size: int) -> bool:
     device to read; False where CUDA can't."""
     if not torch.cuda.is_available():
         return False
-    return int(torch.cuda.cudart().cudaHostRegister(address, size, 0)) == 0
+    return int(torch.cuda.cudart().cudaHostRegister(address, size, 0)) == 0  # type: ignore[no-untyped-call]
 
 
 def _shut_down(conns: list[Connection], procs: list[subprocess.Popen], shm: SharedMemory,
@@ -278,7 +280,7 @@ def _shut_down(conns: list[Connection], procs: list[subprocess.Popen], shm: Shar
             torch.cuda.synchronize()
         except RuntimeError:
             pass
-        torch.cuda.cudart().cudaHostUnregister(pinned_ptr)
+        torch.cuda.cudart().cudaHostUnregister(pinned_ptr)  # type: ignore[no-untyped-call]
     try:
         shm.close()
     except BufferError:

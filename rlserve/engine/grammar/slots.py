@@ -23,7 +23,7 @@ def slots_offset(max_rows: int, words: int) -> int:
     return -(-max_rows * words * 4 // 64) * 64
 
 
-def answer_slots(buf: memoryview, max_rows: int, words: int, count: int) -> np.ndarray:
+def answer_slots(buf: memoryview | None, max_rows: int, words: int, count: int) -> np.ndarray:
     """The helpers' answer slots [count, 4] int64, placed after the bitmask (on a 64-byte boundary).
     A helper writes its slot's DONE last, so an engine that reads DONE first sees the rest and the
     helper's mask rows (see STORES_IN_ORDER)."""

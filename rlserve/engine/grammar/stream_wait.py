@@ -9,6 +9,7 @@ beyond the driver is needed; where it is missing or refused, `StreamWaiter.load(
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 import torch
 
@@ -16,7 +17,7 @@ WAIT_GEQ = 0x0   # CU_STREAM_WAIT_VALUE_GEQ: go on once (int64)(*addr - value) >
 
 
 class StreamWaiter:
-    def __init__(self, wait_fn, pointer_fn) -> None:
+    def __init__(self, wait_fn: Any, pointer_fn: Any) -> None:
         self._wait = wait_fn
         self._pointer = pointer_fn
 

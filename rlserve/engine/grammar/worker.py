@@ -44,7 +44,7 @@ def serve(conn: Connection, shm_name: str, max_rows: int, words: int, spin_s: fl
         shm = SharedMemory(name=shm_name)
         try:   # attaching registered the segment for removal at this process's exit: it is the engine's
             from multiprocessing import resource_tracker
-            resource_tracker.unregister(shm._name, "shared_memory")
+            resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
         except Exception:
             pass
         bitmask = torch.frombuffer(shm.buf, dtype=torch.int32, count=max_rows * words).view(max_rows, words)
