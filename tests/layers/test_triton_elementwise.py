@@ -119,20 +119,20 @@ def check_kernels(device: str) -> None:
 
 
 def check_model_forward() -> None:
-    """Whole tiny models (q/k norm and plain rotary, stacked projections) with every Kernels function
-    swapped for its Triton kernel, as compile="triton" does for CUDA inputs: the same hidden states as
-    the eager functions, in float32 and bfloat16."""
+    """Whole tiny models (q/k norm and plain rotary, stacked projections) running a kernel set of the
+    Triton kernels alone, as compile="triton" runs them for CUDA inputs: the same hidden states as the
+    eager functions, in float32 and bfloat16."""
     from rlserve import LLM
+    from rlserve.config import Elementwise
     from rlserve.layers import triton_elementwise as te
-    from rlserve.layers.fused import Kernels
+    from rlserve.layers.fused import EAGER, Kernels
 
-    kernels = dict(rms_norm=te.rms_norm, add_rms_norm=te.add_rms_norm, silu_mul=te.silu_mul,
-                   apply_rotary=te.apply_rotary, qk_norm_rotary=te.qk_norm_rotary)
-    eager = {name: Kernels.__dict__[name] for name in kernels}
+    triton_only = Kernels(Elementwise.TRITON, te.rms_norm, te.add_rms_norm, te.silu_mul, te.apply_rotary,
+                          te.qk_norm_rotary)
     gen = torch.Generator().manual_seed(1)
     for preset in ("tiny-qwen3", "tiny-llama"):
         for dtype, tol in (("float32", 1e-4), ("bfloat16", 6e-2)):
-            model = LLM(preset, load_format="dummy", device="cpu", dtype=dtype, compile=False,
+            model = LLM(preset, load_format="dummy", device="cpu", dtype=dtype, compile="eager",
                         max_total_tokens=256).engine.model
             assert all(layer.mlp.stacked is not None for layer in model.model.layers)
             lens = [7, 12]
@@ -140,13 +140,9 @@ def check_model_forward() -> None:
             positions = torch.cat([torch.arange(n) for n in lens])
             with torch.no_grad():
                 want = model(ids, positions, cu_seqlens=[0, lens[0], sum(lens)]).float()
-                for name, fn in kernels.items():
-                    setattr(Kernels, name, staticmethod(fn))
-                try:
-                    got = model(ids, positions, cu_seqlens=[0, lens[0], sum(lens)]).float()
-                finally:
-                    for name, fn in eager.items():
-                        setattr(Kernels, name, fn)
+                model.use_kernels(triton_only)
+                got = model(ids, positions, cu_seqlens=[0, lens[0], sum(lens)]).float()
+                model.use_kernels(EAGER)
             scale = want.abs().max().item()
             assert (got - want).abs().max().item() <= tol * max(scale, 1.0), (preset, dtype)
 
@@ -156,34 +152,38 @@ def test_kernels_under_the_triton_interpreter_match_the_references(what):
     assert "kernels ok" in run_under_triton_interpreter(__file__, what)
 
 
-def test_the_cli_flags_pick_the_elementwise_kernels_and_exclude_each_other():
+def test_the_cli_flags_pick_the_elementwise_kernels_and_exclude_each_other(capsys):
     import argparse
 
-    from rlserve.cli import add_engine_args, engine_kwargs
+    from rlserve.config import Elementwise
+    from rlserve.config_args import add_engine_args, engine_config_from_args, engine_options_from_args
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
-    assert "compile" not in engine_kwargs(parser.parse_args(["--device", "cpu"]))
-    assert engine_kwargs(parser.parse_args(["--device", "cpu", "--triton-elementwise"]))["compile"] == "triton"
-    assert engine_kwargs(parser.parse_args(["--device", "cpu", "--inductor-elementwise"]))["compile"] is True
-    assert engine_kwargs(parser.parse_args(["--device", "cpu", "--disable-compile"]))["compile"] is False
+    assert "compile" not in engine_options_from_args(parser.parse_args(["--device", "cpu"]))
+    for flag, mode in (("--triton-elementwise", Elementwise.TRITON), ("--inductor-elementwise", Elementwise.INDUCTOR),
+                       ("--disable-compile", Elementwise.EAGER)):
+        assert engine_config_from_args(parser.parse_args(["--device", "cpu", flag])).compile is mode
     for pair in (["--triton-elementwise", "--disable-compile"], ["--inductor-elementwise", "--disable-compile"],
                  ["--triton-elementwise", "--inductor-elementwise"]):
-        with pytest.raises(SystemExit, match="exclude each other"):
-            engine_kwargs(parser.parse_args(["--device", "cpu", *pair]))
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--device", "cpu", *pair])
+        assert "exclude each other" in capsys.readouterr().err
 
 
 def test_auto_means_triton_kernels_on_cuda_and_eager_on_cpu(monkeypatch):
-    from rlserve.engine.engine import resolve_compile
+    from rlserve.config import Elementwise
+    from rlserve.engine.build import resolve_elementwise
     from rlserve.layers import triton_support
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert resolve_compile("auto", cpu) is False
+    assert resolve_elementwise(Elementwise.AUTO, cpu) is Elementwise.EAGER
     monkeypatch.setattr(triton_support, "HAS_TRITON", True)
-    assert resolve_compile("auto", cuda) == "triton"
+    assert resolve_elementwise(Elementwise.AUTO, cuda) is Elementwise.TRITON
     monkeypatch.setattr(triton_support, "HAS_TRITON", False)
-    assert resolve_compile("auto", cuda) is True     # torch.compile where Triton kernels can't run
-    for explicit in (True, False, "triton"):
-        assert resolve_compile(explicit, cuda) == explicit and resolve_compile(explicit, cpu) == explicit
+    # torch.compile where Triton kernels can't run
+    assert resolve_elementwise(Elementwise.AUTO, cuda) is Elementwise.INDUCTOR
+    for explicit in (Elementwise.INDUCTOR, Elementwise.EAGER, Elementwise.TRITON):
+        assert resolve_elementwise(explicit, cuda) is explicit and resolve_elementwise(explicit, cpu) is explicit
 
 
 @pytest.mark.gpu
@@ -194,14 +194,11 @@ def test_kernels_on_the_gpu_match_the_references():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_kernels_replay_in_a_cuda_graph_and_serve_the_compiled_model_functions(monkeypatch):
+def test_kernels_replay_in_a_cuda_graph_and_serve_the_compiled_model_functions():
+    from rlserve.config import Elementwise
     from rlserve.layers import triton_elementwise as te
     from rlserve.layers.fused import Kernels
-    # Kernels is process-wide: put back what this test swaps in, so later tests run the default path.
-    for name in ("rms_norm", "add_rms_norm", "silu_mul", "apply_rotary", "qk_norm_rotary", "compiled",
-                 "triton_elementwise"):
-        monkeypatch.setattr(Kernels, name, Kernels.__dict__[name])
-    Kernels.compile(triton_elementwise=True)
+    kernels = Kernels.for_mode(Elementwise.TRITON)
     x = torch.randn(64, 2 * 3072, device="cuda", dtype=torch.bfloat16)
     q = torch.randn(64, 16, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(64, 8, 128, device="cuda", dtype=torch.bfloat16)
@@ -210,8 +207,8 @@ def test_kernels_replay_in_a_cuda_graph_and_serve_the_compiled_model_functions(m
     h = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
     hw = torch.rand(1024, device="cuda", dtype=torch.bfloat16) + 0.5
     with torch.inference_mode():
-        want = (Kernels.silu_mul(x[:, :3072], x[:, 3072:]), *Kernels.qk_norm_rotary(q, k, w, w, 1e-6, cos, sin),
-                Kernels.rms_norm(h, hw, 1e-6), *Kernels.add_rms_norm(h, x[:, :1024], hw, 1e-6))
+        want = (kernels.silu_mul(x[:, :3072], x[:, 3072:]), *kernels.qk_norm_rotary(q, k, w, w, 1e-6, cos, sin),
+                kernels.rms_norm(h, hw, 1e-6), *kernels.add_rms_norm(h, x[:, :1024], hw, 1e-6))
         direct = (te.silu_mul(x[:, :3072], x[:, 3072:]), *te.qk_norm_rotary(q, k, w, w, 1e-6, cos, sin),
                   te.rms_norm(h, hw, 1e-6), *te.add_rms_norm(h, x[:, :1024], hw, 1e-6))
         for a, b in zip(want, direct):   # with compile="triton" the model's functions are these kernels
