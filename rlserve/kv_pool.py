@@ -61,6 +61,7 @@ class KVPool:
             self.v_buffers[layer][slots] = v.to(self.dtype)
             return
         for bufs, scales, x in ((self.k_buffers, self.k_scales, k), (self.v_buffers, self.v_scales, v)):
+            assert scales is not None          # an fp8 pool always has them
             values, scale = quantize_fp8(x)
             bufs[layer][slots] = values
             scales[layer][slots] = scale
@@ -68,7 +69,7 @@ class KVPool:
     def load(self, layer: int, index: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the slots in `index` (any shape) as `dtype`, dequantised for an fp8 pool."""
         k, v = _gather(self.k_buffers[layer], index).to(dtype), _gather(self.v_buffers[layer], index).to(dtype)
-        if self.fp8:
+        if self.k_scales is not None and self.v_scales is not None:
             k = k * _gather(self.k_scales[layer], index)[..., None].to(dtype)
             v = v * _gather(self.v_scales[layer], index)[..., None].to(dtype)
         return k, v
@@ -80,9 +81,9 @@ class KVPool:
         for tensors in (self.k_buffers, self.v_buffers):
             for i, old in enumerate(tensors):
                 tensors[i] = torch.zeros(shape if resident else (0,), dtype=old.dtype, device=old.device)
-        for tensors in (self.k_scales, self.v_scales) if self.fp8 else ():
-            for i, old in enumerate(tensors):
-                tensors[i] = self._new_scales(old.device) if resident else torch.zeros(0, device=old.device)
+        for scales in [s for s in (self.k_scales, self.v_scales) if s is not None]:
+            for i, old in enumerate(scales):
+                scales[i] = self._new_scales(old.device) if resident else torch.zeros(0, device=old.device)
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

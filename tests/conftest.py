@@ -19,6 +19,7 @@ def default_model_dir() -> Path:
 
 def _make_tiny(preset: str, out: Path, tokenizer_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM
+
     from rlserve.models.presets import preset_hf_config
 
     cfg = preset_hf_config(preset)

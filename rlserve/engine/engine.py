@@ -7,6 +7,7 @@ import itertools
 import logging
 from collections.abc import Iterable
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -279,6 +280,13 @@ class Engine:
     def kv_leaked(self) -> int:
         """KV slots owned by nobody: 0 unless there is a bug."""
         return self.memory.leaked(self.scheduler.live())
+
+    def rng_state(self) -> dict[str, Any]:
+        """The random state of unseeded sampling (a training run checkpoints it to resume exactly)."""
+        return self.sampler.get_state()
+
+    def set_rng_state(self, state: dict[str, Any] | torch.Tensor) -> None:
+        self.sampler.set_state(state)
 
 
 def _name(dtype: torch.dtype) -> str:

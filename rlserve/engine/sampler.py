@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -200,11 +201,11 @@ class Sampler:
         a step draws every row's number without a device launch per row."""
         return random.Random(seed)
 
-    def get_state(self) -> dict:
+    def get_state(self) -> dict[str, Any]:
         """The unseeded rows' random state (checkpointed with a training run)."""
         return {"stream": self._stream.getstate()}
 
-    def set_state(self, state: dict | torch.Tensor) -> None:
+    def set_state(self, state: dict[str, Any] | torch.Tensor) -> None:
         """Restore get_state()'s result. Older checkpoints also hold a torch generator's state (a dict
         with "generator", or that tensor alone), which no draw uses any more: it is ignored."""
         if isinstance(state, dict) and "stream" in state:

@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from rlserve.rl.algorithms import (gae, group_advantages, masked_whiten, reinforce_pp_advantages,
-                                   rloo_advantages, seq_to_token_rewards)
+from rlserve.rl.algorithms import (
+    gae,
+    group_advantages,
+    masked_whiten,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    seq_to_token_rewards,
+)
 from rlserve.rl.config import AlgorithmSection
 
 

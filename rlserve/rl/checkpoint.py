@@ -68,23 +68,23 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def rng_state(loop_rng: random.Random, sampler: Any | None) -> dict[str, Any]:
+def rng_state(loop_rng: random.Random, engine: Any | None) -> dict[str, Any]:
     """Every random source a step can read: Python's, torch's (CPU and CUDA), the loop's own Random
-    (it draws the per-step seeds) and the engine sampler's own streams (unseeded rows)."""
+    (it draws the per-step seeds) and the engine's sampling streams (unseeded rows)."""
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "loop": loop_rng.getstate(),
-            "engine": sampler.get_state() if sampler is not None else None}
+            "engine": engine.rng_state() if engine is not None else None}
 
 
-def restore_rng_state(state: dict[str, Any], loop_rng: random.Random, sampler: Any | None) -> None:
+def restore_rng_state(state: dict[str, Any], loop_rng: random.Random, engine: Any | None) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     loop_rng.setstate(state["loop"])
-    if state["engine"] is not None and sampler is not None:
-        sampler.set_state(state["engine"])
+    if state["engine"] is not None and engine is not None:
+        engine.set_rng_state(state["engine"])
 
 
 def _fsync_dir(path: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rlserve.config import DType, Elementwise, EngineConfig, option_names
+from rlserve.rl.algorithms import AggMode, KLKind
 
 ADVANTAGES = ("grpo", "rloo", "reinforce++", "reinforce++-baseline", "gae")
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -90,7 +91,7 @@ class RolloutSection:
 class AlgorithmSection:
     advantage: str = "grpo"              # grpo | rloo | reinforce++ | reinforce++-baseline | gae (PPO)
     normalize_std: bool = True           # grpo only: divide by the group's std (off = Dr. GRPO)
-    loss_agg: str = "token-mean"         # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    loss_agg: AggMode = "token-mean"     # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
     clip_low: float = 0.2
     clip_high: float = 0.28              # > clip_low is DAPO's clip-higher
     entropy_coef: float = 0.0            # loss −= coef · entropy
@@ -113,7 +114,7 @@ class AlgorithmSection:
 class KLSection:
     coef: float = 0.0                    # > 0 builds a frozen reference copy of the initial policy
     mode: str = "loss"                   # loss: a loss term; reward: a per-token reward penalty
-    estimator: str = "k3"                # k1 | k2 | k3
+    estimator: KLKind = "k3"             # k1 | k2 | k3
 
     def __post_init__(self) -> None:
         _one_of("kl.mode", self.mode, KL_MODES)

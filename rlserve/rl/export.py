@@ -28,7 +28,7 @@ def export_hf(llm: LLM | Engine, out_dir: str | Path, dtype: torch.dtype | None 
     The HF config is the source model's (the directory, .gguf or preset the engine was built from)."""
     from huggingface_hub import save_torch_state_dict
 
-    engine = getattr(llm, "engine", llm)
+    engine: Engine = llm.engine if hasattr(llm, "engine") else llm   # an LLM or its engine
     model = engine.model
     if any(p.numel() == 0 for p in model.parameters()):
         raise RuntimeError("the engine's weights are released; call resume_memory(['weights']) before export")

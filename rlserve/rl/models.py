@@ -36,7 +36,7 @@ class ValueModel(nn.Module):
         self.trunk = trunk
         # The language-model head is never used for values; dropping it (when untied) saves its memory.
         if not trunk.config.tie_word_embeddings:
-            trunk.lm_head = nn.Identity()
+            trunk.lm_head = nn.Identity()  # type: ignore[assignment]  # an Identity stands in for the Linear
         param = next(trunk.parameters())
         self.value_head = nn.Linear(trunk.config.hidden_size, 1, device=param.device, dtype=param.dtype)
         # Start from V ≡ 0: the first advantages are the plain returns, not noise from a random head.

@@ -11,7 +11,8 @@ import inspect
 import operator
 import re
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 RewardFn = Callable[..., Any]
 

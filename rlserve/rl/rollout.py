@@ -41,6 +41,7 @@ def generate_rollout(llm: LLM, cfg: RolloutSection, prompts: list[list[int]], fi
             prompt_ids.append(ids)
             completion_ids.append(list(c.token_ids))
             texts.append(c.text)
+            assert c.logprobs is not None       # rollouts always ask for logprobs
             engine_lps.append(torch.tensor([d[t] for d, t in zip(c.logprobs, c.token_ids)], dtype=torch.float32))
             prompt_texts.append(out.prompt or "")
             sample_fields.append(f)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Any, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 Sample = dict[str, Any]
 
@@ -66,4 +67,4 @@ def countdown(split: str = "train", seed: int = 0, num_numbers: int = 3, max_num
         yield {"prompt": [{"role": "user", "content": text}], "numbers": numbers, "target": value}
 
 
-TASKS = {"arithmetic": arithmetic, "countdown": countdown}
+TASKS: dict[str, Callable[..., Iterator[Any]]] = {"arithmetic": arithmetic, "countdown": countdown}

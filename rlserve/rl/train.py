@@ -125,8 +125,9 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
     state = {"next_step": run.next_step, "config": to_dict(run.cfg), "history": run.history,
              "data_consumed": run.prompts.consumed, "policy": run.policy.state_dict(),
              "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-             "rng": rng_state(run.rng, run.llm.engine.sampler)}
+             "rng": rng_state(run.rng, run.llm.engine)}
     if run.critic is not None:
+        assert run.critic_scheduler is not None      # made together with the critic
         state |= {"critic": run.critic.model.state_dict(), "critic_optimizer": run.critic.optimizer.state_dict(),
                   "critic_scheduler": run.critic_scheduler.state_dict()}
     return state
@@ -140,10 +141,11 @@ def restore(run: Run, path: Path) -> None:
     if run.critic is not None:
         if "critic" not in state:
             raise ValueError(f"{path} has no critic, but algorithm.advantage=gae needs one")
+        assert run.critic_scheduler is not None
         run.critic.model.load_state_dict(state["critic"])
         run.critic.optimizer.load_state_dict(state["critic_optimizer"])
         run.critic_scheduler.load_state_dict(state["critic_scheduler"])
-    restore_rng_state(state["rng"], run.rng, run.llm.engine.sampler)
+    restore_rng_state(state["rng"], run.rng, run.llm.engine)
     run.prompts.seek(state["data_consumed"])
     run.next_step = state["next_step"]
     run.history = state["history"]
@@ -189,8 +191,11 @@ def recompute(run: Run, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | 
             ref += completion_logprobs(run.reference, p, c, cfg.rollout.temperature)
         if run.critic is not None:
             values += run.critic.model(p, c)
-    cpu = lambda rows: pad([r.float().cpu() for r in rows], width) if rows else None   # noqa: E731
-    return cpu(old), cpu(ref), cpu(values)
+    def cpu(rows: list[torch.Tensor]) -> torch.Tensor | None:
+        return pad([r.float().cpu() for r in rows], width) if rows else None
+    old_t = cpu(old)
+    assert old_t is not None             # every rollout has at least one sample
+    return old_t, cpu(ref), cpu(values)
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:

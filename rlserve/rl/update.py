@@ -96,6 +96,7 @@ def _policy_loss(policy: LlamaForCausalLM, mb: TrainBatch, cfg: TrainConfig, wid
     algo, device = cfg.algorithm, batch_device(policy)
     logps, entropies = completion_logprobs_entropy(policy, mb.prompt_ids, mb.completion_ids,
                                                    cfg.rollout.temperature)
+    assert entropies is not None             # with_entropy defaults on
     logp, entropy = pad(logps, width), pad(entropies, width)
     mask = mb.mask.to(device)
     loss, metrics = policy_loss(logp, mb.old_logprobs.to(device), mb.advantages.to(device), mask,
@@ -107,6 +108,7 @@ def _policy_loss(policy: LlamaForCausalLM, mb: TrainBatch, cfg: TrainConfig, wid
     if algo.entropy_coef:
         loss = loss - algo.entropy_coef * aggregate(entropy, mask, algo.loss_agg, cfg.rollout.max_tokens)
     if cfg.kl.coef > 0 and cfg.kl.mode == "loss":
+        assert mb.ref_logprobs is not None     # the loop computes them whenever the KL term is on
         kl = aggregate(kl_estimate(logp, mb.ref_logprobs.to(device), cfg.kl.estimator), mask, algo.loss_agg,
                        cfg.rollout.max_tokens)
         loss = loss + cfg.kl.coef * kl
@@ -121,6 +123,7 @@ def _critic_step(critic: Critic, mb: TrainBatch, cfg: TrainConfig, width: int) -
     critic.optimizer.zero_grad(set_to_none=True)
     for chunk, share in micro_batches(mb, cfg.algorithm.micro_batch_size, share_by_tokens=True):
         values = pad(critic.model(chunk.prompt_ids, chunk.completion_ids), width)
+        assert chunk.old_values is not None and chunk.returns is not None    # set whenever a critic runs
         loss = value_loss(values, chunk.old_values.to(device), chunk.returns.to(device), chunk.mask.to(device),
                           clip=cfg.critic.value_clip)
         (loss * share).backward()

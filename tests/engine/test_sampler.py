@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from rlserve.engine.sampler import SampleRow, Sampler, apply_penalties, prompt_logprobs
+from rlserve.engine.sampler import Sampler, SampleRow, apply_penalties, prompt_logprobs
 from rlserve.sampling import SamplingParams
 
 

@@ -4,8 +4,9 @@ steps, so the tests see real learning on CPU in seconds."""
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rlserve.rl.config import TrainConfig, load_config
 from rlserve.rl.prompts import PromptStream

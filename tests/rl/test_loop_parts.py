@@ -19,7 +19,6 @@ from rlserve.rl.logprobs import completion_logprobs
 from rlserve.rl.prompts import PromptStream
 from rlserve.rl.update import ppo_update, truncated_is_weights
 
-
 # ----------------------------------------------------------------------------- TIS
 
 def test_truncated_is_weights():

@@ -4,8 +4,7 @@ import asyncio
 
 import pytest
 
-from rlserve.rl.rewards import (countdown_reward, extract_answer, format_reward, numeric_reward,
-                                score_batch)
+from rlserve.rl.rewards import countdown_reward, extract_answer, format_reward, numeric_reward, score_batch
 
 
 @pytest.mark.parametrize("text, want", [
