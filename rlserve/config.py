@@ -264,11 +264,11 @@ class EngineConfig:
     tokenizer: str | None = _opt(None, "tokenizer directory; None: the model's")
     kv_cache_dtype: KVCacheDtype = _opt(KVCacheDtype.AUTO, "auto (the model's dtype) or fp8_e4m3 (scaled per "
                                                            "token and head; half the KV bytes)")
-    cascade_attention: bool = _opt(False, "decode reads a prefix shared by several requests once per step "
-                                          "(triton backend with the radix cache); off by default because "
-                                          "it measured slower than plain decode on an H100")
-    fp32_logits: bool = _opt(True, "a 16-bit model's lm_head writes float32 logits (off: faster, but "
-                                   "near-tied tokens tie)")
+    cascade_attention: bool = _opt(False, "decode requests continuing one cached prefix read it once per step "
+                                          "(triton backend with the radix cache); off by default: it captures "
+                                          "a second set of decode graphs and helps only shared-prefix traffic")
+    fp32_logits: bool = _opt(True, "a 16-bit model's lm_head writes float32 logits (off: 16-bit logits, "
+                                   "where near-equal tokens tie; no speed difference was measured)")
     warmup: bool = _opt(True, "on CUDA, run each prefill size once at start, so the first requests don't "
                               "pay CUDA's lazy kernel loading")
     grammar_helpers: int | None = _opt(None, "helper processes that fill structured-output masks; 0: none "

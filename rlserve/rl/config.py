@@ -23,8 +23,8 @@ def _one_of(where: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _training_engine() -> EngineConfig:
-    # float32 weights for the optimizer; eager elementwise ops because the trainer calls the same layers
-    # with and without autograd, and torch.compile'd ones recompile for each grad mode past dynamo's limit.
+    # float32 weights for the optimizer; eager elementwise ops, the reference every fused path is tested
+    # against (a forward under autograd runs them anyway, so only rollouts could use fused kernels).
     return EngineConfig(dtype=DType.FLOAT32, compile=Elementwise.EAGER)
 
 
