@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The benchmark scripts live in benchmarks/ at the repository root, outside the package: the root on
+# sys.path lets tests import them as `benchmarks.<name>`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest
 import torch
