@@ -12,9 +12,10 @@ A synchronous step (`run`) samples and reads its tokens right away.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -72,7 +73,9 @@ class Sampled:
 
 class Executor:
     def __init__(self, loop: LoopParts, eos_ids: set[int]) -> None:
-        self.loop = loop
+        # A weak reference: the engine owns its executor, and a cycle between them would keep a dropped
+        # engine's device memory (weights, KV pool) until the cyclic collector happens to run.
+        self.loop = cast(LoopParts, weakref.proxy(loop))
         self.eos_ids = eos_ids
 
     # ---- overlapped: launch now, collect with the next step ----

@@ -147,3 +147,20 @@ def test_lifecycle_reads_a_step_left_in_flight_first(tiny_model_dir):
     engine.update_weights(weights, "v2")
     status = engine.status()
     assert not status.in_flight and status.kv_leaked == 0 and status.kv_cached == 0
+
+
+def test_a_dropped_engine_is_freed_at_once_without_the_cyclic_collector(tiny_model_dir):
+    # Its device memory (weights, KV pool) must go back when the last reference goes, not whenever the
+    # cyclic collector next runs: a process that builds engines one after another would run out of it.
+    import gc
+    import weakref
+
+    llm = LLM(str(tiny_model_dir("tiny-llama")), max_total_tokens=256)
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+    engine, pool = weakref.ref(llm.engine), weakref.ref(llm.engine.kv_pool)
+    gc.disable()
+    try:
+        del llm
+        assert engine() is None and pool() is None
+    finally:
+        gc.enable()
