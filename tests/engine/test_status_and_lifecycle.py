@@ -149,18 +149,23 @@ def test_lifecycle_reads_a_step_left_in_flight_first(tiny_model_dir):
     assert not status.in_flight and status.kv_leaked == 0 and status.kv_cached == 0
 
 
-def test_a_dropped_engine_is_freed_at_once_without_the_cyclic_collector(tiny_model_dir):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_dropped_engine_is_freed_at_once_without_the_cyclic_collector(tiny_model_dir, overlap):
     # Its device memory (weights, KV pool) must go back when the last reference goes, not whenever the
     # cyclic collector next runs: a process that builds engines one after another would run out of it.
+    # Overlapped steps and a constrained request cover the executor and the grammar package.
     import gc
     import weakref
 
-    llm = LLM(str(tiny_model_dir("tiny-llama")), max_total_tokens=256)
-    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
-    engine, pool = weakref.ref(llm.engine), weakref.ref(llm.engine.kv_pool)
+    llm = LLM(str(tiny_model_dir("tiny-llama")), max_total_tokens=256, overlap_schedule=overlap)
+    outs = llm.generate([[1, 2, 3], [4, 5]], [SamplingParams(max_tokens=4, temperature=0.0),
+                                              SamplingParams(max_tokens=4, regex="[ab]+")], use_tqdm=False)
+    assert all(o.finished for o in outs)
+    engine, pool, model = weakref.ref(llm.engine), weakref.ref(llm.engine.kv_pool), weakref.ref(llm.engine.model)
+    gc.collect()
     gc.disable()
     try:
-        del llm
-        assert engine() is None and pool() is None
+        del llm, outs
+        assert engine() is None and pool() is None and model() is None
     finally:
         gc.enable()
