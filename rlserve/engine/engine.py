@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from rlserve.config import EngineConfig
-from rlserve.engine import lifecycle
+from rlserve.engine import lifecycle, pause
+from rlserve.engine import weights as weight_api
 from rlserve.engine.build import build
 from rlserve.engine.detokenizer import IncrementalDetokenizer
 from rlserve.engine.errors import QueueFullError
@@ -47,6 +48,8 @@ class Engine:
         self.sampler = Sampler(seed=config.seed, device=self.device)
         self.groups: dict[str, Group] = {}
         self._in_flight: InFlight | None = None
+        self.pause_mode: str | None = None          # pause.py: None while generating
+        self.pending_outputs: dict[str, RequestOutput] = {}   # for the next step() (pausing produced them)
         # Structured output; its compiler and mask helper processes start with the first constrained request.
         self.grammar = Constraints(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_ids),
                                    helpers=parts.grammar_helpers, helper_rows=config.scheduler.max_running_requests,
@@ -138,18 +141,14 @@ class Engine:
         return output_of(group, self.snapshot_outputs)
 
     def has_unfinished(self) -> bool:
-        return bool(self.groups)
+        """Requests not finished, or finished ones whose final outputs the next step() returns."""
+        return bool(self.groups or self.pending_outputs)
 
     @property
     def in_flight(self) -> bool:
         """A step is running on the device whose results the next step() reads (overlapped scheduling):
         a step that returned nothing may still have launched work."""
         return self._in_flight is not None
-
-    def _settle_in_flight(self) -> None:
-        """Read an overlapped launch whose requests all finished (the engine is idle otherwise)."""
-        while self._in_flight is not None:
-            self.step()
 
     # ---- the step: schedule → launch → collect → sample → stop → outputs ----
     def step(self, emit_unfinished: bool = True) -> list[RequestOutput]:
@@ -170,11 +169,13 @@ class Engine:
             sampled = self.executor.run(plan)
             self._abort_rejected(changed)       # before their tokens: their matchers rejected earlier ones
             self._take(sampled, emit_unfinished, changed)
-        return self._emit(changed)
+        return pause.take(self, self._emit(changed))
 
     def _schedule(self, prev: InFlight | None) -> ScheduledBatch | None:
         """The next step's plan. With a step in flight, only one that can't depend on its tokens: after a
         prefill, another prefill; after a decode step, the next decode step, when nothing may change it."""
+        if self.pause_mode is not None:
+            return None
         if prev is None:
             return self.scheduler.schedule()
         if prev.phase is Phase.PREFILL:
@@ -231,10 +232,35 @@ class Engine:
                 self.counters.cached_tokens += out.cached_tokens
         return outs
 
-    # ---- weights, memory and warm-up (lifecycle.py: what each needs and leaves behind) ----
+    # ---- pausing (pause.py: what each mode does to the requests there) ----
+    def pause_generation(self, mode: str = "abort") -> int:
+        """Stop stepping: "abort" | "retract" | "in_place". Returns how many requests the mode affected."""
+        return pause.pause(self, mode)
+
+    def continue_generation(self) -> None:
+        pause.resume(self)
+
+    @property
+    def paused(self) -> bool:
+        return self.pause_mode is not None
+
+    # ---- weights (weights.py), memory and warm-up (lifecycle.py: what each needs and leaves behind) ----
     def update_weights(self, weights: Weights, weight_version: str | None = None) -> int:
-        """Copy new parameters in place; the prefix cache is dropped. Returns how many tensors were updated."""
-        return lifecycle.update_weights(self, weights, weight_version)
+        """Copy new parameters in place, all or nothing (ValueError changes nothing); the prefix cache is
+        dropped. Needs an idle or paused engine. Returns how many tensors were updated."""
+        return weight_api.update_weights(self, weights, weight_version)
+
+    def update_weights_from_disk(self, model_path: str, load_format: str | None = None,
+                                 weight_version: str | None = None) -> int:
+        """Load a safetensors directory or .gguf file into the model, all or nothing."""
+        return weight_api.update_weights_from_disk(self, model_path, load_format, weight_version)
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list[Any]:
+        """An HF-named parameter's first truncate_size rows as nested lists of floats."""
+        return weight_api.get_weights_by_name(self, name, truncate_size)
+
+    def set_weight_version(self, version: str) -> None:
+        weight_api.set_weight_version(self, version)
 
     def release_memory(self, tags: str | Iterable[str] = MEMORY_TAGS) -> None:
         """Free the KV pool ("kv_cache") and/or move the weights to host memory ("weights")."""
@@ -271,7 +297,8 @@ class Engine:
             kv_evictable=tree.evictable_size() if tree else 0, kv_leaked=self.kv_leaked(),
             weight_version=self.weight_version, device=str(self.device), dtype=_name(self.dtype),
             kv_dtype=_name(self.kv_dtype), max_model_len=self.max_model_len, in_flight=self.in_flight,
-            released=tuple(sorted(self.released_memory())), counters=replace(self.counters))
+            released=tuple(sorted(self.released_memory())), paused=self.pause_mode,
+            counters=replace(self.counters))
 
     def flush_cache(self) -> bool:
         """Drop the whole prefix cache; refused (False) while requests hold parts of it."""

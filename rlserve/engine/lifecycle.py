@@ -1,7 +1,8 @@
-"""What happens to an engine between generations: weight updates, memory release and resume, warm-up.
+"""What happens to an engine between generations: memory release and resume, warm-up (weight updates:
+weights.py).
 
 Each operation needs an idle engine (no request unfinished; an overlapped step still in flight is read
-first) and says what it leaves behind. They reach the engine only through `LifecycleHost`, the part of
+first; weight updates also take a paused one) and says what it leaves behind. They reach the engine only through `LifecycleHost`, the part of
 Engine they use; none of them runs inside the step loop.
 
 Colocated RL: between rollouts the trainer takes back the memory the engine holds. Releasing the KV
@@ -22,8 +23,10 @@ from typing import NoReturn, Protocol
 import torch
 
 from rlserve.config import EngineConfig, ModelConfig
+from rlserve.engine.pause import settle
 from rlserve.engine.runner import ModelRunner
 from rlserve.engine.status import EngineStatus
+from rlserve.engine.stops import Group
 from rlserve.kv_pool import KVPool
 from rlserve.models.llama import LlamaForCausalLM
 from rlserve.outputs import RequestOutput
@@ -62,6 +65,9 @@ class LifecycleHost(Protocol):
     pad_row: int
     runner: ModelRunner | ReleasedRunner
     weight_version: str
+    groups: dict[str, Group]
+    pause_mode: str | None
+    pending_outputs: dict[str, RequestOutput]
 
     @property
     def in_flight(self) -> bool: ...
@@ -73,13 +79,14 @@ class LifecycleHost(Protocol):
     def status(self) -> EngineStatus: ...
 
 
-def require_idle(engine: LifecycleHost, operation: str) -> None:
-    """Raise unless no request is unfinished; then read an overlapped step left in flight by the last
-    requests, so that nothing runs on the device."""
-    if engine.has_unfinished():
-        raise RuntimeError(f"{operation} needs an idle engine: finish or abort running requests first")
-    while engine.in_flight:
-        engine.step()
+def require_idle(engine: LifecycleHost, operation: str, paused_ok: bool = False) -> None:
+    """Raise unless no request is unfinished (or, with paused_ok, generation is paused); then read an
+    overlapped step left in flight, so that nothing runs on the device. Outputs that reading produces
+    wait for the next step() (aborted requests' final outputs do not count as unfinished here)."""
+    if engine.groups and not (paused_ok and engine.pause_mode is not None):
+        raise RuntimeError(f"{operation} needs an idle engine: finish or abort running requests first"
+                           + (" (or pause generation)" if paused_ok else ""))
+    settle(engine)
 
 
 def released(engine: LifecycleHost) -> set[str]:
@@ -90,34 +97,6 @@ def released(engine: LifecycleHost) -> set[str]:
 def check_resident(engine: LifecycleHost) -> None:
     if isinstance(engine.runner, ReleasedRunner):
         raise engine.runner.error()
-
-
-@torch.no_grad()
-def update_weights(engine: LifecycleHost, weights: Weights, weight_version: str | None = None) -> int:
-    """Copy new parameters in place (a module with the model's parameter names, or (name, tensor) pairs).
-
-    Needs: an idle engine whose weights are resident (released KV is fine).
-    Leaves: the parameters at the same addresses (captured CUDA graphs stay valid), the prefix cache
-    dropped (its KV was computed with the old weights), `weight_version` set when one is given (unchanged
-    otherwise). Names and shapes are checked tensor by tensor: a bad one raises after the tensors before it
-    were copied. Returns how many tensors were updated."""
-    require_idle(engine, "update_weights")
-    if "weights" in released(engine):
-        raise RuntimeError("update_weights needs the weights resident: call resume_memory(['weights']) first")
-    pairs = weights.named_parameters() if isinstance(weights, torch.nn.Module) else weights
-    params = dict(engine.model.named_parameters())
-    n = 0
-    for name, tensor in pairs:
-        if name not in params:
-            raise KeyError(f"unknown parameter {name!r}")
-        if params[name].shape != tensor.shape:
-            raise ValueError(f"{name}: shape {tuple(tensor.shape)} != {tuple(params[name].shape)}")
-        params[name].copy_(tensor)
-        n += 1
-    engine.flush_cache()
-    if weight_version is not None:
-        engine.weight_version = weight_version
-    return n
 
 
 def memory_tags(tags: str | Iterable[str]) -> set[str]:

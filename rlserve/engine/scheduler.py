@@ -201,11 +201,26 @@ class Scheduler:
 
     def _retract(self, req: Request) -> None:
         """Give a running request's KV back and requeue it; its tokens so far are recomputed later."""
-        self.running.remove(req)
-        self.memory.release(req, cache=True)
-        self.waiting.append(req)
+        self._requeue(req)
         self.num_retractions += 1
         self.new_token_ratio = min(1.0, self.new_token_ratio + self.cfg.retract_ratio_step)
+
+    def _requeue(self, req: Request) -> None:
+        if self.chunked is req:
+            self.chunked = None
+        else:
+            self.running.remove(req)
+        self.memory.release(req, cache=True)     # its written KV stays in the prefix cache for the recompute
+        self.waiting.append(req)
+
+    def retract_all(self) -> int:
+        """Requeue every running request and the prompt being chunked, their KV given back (pausing in
+        retract mode; nothing may be in flight). Not counted as retractions: the pool did not run dry.
+        Returns how many were requeued."""
+        reqs = list(self.running) + ([self.chunked] if self.chunked is not None else [])
+        for req in reqs:
+            self._requeue(req)
+        return len(reqs)
 
     def after_prefill(self, batch: ScheduledBatch) -> None:
         for req, done in zip(batch.reqs, batch.completes):

@@ -37,6 +37,7 @@ class EngineStatus:
     max_model_len: int
     in_flight: bool                  # an overlapped step is on the device, to be read by the next step()
     released: tuple[str, ...]        # memory tags released now ("kv_cache", "weights"); () when resident
+    paused: str | None = None        # the pause mode ("abort" | "retract" | "in_place"); None while generating
     counters: LoopCounters = field(default_factory=LoopCounters)
 
     @property
