@@ -19,10 +19,14 @@ Wire format of one update (the route carries names, dtypes, shapes, load_format 
   call, which is exactly SGLang's behaviour, so an SGLang trainer works unchanged.
 Every collective has the group's timeout (60 s by default): a peer that dies or stalls mid-update makes
 the other side raise `WeightSyncError` instead of hanging. A group that failed is unusable; destroy it.
+Over NCCL a timed-out collective is also seen by NCCL's watchdog, which by default tears the process
+down (TORCH_NCCL_ASYNC_ERROR_HANDLING); an engine that must outlive a dead trainer sets it to 0.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -94,6 +98,23 @@ class WeightUpdateGroup:
         self.store = None
 
 
+def _gloo_device(master_address: str) -> Any:
+    """Gloo's network device on the local address that routes to the master.
+
+    Gloo's default device binds to whatever the machine's hostname resolves to, which on many hosts
+    is an address the peer cannot reach (or 127.0.1.1). GLOO_SOCKET_IFNAME still wins when set.
+    """
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return dist.ProcessGroupGloo.create_default_device()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((socket.gethostbyname(master_address), 9))  # UDP connect sends nothing
+            local = probe.getsockname()[0]
+    except OSError:
+        return dist.ProcessGroupGloo.create_default_device()
+    return dist.ProcessGroupGloo.create_device(hostname=local)
+
+
 def _new_group(
     master_address: str, master_port: int, rank: int, world_size: int, group_name: str, backend: str, timeout_s: float
 ) -> WeightUpdateGroup:
@@ -113,11 +134,14 @@ def _new_group(
         prefixed = dist.PrefixStore(group_name, store)
         pg: Any
         if backend == "gloo":
-            pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
-        else:
-            opts = dist.ProcessGroupNCCL.Options()
+            opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # torch's stubs omit it
             opts._timeout = timeout
-            pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, opts)
+            opts._devices = [_gloo_device(master_address)]
+            pg = dist.ProcessGroupGloo(prefixed, rank, world_size, opts)
+        else:
+            nccl_opts = dist.ProcessGroupNCCL.Options()
+            nccl_opts._timeout = timeout
+            pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, nccl_opts)
     except Exception as exc:
         raise WeightSyncError(
             f"could not form weight update group {group_name!r} at {master_address}:{master_port} "
