@@ -102,3 +102,20 @@ def test_group_registry_and_bad_requests() -> None:
         sender.describe(make_pairs(0), load_format="direct")
     with pytest.raises(ValueError):
         sender.broadcast(make_pairs(0))  # no group yet
+
+
+def test_bad_announcements_fail_before_any_collective() -> None:
+    # pg=None: touching the network would raise AttributeError, not the ValueError asserted here.
+    from datetime import timedelta
+
+    from rlserve.weight_sync import WeightUpdateGroup
+
+    group = WeightUpdateGroup("g", 1, 2, "gloo", timedelta(seconds=1), None, None)
+    for names, dtypes, shapes, fmt in [
+        (["a"], ["float32", "int64"], [[1]], None),
+        (["a"], ["float33"], [[1]], None),
+        (["a"], ["float32"], [[2, -1]], "flattened_bucket"),
+        (["a"], ["float32"], [[1]], "direct"),
+    ]:
+        with pytest.raises(ValueError):
+            receive_weights(group, names, dtypes, shapes, fmt, "cpu")
