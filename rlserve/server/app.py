@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rlserve.server import protocol as P
+from rlserve.server.admin import ADMIN_PATHS, add_admin_routes, admin_denial
 from rlserve.server.errors import APIError, error_response
 from rlserve.server.fast_json import FastJSONRoute
 from rlserve.server.frontend import EngineClient, EngineDeadError, RequestFailed
@@ -48,7 +49,14 @@ class Guard:
         state: ServerState = self.get_state()
         path = scope["path"]
         headers = dict(scope["headers"])
-        if state.args.api_key and path not in OPEN_PATHS:
+        admin = path in ADMIN_PATHS
+        if admin:
+            denied = admin_denial(state.args, headers)
+            if denied is not None:
+                await _drain_body(receive)
+                return await _send(send, denied)
+        # On an admin route the admin key, when set, was checked above and stands in for the API key.
+        if state.args.api_key and path not in OPEN_PATHS and not (admin and state.args.admin_api_key):
             auth = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
@@ -276,7 +284,7 @@ def build_app(args: ServerArgs, client: EngineClient | None = None) -> FastAPI:
         return {"model_path": args.engine.model or s.model_name, "served_model_name": s.model_name,
                 "tokenizer_path": args.engine.tokenizer, "is_generation": True,
                 "max_model_len": info["max_model_len"], "vocab_size": info["vocab_size"],
-                "architecture": info["architecture"]}
+                "architecture": info["architecture"], "weight_version": s.client.weight_version}
 
     @app.get("/get_server_info")
     async def get_server_info() -> Any:
@@ -303,6 +311,8 @@ def build_app(args: ServerArgs, client: EngineClient | None = None) -> FastAPI:
         if not res.get("success"):
             raise APIError(400, "the cache was not flushed: requests are using it; retry when idle")
         return {"success": True, "message": "Cache flushed."}
+
+    add_admin_routes(app, st)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -365,4 +375,5 @@ def serve_from_args(args: argparse.Namespace) -> int:
     return run_server(ServerArgs(engine=engine_config_from_args(args), host=args.host, port=args.port,
                                  api_key=args.api_key or None, served_model_name=args.served_model_name,
                                  drain_timeout=args.drain_timeout, log_level=args.log_level,
-                                 tool_call_parser=args.tool_call_parser))
+                                 tool_call_parser=args.tool_call_parser,
+                                 admin_api_key=args.admin_api_key or None, profile_dir=args.profile_dir))

@@ -24,6 +24,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--api-key", default=os.environ.get("RLSERVE_API_KEY"),
                    help="require 'Authorization: Bearer <key>' on every route but /health")
+    g.add_argument("--admin-api-key", default=os.environ.get("RLSERVE_ADMIN_API_KEY"),
+                   help="require 'Authorization: Bearer <key>' on the admin routes (weight updates, memory, "
+                        "pause, profiling, /flush_cache, /abort_request); without it a server bound to a "
+                        "non-loopback address refuses them")
+    g.add_argument("--profile-dir", default=None,
+                   help="directory for torch.profiler traces of /start_profile and /stop_profile "
+                        "(default: profiling off)")
     g.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default 30)")

@@ -22,6 +22,7 @@ from rlserve.engine.errors import QueueFullError
 from rlserve.outputs import RequestOutput
 from rlserve.sampling import SamplingParams
 from rlserve.server import ipc
+from rlserve.server.admin_ops import AdminOps
 
 if TYPE_CHECKING:
     from rlserve.engine.engine import Engine
@@ -41,6 +42,7 @@ class EngineLoop:
         # Host seconds of the loop's parts, for /get_server_info: engine steps, turning their outputs
         # into deltas, and encoding and sending them.
         self.timing: dict[str, float] = {"loop_steps": 0, "step_s": 0.0, "delta_s": 0.0, "send_s": 0.0}
+        self.admin = AdminOps(self)
 
     # ---- commands ----
     def handle(self, cmd: ipc.Command) -> list[ipc.Update]:
@@ -52,6 +54,10 @@ class EngineLoop:
             return [self._delta(o) for o in outs]
         if isinstance(cmd, ipc.Query):
             self._send(ipc.Reply(cmd.qid, self._query(cmd.what)))
+        elif isinstance(cmd, ipc.Admin):
+            updates, data = self.admin.run(cmd.op, cmd.args)
+            self.send_updates(updates)          # aborted requests end before the answer arrives
+            self._send(ipc.Reply(cmd.qid, data))
         elif isinstance(cmd, ipc.Shutdown):
             self.stopped = True
         return []
@@ -67,6 +73,8 @@ class EngineLoop:
                                      f"retry later")]
         except (ValueError, TypeError) as e:
             return [ipc.Update(cmd.rid, [], finished=True, status=400, error=str(e))]
+        except RuntimeError as e:           # the engine's memory is released: not the request's fault
+            return [ipc.Update(cmd.rid, [], finished=True, status=503, error=str(e))]
         self.sent[cmd.rid] = [(0, 0)] * params.n
         return []
 
@@ -87,6 +95,8 @@ class EngineLoop:
             "num_requests": len(self.sent),
             "num_retractions": status.retractions,
             "weight_version": status.weight_version,
+            "paused": eng.paused,
+            "released": list(status.released),
             "stats": dataclasses.asdict(status.counters),
             "loop": dict(self.timing),
         }
@@ -148,7 +158,7 @@ def engine_info(engine: Engine) -> dict[str, Any]:
     cfg, status = engine.model_config, engine.status()
     return {"max_model_len": status.max_model_len, "vocab_size": cfg.vocab_size,
             "architecture": cfg.architecture, "kv_total": status.kv_total,
-            "device": status.device, "dtype": status.dtype}
+            "device": status.device, "dtype": status.dtype, "weight_version": status.weight_version}
 
 
 def run_engine(config: EngineConfig, in_addr: str, out_addr: str) -> None:
@@ -180,7 +190,9 @@ def run_engine(config: EngineConfig, in_addr: str, out_addr: str) -> None:
     parent = multiprocessing.parent_process()
     idle_steps = 0
     while not loop.stopped:
-        busy = engine.has_unfinished()
+        # A paused engine keeps its requests but does no work (once the outputs its pause produced are
+        # out): wait on the socket as when idle.
+        busy = engine.has_unfinished() and (not engine.paused or bool(engine.pending_outputs))
         # After a step that did nothing (nothing schedulable, nothing launched) wait a moment on the
         # socket instead of spinning.
         timeout = 0 if busy and idle_steps == 0 else (1 if busy else IDLE_POLL_MS)
@@ -200,7 +212,7 @@ def run_engine(config: EngineConfig, in_addr: str, out_addr: str) -> None:
         loop.send_updates(updates)
         if loop.stopped:
             break
-        if engine.has_unfinished():
+        if engine.has_unfinished() and (not engine.paused or engine.pending_outputs):
             stepped = loop.step()
             # An overlapped launch returns no outputs yet but is work: the next step reads it at once.
             idle_steps = 0 if stepped or engine.in_flight else idle_steps + 1

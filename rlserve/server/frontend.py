@@ -25,6 +25,8 @@ from rlserve.server.core import run_engine
 
 log = logging.getLogger("rlserve.server")
 WATCH_INTERVAL_S = 0.25
+# A weight load or a broadcast from a trainer may take minutes; the engine answers when it is done.
+ADMIN_TIMEOUT_S = 3600.0
 
 
 # An update of one of a request's prompts, tagged with the prompt's index (streams.merge yields these).
@@ -137,6 +139,9 @@ class EngineClient:
         self._tasks: list[asyncio.Task[None]] = []
         self.proc: multiprocessing.process.BaseProcess | None = None
         self.on_update: Callable[[str, ipc.Update], None] | None = None    # the metrics hook
+        # The engine's weight version, as its last answer said: every change goes through admin(), whose
+        # answers carry it, so responses can report it without a round trip.
+        self.weight_version = "default"
 
     # ---- lifecycle ----
     async def start(self) -> None:
@@ -170,6 +175,7 @@ class EngineClient:
                     raise RuntimeError(f"the engine failed to start: {ev.message}")
                 if isinstance(ev, ipc.Ready):
                     self.info = ev.info
+                    self.weight_version = str(ev.info.get("weight_version", "default"))
                     return
             elif not proc.is_alive():
                 await self.close()
@@ -291,6 +297,21 @@ class EngineClient:
             return await asyncio.wait_for(fut, timeout_s)
         finally:
             self._replies.pop(qid, None)
+
+    async def admin(self, op: str, args: dict[str, Any], timeout_s: float = ADMIN_TIMEOUT_S) -> dict[str, Any]:
+        """Run an admin operation in the engine process (server/admin_ops.py) and return its answer."""
+        self.check_alive()
+        qid = next(self._qids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._replies[qid] = fut
+        try:
+            await self._send(ipc.Admin(qid, op, args))
+            data = await asyncio.wait_for(fut, timeout_s)
+        finally:
+            self._replies.pop(qid, None)
+        if "weight_version" in data:
+            self.weight_version = str(data["weight_version"])
+        return data
 
     @property
     def num_in_flight(self) -> int:

@@ -23,11 +23,19 @@ class Query(msgspec.Struct, tag=True):
     what: str                       # "info" | "flush_cache"
 
 
+class Admin(msgspec.Struct, tag=True):
+    """An operation of the admin routes (weights, memory, pause, profiling); see server/admin_ops.py.
+    Answered by a Reply with the same qid."""
+    qid: int
+    op: str
+    args: dict[str, Any] = {}
+
+
 class Shutdown(msgspec.Struct, tag=True):
     pass
 
 
-Command = AddRequest | Abort | Query | Shutdown
+Command = AddRequest | Abort | Query | Admin | Shutdown
 
 
 # ---- engine → front end ----

@@ -77,6 +77,9 @@ class NativeServing:
             "id": res.rid, "prompt_tokens": len(res.prompt_ids), "completion_tokens": len(seq.token_ids),
             "cached_tokens": res.cached_tokens, "finish_reason": finish,
             "e2e_latency": time.monotonic() - res.start_time,
+            # The version being served when this item was written (a request spanning an update reports
+            # the newer one).
+            "weight_version": self.client.weight_version,
         }
         if return_logprob:
             lps = seq.logprobs or []

@@ -227,7 +227,8 @@ class OpenAIServing:
                 choices.append({"index": i * prep.n + j, "text": text_prefix + seq.text, "logprobs": logprobs,
                                 "finish_reason": seq.finish_reason, "stop_reason": seq.stop_reason})
         return JSONResponse({"id": prep.rid, "object": "text_completion", "created": int(time.time()),
-                             "model": self.state.model_name, "choices": choices, "usage": usage(results)})
+                             "model": self.state.model_name, "choices": choices, "usage": usage(results),
+                             "weight_version": self.client.weight_version})
 
     async def _completion_stream(self, req: CompletionRequest, prep: Prepared,
                                  merged: AsyncGenerator[Tagged, None],
@@ -333,7 +334,8 @@ class OpenAIServing:
                             "finish_reason": "tool_calls" if called and seq.finish_reason == "stop"
                             else seq.finish_reason, "stop_reason": seq.stop_reason})
         return JSONResponse({"id": prep.rid, "object": "chat.completion", "created": int(time.time()),
-                             "model": self.state.model_name, "choices": choices, "usage": usage([res])})
+                             "model": self.state.model_name, "choices": choices, "usage": usage([res]),
+                             "weight_version": self.client.weight_version})
 
     async def _chat_stream(self, req: ChatCompletionRequest, prep: Prepared,
                            merged: AsyncGenerator[Tagged, None],

@@ -27,6 +27,8 @@ class ServerArgs:
     max_prompts_per_request: int = 256
     log_level: str = "info"
     tool_call_parser: str = "auto"           # "auto" (from the architecture) | "qwen" | "llama3"
+    admin_api_key: str | None = None         # the key of the admin routes (weights, memory, pause, ...)
+    profile_dir: str | None = None           # where /stop_profile writes traces; None turns profiling off
 
 
 @dataclass
