@@ -30,6 +30,10 @@ def compute_advantages(algo: AlgorithmSection, rewards: torch.Tensor, mask: torc
     """
     mask = mask.float()
     rewards = rewards.float()
+    if not torch.isfinite(rewards).all():
+        # one NaN would make its whole group's advantages (and then the loss) NaN without a word
+        bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+        raise ValueError(f"non-finite rewards at samples {bad[:8]}: {rewards[bad[:8]].tolist()}")
     if algo.advantage in ("grpo", "rloo"):
         if kl_penalty is not None:
             rewards = rewards - (kl_penalty * mask).sum(-1)

@@ -116,13 +116,24 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: fl
     """REINFORCE++ token advantages.
 
     ``rewards`` is either token-level [B, T] or sequence-level [B] (placed on the last response token).
-    With ``baseline``, each sequence's total reward R_i = Σ_t r_{i,t} is reduced by the mean b of R over
-    its group of ``group_size`` samples (or over the whole batch when ``group_size`` is None), subtracted
-    at the last response token, so that with γ = 1 every token sees R_i − b. Then
+    Without ``baseline``:
 
-        G_t = Σ_{k≥t} γ^{k−t} r'_k,    A = whiten(G) over all masked tokens of the batch,
+        G_t = Σ_{k≥t} γ^{k−t} r_k,    A = whiten(G) over all masked tokens of the batch,
 
     whiten being (G − μ) / sqrt(σ² + eps) with population σ².
+
+    With ``baseline`` (reinforce++-baseline), each sequence's total reward R_i = Σ_t r_{i,t} — *everything*
+    on its tokens, so under kl.mode=reward the verifier score minus the summed KL penalty — is reduced by
+    the mean b_g of R over its group of ``group_size`` samples (over the whole batch when ``group_size``
+    is None). b_g is subtracted once, at the last response token, before the returns are taken. With
+    γ = 1 token t of sample i therefore gets, before whitening,
+
+        G_{i,t} = score_i − b_g − Σ_{k≥t} coef · kl_{i,k}     (b_g = mean_j (score_j − Σ_k coef · kl_{j,k}))
+
+    i.e. the KL penalty *to go* from t, not the whole sequence's: only without a per-token penalty does
+    every token see the same R_i − b_g. (verl broadcasts R_i − b_g to every token instead; OpenRLHF takes
+    b_g over the scores alone and adds the KL afterwards.) With γ < 1 the baseline is discounted like the
+    score, by γ^{L−1−t} at token t of a completion of length L.
     """
     mask_f = mask.to(torch.float32)
     token_rewards = rewards.float()
@@ -180,12 +191,17 @@ def dynamic_sampling_keep(rewards: torch.Tensor, group_size: int) -> torch.Tenso
 
 # ----------------------------------------------------------------------------- KL and entropy
 
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLKind = "k3") -> torch.Tensor:
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLKind = "k3",
+                log_ratio_clamp: float | None = None, k3_clamp: float | None = None) -> torch.Tensor:
     """Per-token estimators of KL(π ‖ π_ref) from samples of π (Schulman's k1, k2, k3).
 
         k1 = logp − ref_logp
         k2 = ½ · (logp − ref_logp)²
         k3 = exp(ref_logp − logp) − (ref_logp − logp) − 1      (unbiased and ≥ 0)
+
+    Optional guards for k3 (both off by default), as verl's low_var_kl does with 20 and 10: the log
+    ratio is clamped to ±``log_ratio_clamp`` before the exp, and k3 itself to ±``k3_clamp``. Where a
+    clamp is active its gradient is 0.
     """
     log_ratio = logp - ref_logp
     if kind == "k1":
@@ -193,7 +209,10 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLKind = "k3")
     if kind == "k2":
         return 0.5 * log_ratio ** 2
     if kind == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
+        if log_ratio_clamp is not None:
+            log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
+        k3 = torch.expm1(-log_ratio) + log_ratio
+        return k3 if k3_clamp is None else k3.clamp(-k3_clamp, k3_clamp)
     raise ValueError(f"unknown KL estimator {kind!r}; expected k1, k2 or k3")
 
 
@@ -230,6 +249,7 @@ def aggregate(loss_tokens: torch.Tensor, mask: torch.Tensor, mode: AggMode = "to
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip_low: float = 0.2, clip_high: float = 0.2, agg: AggMode = "token-mean",
                 max_len: int | None = None, tis_weights: torch.Tensor | None = None,
+                log_ratio_clamp: float | None = None, dual_clip: float | None = None,
                 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate with separate lower/upper clip ranges (clip-higher when they differ).
 
@@ -240,17 +260,30 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     ``advantages`` is [B, T] or [B] (one value per sequence, broadcast over tokens). ``tis_weights``
     are optional truncated importance-sampling weights w_t (e.g. min(π_old / π_rollout, C)) for the
     mismatch between the rollout engine and the trainer; they are treated as constants.
+
+    Options, off by default: ``log_ratio_clamp`` clamps logp − old_logp to ±value before the exp (verl
+    uses 20, against overflow); ``dual_clip`` = c > 1 is dual-clip PPO (Ye et al. 2020): where A_t < 0
+    the token loss is min(ℓ_t, −c · A_t), bounding how far a very large ratio can push a bad token.
     Metrics: clip_fraction (tokens where the clipped term is the active one), approx_kl (k3 of the
-    new policy against the old), ratio_mean.
+    new policy against the old), ratio_mean, and with dual-clip dual_clip_fraction.
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
     advantages = advantages.to(logp.dtype)
     log_ratio = logp - old_logp
+    if log_ratio_clamp is not None:
+        log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     loss_tokens = torch.maximum(unclipped, clipped)
+    dual = None
+    if dual_clip is not None:
+        if dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+        bound = -advantages * dual_clip
+        dual = (advantages < 0) & (loss_tokens > bound)
+        loss_tokens = torch.where(advantages < 0, torch.minimum(loss_tokens, bound), loss_tokens)
     if tis_weights is not None:
         loss_tokens = loss_tokens * tis_weights.detach().to(loss_tokens.dtype)
     loss = aggregate(loss_tokens, mask, agg, max_len)
@@ -261,6 +294,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
             "approx_kl": masked_mean(kl_estimate(logp, old_logp, "k3"), m).item(),
             "ratio_mean": masked_mean(ratio, m).item(),
         }
+        if dual is not None:
+            metrics["dual_clip_fraction"] = masked_mean(dual.to(logp.dtype), m).item()
     return loss, metrics
 
 

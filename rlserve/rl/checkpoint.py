@@ -8,6 +8,7 @@ mid-write leaves the previous checkpoint as the newest complete one.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -62,10 +63,55 @@ def save_checkpoint(output_dir: str | Path, step: int, state: dict[str, Any], ke
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint with weights-only unpickling: tensors, numbers, strings and plain containers load,
+    anything else (an object whose unpickling could run code) is refused with an error."""
     path = Path(path)
     if path.is_dir():
         path = path / STATE_FILE
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds more than tensors and plain values; refusing to unpickle it: {e}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a training checkpoint (a {type(state).__name__}, not a dict)")
+    return state
+
+
+# Keys a resumed run may change: how long it runs, where and how it writes, how it logs. Any other
+# difference would make the resumed steps differ from the run the checkpoint belongs to.
+RESUMABLE_KEYS = ("steps", "output_dir", "resume", "resume_from", "checkpoint_every", "checkpoint_keep",
+                  "task.eval_every", "logging.*")
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value and prefix.count(".") < 1:      # sections, not dict values
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in RESUMABLE_KEYS)
+
+
+def check_resume_config(saved: dict[str, Any] | None, current: dict[str, Any], path: str | Path) -> None:
+    """Refuse to resume when the config differs from the checkpoint's outside RESUMABLE_KEYS, listing every
+    differing key with both values. A checkpoint without a recorded config is not checked."""
+    if saved is None:
+        return
+    from rlserve.rl.config import TrainConfig, to_dict
+    # A key newer than the checkpoint counts as its default there; one the code no longer has is moot.
+    old = _flatten(to_dict(TrainConfig())) | _flatten(saved)
+    new = _flatten(current)
+    differ = sorted(k for k in new if not _resumable(k) and k in old and old[k] != new[k])
+    if differ:
+        changes = "; ".join(f"{k}: {old[k]!r} in the checkpoint, {new[k]!r} now" for k in differ)
+        raise ValueError(f"cannot resume from {path}: the config differs in {', '.join(differ)} ({changes}). "
+                         f"Only {', '.join(RESUMABLE_KEYS)} may change on resume; restore the other values "
+                         f"or start a new run in another output_dir")
 
 
 def rng_state(loop_rng: random.Random, engine: Any | None) -> dict[str, Any]:

@@ -76,6 +76,10 @@ class TaskSection:
     prompts_per_step: int = 8
     eval_prompts: int = 32
     eval_every: int = 5                  # 0: never
+    on_invalid_reward: str = "error"     # a NaN/inf reward: error (name the sample) | drop (its group)
+
+    def __post_init__(self) -> None:
+        _one_of("task.on_invalid_reward", self.on_invalid_reward, ("error", "drop"))
 
 
 @dataclass
@@ -102,12 +106,29 @@ class AlgorithmSection:
     tis_cap: float | None = None         # truncated importance sampling: w = min(π_old / π_engine, cap)
     gamma: float = 1.0                   # discount for gae and reinforce++
     lam: float = 1.0                     # GAE λ
+    # Numerical guards, off by default (verl's values in docs/rl.md): clamp log π − log π_old (PPO ratio)
+    # and the k3 estimator's log-ratio to ±log_ratio_clamp (verl 20), k3's value to ±k3_clamp (verl 10),
+    # and dual-clip PPO: for A < 0 the per-token loss is at most −dual_clip · A (verl clip_ratio_c = 3).
+    log_ratio_clamp: float | None = None
+    k3_clamp: float | None = None
+    dual_clip: float | None = None
 
     def __post_init__(self) -> None:
         _one_of("algorithm.advantage", self.advantage, ADVANTAGES)
         _one_of("algorithm.loss_agg", self.loss_agg, LOSS_AGGREGATIONS)
         if self.ppo_epochs < 1 or self.minibatch_size < 0 or self.micro_batch_size < 0:
             raise ValueError("algorithm.ppo_epochs must be ≥ 1, minibatch_size and micro_batch_size ≥ 0")
+        for name in ("log_ratio_clamp", "k3_clamp", "dual_clip"):     # YAML may give an int or a string
+            if (value := getattr(self, name)) is not None:
+                try:
+                    setattr(self, name, float(value))
+                except (TypeError, ValueError):
+                    raise ValueError(f"algorithm.{name} expects a number or null, got {value!r}") from None
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"algorithm.dual_clip must be > 1 (verl uses 3.0); got {self.dual_clip}")
+        for name in ("log_ratio_clamp", "k3_clamp"):
+            if (value := getattr(self, name)) is not None and value <= 0:
+                raise ValueError(f"algorithm.{name} must be > 0; got {value}")
 
 
 @dataclass

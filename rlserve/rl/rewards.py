@@ -14,18 +14,40 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 RewardFn = Callable[..., Any]
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+# A number: digits with thousands separators only in valid groups ("1,234", not "1,2,3"), an optional
+# fraction and exponent, and an ASCII or Unicode minus ("−3", U+2212, as typeset math and some tokenizers
+# write it).
+_MINUS = "-\u2212"
+_NUMBER = re.compile(rf"(?<![\d.])[{_MINUS}]?(?:\d{{1,3}}(?:,\d{{3}})+(?!\d)|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?"
+                     rf"|(?<![\d.])[{_MINUS}]?\.\d+(?:[eE][-+]?\d+)?")
 _HASHES = re.compile(r"####\s*([^\n]+)")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
+_LATEX_NOISE = re.compile(r"\\left|\\right|\\!|\\,|\\;|\\ |\$")
+
+
+def boxed_contents(text: str) -> list[str]:
+    """The contents of every \\boxed{...} in order, braces nested inside counted (\\boxed{\\frac{1}{2}}
+    is "\\frac{1}{2}"). An unclosed box is skipped."""
+    found = []
+    for m in re.finditer(r"\\boxed\s*\{", text):
+        depth, start = 1, m.end()
+        for i in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                found.append(text[start:i])
+                break
+    return found
 
 
 def extract_answer(text: str) -> str | None:
     """The final answer of a completion: the last \\boxed{...}, else what follows '####', else the
     last number in the text."""
-    boxed = _BOXED.findall(text)
+    boxed = boxed_contents(text)
     if boxed:
         return boxed[-1].strip()
     hashes = _HASHES.findall(text)
@@ -35,15 +57,30 @@ def extract_answer(text: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
+def _to_float(token: str) -> float:
+    return float(token.replace(",", "").replace("\u2212", "-"))
+
+
 def _as_number(text: str | None) -> float | None:
+    """An answer as a number: the whole answer when it is one ("1,234", "−3", "1e5", "\\frac{1}{2}",
+    "1/2"), None for a list of numbers ("1,2,3"), else the last number in it ("x = 5")."""
     if text is None:
         return None
-    found = _NUMBER.findall(text)
-    if not found:
-        return None
+    plain = _FRAC.sub(r"(\1)/(\2)", _LATEX_NOISE.sub("", text)).strip().rstrip(".").strip()
+    plain = plain.replace("{", "").replace("}", "")
+    num = _NUMBER.pattern
+    fraction = re.fullmatch(rf"([{_MINUS}]?)\(?\s*({num})\s*\)?\s*/\s*\(?\s*({num})\s*\)?", plain)
     try:
-        return float(found[-1].replace(",", ""))
-    except ValueError:
+        if re.fullmatch(num, plain):
+            return _to_float(plain)
+        if fraction:
+            value = _to_float(fraction.group(2)) / _to_float(fraction.group(3))
+            return -value if fraction.group(1) else value
+        if re.fullmatch(rf"(?:{num})(?:\s*,\s*(?:{num}))+", plain):
+            return None                  # a list is not one number
+        found = _NUMBER.findall(plain)
+        return _to_float(found[-1]) if found else None
+    except (ValueError, ZeroDivisionError, OverflowError):
         return None
 
 
@@ -55,7 +92,7 @@ def numeric_reward(prompt: str, completion: str, answer: Any = None, **_: Any) -
 
 def format_reward(prompt: str, completion: str, **_: Any) -> float:
     """1.0 when the completion states its answer in a recognised form (\\boxed{}, '####', <answer>)."""
-    return float(bool(_BOXED.search(completion) or _HASHES.search(completion) or _ANSWER_TAG.search(completion)))
+    return float(bool(boxed_contents(completion) or _HASHES.search(completion) or _ANSWER_TAG.search(completion)))
 
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -95,6 +132,33 @@ def countdown_reward(prompt: str, completion: str, numbers: list[int] | None = N
 
 BUILTIN_REWARDS: dict[str, RewardFn] = {"numeric": numeric_reward, "format": format_reward,
                                         "countdown": countdown_reward}
+
+
+INVALID_REWARD_ACTIONS = ("error", "drop")
+
+
+def invalid_reward_groups(rewards: torch.Tensor, group_size: int, prompt_of: Callable[[int], str],
+                          on_invalid: str = "error") -> torch.Tensor | None:
+    """Guard the advantages against a NaN or infinite reward, which would turn every advantage of its
+    group into NaN (the group mean and std take it in) and from there the loss and the weights.
+
+    → None when every reward is finite, else (on_invalid="drop") the groups to keep, bool [num_groups].
+    on_invalid="error" raises ValueError naming the first bad sample: its index and its prompt's start."""
+    if on_invalid not in INVALID_REWARD_ACTIONS:
+        raise ValueError(f"on_invalid must be one of {', '.join(INVALID_REWARD_ACTIONS)}; got {on_invalid!r}")
+    bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+    if not bad:
+        return None
+    if on_invalid == "error":
+        i = bad[0]
+        prompt = prompt_of(i)
+        prompt = prompt if len(prompt) <= 80 else prompt[:80] + "..."
+        raise ValueError(f"reward of sample {i} is {rewards[i].item()} ({len(bad)} non-finite in the step), "
+                         f"prompt {prompt!r}; fix the reward function or set task.on_invalid_reward=drop "
+                         f"to drop such groups")
+    keep = torch.ones(len(rewards) // group_size, dtype=torch.bool)
+    keep[[i // group_size for i in bad]] = False
+    return keep
 
 
 async def score(fn: RewardFn, prompt: str, completion: str, fields: dict[str, Any]) -> float:

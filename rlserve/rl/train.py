@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,20 @@ from rlserve.models.llama import LlamaForCausalLM
 from rlserve.rl.advantages import compute_advantages
 from rlserve.rl.algorithms import dynamic_sampling_keep, kl_estimate, masked_mean
 from rlserve.rl.batch import Rollout, TrainBatch, pad
-from rlserve.rl.checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from rlserve.rl.checkpoint import (
+    check_resume_config,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
 from rlserve.rl.config import TrainConfig, to_dict
 from rlserve.rl.logprobs import completion_logprobs
 from rlserve.rl.metrics_log import MetricLog
 from rlserve.rl.models import ValueModel, frozen_reference
 from rlserve.rl.prompts import PromptStream, Sample
-from rlserve.rl.rewards import BUILTIN_REWARDS, RewardFn
+from rlserve.rl.rewards import BUILTIN_REWARDS, RewardFn, invalid_reward_groups
 from rlserve.rl.rollout import encode_prompt, generate_rollout, greedy_accuracy
 from rlserve.rl.update import Critic, ppo_update, truncated_is_weights
 
@@ -133,8 +141,9 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
     return state
 
 
-def restore(run: Run, path: Path) -> None:
-    state = load_checkpoint(path)
+def restore(run: Run, path: Path, state: dict[str, Any] | None = None) -> None:
+    """Load the checkpoint at `path` (or its already loaded `state`) into the run."""
+    state = load_checkpoint(path) if state is None else state
     run.policy.load_state_dict(state["policy"])      # in place: the engine serves the restored weights
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -212,6 +221,12 @@ def mismatch_metrics(engine_logp: torch.Tensor, trainer_logp: torch.Tensor, mask
             "mismatch_kl": masked_mean(kl_estimate(engine_logp, trainer_logp, "k3"), mask).item()}
 
 
+def _prompt_text(llm: LLM, prompts: list[list[int]], i: int) -> str:
+    """Sample i's prompt as text for an error message (its token ids when there is no tokenizer)."""
+    ids, tok = prompts[i], llm.engine.tokenizer
+    return str(tok.decode(ids)) if tok is not None else str(ids)
+
+
 def _prompts_digest(prompts: list[list[int]]) -> str:
     return hashlib.sha1(json.dumps(prompts).encode()).hexdigest()[:16]
 
@@ -232,12 +247,19 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
     from tqdm import tqdm
 
     out_dir = Path(cfg.output_dir)
+    resume_path = _resume_path(cfg)
+    state = None
+    if resume_path is not None:
+        # before anything is built or written: a changed config refuses to resume
+        state = load_checkpoint(resume_path)
+        check_resume_config(state.get("config"), to_dict(cfg), resume_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     run = setup(cfg, reward_fn, prompts, held_out)
-    if (path := _resume_path(cfg)) is not None:
-        restore(run, path)
-        tqdm.write(f"resumed from {path} at step {run.next_step}")
+    if resume_path is not None:
+        restore(run, resume_path, state)
+        del state                        # the run holds the restored copies
+        tqdm.write(f"resumed from {resume_path} at step {run.next_step}")
     llm, algo = run.llm, cfg.algorithm
     log = MetricLog(out_dir, cfg.logging, run.history)
     bar = tqdm(range(run.next_step, cfg.steps), initial=run.next_step, total=cfg.steps, desc="train",
@@ -263,8 +285,15 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
                 with timer("rollout_s"):
                     rollout = generate_rollout(llm, cfg.rollout, prompt_ids, [f for _, f in encoded],
                                                run.reward_fn, seed)
+                    invalid_keep = invalid_reward_groups(rollout.rewards, rollout.group_size,
+                                                         partial(_prompt_text, llm, rollout.prompt_ids),
+                                                         cfg.task.on_invalid_reward)
+                    if invalid_keep is not None:      # on_invalid_reward=drop: the groups with a NaN/inf go
+                        rollout = rollout.keep_groups(invalid_keep)
                 record: dict[str, Any] = {"step": step, "prompts_sha1": _prompts_digest(prompt_ids),
-                                          **rollout_metrics(rollout)}
+                                          **(rollout_metrics(rollout) if len(rollout.rewards) else {})}
+                if invalid_keep is not None:
+                    record["groups_invalid_reward"] = int((~invalid_keep).sum())
                 # 4. dynamic sampling: a group whose rewards all agree has zero advantage everywhere
                 if algo.dynamic_sampling:
                     rollout = rollout.keep_groups(dynamic_sampling_keep(rollout.rewards, rollout.group_size))
@@ -279,7 +308,8 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
                     record |= mismatch_metrics(rollout.engine_logprobs, old_logp, mask)
                     kl_penalty = None
                     if ref_logp is not None:
-                        kl_tokens = kl_estimate(old_logp, ref_logp, cfg.kl.estimator)
+                        kl_tokens = kl_estimate(old_logp, ref_logp, cfg.kl.estimator, algo.log_ratio_clamp,
+                                                algo.k3_clamp)
                         record["kl_ref"] = masked_mean(kl_tokens, mask).item()
                         if cfg.kl.mode == "reward":
                             kl_penalty = cfg.kl.coef * kl_tokens
@@ -316,7 +346,8 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
             log.log(record)
             bar.set_postfix({k: f"{record[k]:.3g}" for k in ("reward", "eval_accuracy", "kl_ref", "entropy")
                              if k in record}, refresh=False)
-            if cfg.checkpoint_every and run.next_step % cfg.checkpoint_every == 0:
+            # every checkpoint_every steps, and after the last step whatever the cadence
+            if cfg.checkpoint_every and (run.next_step % cfg.checkpoint_every == 0 or run.next_step == cfg.steps):
                 save_checkpoint(out_dir, step, checkpoint_state(run), keep=cfg.checkpoint_keep)
     finally:
         bar.close()

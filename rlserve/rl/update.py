@@ -102,15 +102,18 @@ def _policy_loss(policy: LlamaForCausalLM, mb: TrainBatch, cfg: TrainConfig, wid
     loss, metrics = policy_loss(logp, mb.old_logprobs.to(device), mb.advantages.to(device), mask,
                                 clip_low=algo.clip_low, clip_high=algo.clip_high, agg=algo.loss_agg,
                                 max_len=cfg.rollout.max_tokens,
-                                tis_weights=None if mb.tis_weights is None else mb.tis_weights.to(device))
+                                tis_weights=None if mb.tis_weights is None else mb.tis_weights.to(device),
+                                log_ratio_clamp=algo.log_ratio_clamp, dual_clip=algo.dual_clip)
     out = {"pg_loss": loss.item(), "clip_fraction": metrics["clip_fraction"],
            "approx_kl_old": metrics["approx_kl"], "entropy": masked_mean(entropy.detach(), mask).item()}
+    if "dual_clip_fraction" in metrics:
+        out["dual_clip_fraction"] = metrics["dual_clip_fraction"]
     if algo.entropy_coef:
         loss = loss - algo.entropy_coef * aggregate(entropy, mask, algo.loss_agg, cfg.rollout.max_tokens)
     if cfg.kl.coef > 0 and cfg.kl.mode == "loss":
         assert mb.ref_logprobs is not None     # the loop computes them whenever the KL term is on
-        kl = aggregate(kl_estimate(logp, mb.ref_logprobs.to(device), cfg.kl.estimator), mask, algo.loss_agg,
-                       cfg.rollout.max_tokens)
+        kl = aggregate(kl_estimate(logp, mb.ref_logprobs.to(device), cfg.kl.estimator, algo.log_ratio_clamp,
+                                   algo.k3_clamp), mask, algo.loss_agg, cfg.rollout.max_tokens)
         loss = loss + cfg.kl.coef * kl
         out["kl_loss"] = kl.item()
     out["loss"] = loss.item()

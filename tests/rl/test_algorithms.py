@@ -279,3 +279,66 @@ def test_dynamic_sampling_keep():
     rewards = t(1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.5)
     assert dynamic_sampling_keep(rewards, 2).tolist() == [False, True, False, False]
     assert dynamic_sampling_keep(t(1.0, 1.0, 1.0, 0.0, 1.0, 1.0), 3).tolist() == [False, True]
+
+
+# ----------------------------------------------------------------------------- guards
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo", "reinforce++", "reinforce++-baseline"])
+def test_a_nan_reward_is_refused_not_spread_over_its_group(advantage):
+    from rlserve.rl.advantages import compute_advantages
+    from rlserve.rl.config import AlgorithmSection
+    rewards = t(1.0, float("nan"), 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"non-finite rewards at samples \[1\]"):
+        compute_advantages(AlgorithmSection(advantage=advantage), rewards, torch.ones(4, 2), 2)
+
+
+def test_reinforce_pp_baseline_under_a_per_token_kl_penalty_is_the_documented_one():
+    """γ = 1, kl.mode=reward: token t of sample i gets score_i − b_g − Σ_{k≥t} coef·kl_{i,k} before whitening,
+    b_g the group mean of (score − summed penalty); not R_i − b_g on every token."""
+    from rlserve.rl.advantages import compute_advantages
+    from rlserve.rl.config import AlgorithmSection
+    scores = t(1.0, 0.0)
+    mask = t([1, 1, 1], [1, 1, 0])
+    penalty = t([0.1, 0.2, 0.3], [0.4, 0.5, 9.0])                    # 9.0 sits on padding
+    b = ((1.0 - 0.6) + (0.0 - 0.9)) / 2
+    pre_whitening = t([1.0 - b - 0.6, 1.0 - b - 0.5, 1.0 - b - 0.3], [0.0 - b - 0.9, 0.0 - b - 0.5, 0.0])
+    adv, _ = compute_advantages(AlgorithmSection(advantage="reinforce++-baseline"), scores, mask, 2, penalty)
+    assert_close(adv, masked_whiten(pre_whitening, mask, eps=1e-8))
+    # every token seeing R_i − b_g (verl's broadcast) would give each row a single value
+    assert adv[0, 0] != adv[0, 2]
+
+
+def test_kl_estimate_clamps_are_verls_and_off_by_default():
+    logp, ref = t(0.0, 0.0, 0.0), t(30.0, -30.0, 1.0)
+    raw = kl_estimate(logp, ref, "k3")
+    assert raw[0].item() > 1e12                                       # exp(30) unclamped
+    log_only = kl_estimate(logp, ref, "k3", log_ratio_clamp=20.0)
+    assert log_only[0].item() == pytest.approx(math.exp(20) - 20 - 1, rel=1e-5)
+    both = kl_estimate(logp, ref, "k3", log_ratio_clamp=20.0, k3_clamp=10.0)
+    assert both.tolist() == pytest.approx([10.0, 10.0, math.exp(1) - 1 - 1], rel=1e-5)
+    assert_close(kl_estimate(logp, ref, "k1", 20.0, 10.0), kl_estimate(logp, ref, "k1"))   # k3 only
+
+
+def test_policy_loss_log_ratio_clamp_keeps_the_ratio_finite():
+    logp, old = t([200.0, 0.0]), t([0.0, 0.0])
+    adv, mask = t(1.0), t([1.0, 1.0])
+    loss, metrics = policy_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.2)
+    assert math.isinf(metrics["ratio_mean"])
+    loss, metrics = policy_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.2, log_ratio_clamp=20.0)
+    assert metrics["ratio_mean"] == pytest.approx((math.exp(20) + 1) / 2, rel=1e-5)
+
+
+def test_dual_clip_bounds_the_loss_of_negative_advantages_only():
+    # ratios 5, 5, 0.5 with advantages −1, +1, −1 and c = 3
+    logp = torch.log(t([5.0, 5.0, 0.5])).requires_grad_()
+    old, adv, mask = torch.zeros(1, 3), t([-1.0, 1.0, -1.0]), torch.ones(1, 3)
+    plain, _ = policy_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.2, agg="token-mean")
+    # PPO: max(−A·r, −A·clip(r)) = 5, −1.2, 0.8
+    assert plain.item() == pytest.approx((5.0 - 1.2 + 0.8) / 3)
+    loss, metrics = policy_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.2, agg="token-mean", dual_clip=3.0)
+    assert loss.item() == pytest.approx((3.0 - 1.2 + 0.8) / 3)       # only the first token is bounded, at −c·A
+    assert metrics["dual_clip_fraction"] == pytest.approx(1 / 3)
+    loss.backward()
+    assert logp.grad[0, 0].item() == 0.0                              # the bound is a constant
+    with pytest.raises(ValueError, match="dual_clip"):
+        policy_loss(logp, old, adv, mask, dual_clip=1.0)

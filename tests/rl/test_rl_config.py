@@ -65,3 +65,18 @@ def test_to_dict_writes_what_load_config_reads(tmp_path):
     path = tmp_path / "again.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg)))
     assert load_config(path) == cfg
+
+
+def test_guard_options_default_off_and_are_validated():
+    algo = load_config(None, []).algorithm
+    assert (algo.log_ratio_clamp, algo.k3_clamp, algo.dual_clip) == (None, None, None)
+    cfg = load_config(None, ["algorithm.log_ratio_clamp=20", "algorithm.k3_clamp=10", "algorithm.dual_clip=3",
+                             "task.on_invalid_reward=drop"])
+    assert (cfg.algorithm.log_ratio_clamp, cfg.algorithm.k3_clamp, cfg.algorithm.dual_clip) == (20.0, 10.0, 3.0)
+    assert isinstance(cfg.algorithm.dual_clip, float) and cfg.task.on_invalid_reward == "drop"
+    assert load_config(None, []).task.on_invalid_reward == "error"
+    for bad, message in [("algorithm.dual_clip=1", "dual_clip must be > 1"), ("algorithm.k3_clamp=0", "k3_clamp"),
+                         ("algorithm.log_ratio_clamp=big", "expects a number"),
+                         ("task.on_invalid_reward=skip", "on_invalid_reward")]:
+        with pytest.raises(ValueError, match=message):
+            load_config(None, [bad])
