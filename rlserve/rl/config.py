@@ -15,6 +15,8 @@ ADVANTAGES = ("grpo", "rloo", "reinforce++", "reinforce++-baseline", "gae")
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_MODES = ("reward", "loss")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+BACKENDS = ("colocated", "server")
+WEIGHT_SYNCS = ("tensor", "disk")
 
 
 def _one_of(where: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -89,6 +91,21 @@ class RolloutSection:
     temperature: float = 1.0
     ignore_eos: bool = False             # true: every completion runs to max_tokens (throughput tests)
     constraint: dict[str, Any] | None = None   # structured rollouts, e.g. {"regex": "[ab]{8}"}
+    # Where rollouts run: colocated (the in-process engine serves the trained module itself) or server
+    # (rlserve servers over HTTP; the trainer pushes its weights to them before every step's rollout).
+    backend: str = "colocated"
+    server_urls: list[str] = field(default_factory=list)   # server mode; empty: launch one on loopback
+    # server mode: tensor (shared memory / CUDA IPC) | disk (safetensors). The servers' admin key, when they
+    # have one, comes from the RLSERVE_ADMIN_API_KEY environment variable (never written to config.json).
+    weight_sync: str = "tensor"
+
+    def __post_init__(self) -> None:
+        _one_of("rollout.backend", self.backend, BACKENDS)
+        _one_of("rollout.weight_sync", self.weight_sync, WEIGHT_SYNCS)
+        if isinstance(self.server_urls, str):             # one URL from the command line
+            self.server_urls = [self.server_urls]
+        if not isinstance(self.server_urls, list) or not all(isinstance(u, str) for u in self.server_urls):
+            raise ValueError(f"rollout.server_urls expects a list of URLs, got {self.server_urls!r}")
 
 
 @dataclass

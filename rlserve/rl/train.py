@@ -7,6 +7,10 @@
 
 The engine's model *is* the policy: the optimizer updates the very parameters the next rollout reads,
 so weight sync is a cache flush. `rlserve train --config x.yaml key=value ... [resume=true]`.
+
+With `rollout.backend=server` the rollout (only) runs on rlserve servers instead (rlserve/rl/remote.py):
+each step first pushes the policy's weights to them. The in-process engine still tokenizes, evaluates
+and holds the policy the optimizer trains.
 """
 from __future__ import annotations
 
@@ -273,6 +277,10 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
         run.history.append(start)
         log.log(start)
         tqdm.write(f"held-out accuracy before training: {start['eval_accuracy']:.3f}")
+    remote = None
+    if cfg.rollout.backend == "server":
+        from rlserve.rl.remote import RemoteRollout
+        remote = RemoteRollout.start(cfg.rollout, cfg.model.engine.with_options(seed=cfg.seed), out_dir)
     try:
         for step in bar:
             timer = Timer()
@@ -282,9 +290,16 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
                 encoded = [encode_prompt(llm, s) for s in run.prompts.take(cfg.task.prompts_per_step)]
                 prompt_ids = [ids for ids, _ in encoded]
                 # 2. rollout n per prompt and 3. rewards
+                if remote is not None:
+                    # server mode: the servers serve this step's weights, versioned by the step
+                    with timer("push_s"):
+                        remote.push_weights(llm, step)
                 with timer("rollout_s"):
-                    rollout = generate_rollout(llm, cfg.rollout, prompt_ids, [f for _, f in encoded],
-                                               run.reward_fn, seed)
+                    fields = [f for _, f in encoded]
+                    if remote is None:
+                        rollout = generate_rollout(llm, cfg.rollout, prompt_ids, fields, run.reward_fn, seed)
+                    else:
+                        rollout = remote.generate_rollout(cfg.rollout, prompt_ids, fields, run.reward_fn, seed)
                     invalid_keep = invalid_reward_groups(rollout.rewards, rollout.group_size,
                                                          partial(_prompt_text, llm, rollout.prompt_ids),
                                                          cfg.task.on_invalid_reward)
@@ -352,6 +367,8 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
     finally:
         bar.close()
         log.close()
+        if remote is not None:
+            remote.close()
     log.plot()
     return run.history
 

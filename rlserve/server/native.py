@@ -23,7 +23,7 @@ def native_params(sp: NativeSamplingParams, logprobs: int | None) -> dict[str, A
         "repetition_penalty": sp.repetition_penalty, "seed": sp.seed, "stop": sp.stop,
         "stop_token_ids": sp.stop_token_ids, "ignore_eos": sp.ignore_eos,
         "skip_special_tokens": sp.skip_special_tokens, "include_stop_str_in_output": sp.include_stop_str_in_output,
-        "logprobs": logprobs, "json_schema": sp.json_schema, "regex": sp.regex, "ebnf": sp.ebnf,
+        "logprobs": logprobs, "logprobs_mode": sp.logprobs_mode, "json_schema": sp.json_schema, "regex": sp.regex, "ebnf": sp.ebnf,
     })
 
 

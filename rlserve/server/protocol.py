@@ -231,6 +231,8 @@ class NativeSamplingParams(_Model):
     json_schema: str | dict[str, Any] | None = None
     regex: str | None = None
     ebnf: str | None = None
+    # rlserve's own: "tempered" reports logprobs of the distribution sampled from (after temperature), as RL wants
+    logprobs_mode: Literal["raw", "tempered"] = "raw"
 
 
 class GenerateRequest(_Model):
