@@ -6,14 +6,17 @@
     client.update_weights_from_tensor(list(model.named_parameters()), weight_version="step-3")
     client.continue_generation()
 
-Route methods return the decoded JSON answer and raise `ServerError` for an error status. httpx is
-imported when a client is built, so `import rlserve` stays light.
+Route methods return the decoded JSON answer and raise `ServerError` for an error status. The streaming
+methods (`stream_generate`, `stream_completions`, `stream_chat`) are generators (async generators on
+`AsyncClient`) of the parsed JSON chunks; closing one early closes the HTTP response, which aborts the request
+on the server. httpx is imported when a client is built, so `import rlserve` stays light.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -43,6 +46,27 @@ def _drop_none(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if v is not None}
 
 
+def _generate_body(text: Any, input_ids: Any, sampling_params: Any, fields: dict[str, Any]) -> dict[str, Any]:
+    return _drop_none({"text": text, "input_ids": input_ids, "sampling_params": sampling_params, **fields})
+
+
+_DONE = object()
+
+
+def _sse_event(line: str, path: str) -> Any:
+    """One line of a server-sent event stream: the parsed JSON of a `data:` line, `_DONE` for `[DONE]`, None
+    for anything else (blank lines, comments, other fields). An in-band error event raises `ServerError`."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return _DONE
+    event = json.loads(data)
+    if isinstance(event, dict) and "error" in event and "choices" not in event:
+        raise ServerError(200, event, path)   # failed mid-stream: the status line (200) was already sent
+    return event
+
+
 def _buckets(pairs: NamedTensors, bucket_bytes: int | None) -> list[list[tuple[str, torch.Tensor]]]:
     """`pairs` in order, cut where a bucket would pass bucket_bytes (a bigger tensor goes alone)."""
     out: list[list[tuple[str, torch.Tensor]]] = []
@@ -67,8 +91,7 @@ class _Routes:
     def generate(self, text: str | list[str] | None = None, input_ids: list[int] | list[list[int]] | None = None,
                  sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None, **fields: Any) -> Any:
         """POST /generate (not streaming); `fields`: rid, return_logprob, top_logprobs_num."""
-        return self._call("POST", "/generate", _drop_none({"text": text, "input_ids": input_ids,
-                                                           "sampling_params": sampling_params, **fields}))
+        return self._call("POST", "/generate", _generate_body(text, input_ids, sampling_params, fields))
 
     def completions(self, **body: Any) -> Any:
         return self._call("POST", "/v1/completions", body)
@@ -199,6 +222,34 @@ class Client(_Base):
         resp = self._http.request(method, path, json=body, headers=self._headers(admin))
         return self._decode(resp, path)
 
+    def _stream(self, path: str, body: dict[str, Any]) -> Generator[Any, None, None]:
+        with self._http.stream("POST", path, json={**body, "stream": True}, headers=self._headers(False)) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                self._decode(resp, path)
+            for line in resp.iter_lines():
+                event = _sse_event(line, path)
+                if event is _DONE:
+                    return
+                if event is not None:
+                    yield event
+
+    # ---- streaming: generators of the parsed chunks; close() (or leaving a `with closing(...)`) aborts ----
+    def stream_generate(self, text: str | list[str] | None = None,
+                        input_ids: list[int] | list[list[int]] | None = None,
+                        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+                        **fields: Any) -> Generator[Any, None, None]:
+        """POST /generate with stream=true: the cumulative item of a sequence each time it advances."""
+        return self._stream("/generate", _generate_body(text, input_ids, sampling_params, fields))
+
+    def stream_completions(self, **body: Any) -> Generator[Any, None, None]:
+        """POST /v1/completions with stream=true: the `text_completion` chunks."""
+        return self._stream("/v1/completions", body)
+
+    def stream_chat(self, **body: Any) -> Generator[Any, None, None]:
+        """POST /v1/chat/completions with stream=true: the `chat.completion.chunk` chunks."""
+        return self._stream("/v1/chat/completions", body)
+
     def close(self) -> None:
         self._http.close()
 
@@ -256,6 +307,33 @@ class AsyncClient(_Base):
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None, admin: bool = False) -> Any:
         return self._acall(method, path, body, admin)
+
+    async def _astream(self, path: str, body: dict[str, Any]) -> AsyncGenerator[Any, None]:
+        async with self._http.stream("POST", path, json={**body, "stream": True},
+                                     headers=self._headers(False)) as resp:
+            if resp.status_code >= 400:
+                await resp.aread()
+                self._decode(resp, path)
+            async for line in resp.aiter_lines():
+                event = _sse_event(line, path)
+                if event is _DONE:
+                    return
+                if event is not None:
+                    yield event
+
+    # ---- streaming: async generators; `await gen.aclose()` (or contextlib.aclosing) aborts early ----
+    def stream_generate(self, text: str | list[str] | None = None,
+                        input_ids: list[int] | list[list[int]] | None = None,
+                        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+                        **fields: Any) -> AsyncGenerator[Any, None]:
+        """As Client.stream_generate, iterated with `async for`."""
+        return self._astream("/generate", _generate_body(text, input_ids, sampling_params, fields))
+
+    def stream_completions(self, **body: Any) -> AsyncGenerator[Any, None]:
+        return self._astream("/v1/completions", body)
+
+    def stream_chat(self, **body: Any) -> AsyncGenerator[Any, None]:
+        return self._astream("/v1/chat/completions", body)
 
     async def aclose(self) -> None:
         await self._http.aclose()

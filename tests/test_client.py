@@ -60,3 +60,67 @@ def test_async_client(server):
             assert (await c.continue_generation())["success"]
             assert (await c.flush_cache())["success"]
     asyncio.run(main())
+
+
+GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+
+
+def test_stream_generate_matches_non_streaming(server):
+    with Client(server.url) as c:
+        whole = c.generate(input_ids=[1, 2, 3], sampling_params=GREEDY)
+        chunks = list(c.stream_generate(input_ids=[1, 2, 3], sampling_params=GREEDY))
+    assert len(chunks) > 1                                 # cumulative items, one per step (or merged steps)
+    assert chunks[-1]["text"] == whole["text"] and chunks[-1]["output_ids"] == whole["output_ids"]
+    assert all(ch["meta_info"]["finish_reason"] is None for ch in chunks[:-1])
+    assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "length"
+
+
+def test_stream_openai_matches_non_streaming(server):
+    with Client(server.url) as c:
+        body = {"model": "tiny-llama", "prompt": "hello there", "max_tokens": 10, "temperature": 0,
+                "ignore_eos": True}
+        whole = c.completions(**body)
+        chunks = list(c.stream_completions(**body))
+        assert "".join(ch["choices"][0]["text"] for ch in chunks if ch["choices"]) == whole["choices"][0]["text"]
+        assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"] == "length"
+
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0,
+                "ignore_eos": True}
+        whole = c.chat(**chat)
+        chunks = list(c.stream_chat(**chat))
+        content = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"])
+        assert content == whole["choices"][0]["message"]["content"]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_stream_errors_raise_server_error(server):
+    with Client(server.url) as c, pytest.raises(ServerError) as e:
+        next(c.stream_chat(messages=[{"role": "user", "content": "hi"}], max_tokens=-1))
+    assert e.value.status == 400
+
+
+def _idle(info: dict) -> bool:
+    return info["num_requests"] == 0 and info["frontend_in_flight"] == 0
+
+
+def test_stream_closed_early_aborts(server):
+    long = {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True}
+    with Client(server.url) as c:
+        gen = c.stream_generate(input_ids=[1, 2, 3], sampling_params=long)
+        first = next(gen)
+        assert first["meta_info"]["finish_reason"] is None
+        gen.close()
+        server.wait_until(_idle, "no requests after a closed stream", timeout=60)
+        assert len(c.generate(input_ids=[4, 5], sampling_params=GREEDY)["output_ids"]) == 12
+
+    async def main() -> None:
+        async with AsyncClient(server.url) as c:
+            agen = c.stream_chat(messages=[{"role": "user", "content": "hi"}], max_tokens=400, ignore_eos=True)
+            async for chunk in agen:
+                assert chunk["object"] == "chat.completion.chunk"
+                break
+            await agen.aclose()
+            await asyncio.to_thread(server.wait_until, _idle, "no requests after a closed async stream", 60)
+            chunks = [ch async for ch in c.stream_completions(prompt="a", max_tokens=3, temperature=0)]
+            assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+    asyncio.run(main())
