@@ -93,10 +93,9 @@ def read_checkpoint(engine: LifecycleHost, model_path: str, load_format: str | N
         raise ValueError(f"cannot load weights from {model_path!r}: {e}") from e
     if source.model_dir is None or source.load_format != "safetensors":
         raise ValueError(f"{model_path!r} has no weights on disk (a preset); pass a checkpoint directory or .gguf file")
-    tied = engine.model_config.tie_word_embeddings
     try:
         pairs = [(name, tensor) for name, tensor in iter_safetensors(Path(source.model_dir))
-                 if not name.endswith("rotary_emb.inv_freq") and not (tied and name == "lm_head.weight")]
+                 if not engine.model.ignores_checkpoint_tensor(name)]
     except (OSError, RuntimeError) as e:     # a truncated or corrupt file
         raise ValueError(f"cannot read the tensors of {model_path!r}: {e}") from e
     validate(engine, pairs)

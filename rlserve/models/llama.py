@@ -162,14 +162,17 @@ class LlamaForCausalLM(nn.Module):
         logits = self.lm_head(hidden)
         return logits.float() if float32 else logits
 
+    def ignores_checkpoint_tensor(self, name: str) -> bool:
+        """Checkpoint tensors the model has no place for and skips: rotary tables (computed here) and a
+        tied lm_head (the embedding serves as both)."""
+        return name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.config.tie_word_embeddings)
+
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters(remove_duplicate=False))
         missing = set(params)
         for name, tensor in weights:
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            if self.ignores_checkpoint_tensor(name):
                 continue
             if name not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {self.config.architecture}")
