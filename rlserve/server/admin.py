@@ -110,14 +110,19 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bearer_matches(headers: dict[bytes, bytes], key: str) -> bool:
+    """Whether the request carries 'Authorization: Bearer <key>' (compared in constant time)."""
+    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
 def admin_denial(args: ServerArgs, headers: dict[bytes, bytes]) -> Response | None:
     """Why an admin route is refused (a response to send), or None when it may proceed. With
     --admin-api-key, the admin key is required (and suffices: it stands in for --api-key there); without
     one, only a server bound to loopback serves admin routes."""
     key = args.admin_api_key
     if key:
-        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
+        if bearer_matches(headers, key):
             return None
         return error_response(401, "this admin route needs the admin key: send 'Authorization: Bearer "
                                    "<admin key>'", code="invalid_admin_api_key")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import hmac
 import logging
 import math
 import os
@@ -21,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rlserve.server import protocol as P
-from rlserve.server.admin import ADMIN_PATHS, add_admin_routes, admin_denial
+from rlserve.server.admin import ADMIN_PATHS, add_admin_routes, admin_denial, bearer_matches
 from rlserve.server.errors import APIError, error_response
 from rlserve.server.fast_json import FastJSONRoute
 from rlserve.server.frontend import EngineClient, EngineDeadError, RequestFailed
@@ -57,10 +56,7 @@ class Guard:
                 return await _send(send, denied)
         # On an admin route the admin key, when set, was checked above and stands in for the API key.
         if state.args.api_key and path not in OPEN_PATHS and not (admin and state.args.admin_api_key):
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                     state.args.api_key.encode()):
+            if not bearer_matches(headers, state.args.api_key):
                 await _drain_body(receive)
                 return await _send(send, error_response(401, "invalid or missing API key: send "
                                                         "'Authorization: Bearer <key>'", code="invalid_api_key"))
