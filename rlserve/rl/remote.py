@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import torch
 from rlserve.client import Client, ServerError
 from rlserve.config import EngineConfig
 from rlserve.llm import LLM
+from rlserve.net import free_port
 from rlserve.rl.batch import Rollout, pad
 from rlserve.rl.config import RolloutSection
 from rlserve.rl.rewards import RewardFn, score_batch
@@ -36,12 +36,6 @@ STOP_TIMEOUT_S = 60.0
 GROUP_GRACE_S = 10.0
 # What a rollout constraint may hold: the native route's structured-output fields.
 CONSTRAINT_KEYS = ("regex", "json_schema", "ebnf")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def engine_flags(config: EngineConfig) -> list[str]:
@@ -67,7 +61,7 @@ class LaunchedServer:
     process it starts goes with it)."""
 
     def __init__(self, config: EngineConfig, log_path: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         cmd = [sys.executable, "-m", "rlserve.server", "--host", "127.0.0.1", "--port", str(self.port),

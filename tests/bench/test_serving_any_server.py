@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -15,6 +14,7 @@ import pytest
 
 from rlserve.bench.serving_workload import random_requests
 from rlserve.cli import main
+from rlserve.net import free_port
 
 uvicorn = pytest.importorskip("uvicorn")
 fastapi = pytest.importorskip("fastapi")
@@ -69,9 +69,7 @@ class StubServer:
     def __init__(self) -> None:
         self.seen: list[dict] = []                        # every completion request's body
         self.answered: list[tuple[str, int]] = []         # (path, status) of every request
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         config = uvicorn.Config(stub_app(self.seen, self.answered), host="127.0.0.1", port=port,
                                 log_level="warning")

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from rlserve.client import Client, ServerError
+from rlserve.net import free_port
 from tests.conftest import hf_greedy
-from tests.server.conftest import TINY_ARGS, free_port
+from tests.server.conftest import TINY_ARGS
 
 ADMIN = "admin-secret"
 PROMPT = [1, 422, 3459, 314, 4915, 28, 5230]

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from weight_sync_workers import dying_sender, free_port, make_pairs, receiver, stalling_sender
+from weight_sync_workers import dying_sender, make_pairs, receiver, stalling_sender
 
+from rlserve.net import free_port
 from rlserve.weight_sync import (
     WeightSender,
     WeightSyncError,

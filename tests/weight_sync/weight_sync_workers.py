@@ -3,17 +3,10 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 from typing import Any
 
 import torch
 import torch.distributed as dist
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_pairs(seed: int) -> list[tuple[str, torch.Tensor]]:
