@@ -91,6 +91,11 @@ def engine_options() -> list[tuple[str, type, Any]]:
     return out
 
 
+def flag_name(name: str) -> str:
+    """The command-line flag of an engine option."""
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
 def add_engine_args(parser: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None) -> None:
     """Add a flag for every engine option. `defaults` replaces the config's default of some options for
     this command (a server limits its waiting queue): those flags always pass their value on."""
@@ -101,7 +106,7 @@ def add_engine_args(parser: argparse.ArgumentParser, defaults: Mapping[str, Any]
     g = parser.add_argument_group("engine", "the options of rlserve.config.EngineConfig")
     for name, kind, default in engine_options():
         default = defaults.get(name, default)
-        flags = [FLAG_NAMES.get(name, "--" + name.replace("_", "-")), *EXTRA_NAMES.get(name, ())]
+        flags = [flag_name(name), *EXTRA_NAMES.get(name, ())]
         shown = default.value if isinstance(default, Enum) else default
         text = f"{option_help(name)} (default: {shown})".replace("%", "%%")
         common: dict[str, Any] = dict(dest=DEST_PREFIX + name, action=_SetOption, help=text,
@@ -114,7 +119,7 @@ def add_engine_args(parser: argparse.ArgumentParser, defaults: Mapping[str, Any]
             g.add_argument(*flags, type=VALUE_PARSERS.get(name, kind), metavar=name.split("_")[-1].upper(),
                            **common)
     for flag, (name, value) in LEGACY_FLAGS.items():
-        new = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        new = flag_name(name)
         same = (new if value else "--no-" + new.removeprefix("--")) if isinstance(value, bool) else f"{new} {value}"
         g.add_argument(flag, dest=DEST_PREFIX + name, action=_SetOption, nargs=0, const=value,
                        help=f"same as {same}")
@@ -136,6 +141,23 @@ def engine_config_from_args(args: argparse.Namespace, base: EngineConfig | None 
         if option in FLAG_NAMES:
             raise ValueError(f"{FLAG_NAMES[option]}: {e}") from None
         raise
+
+
+def engine_flags(config: EngineConfig) -> list[str]:
+    """The command line that gives `config` (the inverse of parse_engine_args): a flag for every option
+    that differs from the default."""
+    default, given = EngineConfig().to_options(), config.to_options()
+    flags: list[str] = []
+    for name, kind, _ in engine_options():
+        value = given[name]
+        if value == default[name] or value is None:
+            continue
+        flag = flag_name(name)
+        if kind is bool:
+            flags.append(flag if value else "--no-" + flag.removeprefix("--"))
+        else:
+            flags += [flag, str(value)]
+    return flags
 
 
 def parse_engine_args(argv: Sequence[str], defaults: Mapping[str, Any] | None = None) -> EngineConfig:

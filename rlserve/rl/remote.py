@@ -25,6 +25,7 @@ import torch
 
 from rlserve.client import Client, ServerError
 from rlserve.config import EngineConfig
+from rlserve.config_args import engine_flags
 from rlserve.llm import LLM
 from rlserve.net import free_port
 from rlserve.rl.batch import Rollout, pad
@@ -36,24 +37,6 @@ STOP_TIMEOUT_S = 60.0
 GROUP_GRACE_S = 10.0
 # What a rollout constraint may hold: the native route's structured-output fields.
 CONSTRAINT_KEYS = ("regex", "json_schema", "ebnf")
-
-
-def engine_flags(config: EngineConfig) -> list[str]:
-    """The server command line for `config`: a flag for every option that differs from the default."""
-    from rlserve.config_args import FLAG_NAMES, engine_options
-
-    default, given = EngineConfig().to_options(), config.to_options()
-    flags: list[str] = []
-    for name, kind, _ in engine_options():
-        value = given[name]
-        if value == default[name] or value is None:
-            continue
-        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
-        if kind is bool:
-            flags.append(flag if value else "--no-" + flag.removeprefix("--"))
-        else:
-            flags += [flag, str(value)]
-    return flags
 
 
 class LaunchedServer:

@@ -10,8 +10,9 @@ import pytest
 import torch
 from rl_toy import share_of_a, toy_config, toy_prompts, toy_train
 
+from rlserve.config_args import engine_flags
 from rlserve.rl import remote as remote_mod
-from rlserve.rl.remote import LaunchedServer, RemoteRollout, engine_flags
+from rlserve.rl.remote import LaunchedServer, RemoteRollout
 from rlserve.rl.rollout import encode_prompt, generate_rollout
 from rlserve.rl.train import setup
 
