@@ -257,6 +257,8 @@ class EngineConfig:
     cuda_graph: bool = _opt(True, "capture decode steps in CUDA graphs (eager when off)")
     cuda_graph_max_bs: int | None = _opt(None, "largest decode batch captured in a CUDA graph; "
                                                "None: max_running_requests")
+    memory_saver: Switch = _opt(Switch.AUTO, "release weights and KV (release_memory) through torch-memory-saver, "
+                                             "keeping addresses and CUDA graphs; auto: on CUDA when installed")
     compile: Elementwise = _opt(Elementwise.AUTO, "how norms, rotary and the gated activation run: triton "
                                 "kernels, inductor (torch.compile) or eager torch ops; auto: triton on CUDA with "
                                 "Triton, inductor on CUDA without, eager on a CPU")
@@ -290,6 +292,8 @@ class EngineConfig:
                                                  {True: Elementwise.INDUCTOR, False: Elementwise.EAGER}))
         set_(self, "overlap_schedule", Switch.coerce(self.overlap_schedule, "overlap_schedule",
                                                      {True: Switch.ON, False: Switch.OFF}))
+        set_(self, "memory_saver", Switch.coerce(self.memory_saver, "memory_saver",
+                                                 {True: Switch.ON, False: Switch.OFF}))
         set_(self, "dtype", DType.coerce(self.dtype, "dtype", _DTYPE_ALIASES))
         set_(self, "load_format", LoadFormat.coerce(self.load_format, "load_format"))
         set_(self, "attention_backend", AttentionBackend.coerce(self.attention_backend, "attention_backend"))

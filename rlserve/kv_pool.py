@@ -85,6 +85,11 @@ class KVPool:
             for i, old in enumerate(scales):
                 scales[i] = self._new_scales(old.device) if resident else torch.zeros(0, device=old.device)
 
+    def zero_(self) -> None:
+        """Zero every buffer and scale in place (pages mapped again after a release hold garbage)."""
+        for t in [*self.k_buffers, *self.v_buffers, *(self.k_scales or []), *(self.v_scales or [])]:
+            t.zero_()
+
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         element = torch.empty((), dtype=dtype).element_size()

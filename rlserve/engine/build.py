@@ -22,6 +22,7 @@ from rlserve.config import (
 )
 from rlserve.engine.cache import RadixCache, ReqToTokenPool, TokenAllocator
 from rlserve.engine.memory import RequestMemory
+from rlserve.engine.memory_saver import MemorySaver, move_weights_into
 from rlserve.engine.runner import ModelRunner
 from rlserve.kv_pool import FP8_DTYPE, KVPool
 from rlserve.layers.attention import create_backend
@@ -97,7 +98,7 @@ def max_model_len(asked: int | None, cfg: ModelConfig) -> int:
 
 
 def build_model(cfg: ModelConfig, source: ModelSource, device: torch.device, dtype: torch.dtype,
-                kernels: Kernels, config: EngineConfig) -> LlamaForCausalLM:
+                kernels: Kernels, config: EngineConfig, saver: MemorySaver) -> LlamaForCausalLM:
     torch.manual_seed(config.seed)
     with torch.device(device):
         model = LlamaForCausalLM(cfg, kernels)
@@ -109,7 +110,7 @@ def build_model(cfg: ModelConfig, source: ModelSource, device: torch.device, dty
         model.load_weights(iter_safetensors(source.model_dir))
     model = model.to(dtype).eval()
     model.fp32_logits = config.fp32_logits
-    model.stack_projections()
+    move_weights_into(saver, model)          # stacks the projections, inside the saver's region if any
     return model
 
 
@@ -146,6 +147,7 @@ class EngineParts:
     scheduler: SchedulerConfig          # with its defaults for this device filled in
     overlap: bool
     grammar_helpers: int
+    memory_saver: MemorySaver           # releases weights and KV at fixed addresses where it can
 
 
 def build(config: EngineConfig) -> EngineParts:
@@ -156,7 +158,8 @@ def build(config: EngineConfig) -> EngineParts:
     tokenizer = load_tokenizer(config.tokenizer or source.tokenizer_dir)
     kernels = Kernels.for_mode(resolve_elementwise(config.compile, device))
     max_len = max_model_len(config.max_model_len, cfg)
-    model = build_model(cfg, source, device, dtype, kernels, config)
+    saver = MemorySaver(config.memory_saver, device)
+    model = build_model(cfg, source, device, dtype, kernels, config, saver)
     eos_ids = set(cfg.eos_token_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
@@ -164,7 +167,8 @@ def build(config: EngineConfig) -> EngineParts:
     kv_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype)
     num_tokens = kv_budget_tokens(config.cache, cfg, kv_dtype, device)
     allocator = TokenAllocator(num_tokens, device)
-    kv_pool = KVPool(cfg.num_layers, num_tokens + 1, cfg.num_kv_heads, cfg.head_dim, kv_dtype, device)
+    with saver.region("kv_cache"):
+        kv_pool = KVPool(cfg.num_layers, num_tokens + 1, cfg.num_kv_heads, cfg.head_dim, kv_dtype, device)
     table = ReqToTokenPool(config.scheduler.max_running_requests + 3, max_len + 1, device)
     pad_row = table.alloc()
     assert pad_row is not None
@@ -175,7 +179,7 @@ def build(config: EngineConfig) -> EngineParts:
     overlap = overlap_enabled(config.overlap_schedule, device)
     return EngineParts(device, dtype, kv_dtype, cfg, tokenizer, max_len, eos_ids, model, allocator, kv_pool, table,
                        pad_row, tree, memory, runner, scheduler_config(config.scheduler, device), overlap,
-                       grammar_helper_count(config.grammar_helpers, overlap))
+                       grammar_helper_count(config.grammar_helpers, overlap), saver)
 
 
 def build_runner(config: EngineConfig, model: LlamaForCausalLM, table: ReqToTokenPool, pad_row: int,

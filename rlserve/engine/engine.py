@@ -42,6 +42,7 @@ class Engine:
         self.max_model_len, self.eos_ids, self.overlap = parts.max_model_len, parts.eos_ids, parts.overlap
         self.allocator, self.kv_pool, self.table = parts.allocator, parts.kv_pool, parts.table
         self.pad_row, self.tree, self.memory = parts.pad_row, parts.tree, parts.memory
+        self.memory_saver = parts.memory_saver
         self.runner: ModelRunner | ReleasedRunner = parts.runner
         self.weight_version = "default"
         self.scheduler = Scheduler(parts.scheduler, self.memory)
@@ -97,7 +98,8 @@ class Engine:
             req = Request(rid=rid if params.n == 1 else f"{rid}-{i}", group=rid, index=i,
                           prompt_ids=prompt_ids, params=params, max_new_tokens=max_new,
                           arrival=next(self._arrival), generator=gen, detokenizer=detok, prompt=prompt,
-                          logprobs=[] if params.logprobs is not None else None)
+                          logprobs=[] if params.logprobs is not None else None,
+                          weight_version_spans=((0, self.weight_version),))
             if compiled is not None:
                 self.grammar.register(req, compiled)
             group.reqs.append(req)

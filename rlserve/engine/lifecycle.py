@@ -5,13 +5,15 @@ Each operation needs an idle engine (no request unfinished; an overlapped step s
 first; weight updates also take a paused one) and says what it leaves behind. They reach the engine only through `LifecycleHost`, the part of
 Engine they use; none of them runs inside the step loop.
 
-Colocated RL: between rollouts the trainer takes back the memory the engine holds. Releasing the KV
-cache frees the pool's storage; releasing the weights moves each parameter's data to pinned host memory
-(param.data swap, so modules, parameters and optimizer state keep their identity). Both change device
-addresses, and captured CUDA graphs bake addresses in: release drops the graphs (their private memory
-pool goes too) and resume captures them again once KV and weights are both back. Keeping addresses fixed
-instead would mean remapping physical pages under reserved virtual addresses (the CUDA VMM API), which
-torch's allocator doesn't offer; re-capture is simple and exact.
+Colocated RL: between rollouts the trainer takes back the memory the engine holds. On CUDA with
+torch-memory-saver installed (memory_saver.py) the weights and the KV pool live in regions whose physical
+pages are unmapped on release and mapped again, at the same addresses, on resume (the weights from a host
+backup): tensors and captured CUDA graphs stay valid, nothing is captured again. Otherwise the engine
+does it its own way: releasing the KV cache frees the pool's storage; releasing the weights moves each
+parameter's data to pinned host memory (param.data swap, so modules, parameters and optimizer state
+keep their identity). Both change device addresses, and captured CUDA graphs bake addresses in: release
+drops the graphs (their private memory pool goes too) and resume captures them again once KV and
+weights are both back.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import NoReturn, Protocol
 import torch
 
 from rlserve.config import EngineConfig, ModelConfig
+from rlserve.engine.memory_saver import MemorySaver
 from rlserve.engine.pause import settle
 from rlserve.engine.runner import ModelRunner
 from rlserve.engine.status import EngineStatus
@@ -68,6 +71,7 @@ class LifecycleHost(Protocol):
     groups: dict[str, Group]
     pause_mode: str | None
     pending_outputs: dict[str, RequestOutput]
+    memory_saver: MemorySaver
 
     @property
     def in_flight(self) -> bool: ...
@@ -111,28 +115,40 @@ def release_memory(engine: LifecycleHost, tags: str | Iterable[str] = MEMORY_TAG
     """Free the KV pool ("kv_cache") and/or move the weights to host memory ("weights").
 
     Needs: an idle engine. Releasing a tag twice is a no-op.
-    Leaves: CUDA graphs dropped; for "kv_cache" the pool's storage freed and the prefix cache emptied;
+    Leaves, with the memory saver: the tags' pages unmapped (the weights backed up on the host), every
+    address and CUDA graph kept. Without it: CUDA graphs dropped; for "kv_cache" the pool's storage freed;
     for "weights" each parameter empty (its data in pinned host memory; the stacked projections dropped).
+    Either way "kv_cache" empties the prefix cache.
     Generating raises until resume_memory brings every tag back."""
     wanted = memory_tags(tags)
     require_idle(engine, "release_memory")
+    saver = engine.memory_saver
     if not isinstance(engine.runner, ReleasedRunner):
         runner = engine.runner
-        graphs, runner.graphs = runner.graphs, None
-        engine.runner = ReleasedRunner(runner, set(), graphs.max_bs if graphs is not None else None)
+        graphs = runner.graphs
+        if not saver.enabled:             # graphs read the buffers about to move: capture them again later
+            runner.graphs = None
+        max_bs = None if saver.enabled or graphs is None else graphs.max_bs
+        engine.runner = ReleasedRunner(runner, set(), max_bs)
     state = engine.runner
     if "kv_cache" in wanted - state.tags:
         if not engine.flush_cache():
             raise RuntimeError("the prefix cache is still in use; cannot release the KV cache")
-        engine.kv_pool.set_resident(False)
+        if saver.enabled:
+            saver.pause("kv_cache")
+        else:
+            engine.kv_pool.set_resident(False)
         state.tags.add("kv_cache")
     if "weights" in wanted - state.tags:
-        state.host_weights = [(p, _to_host(p.data)) for p in engine.model.parameters()]
-        engine.model.unstack_projections()    # the stacked q/k/v and gate/up tensors own their storage
-        for p in engine.model.parameters():   # tied weights are one parameter, listed once
-            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        if saver.enabled:
+            saver.pause("weights")        # backed up on the host by the library
+        else:
+            state.host_weights = [(p, _to_host(p.data)) for p in engine.model.parameters()]
+            engine.model.unstack_projections()    # the stacked q/k/v and gate/up tensors own their storage
+            for p in engine.model.parameters():   # tied weights are one parameter, listed once
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
         state.tags.add("weights")
-    if engine.device.type == "cuda":
+    if engine.device.type == "cuda" and not saver.enabled:
         # cuBLAS keeps a workspace per stream it ran on, and each capture runs on a new side stream:
         # without clearing, every release/resume cycle would strand one workspace (32 MiB on H100).
         torch._C._cuda_clearCublasWorkspaces()
@@ -144,21 +160,30 @@ def resume_memory(engine: LifecycleHost, tags: str | Iterable[str] = MEMORY_TAGS
 
     Leaves: for "weights" the same Parameter objects holding their old values (stacked again); for
     "kv_cache" a pool of the same shapes, zeroed, and an empty prefix cache. Once nothing is released,
-    the real runner is back, CUDA graphs captured again, and generation works as before."""
+    the real runner is back (its CUDA graphs kept by the memory saver, else captured again) and
+    generation works as before."""
     wanted = memory_tags(tags)
     state = engine.runner
     if not isinstance(state, ReleasedRunner):
         return
+    saver = engine.memory_saver
     if "weights" in wanted & state.tags:
-        for p, host in state.host_weights:
-            p.data = host.to(engine.device, non_blocking=True)
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize(engine.device)   # the pinned copies must land before they're freed
-        engine.model.stack_projections()            # the copies above gave each weight its own storage
-        state.host_weights = []
+        if saver.enabled:
+            saver.resume("weights")                 # the same addresses, the old values
+        else:
+            for p, host in state.host_weights:
+                p.data = host.to(engine.device, non_blocking=True)
+            if engine.device.type == "cuda":
+                torch.cuda.synchronize(engine.device)   # the pinned copies must land before they're freed
+            engine.model.stack_projections()        # the copies above gave each weight its own storage
+            state.host_weights = []
         state.tags.discard("weights")
     if "kv_cache" in wanted & state.tags:
-        engine.kv_pool.set_resident(True)
+        if saver.enabled:
+            saver.resume("kv_cache")
+            engine.kv_pool.zero_()                  # fresh pages: zeroed, as a pool allocated anew
+        else:
+            engine.kv_pool.set_resident(True)
         state.tags.discard("kv_cache")
     if not state.tags:
         engine.runner = state.runner
