@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
-from rlserve.config import EngineConfig
+from rlserve.config import EngineConfig, Switch
 from rlserve.engine.engine import Engine
 from rlserve.outputs import RequestOutput
 from rlserve.sampling import SamplingParams
@@ -25,6 +25,10 @@ class LLM:
         if model is not None:
             options["model"] = model
         self.config = (config or EngineConfig()).with_options(**options)
+        if self.config.memory_saver is Switch.AUTO:
+            # In process, the weights are often the trainer's own tensors, pushed to servers as CUDA IPC
+            # handles, which memory-saver regions cannot give out. Servers take the saver by default.
+            self.config = self.config.with_options(memory_saver=Switch.OFF)
         self.engine = Engine(self.config)
 
     def get_tokenizer(self):
