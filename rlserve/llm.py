@@ -25,11 +25,12 @@ class LLM:
         if model is not None:
             options["model"] = model
         self.config = (config or EngineConfig()).with_options(**options)
-        if self.config.memory_saver is Switch.AUTO:
+        engine_config = self.config
+        if engine_config.memory_saver is Switch.AUTO:
             # In process, the weights are often the trainer's own tensors, pushed to servers as CUDA IPC
             # handles, which memory-saver regions cannot give out. Servers take the saver by default.
-            self.config = self.config.with_options(memory_saver=Switch.OFF)
-        self.engine = Engine(self.config)
+            engine_config = engine_config.with_options(memory_saver=Switch.OFF)
+        self.engine = Engine(engine_config)
 
     def get_tokenizer(self):
         return self.engine.tokenizer
