@@ -258,8 +258,9 @@ class EngineConfig:
     cuda_graph_max_bs: int | None = _opt(None, "largest decode batch captured in a CUDA graph; "
                                                "None: max_running_requests")
     memory_saver: Switch = _opt(Switch.AUTO, "release weights and KV (release_memory) through torch-memory-saver, "
-                                             "keeping addresses and CUDA graphs; auto: on CUDA when installed, "
-                                             "in a server (off for the in-process LLM)")
+                                             "keeping addresses and CUDA graphs; auto: on CUDA when installed. Its regions "
+                                             "cannot be shared as CUDA IPC handles: turn it off where the engine's "
+                                             "weights are pushed to other processes")
     compile: Elementwise = _opt(Elementwise.AUTO, "how norms, rotary and the gated activation run: triton "
                                 "kernels, inductor (torch.compile) or eager torch ops; auto: triton on CUDA with "
                                 "Triton, inductor on CUDA without, eager on a CPU")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
-from rlserve.config import EngineConfig, Switch
+from rlserve.config import EngineConfig
 from rlserve.engine.engine import Engine
 from rlserve.outputs import RequestOutput
 from rlserve.sampling import SamplingParams
@@ -25,12 +25,7 @@ class LLM:
         if model is not None:
             options["model"] = model
         self.config = (config or EngineConfig()).with_options(**options)
-        engine_config = self.config
-        if engine_config.memory_saver is Switch.AUTO:
-            # In process, the weights are often the trainer's own tensors, pushed to servers as CUDA IPC
-            # handles, which memory-saver regions cannot give out. Servers take the saver by default.
-            engine_config = engine_config.with_options(memory_saver=Switch.OFF)
-        self.engine = Engine(engine_config)
+        self.engine = Engine(self.config)
 
     def get_tokenizer(self):
         return self.engine.tokenizer
