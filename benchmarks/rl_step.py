@@ -10,6 +10,10 @@ benchmark times the compute, which doesn't depend on what the reward says. Step 
 costs (kernels compiled and autotuned on first use, the optimizer's state allocated), so the summary is
 the median of the later steps.
 
+`--override rollout.backend=server` times server mode instead: the trainer launches a server with the
+same engine options and pushes its weights to it before every rollout (`push_s`: pause, weights through
+CUDA IPC, continue).
+
 Weight sync is measured twice after training: the colocated path the loop uses (the engine serves the
 trainer's module, so a sync is only a prefix-cache flush) and `Engine.update_weights` from a second copy
 of the weights on the same device (what a trainer holding its own copy would call), per GB of weights.
@@ -32,7 +36,8 @@ from rlserve.bench.offline import sync_device
 from rlserve.rl.config import load_config
 from rlserve.rl.prompts import PromptStream
 
-PHASES = ("rollout_s", "logprob_s", "update_s", "sync_s", "total_s")
+# sync_s: colocated mode's weight sync; push_s: server mode's pause → weights → continue.
+PHASES = ("rollout_s", "logprob_s", "update_s", "sync_s", "push_s", "total_s")
 
 
 def _random_prompts(n: int, length: int, vocab: int, seed: int) -> list[dict[str, Any]]:
