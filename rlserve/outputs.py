@@ -15,6 +15,9 @@ class CompletionOutput:
     logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None        # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None    # the stop string or token id that ended it
+    # (first token index, weight version) per run of token_ids sampled under one weight version, starts
+    # ascending from 0: ((0, "v1"), (5, "v2")) means tokens 0..4 came from "v1" and 5.. from "v2".
+    weight_version_spans: tuple[tuple[int, str], ...] = ()
 
     @property
     def finished(self) -> bool:

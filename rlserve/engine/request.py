@@ -35,6 +35,10 @@ class Request:
     admitted_once: bool = False
     chunk_len: int = 0                        # tokens being prefilled in the current step
     decode_row: Any = None                    # its SampleRow for overlapped decode steps, made once
+    # (first output token index, weight version) for each run of output tokens sampled under one version,
+    # starts ascending from 0. A tuple replaced (never mutated) on change: an output can share it, and a
+    # changed one is told apart by identity.
+    weight_version_spans: tuple[tuple[int, str], ...] = ()
 
     @property
     def fill_ids(self) -> list[int]:
@@ -57,3 +61,13 @@ class Request:
 
     def remaining_new_tokens(self) -> int:
         return max(self.max_new_tokens - len(self.output_ids), 0)
+
+    def note_weight_version(self, version: str) -> None:
+        """The tokens sampled from now on are `version`'s: a span starts at the next output token. A span
+        that holds no token yet is replaced, and one that would repeat the previous version is not opened."""
+        spans, at = self.weight_version_spans, len(self.output_ids)
+        if spans and spans[-1][0] == at:
+            spans = spans[:-1]
+        if not spans or spans[-1][1] != version:
+            spans = (*spans, (at, version))
+        self.weight_version_spans = spans

@@ -42,7 +42,8 @@ def output_of(group: Group, copy: bool) -> RequestOutput:
     comps = [CompletionOutput(index=r.index, text=r.detokenizer.text if r.detokenizer else "",
                               token_ids=list(r.output_ids) if copy else r.output_ids,
                               logprobs=(list(r.logprobs) if copy else r.logprobs) if r.logprobs is not None else None,
-                              finish_reason=r.finish_reason, stop_reason=r.stop_reason)
+                              finish_reason=r.finish_reason, stop_reason=r.stop_reason,
+                              weight_version_spans=r.weight_version_spans)
              for r in group.reqs]
     first = group.reqs[0]
     return RequestOutput(request_id=group.rid, prompt=group.prompt, prompt_token_ids=group.prompt_ids,

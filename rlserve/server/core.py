@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rlserve.core")
 IDLE_POLL_MS = 200
+# What has gone to the front end of one sequence: tokens, characters of text, its weight-version spans.
+Sent = tuple[int, int, tuple[tuple[int, str], ...] | None]
+NOTHING_SENT: Sent = (0, 0, None)
 
 
 class EngineLoop:
@@ -36,8 +39,8 @@ class EngineLoop:
         self.engine = engine
         engine.snapshot_outputs = False     # _delta slices each output at once and keeps nothing
         self.push = push
-        # rid → per-sequence (tokens sent, characters of text sent)
-        self.sent: dict[str, list[tuple[int, int]]] = {}
+        # rid → per-sequence (tokens sent, characters of text sent, weight-version spans sent)
+        self.sent: dict[str, list[Sent]] = {}
         self.stopped = False
         # Host seconds of the loop's parts, for /get_server_info: engine steps, turning their outputs
         # into deltas, and encoding and sending them.
@@ -75,7 +78,7 @@ class EngineLoop:
             return [ipc.Update(cmd.rid, [], finished=True, status=400, error=str(e))]
         except RuntimeError as e:           # the engine's memory is released: not the request's fault
             return [ipc.Update(cmd.rid, [], finished=True, status=503, error=str(e))]
-        self.sent[cmd.rid] = [(0, 0)] * params.n
+        self.sent[cmd.rid] = [NOTHING_SENT] * params.n
         return []
 
     def _query(self, what: str) -> dict[str, Any]:
@@ -103,14 +106,17 @@ class EngineLoop:
 
     # ---- outputs ----
     def _delta(self, out: RequestOutput) -> ipc.Update:
-        sent = self.sent.get(out.request_id) or [(0, 0)] * len(out.outputs)
+        sent = self.sent.get(out.request_id) or [NOTHING_SENT] * len(out.outputs)
         seqs: list[ipc.SeqDelta] = []
-        now: list[tuple[int, int]] = []
-        for comp, (n_tok, n_txt) in zip(out.outputs, sent):
+        now: list[Sent] = []
+        for comp, (n_tok, n_txt, spans_sent) in zip(out.outputs, sent):
             lps = comp.logprobs[n_tok:] if comp.logprobs is not None else None
+            spans = comp.weight_version_spans
+            # Spans are replaced, never mutated, when they change: identity tells whether to send them.
             seqs.append(ipc.SeqDelta(comp.index, comp.text[n_txt:], comp.token_ids[n_tok:], lps,
-                                     comp.finish_reason, comp.stop_reason))
-            now.append((len(comp.token_ids), len(comp.text)))
+                                     comp.finish_reason, comp.stop_reason,
+                                     None if spans is spans_sent else list(spans)))
+            now.append((len(comp.token_ids), len(comp.text), spans))
         upd = ipc.Update(out.request_id, seqs, len(out.prompt_token_ids), out.cached_tokens, out.finished)
         if out.finished:
             self.sent.pop(out.request_id, None)

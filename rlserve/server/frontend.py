@@ -51,6 +51,7 @@ class SeqState:
     logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    weight_version_spans: list[tuple[int, str]] = field(default_factory=list)
 
     def apply(self, d: ipc.SeqDelta) -> None:
         self.text += d.text
@@ -58,6 +59,8 @@ class SeqState:
         if d.logprobs is not None:
             self.logprobs = (self.logprobs or []) + d.logprobs
         self.finish_reason, self.stop_reason = d.finish_reason, d.stop_reason
+        if d.weight_version_spans is not None:
+            self.weight_version_spans = d.weight_version_spans
 
 
 @dataclass
@@ -91,15 +94,18 @@ def merge_updates(updates: list[ipc.Update]) -> ipc.Update:
     ids: dict[int, list[int]] = {}
     lps: dict[int, list[dict[int, float]]] = {}
     last: dict[int, ipc.SeqDelta] = {}
+    spans: dict[int, list[tuple[int, str]]] = {}
     for u in updates:
         for d in u.seqs:
             texts.setdefault(d.index, []).append(d.text)
             ids.setdefault(d.index, []).extend(d.token_ids)
             if d.logprobs is not None:
                 lps.setdefault(d.index, []).extend(d.logprobs)
+            if d.weight_version_spans is not None:
+                spans[d.index] = d.weight_version_spans
             last[d.index] = d
-    seqs = [ipc.SeqDelta(i, "".join(texts[i]), ids[i], lps.get(i), last[i].finish_reason, last[i].stop_reason)
-            for i in sorted(last)]
+    seqs = [ipc.SeqDelta(i, "".join(texts[i]), ids[i], lps.get(i), last[i].finish_reason, last[i].stop_reason,
+                         spans.get(i)) for i in sorted(last)]
     a, b = updates[0], updates[-1]
     prompt_logprobs = next((u.prompt_logprobs for u in reversed(updates) if u.prompt_logprobs is not None), None)
     return ipc.Update(b.rid, seqs, b.prompt_tokens or a.prompt_tokens, b.cached_tokens or a.cached_tokens,

@@ -50,6 +50,9 @@ class SeqDelta(msgspec.Struct, array_like=True, gc=False):
     logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # The sequence's whole weight_version_spans (see CompletionOutput) when they changed since its last
+    # delta (always in its first); None when unchanged.
+    weight_version_spans: list[tuple[int, str]] | None = None
 
 
 class Update(msgspec.Struct, array_like=True, gc=False):

@@ -27,6 +27,12 @@ def native_params(sp: NativeSamplingParams, logprobs: int | None) -> dict[str, A
     })
 
 
+def version_spans(seq: SeqState, current: str) -> list[list[Any]]:
+    """[[first output token index, weight version], ...]: each run of the sequence's tokens sampled under one
+    weight version (a sequence with no word from the engine yet reports the version being served)."""
+    return [[start, version] for start, version in seq.weight_version_spans] or [[0, current]]
+
+
 class NativeServing:
     def __init__(self, state: ServerState) -> None:
         self.state = state
@@ -78,8 +84,9 @@ class NativeServing:
             "cached_tokens": res.cached_tokens, "finish_reason": finish,
             "e2e_latency": time.monotonic() - res.start_time,
             # The version being served when this item was written (a request spanning an update reports
-            # the newer one).
+            # the newer one); the spans say which version sampled which of its tokens.
             "weight_version": self.client.weight_version,
+            "weight_version_spans": version_spans(seq, self.client.weight_version),
         }
         if return_logprob:
             lps = seq.logprobs or []

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from rlserve.server import ipc, tools
 from rlserve.server.errors import APIError, error_body
 from rlserve.server.frontend import EngineDeadError, RequestFailed, RequestResult, SeqState, Tagged
+from rlserve.server.native import version_spans
 from rlserve.server.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
 from rlserve.server.state import ServerState, finite, new_id, validated
 from rlserve.server.streams import SSE_DONE, gather_or_cancel, merge, sse, until_disconnect
@@ -225,7 +226,8 @@ class OpenAIServing:
                         echo = self._echo_logprobs(res, req.logprobs)
                         logprobs = {key: echo[key] + logprobs[key] for key in logprobs}
                 choices.append({"index": i * prep.n + j, "text": text_prefix + seq.text, "logprobs": logprobs,
-                                "finish_reason": seq.finish_reason, "stop_reason": seq.stop_reason})
+                                "finish_reason": seq.finish_reason, "stop_reason": seq.stop_reason,
+                                "weight_version_spans": version_spans(seq, self.client.weight_version)})
         return JSONResponse({"id": prep.rid, "object": "text_completion", "created": int(time.time()),
                              "model": self.state.model_name, "choices": choices, "usage": usage(results),
                              "weight_version": self.client.weight_version})
@@ -332,7 +334,8 @@ class OpenAIServing:
             choices.append({"index": j, "message": message,
                             "logprobs": self._chat_logprobs(seq.token_ids, seq.logprobs, k) if req.logprobs else None,
                             "finish_reason": "tool_calls" if called and seq.finish_reason == "stop"
-                            else seq.finish_reason, "stop_reason": seq.stop_reason})
+                            else seq.finish_reason, "stop_reason": seq.stop_reason,
+                            "weight_version_spans": version_spans(seq, self.client.weight_version)})
         return JSONResponse({"id": prep.rid, "object": "chat.completion", "created": int(time.time()),
                              "model": self.state.model_name, "choices": choices, "usage": usage([res]),
                              "weight_version": self.client.weight_version})
