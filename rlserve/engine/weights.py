@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from rlserve.engine.lifecycle import LifecycleHost, released, require_idle
 from rlserve.models.loader import iter_safetensors, resolve_model
@@ -77,7 +78,7 @@ def update_weights(engine: LifecycleHost, weights: Weights, weight_version: str 
         log.warning("update_weights: requests held in place keep prefix-cache entries computed with the old "
                     "weights; flush_cache() once they finish")
     if weight_version is not None:
-        engine.weight_version = weight_version
+        _set_version(engine, weight_version)
     return len(pairs)
 
 
@@ -96,7 +97,7 @@ def read_checkpoint(engine: LifecycleHost, model_path: str, load_format: str | N
     try:
         pairs = [(name, tensor) for name, tensor in iter_safetensors(Path(source.model_dir))
                  if not engine.model.ignores_checkpoint_tensor(name)]
-    except (OSError, RuntimeError) as e:     # a truncated or corrupt file
+    except (OSError, RuntimeError, SafetensorError) as e:     # a truncated or corrupt file
         raise ValueError(f"cannot read the tensors of {model_path!r}: {e}") from e
     validate(engine, pairs)
     wanted = {n for n, _ in engine.model.named_parameters()}
@@ -128,6 +129,20 @@ def get_weights_by_name(engine: LifecycleHost, name: str, truncate_size: int = 1
 
 
 def set_weight_version(engine: LifecycleHost, version: str) -> None:
+    """Name the weights being served. Requests already there continue under the new name from their next
+    token (a paused or idle engine has taken every token sampled so far; a running one may still take an
+    in-flight step's tokens under the new name)."""
     if not isinstance(version, str) or not version:
         raise ValueError(f"the weight version must be a non-empty string, got {version!r}")
+    _set_version(engine, version)
+
+
+def _set_version(engine: LifecycleHost, version: str) -> None:
+    """Set the version, and open a span of it in every unfinished request's weight_version_spans: the
+    tokens they sample from now on come from these weights (an update waits for a paused or idle engine,
+    so every token sampled with the old weights has been taken)."""
     engine.weight_version = version
+    for group in engine.groups.values():
+        for req in group.reqs:
+            if not req.finished:
+                req.note_weight_version(version)
