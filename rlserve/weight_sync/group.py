@@ -18,7 +18,8 @@ Wire format of one update (the route carries names, dtypes, shapes, load_format 
   fields, so no per-bucket metadata crosses the wire. bucket_bytes None means one bucket for the whole
   call, which is exactly SGLang's behaviour, so an SGLang trainer works unchanged.
 Every collective has the group's timeout (60 s by default): a peer that dies or stalls mid-update makes
-the other side raise `WeightSyncError` instead of hanging. A group that failed is unusable; destroy it.
+the other side raise `WeightSyncError` instead of hanging. A group that failed is unusable; destroy it
+(or, on the engine side, join a new one under its name, which replaces it).
 Over NCCL a timed-out collective is also seen by NCCL's watchdog, which by default tears the process
 down (TORCH_NCCL_ASYNC_ERROR_HANDLING); an engine that must outlive a dead trainer sets it to 0.
 """
@@ -165,12 +166,18 @@ def init_weights_update_group(
     backend: str = "nccl",
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> WeightUpdateGroup:
-    """Join the trainer's group as rank `rank_offset` (blocks until every rank has joined)."""
-    with _GROUPS_LOCK:
-        if group_name in _GROUPS:
-            raise ValueError(f"weight update group {group_name!r} already exists; destroy it first")
+    """Join the trainer's group as rank `rank_offset` (blocks until every rank has joined). A group of
+    the same name that failed (its peer died or stalled) is dropped first: a restarted trainer can join
+    again under the name it knows; a working one must be destroyed first."""
     if rank_offset < 1:
         raise ValueError(f"rank_offset must be >= 1 (rank 0 is the trainer), got {rank_offset}")
+    with _GROUPS_LOCK:
+        stale = _GROUPS.get(group_name)
+        if stale is not None and not stale.failed:
+            raise ValueError(f"weight update group {group_name!r} already exists; destroy it first")
+        _GROUPS.pop(group_name, None)
+    if stale is not None:
+        stale.close()
     group = _new_group(master_address, master_port, rank_offset, world_size, group_name, backend, timeout_s)
     with _GROUPS_LOCK:
         _GROUPS[group_name] = group

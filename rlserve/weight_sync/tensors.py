@@ -116,7 +116,10 @@ def _loads(data: str) -> Any:
         raw = base64.b64decode(data.encode("ascii"), validate=True)
     except (ValueError, UnicodeEncodeError) as exc:
         raise ValueError(f"serialized tensors are not valid base64: {exc}") from exc
-    return pickle.loads(raw)
+    try:
+        return pickle.loads(raw)
+    except Exception as exc:  # UnpicklingError, EOFError, ...: the payload is not what a serializer made
+        raise ValueError(f"serialized tensors cannot be read: {type(exc).__name__}: {exc}") from exc
 
 
 def serialize_named_tensors(pairs: NamedTensors) -> str:
