@@ -272,7 +272,7 @@ def test_a_trainer_dying_mid_broadcast_changes_nothing(admin, local):
 def test_a_request_paused_across_an_update_reports_both_versions(server, admin, local):
     old = admin.get_model_info()["weight_version"]
     assert old != "v2"
-    max_new = 400
+    max_new = 480                                   # long enough to be running when the pause comes
     chunks: list[tuple[dict, bool]] = []            # (cumulative item, received before /continue_generation)
     continued = threading.Event()
     started = threading.Event()
