@@ -16,7 +16,8 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-no
 KL_MODES = ("reward", "loss")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 BACKENDS = ("colocated", "server")
-WEIGHT_SYNCS = ("tensor", "disk")
+WEIGHT_SYNCS = ("tensor", "disk", "distributed")
+WEIGHT_SYNC_BACKENDS = ("auto", "gloo", "nccl")
 
 
 def _one_of(where: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -95,13 +96,22 @@ class RolloutSection:
     # (rlserve servers over HTTP; the trainer pushes its weights to them before every step's rollout).
     backend: str = "colocated"
     server_urls: list[str] = field(default_factory=list)   # server mode; empty: launch one on loopback
-    # server mode: tensor (shared memory / CUDA IPC) | disk (safetensors). The servers' admin key, when they
-    # have one, comes from the RLSERVE_ADMIN_API_KEY environment variable (never written to config.json).
+    # server mode: tensor (shared memory / CUDA IPC) | disk (safetensors) | distributed (a torch.distributed
+    # group, trainer rank 0). The servers' admin key, when they have one, comes from the
+    # RLSERVE_ADMIN_API_KEY environment variable (never written to config.json).
     weight_sync: str = "tensor"
+    weight_sync_backend: str = "auto"    # distributed: auto (nccl when the policy is on CUDA, else gloo) | gloo | nccl
+    weight_sync_bucket_mb: int = 512     # tensor: MiB per call; distributed: MiB per flattened broadcast
+    # The servers release their weights and KV cache after each rollout and take them back at the next
+    # push, so a trainer on the same GPU has that memory for its update.
+    server_offload: bool = False
 
     def __post_init__(self) -> None:
         _one_of("rollout.backend", self.backend, BACKENDS)
         _one_of("rollout.weight_sync", self.weight_sync, WEIGHT_SYNCS)
+        _one_of("rollout.weight_sync_backend", self.weight_sync_backend, WEIGHT_SYNC_BACKENDS)
+        if self.weight_sync_bucket_mb < 1:
+            raise ValueError(f"rollout.weight_sync_bucket_mb must be ≥ 1; got {self.weight_sync_bucket_mb}")
         if isinstance(self.server_urls, str):             # one URL from the command line
             self.server_urls = [self.server_urls]
         if not isinstance(self.server_urls, list) or not all(isinstance(u, str) for u in self.server_urls):

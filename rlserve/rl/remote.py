@@ -3,10 +3,12 @@ servers over HTTP, given by `rollout.server_urls` or, when that is empty, one th
 free loopback port with the model's engine options (and stops at the end).
 
 Before every step's rollout the trainer pauses the servers (in_place), pushes its weights (shared memory /
-CUDA IPC, or a safetensors directory) tagged with the step number as the weight version, and continues
-them. The rollout then asks the native /generate route for exactly what the colocated rollout asks the
-in-process engine (token ids in; n, temperature, seed per prompt, tempered logprobs), so a step's samples
-are the same whichever backend drew them.
+CUDA IPC, a safetensors directory, or a broadcast in a weight-update group: rl/weight_push.py) tagged with
+the step number as the weight version, and continues them. With server_offload the servers release all
+their memory after each rollout and take it back around the next push. The rollout then asks the native
+/generate route for exactly what the colocated rollout asks the in-process engine (token ids in; n,
+temperature, seed per prompt, tempered logprobs), so a step's samples are the same whichever backend drew
+them.
 """
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from rlserve.client import Client, ServerError
+from rlserve.client import DEFAULT_BUCKET_BYTES, Client, ServerError
 from rlserve.config import EngineConfig
 from rlserve.config_args import engine_flags
 from rlserve.llm import LLM
@@ -31,12 +32,15 @@ from rlserve.net import free_port
 from rlserve.rl.batch import Rollout, pad
 from rlserve.rl.config import RolloutSection
 from rlserve.rl.rewards import RewardFn, score_batch
+from rlserve.rl.weight_push import DistributedPush, push_disk, push_tensor, resolve_backend
 
 STARTUP_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 60.0
 GROUP_GRACE_S = 10.0
 # What a rollout constraint may hold: the native route's structured-output fields.
 CONSTRAINT_KEYS = ("regex", "json_schema", "ebnf")
+# SGLang's memory occupation tags: all of a server's GPU memory but its CUDA context.
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
 
 
 class LaunchedServer:
@@ -51,8 +55,11 @@ class LaunchedServer:
                "--log-level", "warning", *engine_flags(config)]
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "w")
+        # TORCH_NCCL_ASYNC_ERROR_HANDLING=2: a failed NCCL weight broadcast aborts the group's communicator
+        # but leaves the process alive (the default, 3, tears the whole server down); an explicit value wins.
+        env = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2", **os.environ, "TOKENIZERS_PARALLELISM": "false"}
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                                     env=env)
 
     def wait_ready(self, client: Client, timeout: float = STARTUP_TIMEOUT_S) -> None:
         import httpx
@@ -106,28 +113,46 @@ class LaunchedServer:
 
 
 class RemoteRollout:
-    """The servers a run samples from, the weight push and the rollout over /generate."""
+    """The servers a run samples from, the weight push (with the servers' memory offload around it) and
+    the rollout over /generate."""
 
     def __init__(self, urls: list[str], weight_sync: str = "tensor", admin_api_key: str | None = None,
-                 launched: LaunchedServer | None = None) -> None:
+                 launched: LaunchedServer | None = None, *, offload: bool = False,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, backend: str = "gloo") -> None:
         self.clients = [Client(u, admin_api_key=admin_api_key) for u in urls]
         self.weight_sync = weight_sync
         self.launched = launched
+        self.offload = offload
+        self.bucket_bytes = bucket_bytes
+        self.distributed: DistributedPush | None = None
+        if weight_sync == "distributed":
+            self.distributed = DistributedPush(self.clients, backend, bucket_bytes)
 
     @classmethod
-    def start(cls, cfg: RolloutSection, engine: EngineConfig, log_dir: Path) -> RemoteRollout:
-        """Connect to cfg.server_urls, or launch one server with `engine`'s options."""
+    def start(cls, cfg: RolloutSection, engine: EngineConfig, log_dir: Path,
+              device: torch.device | None = None) -> RemoteRollout:
+        """Connect to cfg.server_urls, or launch one server with `engine`'s options; with distributed
+        weight sync, form the weight-update group. `device`: the policy's (picks the group's backend)."""
         bad = sorted(set(cfg.constraint or {}) - set(CONSTRAINT_KEYS))
         if bad:
             raise ValueError(f"rollout.constraint keys {', '.join(bad)} have no /generate field; server mode "
                              f"takes {', '.join(CONSTRAINT_KEYS)}")
         key = os.environ.get("RLSERVE_ADMIN_API_KEY")
-        if cfg.server_urls:
-            return cls(list(cfg.server_urls), cfg.weight_sync, key)
-        server = LaunchedServer(engine, log_dir / "rollout-server.log")
-        remote = cls([server.url], cfg.weight_sync, key, server)
+        server = None if cfg.server_urls else LaunchedServer(engine, log_dir / "rollout-server.log")
+        urls = list(cfg.server_urls) if server is None else [server.url]
         try:
-            server.wait_ready(remote.clients[0])
+            remote = cls(urls, cfg.weight_sync, key, server, offload=cfg.server_offload,
+                         bucket_bytes=cfg.weight_sync_bucket_mb << 20,
+                         backend=resolve_backend(cfg.weight_sync_backend, device))
+        except BaseException:
+            if server is not None:
+                server.stop()
+            raise
+        try:
+            if server is not None:
+                server.wait_ready(remote.clients[0])
+            if remote.distributed is not None:
+                remote.distributed.connect()
         except BaseException:
             remote.close()
             raise
@@ -144,21 +169,37 @@ class RemoteRollout:
             return list(pool.map(fn, self.clients))
 
     @torch.no_grad()
-    def push_weights(self, llm: LLM, version: int) -> None:
-        """Pause → the policy's current weights, tagged `version` → continue, on every server."""
+    def push_weights(self, llm: LLM, version: int) -> float:
+        """Pause → [offload: resume the weights] → the policy's current weights, tagged `version` →
+        [offload: resume KV cache and CUDA graphs] → continue, on every server. Returns the seconds spent
+        resuming memory."""
+        resumed = 0.0
         self._each(lambda c: c.pause_generation("in_place"))
         try:
-            if self.weight_sync == "disk":
-                from rlserve.rl.export import export_hf
-                with tempfile.TemporaryDirectory(prefix="rlserve-weights-") as tmp:
-                    export_hf(llm, tmp)
-                    self._each(lambda c: c.update_weights_from_disk(tmp, weight_version=str(version)))
+            if self.offload:
+                if llm.engine.device.type == "cuda":
+                    # what the update freed, still cached by this process's allocator, goes back to the GPU
+                    torch.cuda.empty_cache()
+                start = time.perf_counter()
+                self._each(lambda c: c.resume_memory_occupation(["weights"]))
+                resumed += time.perf_counter() - start
+            if self.distributed is not None:
+                self.distributed.push(llm, version)
+            elif self.weight_sync == "disk":
+                push_disk(self._each, llm, version)
             else:
-                # detached views: the engine copies them before the call returns
-                pairs = [(n, p.detach()) for n, p in llm.engine.model.named_parameters()]
-                self._each(lambda c: c.update_weights_from_tensor(pairs, weight_version=str(version)))
+                push_tensor(self._each, llm, version, self.bucket_bytes)
+            if self.offload:
+                start = time.perf_counter()
+                self._each(lambda c: c.resume_memory_occupation(["kv_cache", "cuda_graph"]))
+                resumed += time.perf_counter() - start
         finally:
             self._each(lambda c: c.continue_generation())
+        return resumed
+
+    def release_memory(self) -> None:
+        """After a rollout (server_offload): every server frees its weights, KV cache and CUDA graphs."""
+        self._each(lambda c: c.release_memory_occupation(list(MEMORY_TAGS)))
 
     def _generate(self, prompts: list[list[int]], params: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
         """Each prompt's n completions (response items), prompts spread round-robin over the servers."""
@@ -208,8 +249,16 @@ class RemoteRollout:
     def weight_versions(self) -> list[str | None]:
         return [info.get("weight_version") for info in self._each(lambda c: c.get_server_info())]
 
+    def released(self) -> list[list[str]]:
+        """Each server's released memory tags (/get_server_info)."""
+        return [list(info.get("released", [])) for info in self._each(lambda c: c.get_server_info())]
+
     def close(self) -> None:
-        for c in self.clients:
-            c.close()
-        if self.launched is not None:
-            self.launched.stop()
+        try:
+            if self.distributed is not None:
+                self.distributed.close()
+        finally:
+            for c in self.clients:
+                c.close()
+            if self.launched is not None:
+                self.launched.stop()

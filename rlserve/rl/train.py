@@ -10,7 +10,8 @@ so weight sync is a cache flush. `rlserve train --config x.yaml key=value ... [r
 
 With `rollout.backend=server` the rollout (only) runs on rlserve servers instead (rlserve/rl/remote.py):
 each step first pushes the policy's weights to them. The in-process engine still tokenizes, evaluates
-and holds the policy the optimizer trains.
+and holds the policy the optimizer trains; its KV pool is released for the run and taken back only
+while it evaluates.
 """
 from __future__ import annotations
 
@@ -185,7 +186,10 @@ class Timer:
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
 
 @torch.no_grad()
@@ -239,9 +243,15 @@ def _prompts_digest(prompts: list[list[int]]) -> str:
 
 def evaluate(run: Run, cfg: TrainConfig) -> float:
     """Greedy held-out accuracy. The prefix cache is flushed afterwards so that every rollout starts
-    from an empty cache, as it does after a resume."""
+    from an empty cache, as it does after a resume. A released KV pool (server mode) is taken back for
+    the evaluation and released again."""
+    released = "kv_cache" in run.llm.engine.released_memory()
+    if released:
+        run.llm.resume_memory(["kv_cache"])
     accuracy = greedy_accuracy(run.llm, run.held_out, run.reward_fn, cfg.rollout.max_tokens)
     run.llm.engine.flush_cache()
+    if released:
+        run.llm.release_memory(["kv_cache"])
     return accuracy
 
 
@@ -280,7 +290,10 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
     remote = None
     if cfg.rollout.backend == "server":
         from rlserve.rl.remote import RemoteRollout
-        remote = RemoteRollout.start(cfg.rollout, cfg.model.engine.with_options(seed=cfg.seed), out_dir)
+        # The servers roll out: this engine's KV pool would only sit there (on one GPU, beside a server's).
+        llm.release_memory(["kv_cache"])
+        remote = RemoteRollout.start(cfg.rollout, cfg.model.engine.with_options(seed=cfg.seed), out_dir,
+                                     llm.engine.device)
     try:
         for step in bar:
             timer = Timer()
@@ -293,7 +306,9 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
                 if remote is not None:
                     # server mode: the servers serve this step's weights, versioned by the step
                     with timer("push_s"):
-                        remote.push_weights(llm, step)
+                        resumed = remote.push_weights(llm, step)
+                    if cfg.rollout.server_offload:
+                        timer.add("offload_s", resumed)
                 with timer("rollout_s"):
                     fields = [f for _, f in encoded]
                     if remote is None:
@@ -305,6 +320,9 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
                                                          cfg.task.on_invalid_reward)
                     if invalid_keep is not None:      # on_invalid_reward=drop: the groups with a NaN/inf go
                         rollout = rollout.keep_groups(invalid_keep)
+                if remote is not None and cfg.rollout.server_offload:
+                    with timer("offload_s"):          # the servers' memory is the trainer's until the next push
+                        remote.release_memory()
                 record: dict[str, Any] = {"step": step, "prompts_sha1": _prompts_digest(prompt_ids),
                                           **(rollout_metrics(rollout) if len(rollout.rewards) else {})}
                 if invalid_keep is not None:
@@ -313,7 +331,7 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
                 if algo.dynamic_sampling:
                     rollout = rollout.keep_groups(dynamic_sampling_keep(rollout.rewards, rollout.group_size))
                 record["groups_kept"] = rollout.num_groups
-                if cfg.model.release_kv_cache:
+                if cfg.model.release_kv_cache and remote is None:   # server mode: released for the run
                     llm.release_memory(["kv_cache"])
                 if rollout.num_groups > 0:
                     # 5. the trainer's logprobs (old policy, reference) and values, before any update
@@ -348,7 +366,8 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
                         run.critic_scheduler.step()
                 # 8. weight sync: the engine's module is the policy; its cached KV is from the old weights
                 with timer("sync_s"):
-                    llm.resume_memory(["kv_cache"])      # a no-op unless released above
+                    if remote is None:
+                        llm.resume_memory(["kv_cache"])  # a no-op unless released above
                     llm.engine.flush_cache()
                 # 9. held-out evaluation
                 if cfg.task.eval_every and run.held_out and (step + 1) % cfg.task.eval_every == 0:
