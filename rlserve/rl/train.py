@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from rlserve.config import Switch
 from rlserve.llm import LLM
 from rlserve.models.llama import LlamaForCausalLM
 from rlserve.rl.advantages import compute_advantages
@@ -114,7 +115,12 @@ def setup(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
     if prompts is None:
         prompts, default_held_out = _data_sources(cfg)
         held_out = default_held_out if held_out is None else held_out
-    llm = LLM(config=cfg.model.engine.with_options(seed=cfg.seed))
+    engine_config = cfg.model.engine.with_options(seed=cfg.seed)
+    if cfg.rollout.backend == "server" and engine_config.memory_saver is Switch.AUTO:
+        # The policy's tensors are pushed to the servers as CUDA IPC handles, which memory-saver regions
+        # cannot give out; the trainer's engine never releases its weights in server mode anyway.
+        engine_config = engine_config.with_options(memory_saver=Switch.OFF)
+    llm = LLM(config=engine_config)
     policy = llm.engine.model
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     run = Run(cfg, llm, policy, optimizer, warmup_scheduler(optimizer, cfg.optim.warmup_steps), reward_fn,
