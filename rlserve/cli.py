@@ -1,4 +1,4 @@
-"""The `rlserve` command: generate, chat, bench, serve and train (the router is still to come).
+"""The `rlserve` command: generate, chat, bench, serve (`--dp N`: several behind a router), router and train.
 
 This module only parses arguments and dispatches. The engine flags, and the EngineConfig they describe,
 come from rlserve.config_args; the benchmarks' flags are read only once `bench` runs, so `rlserve --help`
@@ -220,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(serve)
     serve.set_defaults(func=cmd_serve)
 
+    from rlserve.router.commands import add_router_command_args  # light: the router starts as a process
+    rt = sub.add_parser("router", help="sglang-router in front of rlserve servers started elsewhere",
+                        description="Route requests over running servers (docs/router.md).")
+    add_router_command_args(rt)
+    rt.set_defaults(func=cmd_router)
+
     tr = sub.add_parser("train", help="RL post-training (colocated GRPO)",
                         description="Train with the engine as the rollout engine: rlserve train --config x.yaml "
                                     "rollout.group_size=8 optim.lr=1e-5")
@@ -232,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_serve(args: argparse.Namespace) -> int:
     from rlserve.server.app import serve_from_args
     return serve_from_args(args) or 0
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    from rlserve.router.commands import router_from_args
+    return router_from_args(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

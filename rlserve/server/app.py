@@ -29,6 +29,7 @@ from rlserve.server.native import NativeServing
 from rlserve.server.openai_serving import OpenAIServing
 from rlserve.server.state import ServerArgs, ServerState, model_name_for
 from rlserve.server.streams import ClientDisconnected
+from rlserve.server.worker_routes import add_worker_routes
 
 log = logging.getLogger("rlserve.server")
 OPEN_PATHS = {"/health"}
@@ -286,7 +287,9 @@ def build_app(args: ServerArgs, client: EngineClient | None = None) -> FastAPI:
     async def get_server_info() -> Any:
         s = st()
         engine = await s.client.query("info")
-        return {"version": "0.1.0", "model": s.model_name, "host": args.host, "port": args.port,
+        # model_path and dp_size: what a router reads when it registers a worker (worker_routes.py)
+        return {"version": "0.1.0", "model": s.model_name, "model_path": args.engine.model or s.model_name,
+                "dp_size": 1, "max_total_tokens": s.client.info["kv_total"], "host": args.host, "port": args.port,
                 "max_waiting_requests": args.engine.scheduler.max_waiting_requests,
                 "drain_timeout": args.drain_timeout,
                 "max_model_len": s.client.info["max_model_len"], "device": s.client.info["device"],
@@ -309,6 +312,7 @@ def build_app(args: ServerArgs, client: EngineClient | None = None) -> FastAPI:
         return {"success": True, "message": "Cache flushed."}
 
     add_admin_routes(app, st)
+    add_worker_routes(app, st, get_server_info, get_model_info)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -365,7 +369,11 @@ def run_server(args: ServerArgs) -> int:
 # ---- command line (`rlserve serve`) ----
 def serve_from_args(args: argparse.Namespace) -> int:
     """Serve what the flags of rlserve.server.args.add_serve_args describe; a bad engine option raises a
-    ValueError naming it. The waiting-queue limit is the engine's (max_waiting_requests)."""
+    ValueError naming it. The waiting-queue limit is the engine's (max_waiting_requests). With --dp N > 1,
+    N servers behind a router instead (rlserve.router)."""
+    if getattr(args, "dp", 1) > 1:
+        from rlserve.router.commands import serve_dp_from_args
+        return serve_dp_from_args(args)
     from rlserve.config_args import engine_config_from_args
 
     return run_server(ServerArgs(engine=engine_config_from_args(args), host=args.host, port=args.port,

@@ -14,8 +14,11 @@ SERVER_ENGINE_DEFAULTS: dict[str, Any] = {"max_waiting_requests": 1024}
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     """The engine flags (with the server's defaults) and the server's own."""
+    from rlserve.router.config import add_dp_args  # light: argparse only
+
     add_engine_args(parser, SERVER_ENGINE_DEFAULTS)
     add_server_args(parser)
+    add_dp_args(parser)
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
