@@ -291,7 +291,7 @@ def build_app(args: ServerArgs, client: EngineClient | None = None) -> FastAPI:
         return {"version": "0.1.0", "model": s.model_name, "model_path": args.engine.model or s.model_name,
                 "dp_size": 1, "max_total_tokens": s.client.info["kv_total"], "host": args.host, "port": args.port,
                 "max_waiting_requests": args.engine.scheduler.max_waiting_requests,
-                "drain_timeout": args.drain_timeout,
+                "drain_timeout": args.drain_timeout, "logprobs_mode": args.logprobs_mode,
                 "max_model_len": s.client.info["max_model_len"], "device": s.client.info["device"],
                 "dtype": s.client.info["dtype"], "frontend_in_flight": s.client.num_in_flight,
                 "engine_pid": s.client.proc.pid if s.client.proc else None, "engine_alive": not s.client.dead,
@@ -380,4 +380,5 @@ def serve_from_args(args: argparse.Namespace) -> int:
                                  api_key=args.api_key or None, served_model_name=args.served_model_name,
                                  drain_timeout=args.drain_timeout, log_level=args.log_level,
                                  tool_call_parser=args.tool_call_parser,
-                                 admin_api_key=args.admin_api_key or None, profile_dir=args.profile_dir))
+                                 admin_api_key=args.admin_api_key or None, profile_dir=args.profile_dir,
+                                 logprobs_mode=getattr(args, "logprobs_mode", "raw")))

@@ -37,6 +37,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default 30)")
+    g.add_argument("--logprobs-mode", default="raw", choices=["raw", "tempered"],
+                   help="/generate's logprobs_mode for requests that do not give one (a router in front drops "
+                        "the field): tempered for RL rollout workers (default raw)")
     g.add_argument("--log-level", default="info")
     g.add_argument("--tool-call-parser", default="auto", choices=["auto", "qwen", "llama3"],
                    help="how tool calls are read from generated text (default: from the model family)")

@@ -15,15 +15,20 @@ from rlserve.server.state import ServerState, finite, new_id, validated
 from rlserve.server.streams import SSE_DONE, gather_or_cancel, merge, sse, until_disconnect
 
 
-def native_params(sp: NativeSamplingParams, logprobs: int | None) -> dict[str, Any]:
+def native_params(sp: NativeSamplingParams, logprobs: int | None, logprobs_mode: str = "raw") -> dict[str, Any]:
+    """`logprobs_mode`: the server's default (--logprobs-mode) for a request that does not say (a router
+    drops the field)."""
+    if "logprobs_mode" in sp.model_fields_set:
+        logprobs_mode = sp.logprobs_mode
+    seed = sp.seed if sp.seed is not None else sp.sampling_seed
     return validated({
         "n": sp.n, "max_tokens": sp.max_new_tokens, "min_tokens": sp.min_new_tokens,
         "temperature": sp.temperature, "top_p": sp.top_p, "top_k": sp.top_k, "min_p": sp.min_p,
         "frequency_penalty": sp.frequency_penalty, "presence_penalty": sp.presence_penalty,
-        "repetition_penalty": sp.repetition_penalty, "seed": sp.seed, "stop": sp.stop,
+        "repetition_penalty": sp.repetition_penalty, "seed": seed, "stop": sp.stop,
         "stop_token_ids": sp.stop_token_ids, "ignore_eos": sp.ignore_eos,
         "skip_special_tokens": sp.skip_special_tokens, "include_stop_str_in_output": sp.include_stop_str_in_output,
-        "logprobs": logprobs, "logprobs_mode": sp.logprobs_mode, "json_schema": sp.json_schema, "regex": sp.regex, "ebnf": sp.ebnf,
+        "logprobs": logprobs, "logprobs_mode": logprobs_mode, "json_schema": sp.json_schema, "regex": sp.regex, "ebnf": sp.ebnf,
     })
 
 
@@ -73,7 +78,7 @@ class NativeServing:
         else:
             base = new_id("gen")
             rids = [base] if not batch else [f"{base}-{i}" for i in range(len(prompts))]
-        return batch, [(rid, text, ids, native_params(sp, k))
+        return batch, [(rid, text, ids, native_params(sp, k, self.state.args.logprobs_mode))
                        for rid, (text, ids), sp in zip(rids, prompts, sps)]
 
     def _item(self, res: RequestResult, j: int, seq: SeqState, return_logprob: bool, k: int) -> dict[str, Any]:

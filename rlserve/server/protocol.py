@@ -223,6 +223,7 @@ class NativeSamplingParams(_Model):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, gt=0, le=1e6)
     seed: Seed | None = None
+    sampling_seed: Seed | None = None    # SGLang's name for seed (what sglang-router forwards); seed wins
     stop: StopStrings = None
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False

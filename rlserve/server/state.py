@@ -29,6 +29,7 @@ class ServerArgs:
     tool_call_parser: str = "auto"           # "auto" (from the architecture) | "qwen" | "llama3"
     admin_api_key: str | None = None         # the key of the admin routes (weights, memory, pause, ...)
     profile_dir: str | None = None           # where /stop_profile writes traces; None turns profiling off
+    logprobs_mode: str = "raw"               # /generate's logprobs_mode when a request does not say
 
 
 @dataclass
