@@ -28,6 +28,7 @@ NamedTensors = Sequence[tuple[str, "torch.Tensor"]]
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_BUCKET_BYTES = 512 << 20
 GROUP = "weight_update_group"
+_SHARING_LOCK = threading.Lock()
 
 
 class ServerError(Exception):
@@ -381,14 +382,16 @@ def _serialize(pairs: list[tuple[str, torch.Tensor]], load_format: str | None) -
     # CPU tensors shared as file descriptors are handed over by a socket that only this process's
     # multiprocessing children may use (its authkey); the server is no child of the trainer. Named
     # shared-memory files can be opened by any process of the user.
-    strategy = tmp.get_sharing_strategy()
-    tmp.set_sharing_strategy("file_system")
-    try:
-        if load_format == "flattened_bucket":
-            return serialize_flattened_bucket(pairs)
-        return serialize_named_tensors(pairs)
-    finally:
-        tmp.set_sharing_strategy(strategy)
+    # The strategy is process-wide: one serialization at a time (a fan-out to several servers runs threads).
+    with _SHARING_LOCK:
+        strategy = tmp.get_sharing_strategy()
+        tmp.set_sharing_strategy("file_system")
+        try:
+            if load_format == "flattened_bucket":
+                return serialize_flattened_bucket(pairs)
+            return serialize_named_tensors(pairs)
+        finally:
+            tmp.set_sharing_strategy(strategy)
 
 
 def _in_background(request: Any, work: Any) -> Any:

@@ -53,7 +53,7 @@ def serve_dp_from_args(args: argparse.Namespace) -> int:
     engine = engine_config_from_args(args)     # a bad engine flag fails here, before any process starts
     devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
     if devices is None and (engine.device == "auto" or engine.device.startswith("cuda")):
-        devices = _default_devices(args.dp, engine.device)
+        devices = default_devices(args.dp, engine.device)
     log_dir = _log_dir(args.log_dir)
     dp = DataParallel(server_flags(args), args.dp, host=args.host, port=args.port,
                       router=router_config_from_args(args, args.api_key), log_dir=log_dir, devices=devices,
@@ -63,14 +63,15 @@ def serve_dp_from_args(args: argparse.Namespace) -> int:
     log.info("starting %d worker(s); logs in %s", args.dp, log_dir)
     try:
         dp.start()
-        print(f"rlserve: {args.dp} workers behind the router on http://{args.host}:{dp.port}", flush=True)
+        print(f"rlserve: {args.dp} workers behind the router on http://{args.host}:{dp.port}; router metrics "
+              f"{dp.metrics_url}; worker metrics {' '.join(u + '/metrics' for u in dp.worker_urls)}", flush=True)
         dp.run()
     finally:
         dp.stop()
     return 0
 
 
-def _default_devices(dp: int, device: str) -> list[str] | None:
+def default_devices(dp: int, device: str) -> list[str] | None:
     """Worker i on CUDA device i when CUDA is there (None on CPU: the workers share the host)."""
     import torch
 
@@ -110,7 +111,7 @@ def router_from_args(args: argparse.Namespace) -> int:
     try:
         router.start()
         print(f"rlserve: router on http://{args.host}:{args.port} in front of {' '.join(args.worker_urls)}; "
-              f"log {router.process.log_path}", flush=True)
+              f"metrics {router.metrics_url}; log {router.process.log_path}", flush=True)
         while not stop["now"] and router.process.alive():
             time.sleep(0.5)
         code = router.process.returncode()

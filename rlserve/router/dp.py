@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rlserve.net import free_port
 from rlserve.router.config import RouterConfig
@@ -120,6 +121,18 @@ class DataParallel:
         assert self.router is not None, "start() first"
         return self.router.url
 
+    @property
+    def metrics_url(self) -> str:
+        """The router's Prometheus metrics; `metrics_summary()` joins them with the workers' own."""
+        assert self.router is not None, "start() first"
+        return self.router.metrics_url
+
+    def metrics_summary(self) -> dict[str, dict[str, Any]]:
+        """Per worker: requests the router sent it, its health, its own request and prefix-cache counters."""
+        from rlserve.router.metrics import summary
+
+        return summary(self.metrics_url, self.worker_urls)
+
     def start(self) -> DataParallel:
         try:
             for batch in start_rounds(self.specs):
@@ -133,7 +146,8 @@ class DataParallel:
         except BaseException:
             self.stop()
             raise
-        log.info("router on http://%s:%d in front of %s", self.host, self.port, ", ".join(self.worker_urls))
+        log.info("router on http://%s:%d in front of %s; its metrics on %s", self.host, self.port,
+                 ", ".join(self.worker_urls), self.router.metrics_url)
         return self
 
     # ---- supervision ----
