@@ -96,6 +96,10 @@ class RolloutSection:
     # (rlserve servers over HTTP; the trainer pushes its weights to them before every step's rollout).
     backend: str = "colocated"
     server_urls: list[str] = field(default_factory=list)   # server mode; empty: launch one on loopback
+    # server mode behind sglang-router (docs/router.md): the router's URL (its workers started with
+    # --logprobs-mode tempered), or dp > 1: the trainer launches dp servers and a router on loopback
+    router_url: str = ""
+    dp: int = 1
     # server mode: tensor (shared memory / CUDA IPC) | disk (safetensors) | distributed (a torch.distributed
     # group, trainer rank 0). The servers' admin key, when they have one, comes from the
     # RLSERVE_ADMIN_API_KEY environment variable (never written to config.json).
@@ -116,6 +120,10 @@ class RolloutSection:
             self.server_urls = [self.server_urls]
         if not isinstance(self.server_urls, list) or not all(isinstance(u, str) for u in self.server_urls):
             raise ValueError(f"rollout.server_urls expects a list of URLs, got {self.server_urls!r}")
+        if self.dp < 1:
+            raise ValueError(f"rollout.dp must be ≥ 1; got {self.dp}")
+        if sum((bool(self.server_urls), bool(self.router_url), self.dp > 1)) > 1:
+            raise ValueError("give one of rollout.server_urls, rollout.router_url and rollout.dp > 1")
 
 
 @dataclass

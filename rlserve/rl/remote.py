@@ -1,6 +1,9 @@
 """Server mode's rollout (`rollout.backend: server`): the trainer keeps the policy; rollouts run on rlserve
 servers over HTTP, given by `rollout.server_urls` or, when that is empty, one the trainer launches on a
-free loopback port with the model's engine options (and stops at the end).
+free loopback port with the model's engine options (and stops at the end). Behind sglang-router
+(`rollout.router_url`, or `rollout.dp` > 1: the trainer launches that many servers and the router), the
+rollout goes through the router one prompt per request, and the admin calls and weight pushes go to every
+worker the router lists (rlserve/router/client.py; a worker whose update fails leaves the router).
 
 Before every step's rollout the trainer pauses the servers (in_place), pushes its weights (shared memory /
 CUDA IPC, a safetensors directory, or a broadcast in a weight-update group: rl/weight_push.py) tagged with
@@ -8,10 +11,13 @@ the step number as the weight version, and continues them. With server_offload t
 their memory after each rollout and take it back around the next push. The rollout then asks the native
 /generate route for exactly what the colocated rollout asks the in-process engine (token ids in; n,
 temperature, seed per prompt, tempered logprobs), so a step's samples are the same whichever backend drew
-them.
+them. The router forwards neither `seed` nor `logprobs_mode`: through it the seed goes as SGLang's
+`sampling_seed`, and the workers must default to tempered logprobs (`--logprobs-mode tempered`, which the
+trainer gives the workers it launches and checks on a router it is given).
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -20,7 +26,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,6 +40,11 @@ from rlserve.rl.config import RolloutSection
 from rlserve.rl.rewards import RewardFn, score_batch
 from rlserve.rl.weight_push import DistributedPush, push_disk, push_tensor, resolve_backend
 
+if TYPE_CHECKING:
+    from rlserve.router.client import RouterClient
+    from rlserve.router.dp import DataParallel
+
+log = logging.getLogger("rlserve")
 STARTUP_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 60.0
 GROUP_GRACE_S = 10.0
@@ -41,6 +52,7 @@ GROUP_GRACE_S = 10.0
 CONSTRAINT_KEYS = ("regex", "json_schema", "ebnf")
 # SGLang's memory occupation tags: all of a server's GPU memory but its CUDA context.
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
+MAX_ROUTED_REQUESTS = 64     # prompts in flight at once through a router (each with its n samples)
 
 
 class LaunchedServer:
@@ -118,7 +130,19 @@ class RemoteRollout:
 
     def __init__(self, urls: list[str], weight_sync: str = "tensor", admin_api_key: str | None = None,
                  launched: LaunchedServer | None = None, *, offload: bool = False,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, backend: str = "gloo") -> None:
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, backend: str = "gloo", router_url: str | None = None,
+                 dp: DataParallel | None = None) -> None:
+        """`router_url`: rollouts through that router, admin calls to the workers it lists (`urls` unused);
+        `dp`: the servers and router the trainer launched (stopped by close)."""
+        self.router: RouterClient | None = None
+        self.dp = dp
+        if router_url:
+            from rlserve.router.client import RouterClient
+
+            self.router = RouterClient(router_url, admin_api_key=admin_api_key)
+            urls = self.router.worker_urls()
+            if not urls:
+                raise ValueError(f"the router at {router_url} lists no workers")
         self.clients = [Client(u, admin_api_key=admin_api_key) for u in urls]
         self.weight_sync = weight_sync
         self.launched = launched
@@ -138,19 +162,26 @@ class RemoteRollout:
             raise ValueError(f"rollout.constraint keys {', '.join(bad)} have no /generate field; server mode "
                              f"takes {', '.join(CONSTRAINT_KEYS)}")
         key = os.environ.get("RLSERVE_ADMIN_API_KEY")
-        server = None if cfg.server_urls else LaunchedServer(engine, log_dir / "rollout-server.log")
+        dp = launch_dp(cfg.dp, engine, log_dir) if cfg.dp > 1 else None
+        alone = not (cfg.server_urls or cfg.router_url or dp)
+        server = LaunchedServer(engine, log_dir / "rollout-server.log") if alone else None
         urls = list(cfg.server_urls) if server is None else [server.url]
         try:
             remote = cls(urls, cfg.weight_sync, key, server, offload=cfg.server_offload,
                          bucket_bytes=cfg.weight_sync_bucket_mb << 20,
-                         backend=resolve_backend(cfg.weight_sync_backend, device))
+                         backend=resolve_backend(cfg.weight_sync_backend, device),
+                         router_url=dp.router_url if dp else cfg.router_url or None, dp=dp)
         except BaseException:
             if server is not None:
                 server.stop()
+            if dp is not None:
+                dp.stop()
             raise
         try:
             if server is not None:
                 server.wait_ready(remote.clients[0])
+            if remote.router is not None:
+                remote.check_logprobs_mode(cfg.temperature)
             if remote.distributed is not None:
                 remote.distributed.connect()
         except BaseException:
@@ -162,7 +193,19 @@ class RemoteRollout:
     def urls(self) -> list[str]:
         return [c.base_url for c in self.clients]
 
+    def check_logprobs_mode(self, temperature: float) -> None:
+        """Behind a router the workers' default logprobs mode is what the rollout gets; below or above
+        temperature 1 (and not greedy) raw logprobs are not the sampled distribution's."""
+        modes = {u: info.get("logprobs_mode", "raw") for u, info in zip(self.urls, self._each(Client.get_server_info))}
+        raw = sorted(u for u, m in modes.items() if m != "tempered")
+        if raw and temperature not in (0.0, 1.0):
+            raise ValueError(f"workers {', '.join(raw)} report raw logprobs by default: start them with "
+                             "--logprobs-mode tempered (the router drops the request's logprobs_mode)")
+
     def _each(self, fn: Callable[[Client], Any]) -> list[Any]:
+        """`fn` on every server (behind a router: every worker it lists), raising the first failure."""
+        if self.router is not None:
+            return list(self.router.every("server call", fn).values())
         if len(self.clients) == 1:
             return [fn(self.clients[0])]
         with ThreadPoolExecutor(len(self.clients)) as pool:
@@ -183,19 +226,32 @@ class RemoteRollout:
                 start = time.perf_counter()
                 self._each(lambda c: c.resume_memory_occupation(["weights"]))
                 resumed += time.perf_counter() - start
+            update = self._each if self.router is None else self._update
             if self.distributed is not None:
                 self.distributed.push(llm, version)
             elif self.weight_sync == "disk":
-                push_disk(self._each, llm, version)
+                push_disk(update, llm, version)
             else:
-                push_tensor(self._each, llm, version, self.bucket_bytes)
+                push_tensor(update, llm, version, self.bucket_bytes)
             if self.offload:
                 start = time.perf_counter()
                 self._each(lambda c: c.resume_memory_occupation(["kv_cache", "cuda_graph"]))
                 resumed += time.perf_counter() - start
         finally:
-            self._each(lambda c: c.continue_generation())
+            if self.router is not None:
+                self.router.continue_generation()
+            else:
+                self._each(lambda c: c.continue_generation())
         return resumed
+
+    def _update(self, fn: Callable[[Client], Any]) -> list[Any]:
+        """A weight update behind a router: all-or-nothing (the workers it fails on leave the router)."""
+        assert self.router is not None
+        result = self.router.update_weights(fn)
+        for url, error in result.failed.items():
+            log.warning("weight update failed on %s, out of the router until an update succeeds there: %s",
+                        url, error)
+        return list(result.answers.values())
 
     def release_memory(self) -> None:
         """After a rollout (server_offload): every server frees its weights, KV cache and CUDA graphs."""
@@ -203,6 +259,8 @@ class RemoteRollout:
 
     def _generate(self, prompts: list[list[int]], params: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
         """Each prompt's n completions (response items), prompts spread round-robin over the servers."""
+        if self.router is not None:
+            return self._generate_routed(prompts, params)
         k = len(self.clients)
         shards = [list(range(i, len(prompts), k)) for i in range(k)]
 
@@ -221,6 +279,24 @@ class RemoteRollout:
             for r in rows:
                 out[r] = [next(it) for _ in range(params[r]["n"])]
         return out
+
+    def _generate_routed(self, prompts: list[list[int]], params: list[dict[str, Any]]
+                         ) -> list[list[dict[str, Any]]]:
+        """Through the router: one request per prompt (it takes one sampling_params object), the seed
+        as `sampling_seed`, logprobs_mode left to the workers' default (the router drops both fields)."""
+        router = self.router
+        assert router is not None
+
+        def one(i: int) -> list[dict[str, Any]]:
+            sp = {k: v for k, v in params[i].items() if k not in ("seed", "logprobs_mode")}
+            if params[i].get("seed") is not None:
+                sp["sampling_seed"] = params[i]["seed"]
+            items = router.generate(input_ids=prompts[i], sampling_params=sp, return_logprob=True)
+            return items if isinstance(items, list) else [items]
+        if not prompts:
+            return []
+        with ThreadPoolExecutor(min(len(prompts), MAX_ROUTED_REQUESTS)) as pool:
+            return list(pool.map(one, range(len(prompts))))
 
     def generate_rollout(self, cfg: RolloutSection, prompts: list[list[int]], fields: list[dict[str, Any]],
                          reward_fn: RewardFn, seed: int) -> Rollout:
@@ -260,5 +336,22 @@ class RemoteRollout:
         finally:
             for c in self.clients:
                 c.close()
+            if self.router is not None:
+                self.router.close()
             if self.launched is not None:
                 self.launched.stop()
+            if self.dp is not None:
+                self.dp.stop()
+
+
+def launch_dp(n: int, engine: EngineConfig, log_dir: Path) -> DataParallel:
+    """`n` servers with `engine`'s options (tempered logprobs by default) behind a router, on loopback."""
+    from rlserve.router.commands import default_devices
+    from rlserve.router.dp import DataParallel
+
+    flags = [*engine_flags(engine), "--log-level", "warning", "--logprobs-mode", "tempered"]
+    out = log_dir / "rollout-dp"
+    out.mkdir(parents=True, exist_ok=True)
+    # as `rlserve serve --dp`: one CUDA device each when there are CUDA devices
+    return DataParallel(flags, n, log_dir=out, devices=default_devices(n, engine.device),
+                        gpu_memory_fraction=engine.cache.gpu_memory_fraction).start()
