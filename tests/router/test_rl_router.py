@@ -124,3 +124,24 @@ def test_config_takes_one_way_to_the_servers():
         load_config(None, ["rollout.router_url=http://x:1", "rollout.dp=2"])
     with pytest.raises(ValueError, match="rollout.dp"):
         load_config(None, ["rollout.dp=0"])
+
+
+def test_worker_defaults_for_what_the_router_drops(given_router):
+    """A worker started with --logprobs-mode tempered: tempered unless the request says raw; sampling_seed
+    is the seed."""
+    url = given_router.worker_urls[0]
+
+    def gen(**sp: Any) -> tuple[list[int], list[float]]:
+        body = {"input_ids": [5, 6, 7], "return_logprob": True,
+                "sampling_params": {"temperature": 0.7, "max_new_tokens": 6, "ignore_eos": True, **sp}}
+        out = httpx.post(url + "/generate", json=body, timeout=60).json()
+        return out["output_ids"], [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
+    def same(got: tuple[list[int], list[float]], want: tuple[list[int], list[float]]) -> bool:
+        # a repeated prompt's prefill comes from the prefix cache: logprobs equal up to float noise
+        return got[0] == want[0] and max(abs(a - b) for a, b in zip(got[1], want[1])) <= 1e-4
+    tokens, default = gen(seed=3)
+    assert same(gen(sampling_seed=3), (tokens, default))
+    assert same(gen(seed=3, logprobs_mode="tempered"), (tokens, default))
+    raw_tokens, raw = gen(seed=3, logprobs_mode="raw")
+    assert raw_tokens == tokens and max(abs(a - b) for a, b in zip(raw, default)) > 1e-2
+    assert gen(seed=4)[0] != tokens
