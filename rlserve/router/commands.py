@@ -22,7 +22,8 @@ def server_flags(args: argparse.Namespace) -> list[str]:
     from rlserve.config_args import engine_config_from_args, engine_flags
 
     flags = [*engine_flags(engine_config_from_args(args)), "--drain-timeout", str(args.drain_timeout),
-             "--log-level", args.log_level, "--tool-call-parser", args.tool_call_parser]
+             "--log-level", args.log_level, "--tool-call-parser", args.tool_call_parser,
+             "--logprobs-mode", args.logprobs_mode]
     for flag, value in (("--api-key", args.api_key), ("--admin-api-key", args.admin_api_key),
                         ("--served-model-name", args.served_model_name), ("--profile-dir", args.profile_dir)):
         if value:
