@@ -18,6 +18,8 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 BACKENDS = ("colocated", "server")
 WEIGHT_SYNCS = ("tensor", "disk", "distributed")
 WEIGHT_SYNC_BACKENDS = ("auto", "gloo", "nccl")
+PARTIAL_OLD_TOKENS = ("mask", "tis", "keep")
+ASYNC_MODES = ("off", "one_step_off", "full")
 
 
 def _one_of(where: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -109,9 +111,24 @@ class RolloutSection:
     # The servers release their weights and KV cache after each rollout and take them back at the next
     # push, so a trainer on the same GPU has that memory for its update.
     server_offload: bool = False
+    # Over-sampling and partial rollouts (colocated; docs/rl.md "Over-sampling, partial rollouts and
+    # asynchronous training"): start ceil(over_sample · prompts_per_step) groups, abort the rest once enough
+    # have passed the dynamic-sampling filter; their prompts refill the next step first.
+    over_sample: float = 1.0
+    # Aborted groups' unfinished samples resume next step with their remaining token budget (new weights);
+    # tokens sampled under an older weight version are masked out of the loss | importance-weighted
+    # (tis: min(π_now / π_old, partial_tis_cap)) | kept as they are.
+    partial: bool = False
+    partial_old_tokens: str = "mask"
+    partial_tis_cap: float = 2.0
 
     def __post_init__(self) -> None:
         _one_of("rollout.backend", self.backend, BACKENDS)
+        _one_of("rollout.partial_old_tokens", self.partial_old_tokens, PARTIAL_OLD_TOKENS)
+        if self.over_sample < 1.0:
+            raise ValueError(f"rollout.over_sample must be ≥ 1; got {self.over_sample}")
+        if self.partial and self.constraint:
+            raise ValueError("rollout.partial cannot resume a constrained sample (its grammar state is not kept)")
         _one_of("rollout.weight_sync", self.weight_sync, WEIGHT_SYNCS)
         _one_of("rollout.weight_sync_backend", self.weight_sync_backend, WEIGHT_SYNC_BACKENDS)
         if self.weight_sync_bucket_mb < 1:
@@ -124,6 +141,21 @@ class RolloutSection:
             raise ValueError(f"rollout.dp must be ≥ 1; got {self.dp}")
         if sum((bool(self.server_urls), bool(self.router_url), self.dp > 1)) > 1:
             raise ValueError("give one of rollout.server_urls, rollout.router_url and rollout.dp > 1")
+
+
+@dataclass
+class AsyncSection:
+    """Rollout overlapped with training (server mode; colocated runs stay synchronous)."""
+    # off | one_step_off (step n+1's rollout runs while step n trains) | full (a producer keeps generating
+    # into a buffer; the trainer takes groups no staler than max_staleness)
+    mode: str = "off"
+    max_staleness: int = 1               # full: trainer version − a sample's oldest token's version ≤ this
+    groups_in_flight: int = 0            # full: groups the producer keeps submitted (0: prompts_per_step)
+
+    def __post_init__(self) -> None:
+        _one_of("asynchronous.mode", self.mode, ASYNC_MODES)
+        if self.max_staleness < 0 or self.groups_in_flight < 0:
+            raise ValueError("asynchronous.max_staleness and groups_in_flight must be ≥ 0")
 
 
 @dataclass
@@ -211,6 +243,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     task: TaskSection = field(default_factory=TaskSection)
     rollout: RolloutSection = field(default_factory=RolloutSection)
+    asynchronous: AsyncSection = field(default_factory=AsyncSection)
     algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
     kl: KLSection = field(default_factory=KLSection)
     critic: CriticSection = field(default_factory=CriticSection)
