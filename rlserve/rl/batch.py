@@ -33,6 +33,9 @@ class Rollout:
     mask: torch.Tensor                   # [N, T]
     rewards: torch.Tensor                # [N]
     group_size: int
+    # [N, T] the weight version that sampled each token (partial and asynchronous rollouts); None: all
+    # tokens from the weights being trained
+    token_versions: torch.Tensor | None = None
 
     @property
     def num_groups(self) -> int:
@@ -43,7 +46,8 @@ class Rollout:
         rows = keep.repeat_interleave(self.group_size).nonzero().squeeze(-1).tolist()
         return Rollout([self.prompt_ids[i] for i in rows], [self.completion_ids[i] for i in rows],
                        [self.completion_texts[i] for i in rows], self.engine_logprobs[rows], self.mask[rows],
-                       self.rewards[rows], self.group_size)
+                       self.rewards[rows], self.group_size,
+                       None if self.token_versions is None else self.token_versions[rows])
 
 
 @dataclass
