@@ -10,36 +10,27 @@ With tool_choice "required" or a named function the model is constrained to a ba
 """
 from __future__ import annotations
 
-import json
 import re
-import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from rlserve.server.errors import APIError
 
-_QWEN_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
-FAMILIES = ("qwen", "llama3")
+# The parsers and types have no server dependencies (rlserve/tool_parsing.py; the RL agent loop uses
+# them too); re-exported here for the routes.
+from rlserve.tool_parsing import (
+    FAMILIES,
+    Tool,
+    ToolCall,
+    family_for,
+    loads,
+    parse_tool_calls,
+    template_supports_tools,
+    tools_system_prompt,
+)
 
-
-@dataclass(frozen=True)
-class Tool:
-    name: str
-    description: str
-    parameters: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    name: str
-    arguments: dict[str, Any]
-
-    def to_openai(self, index: int | None = None) -> dict[str, Any]:
-        d: dict[str, Any] = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                             "function": {"name": self.name, "arguments": json.dumps(self.arguments)}}
-        if index is not None:
-            d["index"] = index
-        return d
+__all__ = ["FAMILIES", "Tool", "ToolCall", "family_for", "forced_call_schema", "loads",
+           "messages_for_template", "parse_tool_calls", "parse_tools", "resolve_choice",
+           "template_supports_tools", "tools_system_prompt"]
 
 
 def parse_tools(tools: list[dict[str, Any]]) -> list[Tool]:
@@ -88,62 +79,6 @@ def forced_call_schema(tools: list[Tool]) -> dict[str, Any]:
     return one(tools[0]) if len(tools) == 1 else {"anyOf": [one(t) for t in tools]}
 
 
-def tools_system_prompt(tools: list[Tool]) -> str:
-    """For chat templates that ignore `tools`: describe them in a system message, Qwen-style."""
-    specs = "\n".join(json.dumps({"type": "function", "function": {
-        "name": t.name, "description": t.description, "parameters": t.parameters}}) for t in tools)
-    return ("You may call one or more functions to assist with the user query. Available functions:\n"
-            f"{specs}\nTo call a function, reply with <tool_call>{{\"name\": <function-name>, "
-            "\"arguments\": <args-json-object>}</tool_call> and nothing else.")
-
-
-def template_supports_tools(chat_template: str | None) -> bool:
-    return chat_template is not None and "tools" in chat_template
-
-
-def family_for(architecture: str) -> str:
-    return "qwen" if architecture.startswith("Qwen") else "llama3"
-
-
-def parse_tool_calls(text: str, tools: list[Tool], family: str) -> tuple[str | None, list[ToolCall]]:
-    """(remaining content or None, calls). Calls must name an offered tool; otherwise the text is
-    returned as plain content."""
-    names = {t.name for t in tools}
-    calls: list[ToolCall] = []
-    if family == "qwen" and "<tool_call>" in text:
-        for raw in _QWEN_CALL.findall(text):
-            call = _call_from(_loads(raw), names)
-            if call is None:
-                return text, []
-            calls.append(call)
-        rest = _QWEN_CALL.sub("", text).strip()
-        return (rest or None), calls
-    body = text.strip().removeprefix("<|python_tag|>").strip()
-    obj = _loads(body)
-    for item in (obj if isinstance(obj, list) else [obj]):
-        call = _call_from(item, names)
-        if call is None:
-            return text, []
-        calls.append(call)
-    return (None, calls) if calls else (text, [])
-
-
-def _loads(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, ValueError):
-        return None
-
-
-def _call_from(obj: Any, names: set[str]) -> ToolCall | None:
-    if not isinstance(obj, dict) or obj.get("name") not in names:
-        return None
-    args = obj.get("arguments", obj.get("parameters", {}))
-    if isinstance(args, str):
-        args = _loads(args)
-    return ToolCall(obj["name"], args) if isinstance(args, dict) else None
-
-
 def messages_for_template(messages: list[Any]) -> list[dict[str, Any]]:
     """OpenAI messages (incl. assistant tool_calls and role 'tool' results) as chat-template dicts."""
     out = []
@@ -166,7 +101,7 @@ def _template_call(call: Any) -> dict[str, Any]:
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
         raise APIError(400, "each assistant tool_calls entry needs function.name", param="messages")
     args = fn.get("arguments", "{}")
-    parsed = _loads(args) if isinstance(args, str) else args
+    parsed = loads(args) if isinstance(args, str) else args
     if not isinstance(parsed, dict):
         raise APIError(400, "tool_calls function.arguments must be a JSON object (as a string)", param="messages")
     return {"type": "function", "id": call.get("id"), "function": {"name": fn["name"], "arguments": parsed}}
