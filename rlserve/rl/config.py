@@ -127,8 +127,10 @@ class RolloutSection:
         _one_of("rollout.partial_old_tokens", self.partial_old_tokens, PARTIAL_OLD_TOKENS)
         if self.over_sample < 1.0:
             raise ValueError(f"rollout.over_sample must be ≥ 1; got {self.over_sample}")
-        if self.partial and self.constraint:
-            raise ValueError("rollout.partial cannot resume a constrained sample (its grammar state is not kept)")
+        grammar = sorted(set(self.constraint or {}) & {"regex", "json_schema", "json_object", "ebnf"})
+        if self.partial and grammar:
+            raise ValueError(f"rollout.partial cannot resume a sample under rollout.constraint {grammar[0]} "
+                             "(its grammar state is not kept)")
         _one_of("rollout.weight_sync", self.weight_sync, WEIGHT_SYNCS)
         _one_of("rollout.weight_sync_backend", self.weight_sync_backend, WEIGHT_SYNC_BACKENDS)
         if self.weight_sync_bucket_mb < 1:

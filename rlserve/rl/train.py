@@ -47,9 +47,11 @@ from rlserve.rl.config import TrainConfig, to_dict
 from rlserve.rl.logprobs import completion_logprobs
 from rlserve.rl.metrics_log import MetricLog
 from rlserve.rl.models import ValueModel, frozen_reference
+from rlserve.rl.partial import old_token_treatment
 from rlserve.rl.prompts import PromptStream, Sample
 from rlserve.rl.rewards import BUILTIN_REWARDS, RewardFn, invalid_reward_groups
-from rlserve.rl.rollout import encode_prompt, generate_rollout, greedy_accuracy
+from rlserve.rl.rollout import greedy_accuracy
+from rlserve.rl.sources import make_source
 from rlserve.rl.update import Critic, ppo_update, truncated_is_weights
 
 # ----------------------------------------------------------------------------- setup
@@ -300,37 +302,25 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
         llm.release_memory(["kv_cache"])
         remote = RemoteRollout.start(cfg.rollout, cfg.model.engine.with_options(seed=cfg.seed), out_dir,
                                      llm.engine.device)
+    llm.engine.set_weight_version(str(run.next_step))    # token versions are step numbers
+    source = make_source(run, remote)
     try:
         for step in bar:
             timer = Timer()
             with timer("total_s"):
                 seed = run.rng.randrange(2**31)
-                # 1. prompts
-                encoded = [encode_prompt(llm, s) for s in run.prompts.take(cfg.task.prompts_per_step)]
-                prompt_ids = [ids for ids, _ in encoded]
-                # 2. rollout n per prompt and 3. rewards
-                if remote is not None:
-                    # server mode: the servers serve this step's weights, versioned by the step
-                    with timer("push_s"):
-                        resumed = remote.push_weights(llm, step)
-                    if cfg.rollout.server_offload:
-                        timer.add("offload_s", resumed)
-                with timer("rollout_s"):
-                    fields = [f for _, f in encoded]
-                    if remote is None:
-                        rollout = generate_rollout(llm, cfg.rollout, prompt_ids, fields, run.reward_fn, seed)
-                    else:
-                        rollout = remote.generate_rollout(cfg.rollout, prompt_ids, fields, run.reward_fn, seed)
-                    invalid_keep = invalid_reward_groups(rollout.rewards, rollout.group_size,
-                                                         partial(_prompt_text, llm, rollout.prompt_ids),
-                                                         cfg.task.on_invalid_reward)
-                    if invalid_keep is not None:      # on_invalid_reward=drop: the groups with a NaN/inf go
-                        rollout = rollout.keep_groups(invalid_keep)
-                if remote is not None and cfg.rollout.server_offload:
-                    with timer("offload_s"):          # the servers' memory is the trainer's until the next push
-                        remote.release_memory()
+                # 1. prompts, 2. rollout n per prompt and 3. rewards (rl/sources.py: synchronous,
+                # over-sampled with abort, one step off or fully asynchronous)
+                rollout, source_metrics = source.next(step, seed, timer)
+                prompt_ids = rollout.prompt_ids[::rollout.group_size]
+                invalid_keep = invalid_reward_groups(rollout.rewards, rollout.group_size,
+                                                     partial(_prompt_text, llm, rollout.prompt_ids),
+                                                     cfg.task.on_invalid_reward)
+                if invalid_keep is not None:      # on_invalid_reward=drop: the groups with a NaN/inf go
+                    rollout = rollout.keep_groups(invalid_keep)
                 record: dict[str, Any] = {"step": step, "prompts_sha1": _prompts_digest(prompt_ids),
-                                          **(rollout_metrics(rollout) if len(rollout.rewards) else {})}
+                                          **(rollout_metrics(rollout) if len(rollout.rewards) else {}),
+                                          **source_metrics}
                 if invalid_keep is not None:
                     record["groups_invalid_reward"] = int((~invalid_keep).sum())
                 # 4. dynamic sampling: a group whose rewards all agree has zero advantage everywhere
@@ -343,8 +333,11 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
                     # 5. the trainer's logprobs (old policy, reference) and values, before any update
                     with timer("logprob_s"):
                         old_logp, ref_logp, values = recompute(run, rollout)
-                    mask = rollout.mask
-                    record |= mismatch_metrics(rollout.engine_logprobs, old_logp, mask)
+                    record |= mismatch_metrics(rollout.engine_logprobs, old_logp, rollout.mask)
+                    # tokens of a sample drawn by older weights than its newest tokens (partial rollouts)
+                    mask, old_weights, old_metrics = old_token_treatment(
+                        rollout, old_logp, step, cfg.rollout.partial_old_tokens, cfg.rollout.partial_tis_cap)
+                    record |= old_metrics
                     kl_penalty = None
                     if ref_logp is not None:
                         kl_tokens = kl_estimate(old_logp, ref_logp, cfg.kl.estimator, algo.log_ratio_clamp,
@@ -359,6 +352,8 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
                     if algo.tis_cap:      # truncated importance weights for the engine/trainer mismatch
                         tis = truncated_is_weights(old_logp, rollout.engine_logprobs, mask, algo.tis_cap)
                         record["tis_weight_mean"] = masked_mean(tis, mask).item()
+                    if old_weights is not None:
+                        tis = old_weights if tis is None else tis * old_weights
                     batch = TrainBatch(rollout.prompt_ids, rollout.completion_ids, mask, old_logp, advantages,
                                        ref_logp, values, returns, tis)
                     # 7. policy (and critic) update over minibatches and epochs
@@ -375,6 +370,7 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
                     if remote is None:
                         llm.resume_memory(["kv_cache"])  # a no-op unless released above
                     llm.engine.flush_cache()
+                    llm.engine.set_weight_version(str(step + 1))   # what its next tokens are sampled by
                 # 9. held-out evaluation
                 if cfg.task.eval_every and run.held_out and (step + 1) % cfg.task.eval_every == 0:
                     with timer("eval_s"):
@@ -392,8 +388,11 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
     finally:
         bar.close()
         log.close()
-        if remote is not None:
-            remote.close()
+        try:
+            source.close()
+        finally:
+            if remote is not None:
+                remote.close()
     log.plot()
     return run.history
 
