@@ -87,6 +87,39 @@ class TaskSection:
         _one_of("task.on_invalid_reward", self.on_invalid_reward, ("error", "drop"))
 
 
+AGENT_TOOLS = ("python", "lookup")
+TOOL_PARSERS = ("qwen", "llama3")
+
+
+@dataclass
+class AgentSection:
+    """`rollout.agent`: multi-turn, tool-using rollouts (rlserve/rl/agent/, docs/rl.md "Agentic
+    rollouts"). rollout.max_tokens is then each sample's whole response budget (its turns, tool results
+    and separators)."""
+    enabled: bool = False
+    max_turns: int = 4                   # assistant turns per sample
+    max_turn_tokens: int = 128           # new tokens per assistant turn
+    tools: list[str] = field(default_factory=lambda: ["python"])   # python (sandbox) | lookup (corpus)
+    tool_parser: str = "qwen"            # the server's parser family: qwen (<tool_call>) | llama3 (bare JSON)
+    tool_timeout_s: float = 10.0         # a slower call returns an error message to the model
+    max_tool_output_chars: int = 1000
+    sandbox_cpu_s: int = 2               # python: CPU seconds (RLIMIT_CPU)
+    sandbox_memory_mb: int = 512         # python: address space (RLIMIT_AS)
+    corpus: str | None = None            # lookup: a JSONL file of {"title", "text"} passages
+    lookup_k: int = 3                    # lookup: passages returned
+
+    def __post_init__(self) -> None:
+        _one_of("rollout.agent.tool_parser", self.tool_parser, TOOL_PARSERS)
+        if isinstance(self.tools, str):
+            self.tools = [self.tools]
+        for name in self.tools:
+            _one_of("rollout.agent.tools[]", name, AGENT_TOOLS)
+        if "lookup" in self.tools and not self.corpus:
+            raise ValueError("rollout.agent.tools has lookup: give rollout.agent.corpus (a JSONL file)")
+        if self.max_turns < 1 or self.max_turn_tokens < 1 or self.tool_timeout_s <= 0:
+            raise ValueError("rollout.agent: max_turns and max_turn_tokens must be ≥ 1, tool_timeout_s > 0")
+
+
 @dataclass
 class RolloutSection:
     group_size: int = 8                  # completions per prompt
@@ -121,6 +154,7 @@ class RolloutSection:
     partial: bool = False
     partial_old_tokens: str = "mask"
     partial_tis_cap: float = 2.0
+    agent: AgentSection = field(default_factory=AgentSection)   # multi-turn tool use
 
     def __post_init__(self) -> None:
         _one_of("rollout.backend", self.backend, BACKENDS)
