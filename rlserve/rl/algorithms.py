@@ -99,13 +99,15 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
-    """G_t = m_t · (r_t + γ · G_{t+1}), computed right to left, G_T = 0."""
+    """G_t = m_t · (r_t + γ · G_{t'}), computed right to left, G_T = 0, where t' is the next masked
+    position: unmasked positions inside a response (a multi-turn sample's tool results) are skipped, not
+    steps, so a reward at the end still reaches the earlier turns."""
     m = mask.to(token_rewards.dtype)
     out = torch.zeros_like(token_rewards)
     running = torch.zeros_like(token_rewards[:, 0])
     for t in range(token_rewards.shape[1] - 1, -1, -1):
-        running = (token_rewards[:, t] + gamma * running) * m[:, t]
-        out[:, t] = running
+        running = torch.where(m[:, t] > 0, token_rewards[:, t] + gamma * running, running)
+        out[:, t] = running * m[:, t]
     return out
 
 
@@ -162,7 +164,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         R_t = A_t + V_t
 
     The m_{t+1} factor stops bootstrapping past the last response token, whatever the value head
-    says at padding positions.
+    says at padding positions. t+1 is the next *masked* position: unmasked positions inside a response
+    (a multi-turn sample's tool results) are skipped, so the turns before them still bootstrap from the
+    turns after.
     """
     m = mask.to(values.dtype)
     B, T = values.shape
@@ -174,7 +178,10 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         delta = rewards[:, t] + gamma * next_mask * next_value - values[:, t]
         a = (delta + gamma * lam * next_mask * next_adv) * m[:, t]
         adv[:, t] = a
-        next_value, next_adv, next_mask = values[:, t], a, m[:, t]
+        on = m[:, t] > 0
+        next_value = torch.where(on, values[:, t], next_value)
+        next_adv = torch.where(on, a, next_adv)
+        next_mask = torch.where(on, m[:, t], next_mask)
     returns = (adv + values) * m
     return adv, returns
 

@@ -67,4 +67,12 @@ def countdown(split: str = "train", seed: int = 0, num_numbers: int = 3, max_num
         yield {"prompt": [{"role": "user", "content": text}], "numbers": numbers, "target": value}
 
 
-TASKS: dict[str, Callable[..., Iterator[Any]]] = {"arithmetic": arithmetic, "countdown": countdown}
+def multiplication_tool(split: str = "train", seed: int = 0, **options: Any) -> Iterator[Sample]:
+    """3-4 digit multiplication with the sandboxed Python tool (rlserve/rl/agent/tasks.py); needs
+    rollout.agent.enabled."""
+    from rlserve.rl.agent.tasks import multiplication
+    return multiplication(split, seed, **options)
+
+
+TASKS: dict[str, Callable[..., Iterator[Any]]] = {"arithmetic": arithmetic, "countdown": countdown,
+                                                  "multiplication_tool": multiplication_tool}

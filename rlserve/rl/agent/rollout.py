@@ -1,0 +1,105 @@
+"""Agentic rollouts for the training loop: `agent_rollout` has generate_rollout's signature and
+returns the same `Rollout` (prompt = the first prompt, completion = every token after it, mask = the
+loss mask), so the update, advantages and metrics take multi-turn samples unchanged."""
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any
+
+from rlserve.llm import LLM
+from rlserve.rl.agent.backend import Backend, EngineBackend
+from rlserve.rl.agent.lookup import Corpus, lookup_tool
+from rlserve.rl.agent.loop import AgentLoop, AgentOptions, Parser, tool_parser
+from rlserve.rl.agent.render import TurnRenderer
+from rlserve.rl.agent.sample import Sample, samples_to_rollout
+from rlserve.rl.agent.sandbox import SandboxLimits, python_tool
+from rlserve.rl.agent.tools import AgentTool
+from rlserve.rl.batch import Rollout
+from rlserve.rl.config import AgentSection, RolloutSection
+from rlserve.rl.rewards import RewardFn, score
+from rlserve.sampling import SamplingParams
+
+
+def build_tools(agent: AgentSection) -> list[AgentTool]:
+    """The tools rollout.agent.tools names."""
+    tools = []
+    for name in agent.tools:
+        if name == "python":
+            tools.append(python_tool(SandboxLimits(timeout_s=agent.tool_timeout_s, cpu_s=agent.sandbox_cpu_s,
+                                                   memory_mb=agent.sandbox_memory_mb,
+                                                   max_output_chars=agent.max_tool_output_chars)))
+        elif name == "lookup":
+            assert agent.corpus is not None           # AgentSection checks it
+            tools.append(lookup_tool(Corpus.from_jsonl(agent.corpus), agent.lookup_k))
+    return tools
+
+
+def _options(cfg: RolloutSection) -> AgentOptions:
+    a = cfg.agent
+    return AgentOptions(max_turns=a.max_turns, max_tokens=cfg.max_tokens, max_turn_tokens=a.max_turn_tokens,
+                        tool_timeout_s=a.tool_timeout_s, max_tool_output_chars=a.max_tool_output_chars)
+
+
+def run_agent(llm: LLM, cfg: RolloutSection, prompts: list[list[int]], fields: list[dict[str, Any]],
+              reward_fn: RewardFn, seeds: list[int | None], temperature: float,
+              tools: list[AgentTool] | None = None, parser: Parser | None = None,
+              backend: Backend | None = None) -> list[Sample]:
+    """Run one sample per entry of `prompts` to its end and score it."""
+    tools = build_tools(cfg.agent) if tools is None else tools
+    parser = parser or tool_parser(tools, cfg.agent.tool_parser)
+    params = SamplingParams(temperature=temperature, **(cfg.constraint or {}))
+    own = backend is None
+    engine_backend = EngineBackend(llm.engine) if own else None
+    loop = AgentLoop(backend or engine_backend, TurnRenderer(llm.engine.tokenizer), tools,  # type: ignore[arg-type]
+                     params, _options(cfg), parser)
+    tok = llm.engine.tokenizer
+
+    async def run() -> list[Sample]:
+        samples = await loop.run_all(prompts, seeds, fields)
+        rewards = await asyncio.gather(*(score(reward_fn, tok.decode(s.prompt_ids), s.final_text,
+                                               _reward_fields(reward_fn, s)) for s in samples))
+        for s, r in zip(samples, rewards):
+            s.reward = r
+        return samples
+    try:
+        return asyncio.run(run())
+    finally:
+        if engine_backend is not None:
+            engine_backend.close()
+
+
+def _reward_fields(fn: RewardFn, sample: Sample) -> dict[str, Any]:
+    """The task's fields, plus the whole `sample` (turns, tool calls, status) for a reward that takes it."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return sample.fields
+    if "sample" in params:
+        return sample.fields | {"sample": sample}
+    return sample.fields
+
+
+def agent_rollout(llm: LLM, cfg: RolloutSection, prompts: list[list[int]], fields: list[dict[str, Any]],
+                  reward_fn: RewardFn, seed: int, tools: list[AgentTool] | None = None,
+                  parser: Parser | None = None, backend: Backend | None = None) -> Rollout:
+    """cfg.group_size multi-turn samples per prompt, group by group. Sample j of prompt i draws turn t
+    with seed + (i·n + j)·max_turns + t, so every sample of a group differs and a step depends only on
+    its seed, the weights and the tools."""
+    n, turns = cfg.group_size, cfg.agent.max_turns
+    flat = [p for p in prompts for _ in range(n)]
+    flat_fields = [f for f in fields for _ in range(n)]
+    seeds: list[int | None] = [seed + k * turns for k in range(len(flat))]
+    samples = run_agent(llm, cfg, flat, flat_fields, reward_fn, seeds, cfg.temperature, tools, parser, backend)
+    tok = llm.engine.tokenizer
+    return samples_to_rollout(samples, [tok.decode(s.response_ids) for s in samples], n)
+
+
+def agent_greedy_accuracy(llm: LLM, cfg: RolloutSection, samples: list[dict[str, Any]], reward_fn: RewardFn,
+                          tools: list[AgentTool] | None = None) -> float:
+    """Mean reward of greedy multi-turn samples (held-out evaluation of an agent task)."""
+    from rlserve.rl.rollout import encode_prompt
+    encoded = [encode_prompt(llm, s) for s in samples]
+    done = run_agent(llm, cfg, [ids for ids, _ in encoded], [f for _, f in encoded], reward_fn,
+                     [None] * len(encoded), 0.0, tools)
+    return sum(s.reward for s in done) / max(1, len(done))

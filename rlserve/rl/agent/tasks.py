@@ -1,0 +1,51 @@
+"""A task that needs a tool: multiplying 3-4 digit numbers, which a 135M model cannot do in its head,
+with the sandboxed Python tool described in the system prompt. Held-out problems are split off by a
+hash of the problem (as rlserve/rl/tasks.py does)."""
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator
+from typing import Any
+
+from rlserve.rl.agent.sandbox import python_tool
+from rlserve.rl.rewards import boxed_contents, numeric_reward
+from rlserve.tool_parsing import tools_system_prompt
+
+Sample = dict[str, Any]
+
+
+def _in_split(key: str, split: str, held_out_fraction: float) -> bool:
+    # rlserve/rl/tasks.py's split (kept here: that module lists this task, so it cannot be imported)
+    h = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return (h < held_out_fraction) == (split == "test")
+
+
+def multiplication(split: str = "train", seed: int = 0, min_digits: int = 3, max_digits: int = 4,
+                   held_out_fraction: float = 0.2) -> Iterator[Sample]:
+    """"What is a × b?" with a and b of min_digits..max_digits digits; the reward field is `answer`.
+    The system prompt offers the `python` tool (Qwen-style <tool_call> format)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if not 1 <= min_digits <= max_digits:
+        raise ValueError(f"need 1 ≤ min_digits ≤ max_digits; got {min_digits}, {max_digits}")
+    system = tools_system_prompt([python_tool().spec])
+    rng = random.Random(seed)
+    while True:
+        a, b = (rng.randint(10 ** (d - 1), 10 ** d - 1)
+                for d in (rng.randint(min_digits, max_digits) for _ in range(2)))
+        if not _in_split(f"{a}*{b}", split, held_out_fraction):
+            continue
+        question = (f"What is {a} * {b}? Use the python tool to compute it, then give the final answer "
+                    "in \\boxed{}.")
+        yield {"prompt": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+               "answer": a * b}
+
+
+def tool_answer_reward(prompt: str, completion: str, answer: Any = None, sample: Any = None,
+                       format_weight: float = 0.1, **_: Any) -> float:
+    """The final answer's correctness (rewards.numeric_reward on the last assistant turn) plus a small
+    format reward: `format_weight` when the sample called a tool and then answered in \\boxed{}."""
+    correct = numeric_reward(prompt, completion, answer)
+    used_tool = sample is not None and sample.tool_calls > 0 and sample.status == "finished"
+    return correct + (format_weight if used_tool and boxed_contents(completion) else 0.0)

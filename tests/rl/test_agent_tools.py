@@ -1,0 +1,96 @@
+"""The sandboxed Python tool refuses file writes and network, enforces its CPU, memory and wall-clock
+limits and truncates output; the lookup tool ranks a local corpus by keywords."""
+from __future__ import annotations
+
+import asyncio
+import os
+
+from rlserve.rl.agent.lookup import Corpus, lookup_tool
+from rlserve.rl.agent.sandbox import SandboxLimits, run_python
+from rlserve.rl.agent.tools import AgentTool, call_tool
+from rlserve.tool_parsing import ToolCall
+
+
+def _py(code: str, **limits) -> str:
+    return asyncio.run(run_python(code, SandboxLimits(**limits)))
+
+
+def test_computes_and_prints_the_last_expression():
+    assert _py("1234 * 5678") == "7006652"
+    assert _py("x = 3\nprint('x is', x)\nx * 2") == "x is 3\n6"
+    assert "ZeroDivisionError" in _py("1 / 0")
+
+
+def test_refuses_file_writes(tmp_path):
+    target = tmp_path / "out.txt"
+    for code in (f"open({str(target)!r}, 'w').write('x')", f"open({str(target)!r}, 'a')",
+                 f"import os; os.open({str(target)!r}, os.O_CREAT | os.O_WRONLY)",
+                 "open('here.txt', 'x')", f"import os; os.mkdir({str(tmp_path / 'd')!r})",
+                 f"import os; os.remove({str(tmp_path)!r})"):
+        assert "PermissionError" in _py(code), code
+    assert not target.exists() and not (tmp_path / "d").exists() and tmp_path.exists()
+    assert _py(f"open({__file__!r}).readline()").startswith("'")      # reading is allowed
+
+
+def test_refuses_network_and_processes():
+    for code in ("import socket", "import _socket", "import urllib.request", "import subprocess",
+                 "import ctypes", "import asyncio"):
+        assert "ImportError" in _py(code), code
+    assert "PermissionError" in _py("import os; os.system('true')")
+    assert _py("import os; sorted(os.environ)") in ("[]", "['LC_CTYPE']")   # an empty environment
+
+
+def test_enforces_cpu_wall_clock_and_memory_limits():
+    assert "SIGXCPU" in _py("while True: pass", cpu_s=1, timeout_s=30)
+    assert "time limit" in _py("import time; time.sleep(60)", timeout_s=0.5)
+    assert "MemoryError" in _py("x = bytearray(1 << 31)", memory_mb=256)
+    out = _py("print('a' * 10000)", max_output_chars=100)
+    assert out.startswith("a" * 100) and "truncated" in out and len(out) < 200
+
+
+def test_a_cancelled_call_leaves_no_process():
+    async def main() -> None:
+        task = asyncio.create_task(run_python("import os, time; print(os.getpid(), flush=True); time.sleep(60)"))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+    before = set(os.listdir("/proc"))
+    asyncio.run(main())
+    # a python child with our bootstrap still alive would show up in /proc with "rlserve-sandbox" cwd
+    leftovers = [p for p in set(os.listdir("/proc")) - before if p.isdigit()
+                 and "rlserve-sandbox" in _cwd(p)]
+    assert not leftovers
+
+
+def _cwd(pid: str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return ""
+
+
+def test_lookup_ranks_by_keywords():
+    corpus = Corpus([{"title": "Paris", "text": "Paris is the capital of France."},
+                     {"title": "Lima", "text": "Lima is the capital of Peru."},
+                     {"title": "Rivers", "text": "The Amazon flows through Peru and Brazil."}])
+    assert [p["title"] for p in corpus.search("capital of Peru", k=1)] == ["Lima"]   # both words beat one
+    assert sorted(p["title"] for p in corpus.search("Peru", k=3)) == ["Lima", "Rivers"]
+    assert corpus.search("zebra") == []
+    tool = lookup_tool(corpus, k=1)
+    assert asyncio.run(tool.fn(query="France capital")) == "[1] Paris: Paris is the capital of France."
+
+
+def test_sync_tools_and_exceptions_become_messages():
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    def broken() -> str:
+        raise KeyError("missing")
+    tools = {"add": AgentTool("add", "", {}, add), "broken": AgentTool("broken", "", {}, broken)}
+    run = lambda call: asyncio.run(call_tool(tools, call, 1.0, 100))  # noqa: E731
+    assert run(ToolCall("add", {"a": 2, "b": 3})) == "5"
+    assert run(ToolCall("broken", {})) == "Error: KeyError: 'missing'"
+    assert run(ToolCall("nope", {})).startswith("Error: unknown tool 'nope'")
