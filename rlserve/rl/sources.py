@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
+from rlserve.rl.agent.rollout import agent_rollout
 from rlserve.rl.batch import Rollout
 from rlserve.rl.rollout import encode_prompt, generate_rollout
 
@@ -54,7 +55,8 @@ class Synchronous:
                 timer.add("offload_s", resumed)
         with timer("rollout_s"):
             if remote is None:
-                rollout = generate_rollout(run.llm, cfg.rollout, prompt_ids, fields, run.reward_fn, seed)
+                generate = agent_rollout if cfg.rollout.agent.enabled else generate_rollout   # multi-turn tool use
+                rollout = generate(run.llm, cfg.rollout, prompt_ids, fields, run.reward_fn, seed)
             else:
                 rollout = remote.generate_rollout(cfg.rollout, prompt_ids, fields, run.reward_fn, seed)
         if remote is not None and cfg.rollout.server_offload:

@@ -33,6 +33,7 @@ from rlserve.config import Switch
 from rlserve.llm import LLM
 from rlserve.models.llama import LlamaForCausalLM
 from rlserve.rl.advantages import compute_advantages
+from rlserve.rl.agent.rollout import agent_greedy_accuracy
 from rlserve.rl.algorithms import dynamic_sampling_keep, kl_estimate, masked_mean
 from rlserve.rl.batch import Rollout, TrainBatch, pad
 from rlserve.rl.checkpoint import (
@@ -256,7 +257,10 @@ def evaluate(run: Run, cfg: TrainConfig) -> float:
     released = "kv_cache" in run.llm.engine.released_memory()
     if released:
         run.llm.resume_memory(["kv_cache"])
-    accuracy = greedy_accuracy(run.llm, run.held_out, run.reward_fn, cfg.rollout.max_tokens)
+    if cfg.rollout.agent.enabled:        # multi-turn, with the tools
+        accuracy = agent_greedy_accuracy(run.llm, cfg.rollout, run.held_out, run.reward_fn)
+    else:
+        accuracy = greedy_accuracy(run.llm, run.held_out, run.reward_fn, cfg.rollout.max_tokens)
     run.llm.engine.flush_cache()
     if released:
         run.llm.release_memory(["kv_cache"])
