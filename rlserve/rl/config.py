@@ -161,6 +161,8 @@ class RolloutSection:
         _one_of("rollout.partial_old_tokens", self.partial_old_tokens, PARTIAL_OLD_TOKENS)
         if self.over_sample < 1.0:
             raise ValueError(f"rollout.over_sample must be ≥ 1; got {self.over_sample}")
+        if self.agent.enabled and (self.backend != "colocated" or self.over_sample > 1 or self.partial):
+            raise ValueError("rollout.agent runs on the colocated engine, without over_sample or partial")
         grammar = sorted(set(self.constraint or {}) & {"regex", "json_schema", "json_object", "ebnf"})
         if self.partial and grammar:
             raise ValueError(f"rollout.partial cannot resume a sample under rollout.constraint {grammar[0]} "
