@@ -88,7 +88,7 @@ class TaskSection:
 
 
 AGENT_TOOLS = ("python", "lookup")
-TOOL_PARSERS = ("qwen", "llama3")
+TOOL_PARSERS = ("qwen", "llama3", "markdown")
 
 
 @dataclass
@@ -100,7 +100,8 @@ class AgentSection:
     max_turns: int = 4                   # assistant turns per sample
     max_turn_tokens: int = 128           # new tokens per assistant turn
     tools: list[str] = field(default_factory=lambda: ["python"])   # python (sandbox) | lookup (corpus)
-    tool_parser: str = "qwen"            # the server's parser family: qwen (<tool_call>) | llama3 (bare JSON)
+    # the server's parser family: qwen (<tool_call>) | llama3 (bare JSON) | markdown (```python blocks)
+    tool_parser: str = "qwen"
     tool_timeout_s: float = 10.0         # a slower call returns an error message to the model
     max_tool_output_chars: int = 1000
     sandbox_cpu_s: int = 2               # python: CPU seconds (RLIMIT_CPU)

@@ -139,3 +139,12 @@ def test_unknown_tool_bad_arguments_and_limits(smol_tokenizer):
     # the token budget stops a sample whose next tool result would not fit
     sample, _, _ = _run(tok, [CALC, ANSWER], [{"role": "user", "content": "go"}], eot, max_tokens=40)
     assert sample.status == "truncated" and sample.turns == 1 and sample.response_length <= 40
+
+
+def test_markdown_parser_reads_python_blocks_as_calls():
+    from rlserve.rl.agent.loop import tool_parser
+    from rlserve.tool_parsing import ToolCall
+    parse = tool_parser(_tools(), "markdown")
+    assert parse("Let me compute.\n```python\nprint(12 * 3)\n```\n") == [ToolCall("python", {"code": "print(12 * 3)\n"})]
+    assert parse("The answer is \\boxed{36}.") == []
+    assert tool_parser(_tools(), "qwen")(CALC) == [ToolCall("python", {"code": "1234 * 5678"})]

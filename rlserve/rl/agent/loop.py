@@ -12,6 +12,7 @@ samples' turns are batched together by the engine.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -41,8 +42,15 @@ class AgentOptions:
             raise ValueError("max_turns, max_tokens and max_turn_tokens must be ≥ 1")
 
 
+_CODE_BLOCK = re.compile(r"```(?:python|py)\s*\n(.*?)```", re.DOTALL)
+
+
 def tool_parser(tools: list[AgentTool], family: str = "qwen") -> Parser:
-    """The server's parser for `family` over `tools`: calls naming an offered tool, else none."""
+    """The server's parser for `family` over `tools`: calls naming an offered tool, else none.
+    "markdown": every ```python block is a call of the `python` tool (small chat models write code
+    blocks on their own long before they follow a tool-call format)."""
+    if family == "markdown":
+        return lambda text: [ToolCall("python", {"code": c}) for c in _CODE_BLOCK.findall(text)]
     specs = [t.spec for t in tools]
     return lambda text: parse_tool_calls(text, specs, family)[1]
 

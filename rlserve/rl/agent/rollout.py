@@ -48,7 +48,10 @@ def run_agent(llm: LLM, cfg: RolloutSection, prompts: list[list[int]], fields: l
     """Run one sample per entry of `prompts` to its end and score it."""
     tools = build_tools(cfg.agent) if tools is None else tools
     parser = parser or tool_parser(tools, cfg.agent.tool_parser)
-    params = SamplingParams(temperature=temperature, **(cfg.constraint or {}))
+    extra: dict[str, Any] = {}
+    if cfg.agent.tool_parser == "markdown":   # a turn ends where its code block does: run it now
+        extra = {"stop": ["\n```\n"], "include_stop_str_in_output": True}
+    params = SamplingParams(temperature=temperature, **(extra | (cfg.constraint or {})))
     own = backend is None
     engine_backend = EngineBackend(llm.engine) if own else None
     loop = AgentLoop(backend or engine_backend, TurnRenderer(llm.engine.tokenizer), tools,  # type: ignore[arg-type]
