@@ -257,10 +257,10 @@ class EngineConfig:
     cuda_graph: bool = _opt(True, "capture decode steps in CUDA graphs (eager when off)")
     cuda_graph_max_bs: int | None = _opt(None, "largest decode batch captured in a CUDA graph; "
                                                "None: max_running_requests")
-    memory_saver: Switch = _opt(Switch.AUTO, "release weights and KV (release_memory) through torch-memory-saver, "
-                                             "keeping addresses and CUDA graphs; auto: on CUDA when installed. Its regions "
-                                             "cannot be shared as CUDA IPC handles: turn it off where the engine's "
-                                             "weights are pushed to other processes")
+    memory_saver: Switch = _opt(Switch.OFF, "release weights and KV (release_memory) through torch-memory-saver, "
+                                            "keeping addresses and CUDA graphs (on; auto: on CUDA when installed); "
+                                            "off: the engine's own release, which captures graphs again. Its "
+                                            "regions cannot be shared as CUDA IPC handles")
     compile: Elementwise = _opt(Elementwise.AUTO, "how norms, rotary and the gated activation run: triton "
                                 "kernels, inductor (torch.compile) or eager torch ops; auto: triton on CUDA with "
                                 "Triton, inductor on CUDA without, eager on a CPU")
