@@ -119,7 +119,7 @@ def setup(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
         prompts, default_held_out = _data_sources(cfg)
         held_out = default_held_out if held_out is None else held_out
     engine_config = cfg.model.engine.with_options(seed=cfg.seed)
-    if cfg.rollout.backend == "server" and engine_config.memory_saver is Switch.AUTO:
+    if cfg.rollout.backend == "server" and engine_config.memory_saver is not Switch.OFF:
         # The policy's tensors are pushed to the servers as CUDA IPC handles, which memory-saver regions
         # cannot give out; the trainer's engine never releases its weights in server mode anyway.
         engine_config = engine_config.with_options(memory_saver=Switch.OFF)
