@@ -1,0 +1,210 @@
+"""Asynchronous training in server mode (asynchronous.mode): rollout overlaps the update.
+
+one_step_off: right after step n pushes its weights (version n), step n+1's rollout is submitted to the
+servers from a background thread while step n trains on the rollout submitted one step earlier (drawn by
+version n − 1). Every sample is exactly one version stale; step 0 draws its own rollout first.
+
+full: a producer thread keeps submitting prompt groups (groups_in_flight per request batch) and puts each
+finished group in a StalenessBuffer tagged with its oldest token's weight version (the servers report
+weight_version_spans; a request running across a push continues under the new weights in place). Each
+step pushes the trainer's weights (version = step), then takes prompts_per_step groups whose oldest token is
+at most max_staleness versions behind, dropping (and counting) staler ones.
+
+The colocated engine serves the very module the optimizer updates, so there rollouts cannot overlap the
+update: colocated runs with an asynchronous mode run synchronously (the trainer warns).
+"""
+from __future__ import annotations
+
+import random
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import torch
+
+from rlserve.rl.batch import Rollout
+from rlserve.rl.config import RolloutSection, TrainConfig
+from rlserve.rl.partial import GroupState, build_rollout, spans_to_versions
+from rlserve.rl.rewards import RewardFn
+
+if TYPE_CHECKING:
+    from rlserve.llm import LLM
+    from rlserve.rl.remote import RemoteRollout
+    from rlserve.rl.train import Timer
+
+T = TypeVar("T")
+Encoded = list[tuple[list[int], dict[str, Any]]]
+
+
+class StalenessBuffer(Generic[T]):
+    """Finished items (prompt groups), each with the weight version of its oldest token; thread-safe. A
+    take at trainer version v hands out only items with v − oldest ≤ max_staleness: staler ones are
+    dropped then (an item only grows staler while it waits)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: deque[tuple[T, int]] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._error: BaseException | None = None
+        self.dropped = 0
+
+    def put(self, item: T, oldest_version: int) -> None:
+        with self._cond:
+            self._items.append((item, oldest_version))
+            self._cond.notify_all()
+
+    def wait_for_room(self) -> bool:
+        """Block while the buffer is full; False once closed (the producer stops)."""
+        with self._cond:
+            while len(self._items) >= self.capacity and not self._closed:
+                self._cond.wait()
+            return not self._closed
+
+    def take(self, n: int, version: int, max_staleness: int) -> tuple[list[tuple[T, int]], int]:
+        """n (item, oldest version) pairs within the bound, oldest first, and how many stale ones were
+        dropped meanwhile. Blocks until there are n; raises the producer's error, or once closed."""
+        if n > self.capacity:
+            raise ValueError(f"cannot take {n} items from a buffer that holds {self.capacity}")
+        dropped = 0
+        with self._cond:
+            while True:
+                fresh = deque(p for p in self._items if version - p[1] <= max_staleness)
+                stale = len(self._items) - len(fresh)
+                self._items = fresh
+                if stale:
+                    dropped += stale
+                    self.dropped += stale
+                    self._cond.notify_all()      # room for the producer
+                if len(fresh) >= n:
+                    out = [fresh.popleft() for _ in range(n)]
+                    self._cond.notify_all()
+                    return out, dropped
+                if self._error is not None:
+                    raise RuntimeError("the rollout producer failed") from self._error
+                if self._closed:
+                    raise RuntimeError("the rollout buffer is closed")
+                self._cond.wait()
+
+    def close(self, error: BaseException | None = None) -> None:
+        with self._cond:
+            self._closed = True
+            self._error = self._error or error
+            self._cond.notify_all()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+
+def remote_groups(remote: RemoteRollout, cfg: RolloutSection, encoded: Encoded, seed: int, version: int
+                  ) -> list[GroupState]:
+    """Each prompt's group from the servers (the same request as remote.generate_rollout: prompt i draws
+    with seeds seed + i·n + j), every token with the weight version the servers report for it (`version`
+    when they report none)."""
+    params = [{"n": cfg.group_size, "temperature": cfg.temperature, "max_new_tokens": cfg.max_tokens,
+               "seed": seed + i * cfg.group_size, "ignore_eos": cfg.ignore_eos, "logprobs_mode": "tempered",
+               **(cfg.constraint or {})} for i in range(len(encoded))]
+    answers = remote._generate([ids for ids, _ in encoded], params)
+    groups = []
+    for (ids, fields), items in zip(encoded, answers):
+        group = GroupState.fresh(ids, fields, cfg.group_size)
+        for sample, item in zip(group.samples, items):
+            tokens = list(item["output_ids"])
+            meta = item["meta_info"]
+            lps = [lp for lp, _, _ in meta["output_token_logprobs"]]
+            versions = spans_to_versions(meta.get("weight_version_spans") or [], len(tokens), version)
+            sample.extend(tokens, lps, versions, item["text"], (meta.get("finish_reason") or {}).get("type", "stop"))
+        groups.append(group)
+    return groups
+
+
+class OneStepOff:
+    """Step n trains on the rollout submitted at step n − 1 while step n + 1's is drawn."""
+
+    def __init__(self, cfg: TrainConfig, llm: LLM, remote: RemoteRollout, reward_fn: RewardFn,
+                 take: Callable[[int], Encoded]) -> None:
+        self.cfg, self.llm, self.remote, self.reward_fn, self.take = cfg, llm, remote, reward_fn, take
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="rollout")
+        self.future: Future[list[GroupState]] | None = None
+
+    def _draw(self, encoded: Encoded, seed: int, version: int) -> list[GroupState]:
+        return remote_groups(self.remote, self.cfg.rollout, encoded, seed, version)
+
+    def next(self, step: int, seed: int, timer: Timer) -> tuple[Rollout, dict[str, float]]:
+        need = self.cfg.task.prompts_per_step
+        if self.future is None:                  # the first step has nothing in flight: draw it now
+            with timer("push_s"):
+                self.remote.push_weights(self.llm, step)
+            with timer("rollout_s"):
+                groups = self._draw(self.take(need), (seed + 2**30) % 2**31, step)
+        else:
+            with timer("rollout_wait_s"):        # what the update did not hide
+                groups = self.future.result()
+            with timer("push_s"):
+                self.remote.push_weights(self.llm, step)
+        # The next step's rollout, drawn by the weights just pushed while this step trains.
+        self.future = self.pool.submit(self._draw, self.take(need), seed, step)
+        rollout = build_rollout(groups, self.cfg.rollout.group_size, self.reward_fn)
+        return rollout, staleness_metrics(groups, step)
+
+    def close(self) -> None:
+        if self.future is not None:
+            self.future.cancel()
+        self.pool.shutdown(wait=True)
+
+
+class FullAsync:
+    """A producer thread fills a StalenessBuffer; each step takes what is fresh enough."""
+
+    def __init__(self, cfg: TrainConfig, llm: LLM, remote: RemoteRollout, reward_fn: RewardFn,
+                 take: Callable[[int], Encoded]) -> None:
+        self.cfg, self.llm, self.remote, self.reward_fn, self.take = cfg, llm, remote, reward_fn, take
+        self.chunk = cfg.asynchronous.groups_in_flight or cfg.task.prompts_per_step
+        # room for the next step's groups and one chunk in flight beyond them
+        self.buffer: StalenessBuffer[GroupState] = StalenessBuffer(cfg.task.prompts_per_step + self.chunk)
+        self.thread: threading.Thread | None = None
+        self.version = 0                          # the newest pushed, read by the producer for empty groups
+
+    def _produce(self, seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            while self.buffer.wait_for_room():
+                version = self.version
+                groups = remote_groups(self.remote, self.cfg.rollout, self.take(self.chunk),
+                                       rng.randrange(2**31), version)
+                for g in groups:
+                    oldest = g.oldest_version
+                    self.buffer.put(g, version if oldest is None else oldest)
+        except BaseException as e:  # noqa: BLE001 - handed to the trainer, which raises it
+            self.buffer.close(e)
+
+    def next(self, step: int, seed: int, timer: Timer) -> tuple[Rollout, dict[str, float]]:
+        with timer("push_s"):          # requests in flight continue under the new weights
+            self.remote.push_weights(self.llm, step)
+        self.version = step
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._produce, args=(seed,), name="rollout-producer",
+                                           daemon=True)
+            self.thread.start()
+        with timer("rollout_wait_s"):
+            taken, dropped = self.buffer.take(self.cfg.task.prompts_per_step, step,
+                                              self.cfg.asynchronous.max_staleness)
+        groups = [g for g, _ in taken]
+        rollout = build_rollout(groups, self.cfg.rollout.group_size, self.reward_fn)
+        return rollout, {**staleness_metrics(groups, step), "groups_dropped_stale": float(dropped)}
+
+    def close(self) -> None:
+        self.buffer.close()
+        if self.thread is not None:
+            self.thread.join()
+
+
+def staleness_metrics(groups: list[GroupState], version: int) -> dict[str, float]:
+    oldest = [g.oldest_version for g in groups if g.oldest_version is not None]
+    if not oldest:
+        return {}
+    lags = torch.tensor([version - v for v in oldest], dtype=torch.float32)
+    return {"staleness_mean": lags.mean().item(), "staleness_max": lags.max().item()}

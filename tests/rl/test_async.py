@@ -1,0 +1,124 @@
+"""Asynchronous training: the staleness buffer never hands out an item staler than the bound whatever the
+producer's and trainer's timings (randomized, fixed seeds); the fully asynchronous source over servers that
+answer at random times never trains on a sample whose oldest token is too old; one step off in server mode
+learns the toy task with every sample exactly one version behind."""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from rl_toy import share_of_a, toy_config, toy_train
+
+from rlserve.rl.async_loop import FullAsync, StalenessBuffer
+from rlserve.rl.train import Timer
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_buffer_never_hands_out_a_stale_item(seed):
+    rng = random.Random(seed)
+    max_staleness = rng.choice([0, 1, 2])
+    buffer: StalenessBuffer[int] = StalenessBuffer(capacity=rng.randint(3, 8))
+    version = [0]                       # the trainer's, read by the producers at random moments
+    produced = [0]
+    lock = threading.Lock()
+
+    def producer(k: int) -> None:
+        r = random.Random(seed * 100 + k)
+        while buffer.wait_for_room():
+            start = version[0]                          # the oldest token's version: read before "generating"
+            time.sleep(r.random() * 0.002)
+            with lock:
+                produced[0] += 1
+            buffer.put(produced[0], start)
+    threads = [threading.Thread(target=producer, args=(k,)) for k in range(rng.randint(1, 3))]
+    for t in threads:
+        t.start()
+    taken = 0
+    try:
+        for step in range(40):
+            n = rng.randint(1, 3)
+            items, _ = buffer.take(n, version[0], max_staleness)
+            assert len(items) == n
+            assert all(version[0] - oldest <= max_staleness for _, oldest in items)
+            taken += n
+            time.sleep(rng.random() * 0.003)            # the update
+            version[0] = step + 1
+    finally:
+        buffer.close()
+        for t in threads:
+            t.join()
+    # every produced item was taken, dropped as stale, or is still there
+    assert produced[0] == taken + buffer.dropped + len(buffer)
+
+
+class RandomServers:
+    """Stands in for RemoteRollout: answers after a random delay; a push changes the version its running
+    requests continue under, which their weight_version_spans report, as a server's do."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.version = 0
+        self.seeds: list[list[int]] = []
+
+    def push_weights(self, llm, version: int) -> float:
+        time.sleep(self.rng.random() * 0.002)
+        self.version = version
+        return 0.0
+
+    def _generate(self, prompts, params):
+        start = self.version
+        time.sleep(self.rng.random() * 0.01)
+        now = self.version
+        out = []
+        for p in params:
+            self.seeds.append([p["seed"] + j for j in range(p["n"])])
+            items = []
+            for j in range(p["n"]):
+                r = random.Random(p["seed"] + j)
+                tokens = [r.randrange(100) for _ in range(4)]
+                spans = [[0, str(start)]] + ([[2, str(now)]] if now != start else [])
+                items.append({"output_ids": tokens, "text": "a" * (tokens[0] % 9),
+                              "meta_info": {"output_token_logprobs": [(-1.0, t, None) for t in tokens],
+                                            "weight_version_spans": spans, "finish_reason": {"type": "length"}}})
+            out.append(items)
+        return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_full_async_trains_on_nothing_staler_than_the_bound(tmp_path, seed):
+    rng = random.Random(seed)
+    cfg = toy_config(Path("unused"), tmp_path, "asynchronous.mode=full",
+                     f"asynchronous.max_staleness={rng.choice([0, 1, 2])}",
+                     f"asynchronous.groups_in_flight={rng.randint(1, 6)}", "task.prompts_per_step=3",
+                     "rollout.group_size=4", "rollout.constraint=null")
+    servers = RandomServers(seed)
+    counter = iter(range(10**6))
+    source = FullAsync(cfg, SimpleNamespace(), servers, share_of_a,   # type: ignore[arg-type]
+                       lambda n: [([next(counter)], {}) for _ in range(n)])
+    bound = cfg.asynchronous.max_staleness
+    try:
+        for step in range(25):
+            rollout, metrics = source.next(step, seed, Timer())
+            assert rollout.num_groups == 3 and rollout.token_versions is not None
+            oldest = rollout.token_versions.min().item()
+            assert step - oldest <= bound and metrics["staleness_max"] <= bound
+            time.sleep(rng.random() * 0.005)             # the update
+    finally:
+        source.close()
+    # seeds are distinct inside every group (identical samples would zero the group's advantage)
+    assert all(len(set(s)) == len(s) for s in servers.seeds)
+
+
+def test_one_step_off_in_server_mode_learns(tiny_model_dir, tmp_path):
+    history = toy_train(tiny_model_dir("tiny-llama"), tmp_path, "rollout.backend=server",
+                        "asynchronous.mode=one_step_off")
+    rewards = [r["reward"] for r in history]
+    start, end = sum(rewards[:2]) / 2, sum(rewards[-3:]) / 3
+    assert start < 0.75 and end > 0.85 and end - start > 0.2, rewards
+    # step 0 draws its own rollout; every later step trains on the one drawn a version earlier
+    assert [r["staleness_max"] for r in history] == [0.0] + [1.0] * (len(history) - 1)
+    assert all("rollout_wait_s" in r for r in history[1:])
