@@ -138,6 +138,13 @@ def _check_bool(obj: object, option: str) -> None:
 
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# Pooling architectures (models/heads.py): the same decoder under a classification/reward head, or none
+# (an encoder); each maps to the causal architecture whose decoder it shares.
+POOLING_ARCHITECTURES = {
+    "LlamaForSequenceClassification": "LlamaForCausalLM", "MistralForSequenceClassification": "MistralForCausalLM",
+    "Qwen2ForSequenceClassification": "Qwen2ForCausalLM", "Qwen3ForSequenceClassification": "Qwen3ForCausalLM",
+    "Qwen2ForRewardModel": "Qwen2ForCausalLM", "LlamaModel": "LlamaForCausalLM", "MistralModel": "MistralForCausalLM",
+    "Qwen2Model": "Qwen2ForCausalLM", "Qwen3Model": "Qwen3ForCausalLM"}
 
 
 @dataclass(frozen=True)
@@ -160,12 +167,16 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    head: str | None = None          # a POOLING_ARCHITECTURES name; None: a causal LM
+    num_labels: int = 0              # the classification head's outputs
 
     @classmethod
     def from_hf(cls, hf: Any) -> ModelConfig:
         """Build from a transformers PretrainedConfig (v4 or v5 layout)."""
         archs = getattr(hf, "architectures", None) or []
         arch = archs[0] if archs else _ARCH_BY_TYPE.get(getattr(hf, "model_type", ""), "")
+        head = arch if arch in POOLING_ARCHITECTURES else None
+        arch = POOLING_ARCHITECTURES.get(arch, arch)
         if arch not in ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch!r}; rlserve supports {', '.join(ARCHITECTURES)}")
         rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
@@ -185,8 +196,17 @@ class ModelConfig:
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             attention_bias=arch == "Qwen2ForCausalLM" or bool(getattr(hf, "attention_bias", False)),
             qk_norm=arch == "Qwen3ForCausalLM", rope_scaling=scaling, eos_token_ids=eos_ids,
-            bos_token_id=getattr(hf, "bos_token_id", None),
+            bos_token_id=getattr(hf, "bos_token_id", None), head=head,
+            num_labels=_num_labels(head, hf),
         )
+
+
+def _num_labels(head: str | None, hf: Any) -> int:
+    if head == "Qwen2ForRewardModel":
+        return 1                      # one scalar reward, whatever the config says
+    if head is None or head.endswith("Model"):
+        return 0                      # a causal LM, or an encoder without a head
+    return int(getattr(hf, "num_labels", 1))
 
 
 _ARCH_BY_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -277,6 +297,8 @@ class EngineConfig:
                               "pay CUDA's lazy kernel loading")
     grammar_helpers: int | None = _opt(None, "helper processes that fill structured-output masks; 0: none "
                                              "(the loop fills them); None: the engine picks for the device")
+    pooling: str | None = _opt(None, "embeddings' pooling: last (the last token) or mean, normalised; None: "
+                                     "the model's sentence-transformers pooling config, else last")
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -308,6 +330,8 @@ class EngineConfig:
         _check_int("max_model_len", self.max_model_len, 1, optional=True)
         _check_int("cuda_graph_max_bs", self.cuda_graph_max_bs, 1, optional=True)
         _check_int("grammar_helpers", self.grammar_helpers, 0, optional=True)
+        if self.pooling not in (None, "last", "mean"):
+            raise ValueError(f"pooling must be last or mean; got {self.pooling!r}")
         for flag in ("cuda_graph", "cascade_attention", "fp32_logits", "warmup"):
             _check_bool(self, flag)
         if not isinstance(self.cache, CacheConfig) or not isinstance(self.scheduler, SchedulerConfig):

@@ -6,6 +6,7 @@ from typing import Any, cast
 
 from rlserve.config import EngineConfig
 from rlserve.engine.engine import Engine
+from rlserve.engine.pooling import PoolingParams
 from rlserve.outputs import RequestOutput
 from rlserve.sampling import SamplingParams
 
@@ -93,6 +94,40 @@ class LLM:
             raise ValueError("this model's tokenizer has no chat template")
         return tok.apply_chat_template(conversation, tokenize=False,
                                        add_generation_prompt=add_generation_prompt, **kwargs)
+
+    # ---- pooling: embeddings and classification (engine/pooling.py) ----
+    def embed(self, prompts: Prompt | Sequence[Prompt], pooling: str | None = None, normalize: bool = True,
+              dimensions: int | None = None) -> list[list[float]]:
+        """One embedding per prompt: the final-norm hidden states pooled (`last` token or `mean`; None: the
+        engine's pooling option, else the model's sentence-transformers config, else last), normalised."""
+        return self._pool(prompts, PoolingParams("embed", pooling, normalize, dimensions))
+
+    def classify(self, prompts: Prompt | Sequence[Prompt]) -> list[list[float]]:
+        """A classification or reward model's scores (its head over the last token), one list per prompt."""
+        return self._pool(prompts, PoolingParams("classify"))
+
+    def _pool(self, prompts: Prompt | Sequence[Prompt], params: PoolingParams) -> list[list[float]]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [cast(Prompt, prompts)]
+        encoded = [self.encode(p) for p in cast(Sequence[Prompt], prompts)]
+        if not encoded:
+            raise ValueError("no prompts given")
+        rids: list[str] = []
+        results: dict[str, list[float]] = {}
+        try:
+            for text, ids in encoded:
+                rids.append(self.engine.add_request(ids, prompt=text, pooling=params))
+            while len(results) < len(rids):
+                for out in self.engine.step(emit_unfinished=False):
+                    if out.finished:
+                        if out.embedding is None:      # aborted (a pause in abort mode)
+                            raise RuntimeError(f"pooling request {out.request_id} was aborted")
+                        results[out.request_id] = out.embedding
+        finally:
+            for rid in rids:
+                if rid not in results:
+                    self.engine.abort(rid)
+        return [results[r] for r in rids]
 
     # ---- colocated training: lend the engine's memory to the trainer between rollouts ----
     def release_memory(self, tags: tuple[str, ...] | list[str] = ("kv_cache", "weights")) -> None:

@@ -32,6 +32,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     cached_tokens: int = 0
+    embedding: list[float] | None = None    # a pooling request's result: an embedding or classification scores
 
     @property
     def finished(self) -> bool:

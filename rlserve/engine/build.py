@@ -27,6 +27,7 @@ from rlserve.engine.runner import ModelRunner
 from rlserve.kv_pool import FP8_DTYPE, KVPool
 from rlserve.layers.attention import create_backend
 from rlserve.layers.fused import Kernels
+from rlserve.models.heads import model_class
 from rlserve.models.llama import LlamaForCausalLM
 from rlserve.models.loader import ModelSource, load_tokenizer, resolve_model
 
@@ -101,7 +102,7 @@ def build_model(cfg: ModelConfig, source: ModelSource, device: torch.device, dty
                 kernels: Kernels, config: EngineConfig, saver: MemorySaver) -> LlamaForCausalLM:
     torch.manual_seed(config.seed)
     with torch.device(device):
-        model = LlamaForCausalLM(cfg, kernels)
+        model = model_class(cfg)(cfg, kernels)     # a pooling head (models/heads.py) or the causal LM
     if source.load_format == "dummy":
         model.init_dummy(config.seed)
     else:

@@ -21,6 +21,7 @@ from rlserve.engine.executor import Executor, InFlight, Phase, Sampled
 from rlserve.engine.grammar import Constraints
 from rlserve.engine.grammar.constraints import REJECTED
 from rlserve.engine.lifecycle import MEMORY_TAGS, ReleasedRunner, Weights
+from rlserve.engine.pooling import PoolingParams, check_request
 from rlserve.engine.request import Request
 from rlserve.engine.runner import ModelRunner
 from rlserve.engine.sampler import Sampler
@@ -68,8 +69,9 @@ class Engine:
 
     # ---- requests ----
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, rid: str | None = None,
-                    prompt: str | None = None) -> str:
-        """Validate and queue a request. Raises ValueError for bad input; the engine is unaffected."""
+                    prompt: str | None = None, pooling: PoolingParams | None = None) -> str:
+        """Validate and queue a request. Raises ValueError for bad input; the engine is unaffected. With
+        `pooling`, the request is prefilled and pooled (an embedding or scores: pooling.py), not decoded."""
         self._check_resident()
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -78,8 +80,9 @@ class Engine:
         if rid in self.groups:
             raise ValueError(f"request id {rid!r} is already in use")
         prompt_ids = self._validate_prompt(prompt_ids)
+        pooling = check_request(self.model_config, self.config.model, self.config.pooling, pooling, params.n)
         room = self.max_model_len - len(prompt_ids)
-        max_new = min(params.max_tokens or room, room)
+        max_new = 0 if pooling is not None else min(params.max_tokens or room, room)
         limit = self.config.scheduler.max_waiting_requests
         if limit is not None and self.scheduler.num_waiting() >= limit:
             raise QueueFullError(f"{limit} requests are waiting already; retry later")
@@ -90,7 +93,7 @@ class Engine:
             if params.seed is not None:
                 gen = self.sampler.make_generator(params.seed + i)
             detok = None
-            if self.tokenizer is not None:
+            if self.tokenizer is not None and pooling is None:
                 detok = IncrementalDetokenizer(self.tokenizer, prompt_ids,
                                                skip_special_tokens=params.skip_special_tokens,
                                                stop_strings=params.stop_strings,
@@ -99,7 +102,7 @@ class Engine:
                           prompt_ids=prompt_ids, params=params, max_new_tokens=max_new,
                           arrival=next(self._arrival), generator=gen, detokenizer=detok, prompt=prompt,
                           logprobs=[] if params.logprobs is not None else None,
-                          weight_version_spans=((0, self.weight_version),))
+                          weight_version_spans=((0, self.weight_version),), pooling=pooling)
             if compiled is not None:
                 self.grammar.register(req, compiled)
             group.reqs.append(req)
@@ -190,6 +193,9 @@ class Engine:
         if sampled.outgrown is not None:
             self._finish(sampled.outgrown, "length")
             changed[sampled.outgrown.group] = self.groups[sampled.outgrown.group]
+        for req in sampled.pooled:           # pooled at the end of their prefill: nothing to decode
+            self._finish(req, "stop")
+            changed[req.group] = self.groups[req.group]
         ends = self.grammar.accept(sampled.reqs, sampled.tokens, sampled.mirrored)
         counters, eos_ids, max_len = self.counters, self.eos_ids, self.max_model_len
         for req, token, lp in zip(sampled.reqs, sampled.tokens, sampled.logprobs):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Protocol, cast
 
@@ -69,6 +69,7 @@ class Sampled:
     logprobs: list[Logprobs]
     mirrored: bool = False                # the grammar helpers were sent these tokens already
     outgrown: Request | None = None       # a lone request the KV pool can no longer hold
+    pooled: list[Request] = field(default_factory=list)   # pooling requests done (their result is set)
 
 
 class Executor:
@@ -219,7 +220,7 @@ class Executor:
             loop.scheduler.after_prefill(plan)
         reqs = result.sampling_reqs
         if not reqs:
-            return Sampled([], [], [])
+            return Sampled([], [], [], pooled=result.pooled)
         rows = []
         for req in reqs:
             banned: list[int] = []
@@ -232,7 +233,7 @@ class Executor:
         if bitmask is not None:
             loop.grammar.apply(logits, bitmask)
         out = loop.sampler(logits, rows)
-        return Sampled(reqs, out.token_ids, out.logprobs)
+        return Sampled(reqs, out.token_ids, out.logprobs, pooled=result.pooled)
 
     def _forward(self, plan: ScheduledBatch, decode_slots: torch.Tensor | None = None,
                  input_ids: torch.Tensor | None = None) -> Any:

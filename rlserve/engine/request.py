@@ -39,6 +39,11 @@ class Request:
     # starts ascending from 0. A tuple replaced (never mutated) on change: an output can share it, and a
     # changed one is told apart by identity.
     weight_version_spans: tuple[tuple[int, str], ...] = ()
+    # Pooling requests (engine/pooling.py): their PoolingParams, the running sum of a mean pooling across
+    # chunks, and the result (an embedding or classification scores).
+    pooling: Any = None
+    pool_sum: Any = None
+    pooled: list[float] | None = None
 
     @property
     def fill_ids(self) -> list[int]:

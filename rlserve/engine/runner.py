@@ -1,12 +1,13 @@
 """Turns a scheduled batch into tensors, runs the model, returns the logits the sampler needs."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from rlserve.engine.cache import ReqToTokenPool
+from rlserve.engine.pooling import pool
 from rlserve.engine.prefix_groups import PrefixGroups, find_prefix_groups
 from rlserve.engine.scheduler import ScheduledBatch
 from rlserve.engine.transfer import pack_to_device
@@ -26,6 +27,7 @@ class ForwardResult:
     next_logits: torch.Tensor | None            # [R, V]: one row per request that samples this step (None: none)
     sampling_reqs: list                         # the requests those rows belong to
     prompt_logits: dict[int, torch.Tensor]      # id(req) → [chunk, V] logits over its prefilled tokens
+    pooled: list = field(default_factory=list)  # pooling requests this step completed (engine/pooling.py)
 
 
 class ModelRunner:
@@ -84,7 +86,7 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             extend_lens.append(n)
             seq_lens.append(start + n)
-            if sb.is_decode or sb.completes[i]:
+            if sb.is_decode or (sb.completes[i] and req.pooling is None):
                 logit_rows.append(len(positions) - 1)
                 sampling_reqs.append(req)
         dev = self.device
@@ -135,4 +137,5 @@ class ModelRunner:
         hidden = self.model(fb.input_ids, fb.positions, fb)
         logits = self.model.compute_logits(hidden[fb.logits_indices], float32=False) if sampling_reqs else None
         prompt_logits = {id(req): self.model.compute_logits(hidden[s:s + n]) for req, s, n in prompt_spans}
-        return ForwardResult(logits, sampling_reqs, prompt_logits)
+        pooled = [] if sb.is_decode or all(r.pooling is None for r in sb.reqs) else pool(self.model, hidden, sb)
+        return ForwardResult(logits, sampling_reqs, prompt_logits, pooled)

@@ -50,7 +50,7 @@ class ScheduledBatch:
         if self.overlap is None:
             self.overlap = rows_may_overlap(self.reqs) and (self.is_decode or all(
                 not r.constrained and r.params.logprobs is None and r.params.prompt_logprobs is None
-                for r in self.reqs))
+                and r.pooling is None for r in self.reqs))
         return self.overlap
 
 
@@ -159,7 +159,8 @@ class Scheduler:
                     break
                 if self._must_wait_for_sibling(req):
                     continue
-                use_cache = req.params.prompt_logprobs is None
+                # Prompt logprobs and mean pooling read every position: no cached prefix.
+                use_cache = req.params.prompt_logprobs is None and not (req.pooling is not None and req.pooling.mean)
                 self.memory.match_and_lock(req, use_cache=use_cache)
                 if use_cache and self._shares_with_inflight(req, reqs):
                     self.memory.release(req, cache=False)

@@ -48,4 +48,4 @@ def output_of(group: Group, copy: bool) -> RequestOutput:
     first = group.reqs[0]
     return RequestOutput(request_id=group.rid, prompt=group.prompt, prompt_token_ids=group.prompt_ids,
                          outputs=comps, prompt_logprobs=first.prompt_logprobs,
-                         cached_tokens=first.cached_tokens)
+                         cached_tokens=first.cached_tokens, embedding=first.pooled)
