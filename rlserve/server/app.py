@@ -24,9 +24,10 @@ from rlserve.server.admin import ADMIN_PATHS, add_admin_routes, admin_denial, be
 from rlserve.server.errors import APIError, error_response
 from rlserve.server.fast_json import FastJSONRoute
 from rlserve.server.frontend import EngineClient, EngineDeadError, RequestFailed
-from rlserve.server.metrics import Metrics
+from rlserve.server.metrics import Metrics, kv_split
 from rlserve.server.native import NativeServing
 from rlserve.server.openai_serving import OpenAIServing
+from rlserve.server.pooling_routes import add_pooling_routes
 from rlserve.server.state import ServerArgs, ServerState, model_name_for
 from rlserve.server.streams import ClientDisconnected
 from rlserve.server.worker_routes import add_worker_routes
@@ -207,12 +208,19 @@ def build_app(args: ServerArgs, client: EngineClient | None = None) -> FastAPI:
     async def chat_completions(req: P.ChatCompletionRequest, request: Request) -> Any:
         return await OpenAIServing(st()).chat(request, req)
 
+    def model_card() -> dict[str, Any]:
+        s = st()
+        return {"id": s.model_name, "object": "model", "created": int(time.time()), "owned_by": "rlserve",
+                "root": args.engine.model or s.model_name, "max_model_len": s.client.info["max_model_len"]}
+
     @app.get("/v1/models", response_model=P.ModelList)
     async def models() -> Any:
-        s = st()
-        return {"object": "list", "data": [{"id": s.model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "rlserve", "root": args.engine.model,
-                                            "max_model_len": s.client.info["max_model_len"]}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", response_model=P.ModelCard, responses=ERRORS)
+    async def model(model_id: str) -> Any:
+        st().check_model(model_id)       # 404 in OpenAI's shape (model_not_found) for another name
+        return model_card()
 
     # ---- native ----
     @app.post("/generate", responses=ERRORS)
@@ -295,7 +303,7 @@ def build_app(args: ServerArgs, client: EngineClient | None = None) -> FastAPI:
                 "max_model_len": s.client.info["max_model_len"], "device": s.client.info["device"],
                 "dtype": s.client.info["dtype"], "frontend_in_flight": s.client.num_in_flight,
                 "engine_pid": s.client.proc.pid if s.client.proc else None, "engine_alive": not s.client.dead,
-                **engine}
+                **engine, **kv_split(engine)}
 
     @app.post("/abort_request")
     async def abort_request(req: P.AbortRequest) -> Any:
@@ -313,6 +321,7 @@ def build_app(args: ServerArgs, client: EngineClient | None = None) -> FastAPI:
 
     add_admin_routes(app, st)
     add_worker_routes(app, st, get_server_info, get_model_info)
+    add_pooling_routes(app, st, ERRORS)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -19,6 +19,7 @@ import zmq
 
 from rlserve.config import EngineConfig
 from rlserve.engine.errors import QueueFullError
+from rlserve.engine.pooling import PoolingParams
 from rlserve.outputs import RequestOutput
 from rlserve.sampling import SamplingParams
 from rlserve.server import ipc
@@ -68,7 +69,8 @@ class EngineLoop:
     def _add(self, cmd: ipc.AddRequest) -> list[ipc.Update]:
         try:
             params = SamplingParams(**cmd.params)
-            self.engine.add_request(cmd.prompt_ids, params, rid=cmd.rid, prompt=cmd.prompt)
+            pooling = PoolingParams(**cmd.pooling) if cmd.pooling is not None else None
+            self.engine.add_request(cmd.prompt_ids, params, rid=cmd.rid, prompt=cmd.prompt, pooling=pooling)
         except QueueFullError:
             limit = self.engine.config.scheduler.max_waiting_requests
             return [ipc.Update(cmd.rid, [], finished=True, status=503,
@@ -120,7 +122,7 @@ class EngineLoop:
         upd = ipc.Update(out.request_id, seqs, len(out.prompt_token_ids), out.cached_tokens, out.finished)
         if out.finished:
             self.sent.pop(out.request_id, None)
-            upd.prompt_logprobs = out.prompt_logprobs
+            upd.prompt_logprobs, upd.embedding = out.prompt_logprobs, out.embedding
         else:
             self.sent[out.request_id] = now
         return upd
@@ -164,7 +166,8 @@ def engine_info(engine: Engine) -> dict[str, Any]:
     cfg, status = engine.model_config, engine.status()
     return {"max_model_len": status.max_model_len, "vocab_size": cfg.vocab_size,
             "architecture": cfg.architecture, "kv_total": status.kv_total,
-            "device": status.device, "dtype": status.dtype, "weight_version": status.weight_version}
+            "device": status.device, "dtype": status.dtype, "weight_version": status.weight_version,
+            "head": cfg.head, "hidden_size": cfg.hidden_size, "num_labels": cfg.num_labels}
 
 
 def run_engine(config: EngineConfig, in_addr: str, out_addr: str) -> None:

@@ -251,7 +251,8 @@ class EngineClient:
         await self.push.send(ipc.encoder.encode(msg))
 
     async def generate(self, rid: str, prompt_ids: list[int], params: dict[str, Any],
-                       prompt: str | None = None) -> AsyncGenerator[ipc.Update, None]:
+                       prompt: str | None = None, pooling: dict[str, Any] | None = None
+                       ) -> AsyncGenerator[ipc.Update, None]:
         self.check_alive()
         if rid in self._streams:
             raise RequestFailed(f"request id {rid!r} is already in use")
@@ -259,7 +260,7 @@ class EngineClient:
         self._streams[rid] = q
         finished = False
         try:
-            await self._send(ipc.AddRequest(rid, prompt_ids, params, prompt))
+            await self._send(ipc.AddRequest(rid, prompt_ids, params, prompt, pooling))
             held: ipc.Update | Exception | None = None
             while True:
                 item = held if held is not None else await q.get()

@@ -12,6 +12,7 @@ class AddRequest(msgspec.Struct, tag=True):
     prompt_ids: list[int]
     params: dict[str, Any]          # SamplingParams keyword arguments, already validated once
     prompt: str | None = None
+    pooling: dict[str, Any] | None = None   # PoolingParams keyword arguments: an embedding/score request
 
 
 class Abort(msgspec.Struct, tag=True):
@@ -64,6 +65,7 @@ class Update(msgspec.Struct, array_like=True, gc=False):
     error: str | None = None        # the request failed alone; `status` is the HTTP status to report
     status: int = 400
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    embedding: list[float] | None = None   # a finished pooling request's result
 
 
 class Updates(msgspec.Struct, tag=True):
