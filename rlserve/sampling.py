@@ -35,6 +35,9 @@ class SamplingParams:
     json_object: bool = False
     regex: str | None = None
     ebnf: str | None = None
+    # Added to the named tokens' logits before sampling in every mode (greedy too) and before grammar masks;
+    # OpenAI's range, [-100, 100] (-100 bans a token in effect, 100 all but forces it).
+    logit_bias: dict[int, float] | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +77,15 @@ class SamplingParams:
         self.stop_strings = stops
         if self.stop_token_ids is not None and any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids must be non-negative integers")
+        if self.logit_bias is not None:
+            try:
+                self.logit_bias = {int(t): float(b) for t, b in dict(self.logit_bias).items()}
+            except (TypeError, ValueError):
+                bad("logit_bias must map token ids to numbers")
+            for t, b in self.logit_bias.items():
+                if t < 0 or not -100 <= b <= 100:
+                    bad(f"logit_bias needs token ids >= 0 and biases in [-100, 100], got {t}: {b}")
+            self.logit_bias = self.logit_bias or None
         if self.top_k == 0:
             self.top_k = -1
         constraints = [n for n in ("json_schema", "regex", "ebnf") if getattr(self, n) is not None]

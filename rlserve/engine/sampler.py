@@ -98,6 +98,17 @@ def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor
     return logits
 
 
+def add_logit_bias(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """A float32 copy of `logits` with each row's logit_bias added. Every path (argmax, the Gumbel kernel,
+    inverse CDF) then samples from the biased logits; a batch without biases never gets here."""
+    logits = _float32_copy(logits)
+    lists = [sorted(r.params.logit_bias.items()) if r.params.logit_bias else [] for r in rows]
+    ri, ti = _row_token_index([[t for t, _ in kv] for kv in lists], logits.device)
+    bias = torch.tensor([b for kv in lists for _, b in kv], dtype=torch.float32).to(logits.device)
+    logits.index_put_((ri, ti), bias, accumulate=True)
+    return logits
+
+
 def _ban(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     if any(len(r.banned_ids) for r in rows):
         ri, ti = _row_token_index([r.banned_ids for r in rows], logits.device)
@@ -232,6 +243,8 @@ class Sampler:
         """The sampled ids as a device tensor, without waiting for the device (no logprobs). A grammar
         bitmask (xgrammar's packed layout, on the device) is taken only where fuses_bitmask(rows)."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
+        if any(r.params.logit_bias for r in rows):
+            logits = add_logit_bias(logits, rows)
         if bitmask is not None:
             if not self.fuses_bitmask(rows):
                 raise ValueError("these rows can't take a bitmask in the sampling kernel: mask the logits")
