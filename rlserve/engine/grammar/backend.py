@@ -68,7 +68,8 @@ class GrammarBackend:
             if spec.kind == "json_schema":
                 compiled = self.compiler.compile_json_schema(spec.source, any_whitespace=False)
             elif spec.kind == "json_object":
-                compiled = self.compiler.compile_builtin_json_grammar()
+                # OpenAI's json_object mode promises an object, not any JSON value.
+                compiled = self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
             elif spec.kind == "regex":
                 compiled = self.compiler.compile_regex(spec.source)
             else:
