@@ -72,9 +72,26 @@ class ModelSection:
 
 
 @dataclass
+class RewardModelSection:
+    """task.reward_model: with task.reward = "model", a classification/reward model scores each sample's
+    prompt + completion (rlserve/rl/reward_model.py); reward = weight * score + rule_weight * rule."""
+    path: str | None = None              # a checkpoint run in this process (LLM.classify) ...
+    url: str | None = None               # ... or a server's /classify (rlserve, SGLang)
+    label: int = 0                       # which of the head's outputs is the score
+    weight: float = 1.0
+    rule: str | None = None              # a built-in rule reward added to it (rewards.BUILTIN_REWARDS)
+    rule_weight: float = 0.0
+    dtype: str = "auto"                  # the in-process model's dtype
+
+    def __post_init__(self) -> None:
+        if self.path is not None and self.url is not None:
+            raise ValueError("task.reward_model: give path or url, not both")
+
+
+@dataclass
 class TaskSection:
     name: str = "arithmetic"             # see rlserve.rl.tasks.TASKS; ignored when `dataset` is set
-    reward: str = "numeric"              # see rlserve.rl.rewards.BUILTIN_REWARDS
+    reward: str = "numeric"              # see rlserve.rl.rewards.BUILTIN_REWARDS, or "model" (reward_model)
     options: dict[str, Any] = field(default_factory=dict)   # extra keyword arguments for the task
     dataset: str | None = None           # JSONL/parquet train file instead of the synthetic generator
     eval_dataset: str | None = None      # held-out file (default: the task's "test" split)
@@ -82,6 +99,7 @@ class TaskSection:
     eval_prompts: int = 32
     eval_every: int = 5                  # 0: never
     on_invalid_reward: str = "error"     # a NaN/inf reward: error (name the sample) | drop (its group)
+    reward_model: RewardModelSection = field(default_factory=RewardModelSection)
 
     def __post_init__(self) -> None:
         _one_of("task.on_invalid_reward", self.on_invalid_reward, ("error", "drop"))

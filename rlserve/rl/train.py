@@ -50,6 +50,7 @@ from rlserve.rl.metrics_log import MetricLog
 from rlserve.rl.models import ValueModel, frozen_reference
 from rlserve.rl.partial import old_token_treatment
 from rlserve.rl.prompts import PromptStream, Sample
+from rlserve.rl.reward_model import reward_model_fn
 from rlserve.rl.rewards import BUILTIN_REWARDS, RewardFn, invalid_reward_groups
 from rlserve.rl.rollout import greedy_accuracy
 from rlserve.rl.sources import make_source
@@ -111,6 +112,8 @@ def setup(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
     `reward_fn`, `prompts` and `held_out` replace the configured task (tests and library use)."""
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    if reward_fn is None and cfg.task.reward == "model":
+        reward_fn = reward_model_fn(cfg.task.reward_model)
     if reward_fn is None:
         if cfg.task.reward not in BUILTIN_REWARDS:
             raise ValueError(f"unknown reward {cfg.task.reward!r}; rewards: {', '.join(BUILTIN_REWARDS)}")
