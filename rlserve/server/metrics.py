@@ -43,6 +43,17 @@ class TokenGapHistogram:
         yield family
 
 
+def kv_split(info: dict[str, Any]) -> dict[str, float]:
+    """The KV pool's slots held by running requests, and those only the prefix cache holds (reclaimable
+    on demand, so not load), as fractions of the pool, from the engine's info query."""
+    total = info.get("kv_total", 0)
+    if not total:
+        return {"kv_used_ratio": 0.0, "kv_cached_ratio": 0.0}
+    cached = info.get("tree_evictable_tokens", 0)
+    used = max(total - info.get("kv_available", total) - cached, 0)
+    return {"kv_used_ratio": used / total, "kv_cached_ratio": cached / total}
+
+
 class Metrics:
     def __init__(self, model_name: str) -> None:
         # One registry per server keeps several servers in one process (tests) apart.
@@ -59,7 +70,10 @@ class Metrics:
                                      registry=r)
         self.running = Gauge("rlserve_num_requests_running", "Requests running in the engine", lbl, registry=r)
         self.waiting = Gauge("rlserve_num_requests_waiting", "Requests waiting in the engine", lbl, registry=r)
-        self.kv_usage = Gauge("rlserve_kv_cache_usage_ratio", "Fraction of KV pool slots in use", lbl, registry=r)
+        self.kv_usage = Gauge("rlserve_kv_cache_usage_ratio",
+                              "Fraction of KV pool slots held by running requests", lbl, registry=r)
+        self.kv_cached = Gauge("rlserve_kv_cache_cached_ratio",
+                               "Fraction of KV pool slots held only by the prefix cache (evictable)", lbl, registry=r)
         self.hit_rate = Gauge("rlserve_prefix_cache_hit_rate", "Cached prompt tokens / prompt tokens", lbl,
                               registry=r)
         self.ttft = Histogram("rlserve_time_to_first_token_seconds", "Time to first token", lbl,
@@ -111,7 +125,9 @@ class Metrics:
         m = self.model_name
         self.running.labels(m).set(info.get("num_running", 0))
         self.waiting.labels(m).set(info.get("num_waiting", 0))
-        self.kv_usage.labels(m).set(info.get("kv_usage", 0.0))
+        split = kv_split(info)
+        self.kv_usage.labels(m).set(split["kv_used_ratio"])
+        self.kv_cached.labels(m).set(split["kv_cached_ratio"])
         stats = info.get("stats", {})
         prompt = stats.get("prompt_tokens", 0) + stats.get("cached_tokens", 0)
         self.hit_rate.labels(m).set(stats.get("cached_tokens", 0) / prompt if prompt else 0.0)
