@@ -75,3 +75,19 @@ def test_classify_needs_a_head_and_dimensions_a_matryoshka_model(pooling_model_d
     assert len(llm.embed("hi", dimensions=64)[0]) == 64        # the hidden size itself is fine
     with pytest.raises(ValueError, match="empty"):
         llm.embed([[]])
+
+
+def test_in_process_reward_model_combines_with_a_rule(pooling_model_dir):
+    import asyncio
+
+    from rlserve.rl.config import RewardModelSection
+    from rlserve.rl.reward_model import RewardModel
+    from rlserve.rl.rewards import format_reward
+    path = pooling_model_dir("tiny-qwen2-rm")
+    fn = RewardModel(RewardModelSection(path=str(path), dtype="float32", weight=0.5, rule="format", rule_weight=3.0))
+    text = "Q: 2+2? A: \\boxed{4}"
+    model = fn.llm.classify(text)[0][0]
+    got = asyncio.run(fn("Q: 2+2? ", "A: \\boxed{4}"))
+    assert abs(got - (0.5 * model + 3.0 * format_reward("Q: 2+2? ", "A: \\boxed{4}"))) < 1e-6
+    with pytest.raises(ValueError, match="label"):
+        asyncio.run(RewardModel(RewardModelSection(path=str(path), dtype="float32", label=1))("a", "b"))
