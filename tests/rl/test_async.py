@@ -122,3 +122,11 @@ def test_one_step_off_in_server_mode_learns(tiny_model_dir, tmp_path):
     # step 0 draws its own rollout; every later step trains on the one drawn a version earlier
     assert [r["staleness_max"] for r in history] == [0.0] + [1.0] * (len(history) - 1)
     assert all("rollout_wait_s" in r for r in history[1:])
+
+
+def test_full_async_in_server_mode_stays_within_the_bound(tiny_model_dir, tmp_path):
+    history = toy_train(tiny_model_dir("tiny-llama"), tmp_path, "rollout.backend=server", "asynchronous.mode=full",
+                        "asynchronous.max_staleness=1", "steps=5")
+    assert all(r["groups_kept"] == 4 and r["staleness_max"] <= 1 for r in history)
+    assert any(r["staleness_max"] == 1 for r in history)       # the rollout did overlap the update
+    assert history[-1]["reward"] > history[0]["reward"]
