@@ -139,6 +139,7 @@ class NativeServing:
         offsets = [0]
         for r in results:
             offsets.append(offsets[-1] + len(r.seqs))
+        done = [False] * offsets[-1]
         try:
             while True:
                 if pending:
@@ -151,6 +152,10 @@ class NativeServing:
                 res = results[i]
                 res.apply(u)
                 for d in u.seqs:
+                    # One item a choice and update; a finished choice once (later updates still list it).
+                    if done[offsets[i] + d.index]:
+                        continue
+                    done[offsets[i] + d.index] = d.finish_reason is not None
                     item = self._item(res, d.index, res.seqs[d.index], req.return_logprob, req.top_logprobs_num)
                     if indexed:
                         item["index"] = offsets[i] + d.index

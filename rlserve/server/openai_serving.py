@@ -13,8 +13,10 @@ from rlserve.server import ipc, tools
 from rlserve.server.errors import APIError, error_body
 from rlserve.server.frontend import EngineDeadError, RequestFailed, RequestResult, SeqState, Tagged
 from rlserve.server.native import version_spans
+from rlserve.server.openai_checks import check_request, check_room, constraint_params, warn_unknown_fields
+from rlserve.server.openai_logprobs import chat_logprobs, completion_logprobs, echo_logprobs, echo_text
 from rlserve.server.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
-from rlserve.server.state import ServerState, finite, new_id, validated
+from rlserve.server.state import ServerState, new_id, validated
 from rlserve.server.streams import SSE_DONE, gather_or_cancel, merge, sse, until_disconnect
 
 _OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
@@ -28,6 +30,8 @@ def sampling_kwargs(req: _Sampling, max_tokens: int | None, logprobs: int | None
         "skip_special_tokens": req.skip_special_tokens, "logprobs": logprobs,
         "include_stop_str_in_output": req.include_stop_str_in_output,
     }
+    if req.logit_bias:
+        params["logit_bias"] = dict(req.logit_bias)
     for name in _OPTIONAL:
         if getattr(req, name) is not None:
             params[name] = getattr(req, name)
@@ -156,17 +160,14 @@ class OpenAIServing:
             for i in range(len(prep.prompts)):
                 self.state.metrics.forget(f"{prep.rid}-{i}")
 
-    def _logprob_items(self, tokens: list[int], lps: list[dict[int, float]], k: int) -> list[tuple]:
-        out = []
-        for tok, d in zip(tokens, lps):
-            top = sorted(d.items(), key=lambda kv: -kv[1])[:k]
-            out.append((self.client.token_str(tok), finite(d.get(tok, LOGPROB_MISSING)),
-                        [(self.client.token_str(a), finite(lp)) for a, lp in top]))
-        return out
+    def _check(self, req: CompletionRequest | ChatCompletionRequest) -> None:
+        self.state.check_model(req.model)
+        warn_unknown_fields(req)
+        check_request(req, self.client.info["vocab_size"])
 
     # ---- /v1/completions ----
     def prepare_completion(self, req: CompletionRequest) -> Prepared:
-        self.state.check_model(req.model)
+        self._check(req)
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
@@ -174,38 +175,12 @@ class OpenAIServing:
         params = sampling_kwargs(req, req.max_tokens, req.logprobs)
         if req.echo and req.logprobs is not None:
             params["prompt_logprobs"] = req.logprobs
-        params = with_response_format(params, req.response_format)
-        return Prepared(new_id("cmpl"), self._encode_prompts(req.prompt), params)
-
-    def _completion_logprobs(self, tokens: list[int], lps: list[dict[int, float]] | None, k: int,
-                             offset: int) -> tuple[dict[str, list], int]:
-        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for s, lp, top in self._logprob_items(tokens, lps or [], k):
-            out["tokens"].append(s)
-            out["token_logprobs"].append(lp)
-            out["top_logprobs"].append(dict(top))
-            out["text_offset"].append(offset)
-            offset += len(s)
-        return out, offset
-
-    def _echo_logprobs(self, res: RequestResult, k: int) -> dict[str, list]:
-        ids, plps = res.prompt_ids, res.prompt_logprobs or []
-        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        offset = 0
-        for i, tok in enumerate(ids):
-            d = plps[i] if i < len(plps) else None
-            s = self.client.token_str(tok)
-            out["tokens"].append(s)
-            out["text_offset"].append(offset)
-            offset += len(s)
-            if d is None:
-                out["token_logprobs"].append(None)
-                out["top_logprobs"].append(None)
-            else:
-                top = sorted(d.items(), key=lambda kv: -kv[1])[:k]
-                out["token_logprobs"].append(finite(d.get(tok, LOGPROB_MISSING)))
-                out["top_logprobs"].append({self.client.token_str(a): finite(lp) for a, lp in top})
-        return out
+        params = validated({**with_response_format(params, req.response_format), **constraint_params(req)})
+        prompts = self._encode_prompts(req.prompt)
+        if "max_tokens" in req.model_fields_set:
+            for _, ids in prompts:
+                check_room(len(ids), req.max_tokens, self.client.info["max_model_len"], "max_tokens")
+        return Prepared(new_id("cmpl"), prompts, params)
 
     async def completion(self, request: Request, req: CompletionRequest) -> Any:
         prep = self.prepare_completion(req)
@@ -216,14 +191,15 @@ class OpenAIServing:
         results = await self._collect(request, prep)
         choices = []
         for i, res in enumerate(results):
-            text_prefix = (prep.prompts[i][0] or self.client.decode(res.prompt_ids)) if req.echo else ""
+            text_prefix = echo_text(self.client, prep.prompts[i][0], res.prompt_ids) if req.echo else ""
             for j, seq in enumerate(res.seqs):
                 logprobs = None
                 if req.logprobs is not None:
-                    logprobs, _ = self._completion_logprobs(seq.token_ids, seq.logprobs, req.logprobs,
-                                                            len(text_prefix))
+                    end = len(text_prefix) + len(seq.text)
+                    logprobs, _ = completion_logprobs(self.client, seq.token_ids, seq.logprobs, req.logprobs,
+                                                      len(text_prefix), end)
                     if req.echo:
-                        echo = self._echo_logprobs(res, req.logprobs)
+                        echo, _ = echo_logprobs(self.client, res, req.logprobs, len(text_prefix))
                         logprobs = {key: echo[key] + logprobs[key] for key in logprobs}
                 choices.append({"index": i * prep.n + j, "text": text_prefix + seq.text, "logprobs": logprobs,
                                 "finish_reason": seq.finish_reason, "stop_reason": seq.stop_reason,
@@ -240,7 +216,9 @@ class OpenAIServing:
         results = [RequestResult(f"{prep.rid}-{i}", ids, [SeqState() for _ in range(prep.n)])
                    for i, (_, ids) in enumerate(prep.prompts)]
         offsets = [[0] * prep.n for _ in prep.prompts]
+        ends = [[0] * prep.n for _ in prep.prompts]              # each choice's streamed text so far
         echoed = [[not req.echo] * prep.n for _ in prep.prompts]
+        done = [[False] * prep.n for _ in prep.prompts]
 
         continuous = continuous_usage(req)
 
@@ -251,22 +229,28 @@ class OpenAIServing:
         try:
             async for i, u in first_then(first, merged):
                 results[i].apply(u)
-                choices = []
                 for d in u.seqs:
+                    j = d.index
+                    # A finished choice is sent once: later updates of its request still list it.
+                    if done[i][j]:
+                        continue
+                    done[i][j] = d.finish_reason is not None
                     text = d.text
-                    if not echoed[i][d.index]:
-                        echoed[i][d.index] = True
-                        text = (prep.prompts[i][0] or self.client.decode(prep.prompts[i][1])) + text
+                    if not echoed[i][j]:
+                        echoed[i][j] = True
+                        prefix = echo_text(self.client, prep.prompts[i][0], prep.prompts[i][1])
+                        text = prefix + text
+                        offsets[i][j] = ends[i][j] = len(prefix)
                     if not (text or d.token_ids or d.finish_reason):
                         continue
+                    ends[i][j] += len(d.text)
                     logprobs = None
                     if req.logprobs is not None:
-                        logprobs, offsets[i][d.index] = self._completion_logprobs(
-                            d.token_ids, d.logprobs, req.logprobs, offsets[i][d.index])
-                    choices.append({"index": i * prep.n + d.index, "text": text, "logprobs": logprobs,
-                                    "finish_reason": d.finish_reason, "stop_reason": d.stop_reason})
-                if choices:
-                    yield chunk(choices)
+                        logprobs, offsets[i][j] = completion_logprobs(
+                            self.client, d.token_ids, d.logprobs, req.logprobs, offsets[i][j], ends[i][j])
+                    # One choice a chunk, as the peers send them.
+                    yield chunk([{"index": i * prep.n + j, "text": text, "logprobs": logprobs,
+                                  "finish_reason": d.finish_reason, "stop_reason": d.stop_reason}])
             if include_usage:
                 yield sse({"id": prep.rid, "object": "text_completion", "created": created, "model": model,
                            "choices": [], "usage": usage(results)})
@@ -276,7 +260,9 @@ class OpenAIServing:
 
     # ---- /v1/chat/completions ----
     def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
-        self.state.check_model(req.model)
+        self._check(req)
+        if req.tool_choice is not None and req.tool_choice != "none" and not req.tools:
+            raise APIError(400, "tool_choice needs tools: give the tools the model may call", param="tool_choice")
         messages = tools.messages_for_template(req.messages)
         offered = tools.parse_tools(req.tools or [])
         mode, callable_tools = tools.resolve_choice(offered, req.tool_choice)
@@ -290,9 +276,12 @@ class OpenAIServing:
         ids = self.client.encode(text)
         self.client.check_prompt(ids)
         k = (req.top_logprobs or 0) if req.logprobs else None
-        params = sampling_kwargs(req, req.max_completion_tokens or req.max_tokens, k)
+        max_tokens, param = ((req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens
+                             else (req.max_tokens, "max_tokens"))
+        check_room(len(ids), max_tokens, self.client.info["max_model_len"], param)
+        params = sampling_kwargs(req, max_tokens, k)
         rf = req.response_format
-        params = with_response_format(params, rf)
+        params = validated({**with_response_format(params, rf), **constraint_params(req)})
         if mode == "forced":
             if rf is not None and rf.type != "text":
                 raise APIError(400, "response_format can't be combined with a forced tool_choice",
@@ -314,12 +303,6 @@ class OpenAIServing:
                         "tool_calls": [c.to_openai() for c in calls]}, True
         return {"role": "assistant", "content": text}, False
 
-    def _chat_logprobs(self, tokens: list[int], lps: list[dict[int, float]] | None, k: int) -> dict[str, list]:
-        def entry(s: str, lp: float) -> dict[str, Any]:
-            return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8", "replace"))}
-        return {"content": [{**entry(s, lp), "top_logprobs": [entry(a, alp) for a, alp in top]}
-                            for s, lp, top in self._logprob_items(tokens, lps or [], k)]}
-
     async def chat(self, request: Request, req: ChatCompletionRequest) -> Any:
         prep = self.prepare_chat(req)
         k = req.top_logprobs or 0
@@ -332,7 +315,8 @@ class OpenAIServing:
         for j, seq in enumerate(res.seqs):
             message, called = self._message(seq.text, prep)
             choices.append({"index": j, "message": message,
-                            "logprobs": self._chat_logprobs(seq.token_ids, seq.logprobs, k) if req.logprobs else None,
+                            "logprobs": chat_logprobs(self.client, seq.token_ids, seq.logprobs, k)
+                            if req.logprobs else None,
                             "finish_reason": "tool_calls" if called and seq.finish_reason == "stop"
                             else seq.finish_reason, "stop_reason": seq.stop_reason,
                             "weight_version_spans": version_spans(seq, self.client.weight_version)})
@@ -354,15 +338,19 @@ class OpenAIServing:
             return stream_chunk(prep.rid, "chat.completion.chunk", created, model, choices, include_usage,
                                 usage([res]) if continuous else None)
 
+        done = [False] * prep.n
         try:
-            yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for j in range(prep.n)])
+            for j in range(prep.n):     # one choice a chunk, the role deltas too, as the peers send them
+                yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
             async for _, u in first_then(first, merged):
                 res.apply(u)
-                choices = []
                 for d in u.seqs:
-                    if not (d.text or d.token_ids or d.finish_reason):
+                    # A finished choice is sent once: later updates of the request still list it.
+                    if done[d.index] or not (d.text or d.token_ids or d.finish_reason):
                         continue
+                    done[d.index] = d.finish_reason is not None
+                    choice: dict[str, Any]
                     if prep.tools:   # a call is only known once the choice is complete
                         if not d.finish_reason:
                             continue
@@ -370,16 +358,15 @@ class OpenAIServing:
                         delta = {k: v for k, v in message.items() if k != "role" and v is not None}
                         if called:
                             delta["tool_calls"] = [{**c, "index": i} for i, c in enumerate(delta["tool_calls"])]
-                        choices.append({"index": d.index, "delta": delta, "logprobs": None,
-                                        "finish_reason": "tool_calls" if called and d.finish_reason == "stop"
-                                        else d.finish_reason, "stop_reason": d.stop_reason})
-                        continue
-                    choices.append({"index": d.index, "delta": {"content": d.text} if d.text else {},
-                                    "logprobs": self._chat_logprobs(d.token_ids, d.logprobs, k)
-                                    if req.logprobs else None,
-                                    "finish_reason": d.finish_reason, "stop_reason": d.stop_reason})
-                if choices:
-                    yield chunk(choices)
+                        choice = {"index": d.index, "delta": delta, "logprobs": None,
+                                  "finish_reason": "tool_calls" if called and d.finish_reason == "stop"
+                                  else d.finish_reason, "stop_reason": d.stop_reason}
+                    else:
+                        choice = {"index": d.index, "delta": {"content": d.text} if d.text else {},
+                                  "logprobs": chat_logprobs(self.client, d.token_ids, d.logprobs, k)
+                                  if req.logprobs else None,
+                                  "finish_reason": d.finish_reason, "stop_reason": d.stop_reason}
+                    yield chunk([choice])
             if include_usage:
                 yield sse({"id": prep.rid, "object": "chat.completion.chunk", "created": created, "model": model,
                            "choices": [], "usage": usage([res])})
@@ -387,5 +374,3 @@ class OpenAIServing:
         finally:
             await merged.aclose()
 
-
-LOGPROB_MISSING = float("-inf")

@@ -16,7 +16,9 @@ TokenId = Annotated[int, Field(ge=0, lt=1 << 31)]
 # In a prompt, token ids are strict ints so that ["12", "34"] stays two texts, and the token-id branches
 # come first, tried left to right: a smart-mode union validates a 2,000-token prompt against every
 # branch (~0.35 ms a request on the front end's one thread; ~0.07 ms this way).
-PromptTokenId = Annotated[StrictInt, Field(ge=0, lt=1 << 31)]
+# No bounds here: an out-of-range id (negative, or past the vocabulary) fails the prompt check, whose
+# message names the id; a bound here would fail every branch of the union with a misleading message.
+PromptTokenId = StrictInt
 PromptIds = Annotated[list[PromptTokenId] | list[list[PromptTokenId]], Field(union_mode="left_to_right")]
 Seed = Annotated[int, Field(ge=-(1 << 63), le=(1 << 63) - 1 - MAX_N)]
 StopStrings = str | Annotated[list[str], Field(max_length=64)] | None
@@ -56,6 +58,20 @@ class _Sampling(_Model):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     user: str | None = None
+    # OpenAI's map of token id (a string in JSON) to a bias in [-100, 100] added to its logit.
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None
+
+
+class _OpenAIRequest(_Sampling):
+    """A /v1 body: the fields of another server that rlserve takes too, and unknown ones kept so that
+    they can be logged (extra="allow") instead of being dropped without a word."""
+    model_config = ConfigDict(allow_inf_nan=False, extra="allow")
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    regex: str | None = None       # SGLang's structured-output extensions, as in its /v1 bodies
+    ebnf: str | None = None
 
 
 class StreamOptions(_Model):
@@ -68,17 +84,13 @@ Prompt = Annotated[list[PromptTokenId] | list[list[PromptTokenId]] | str | list[
                    Field(union_mode="left_to_right")]
 
 
-class CompletionRequest(_Sampling):
-    model: str | None = None
+class CompletionRequest(_OpenAIRequest):
     prompt: Prompt
     max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS)
     echo: bool = False
     suffix: str | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = Field(None, ge=1, le=MAX_N)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    response_format: ResponseFormat | None = None
 
 
 class CompletionLogprobs(_Model):
@@ -141,16 +153,12 @@ class ResponseFormat(_Model):
     json_schema: JsonSchemaFormat | None = None
 
 
-class ChatCompletionRequest(_Sampling):
-    model: str | None = None
+class ChatCompletionRequest(_OpenAIRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -276,4 +284,6 @@ class AbortRequest(_Model):
     abort_all: bool = False
 
 
-CompletionRequest.model_rebuild()   # its response_format type is defined further down
+_OpenAIRequest.model_rebuild()      # its response_format type is defined further down
+CompletionRequest.model_rebuild()
+ChatCompletionRequest.model_rebuild()
