@@ -287,7 +287,7 @@ def build_app(args: ServerArgs, client: EngineClient | None = None) -> FastAPI:
         s = st()
         info = s.client.info
         return {"model_path": args.engine.model or s.model_name, "served_model_name": s.model_name,
-                "tokenizer_path": args.engine.tokenizer, "is_generation": True,
+                "tokenizer_path": args.engine.tokenizer, "is_generation": info.get("head") is None,
                 "max_model_len": info["max_model_len"], "vocab_size": info["vocab_size"],
                 "architecture": info["architecture"], "weight_version": s.client.weight_version}
 

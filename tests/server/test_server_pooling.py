@@ -110,3 +110,8 @@ def test_classify_matches_transformers(cls_server):
     assert gen.status_code == 400 and "not generation" in gen.json()["error"]["message"]
     for bad in ({}, {"text": "a", "input_ids": [1]}, {"text": ""}, {"input_ids": "abc"}, {"text": ["a"], "rid": ["1", "2"]}):
         assert httpx.post(server.url + "/classify", json=bad).status_code == 400, bad
+
+
+def test_model_info_says_whether_the_model_generates(embed_server, cls_server):
+    assert httpx.get(embed_server[0].url + "/get_model_info").json()["is_generation"] is True
+    assert httpx.get(cls_server[0].url + "/get_model_info").json()["is_generation"] is False
