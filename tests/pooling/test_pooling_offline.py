@@ -91,3 +91,12 @@ def test_in_process_reward_model_combines_with_a_rule(pooling_model_dir):
     assert abs(got - (0.5 * model + 3.0 * format_reward("Q: 2+2? ", "A: \\boxed{4}"))) < 1e-6
     with pytest.raises(ValueError, match="label"):
         asyncio.run(RewardModel(RewardModelSection(path=str(path), dtype="float32", label=1))("a", "b"))
+
+
+def test_default_model_as_an_encoder_matches_transformers(default_model_dir):
+    llm = LLM(str(default_model_dir), dtype="float32")
+    tok = llm.get_tokenizer()
+    for pooling in ("last", "mean"):
+        for prompt, got in zip(PROMPTS, llm.embed(PROMPTS, pooling=pooling)):
+            ids = tok.encode(prompt, add_special_tokens=False)
+            assert _close(got, hf_embedding(default_model_dir, ids, pooling))
