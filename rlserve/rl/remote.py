@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -47,7 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("rlserve")
 STARTUP_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 60.0
-GROUP_GRACE_S = 10.0
 # What a rollout constraint may hold: the native route's structured-output fields.
 CONSTRAINT_KEYS = ("regex", "json_schema", "ebnf")
 # SGLang's memory occupation tags: all of a server's GPU memory but its CUDA context.
@@ -57,71 +55,46 @@ MAX_ROUTED_REQUESTS = 64     # prompts in flight at once through a router (each 
 
 class LaunchedServer:
     """`python -m rlserve.server` on a free loopback port, in its own process group (so the engine core
-    process it starts goes with it)."""
+    process it starts goes with it); the process handling is rlserve.router.procs.ManagedProcess's."""
 
     def __init__(self, config: EngineConfig, log_path: Path) -> None:
+        from rlserve.router.procs import ManagedProcess
+
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         cmd = [sys.executable, "-m", "rlserve.server", "--host", "127.0.0.1", "--port", str(self.port),
                "--log-level", "warning", *engine_flags(config)]
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log_path, "w")
         # TORCH_NCCL_ASYNC_ERROR_HANDLING=2: a failed NCCL weight broadcast aborts the group's communicator
         # but leaves the process alive (the default, 3, tears the whole server down); an explicit value wins.
-        env = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2", **os.environ, "TOKENIZERS_PARALLELISM": "false"}
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env=env)
+        env = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")}
+        self.process = ManagedProcess("the rollout server", cmd, log_path, env).start()
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        assert self.process.proc is not None    # started in __init__
+        return self.process.proc
 
     def wait_ready(self, client: Client, timeout: float = STARTUP_TIMEOUT_S) -> None:
         import httpx
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the rollout server exited with {self.proc.returncode}:\n{self._tail()}")
+            if not self.process.alive():
+                raise RuntimeError(f"the rollout server exited with {self.process.returncode()}:\n"
+                                   f"{self.process.tail()}")
             try:
                 client.health()
                 return
             except (httpx.HTTPError, OSError, ServerError):    # not listening, or up and not ready yet
                 time.sleep(0.3)
         self.stop()
-        raise RuntimeError(f"the rollout server did not start within {timeout:.0f} s:\n{self._tail()}")
-
-    def _tail(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text()[-4000:]
+        raise RuntimeError(f"the rollout server did not start within {timeout:.0f} s:\n{self.process.tail()}")
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """SIGTERM (the server drains and stops its engine process), then SIGKILL to the whole group."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        # The engine core process exits after the front end; whatever of the group outlives a grace
-        # period is killed, and stop() returns once the group is empty.
-        if not self._group_gone(GROUP_GRACE_S):
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait()
-        self._group_gone(GROUP_GRACE_S)
-        self._log.close()
-
-    def _group_gone(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            self.proc.poll()          # reaps the leader
-            try:
-                os.killpg(self.proc.pid, 0)
-            except ProcessLookupError:
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
+        """SIGTERM (the server drains and stops its engine process), then SIGKILL to whatever of its group
+        outlives `timeout`; returns once the group is empty."""
+        self.process.stop(timeout)
 
 
 class RemoteRollout:
