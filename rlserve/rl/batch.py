@@ -7,7 +7,7 @@ that is 1 on completion tokens.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,6 +36,8 @@ class Rollout:
     # [N, T] the weight version that sampled each token (partial and asynchronous rollouts); None: all
     # tokens from the weights being trained
     token_versions: torch.Tensor | None = None
+    # what the rollout itself reports for the step's metrics (agentic rollouts: turns, tool calls, statuses)
+    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def num_groups(self) -> int:
@@ -47,7 +49,7 @@ class Rollout:
         return Rollout([self.prompt_ids[i] for i in rows], [self.completion_ids[i] for i in rows],
                        [self.completion_texts[i] for i in rows], self.engine_logprobs[rows], self.mask[rows],
                        self.rewards[rows], self.group_size,
-                       None if self.token_versions is None else self.token_versions[rows])
+                       None if self.token_versions is None else self.token_versions[rows], dict(self.metrics))
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Rewards: plain callables `fn(prompt, completion, **sample_fields) -> float` (async allowed).
 
 Built-ins: an exact numeric answer (from `\\boxed{}`, `#### x`, or the last number), a format reward,
-and the countdown checker (an arithmetic expression using the given numbers that hits the target).
+the countdown checker (an arithmetic expression using the given numbers that hits the target), and
+tool_answer for agentic rollouts (the numeric answer plus a bonus for calling a tool first).
 """
 from __future__ import annotations
 
@@ -130,8 +131,19 @@ def countdown_reward(prompt: str, completion: str, numbers: list[int] | None = N
     return float(Counter(used) == Counter(numbers) and abs(value - target) < 1e-6)
 
 
+def tool_answer_reward(prompt: str, completion: str, answer: Any = None, sample: Any = None,
+                       format_weight: float = 0.1, **_: Any) -> float:
+    """The final answer's correctness (numeric_reward on the last assistant turn) plus a small format
+    reward: `format_weight` when the sample called a tool and then answered in \\boxed{}. `sample` is the
+    agent's Sample (rl/agent/sample.py; agentic rollouts pass it to a reward that takes it), read by
+    attribute so that this module does not import the agent package."""
+    correct = numeric_reward(prompt, completion, answer)
+    used_tool = sample is not None and sample.tool_calls > 0 and sample.status == "finished"
+    return correct + (format_weight if used_tool and boxed_contents(completion) else 0.0)
+
+
 BUILTIN_REWARDS: dict[str, RewardFn] = {"numeric": numeric_reward, "format": format_reward,
-                                        "countdown": countdown_reward}
+                                        "countdown": countdown_reward, "tool_answer": tool_answer_reward}
 
 
 INVALID_REWARD_ACTIONS = ("error", "drop")

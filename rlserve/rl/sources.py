@@ -62,7 +62,7 @@ class Synchronous:
         if remote is not None and cfg.rollout.server_offload:
             with timer("offload_s"):          # the servers' memory is the trainer's until the next push
                 remote.release_memory()
-        return rollout, {}
+        return rollout, dict(rollout.metrics)     # agentic rollouts: turns, tool calls, statuses
 
     def close(self) -> None:
         pass

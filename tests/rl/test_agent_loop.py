@@ -93,6 +93,7 @@ def test_mask_covers_exactly_the_generated_tokens_smollm2_template(smol_tokenize
     turns = [CALC, LOOKUP, FLAKY, ANSWER]
     sample, backend, prompt_ids = _run(tok, turns, prompt, tok.convert_tokens_to_ids("<|im_end|>"))
     assert sample.status == "finished" and sample.turns == 4 and sample.tool_calls == 3
+    assert sample.tool_errors == 1                     # the flaky service's exception
     results = ["7006652", "[1] France: Paris is the capital of France.",
                "Error: RuntimeError: the service is down"]
     _check_against_hand_built(tok, sample, prompt, turns, results, "<|im_end|>")
@@ -124,6 +125,7 @@ def test_a_hanging_tool_times_out_and_the_model_sees_the_error(smol_tokenizer):
     assert sample.status == "finished" and sample.turns == 2
     seen = tok.decode(backend.calls[1][0])   # what the second turn was given
     assert "Error: tool 'hang' timed out after 0.2 s" in seen
+    assert sample.tool_calls == 1 and sample.tool_errors == 1
 
 
 def test_unknown_tool_bad_arguments_and_limits(smol_tokenizer):
@@ -132,9 +134,11 @@ def test_unknown_tool_bad_arguments_and_limits(smol_tokenizer):
     bad_args = '<tool_call>{"name": "python", "arguments": {"source": "1"}}</tool_call>'
     sample, backend, _ = _run(tok, [bad_args, ANSWER], [{"role": "user", "content": "go"}], eot)
     assert sample.status == "finished" and "Error: TypeError" in tok.decode(backend.calls[1][0])
+    assert sample.tool_errors == 1
     # max_turns of tool calls and no answer: truncated, the last call is not run
     sample, backend, _ = _run(tok, [CALC] * 3, [{"role": "user", "content": "go"}], eot, max_turns=3)
     assert sample.status == "truncated" and sample.turns == 3 and sample.tool_calls == 2
+    assert sample.tool_errors == 0
     assert sample.token_ids[-1] == eot and sample.loss_mask[-1] == 1
     # the token budget stops a sample whose next tool result would not fit
     sample, _, _ = _run(tok, [CALC, ANSWER], [{"role": "user", "content": "go"}], eot, max_tokens=40)

@@ -20,7 +20,7 @@ from typing import Any
 from rlserve.rl.agent.backend import Backend
 from rlserve.rl.agent.render import TurnRenderer
 from rlserve.rl.agent.sample import Sample
-from rlserve.rl.agent.tools import AgentTool, call_tool
+from rlserve.rl.agent.tools import AgentTool, call_tool, is_tool_error
 from rlserve.sampling import SamplingParams
 from rlserve.tool_parsing import ToolCall, parse_tool_calls
 
@@ -94,6 +94,7 @@ class AgentLoop:
                 break
             sample.tool_calls += len(calls)
             results = await self._run_calls(calls)
+            sample.tool_errors += sum(is_tool_error(r) for r in results)
             last = tok.decode(out.token_ids[-1:]) if out.token_ids else ""
             segment = self.renderer.tool_results(results, last)
             if sample.response_length + len(segment) >= opt.max_tokens:

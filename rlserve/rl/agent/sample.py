@@ -24,6 +24,7 @@ class Sample:
     status: str = "running"              # finished (answered) | truncated (turns/tokens ran out) | aborted
     turns: int = 0                       # assistant turns generated
     tool_calls: int = 0                  # calls run (a call in the last allowed turn is not)
+    tool_errors: int = 0                 # of those, the ones whose result was an error or a timeout
     assistant_texts: list[str] = field(default_factory=list)  # each turn's decoded text
     reward: float = 0.0
     fields: dict[str, Any] = field(default_factory=dict)      # the task's ground truth for the reward
@@ -69,6 +70,18 @@ class Sample:
         return self.assistant_texts[-1] if self.assistant_texts else ""
 
 
+def agent_metrics(samples: list[Sample]) -> dict[str, float]:
+    """The step's agent metrics: mean turns and tool calls per sample, failed tool calls, and how many
+    samples ended in each status."""
+    n = max(1, len(samples))
+    out = {"agent_turns_mean": sum(s.turns for s in samples) / n,
+           "agent_tool_calls_mean": sum(s.tool_calls for s in samples) / n,
+           "agent_tool_errors": float(sum(s.tool_errors for s in samples))}
+    for status in STATUSES[1:]:
+        out[f"agent_{status}"] = float(sum(s.status == status for s in samples))
+    return out
+
+
 def samples_to_rollout(samples: list[Sample], texts: list[str], group_size: int) -> Rollout:
     """The trainer's view: prompt = the first prompt, completion = everything after it (turns, tool
     results and separators, exactly the engine's tokens), mask = the loss mask, engine logprobs 0 off
@@ -77,4 +90,5 @@ def samples_to_rollout(samples: list[Sample], texts: list[str], group_size: int)
     width = max((len(m) for m in masks), default=0)
     lps = [torch.tensor(s.logprobs[len(s.prompt_ids):], dtype=torch.float32) for s in samples]
     return Rollout([list(s.prompt_ids) for s in samples], [s.response_ids for s in samples], texts,
-                   pad(lps, width), pad(masks, width), torch.tensor([s.reward for s in samples]), group_size)
+                   pad(lps, width), pad(masks, width), torch.tensor([s.reward for s in samples]), group_size,
+                   metrics=agent_metrics(samples))

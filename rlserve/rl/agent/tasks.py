@@ -9,10 +9,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from rlserve.rl.agent.sandbox import python_tool
-from rlserve.rl.rewards import boxed_contents, numeric_reward
+from rlserve.rl.rewards import tool_answer_reward  # the built-in reward "tool_answer"
 from rlserve.tool_parsing import tools_system_prompt
 
 Sample = dict[str, Any]
+__all__ = ["multiplication", "tool_answer_reward"]
 
 
 def _in_split(key: str, split: str, held_out_fraction: float) -> bool:
@@ -46,12 +47,3 @@ def multiplication(split: str = "train", seed: int = 0, min_digits: int = 3, max
         question = f"What is {a} * {b}? Use {tool} to compute it, then give the final answer in \\boxed{{}}."
         yield {"prompt": [{"role": "system", "content": system}, {"role": "user", "content": question}],
                "answer": a * b}
-
-
-def tool_answer_reward(prompt: str, completion: str, answer: Any = None, sample: Any = None,
-                       format_weight: float = 0.1, **_: Any) -> float:
-    """The final answer's correctness (rewards.numeric_reward on the last assistant turn) plus a small
-    format reward: `format_weight` when the sample called a tool and then answered in \\boxed{}."""
-    correct = numeric_reward(prompt, completion, answer)
-    used_tool = sample is not None and sample.tool_calls > 0 and sample.status == "finished"
-    return correct + (format_weight if used_tool and boxed_contents(completion) else 0.0)

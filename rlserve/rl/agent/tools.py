@@ -26,6 +26,12 @@ class AgentTool:
         return Tool(self.name, self.description, self.parameters)
 
 
+def is_tool_error(result: str) -> bool:
+    """Whether a call's result is a failure: an unknown tool, bad arguments, an exception, a timeout,
+    or a sandbox run killed at a limit (call_tool and the sandbox write these as "Error: ..." lines)."""
+    return result.startswith("Error: ") or "\nError: " in result
+
+
 def truncate(text: str, max_chars: int) -> str:
     if max_chars <= 0 or len(text) <= max_chars:
         return text
