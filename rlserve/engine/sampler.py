@@ -60,6 +60,11 @@ def _row_token_index(token_lists: Sequence[Sequence[int]], device: torch.device)
             torch.tensor(toks, dtype=torch.long, device=device))
 
 
+# The largest logit a repetition penalty may produce: far above any real logit, and still finite after
+# division by a small temperature.
+PENALISED_MAX = 1e30
+
+
 def _float32_copy(logits: torch.Tensor) -> torch.Tensor:
     """A float32 copy to change in place: logits arrive in the model's dtype, so widening already copies."""
     return logits.float() if logits.dtype != torch.float32 else logits.clone()
@@ -82,8 +87,10 @@ def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor
                  for r in rows]
         ri, ti = _row_token_index(lists, dev)
         seen[ri, ti] = True
-        rep = rep[:, None]
-        penalised = torch.where(logits > 0, logits / rep, logits * rep)
+        # A penalty below float32's range (5e-324 arrives as 0) or a tiny one would divide into inf and,
+        # through softmax, NaN: the penalty is kept normal and the divided logits finite.
+        rep = rep.clamp(min=torch.finfo(torch.float32).tiny)[:, None]
+        penalised = torch.where(logits > 0, (logits / rep).clamp(max=PENALISED_MAX), logits * rep)
         logits = torch.where(seen, penalised, logits)
 
     freq = torch.tensor([p.frequency_penalty for p in params], device=dev)

@@ -351,3 +351,17 @@ def test_cpu_filters_over_the_most_likely_tokens_match_the_full_sort():
         sorted_ids_drawn = Sampler(seed=3)(peaked, [row(random.Random(i), **kw)
                                                     for i, kw in enumerate(cases)]).token_ids
     assert fast_ids == sorted_ids_drawn
+
+
+def test_a_tiny_repetition_penalty_still_samples_valid_tokens(tiny_model_dir):
+    # 5e-324 is 0 in float32: dividing by it gave inf logits, NaN probabilities and an out-of-range id.
+    from rlserve import LLM, SamplingParams
+
+    llm = LLM(str(tiny_model_dir("tiny-llama")), max_total_tokens=512)
+    vocab = llm.engine.model_config.vocab_size
+    for penalty in (5e-324, 1e-30):
+        for temperature in (1.0, 0.0, 0.05):
+            out = llm.generate([[0, 5, 7]], SamplingParams(max_tokens=6, repetition_penalty=penalty, ignore_eos=True,
+                                                            temperature=temperature, seed=1), use_tqdm=False)
+            ids = out[0].outputs[0].token_ids
+            assert len(ids) == 6 and all(0 <= t < vocab for t in ids)
