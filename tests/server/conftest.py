@@ -129,3 +129,18 @@ def client(default_server):
 @pytest.fixture(scope="session")
 def model(client) -> str:
     return client.models.list().data[0].id
+
+
+def assert_served_matches_local(served: list[dict], local: list) -> None:
+    """Each /generate item (asked with return_logprob and top_logprobs_num) has the local RequestOutput's
+    greedy tokens, and their logprobs, top ones included, within 1e-4."""
+    for s, loc in zip(served, local, strict=True):
+        out = loc.outputs[0]
+        assert s["output_ids"] == out.token_ids
+        got = s["meta_info"]["output_token_logprobs"]
+        assert [t for _, t, _ in got] == out.token_ids
+        for (lp, tok, _), ref in zip(got, out.logprobs):
+            assert abs(lp - ref[tok]) <= 1e-4, (lp, ref[tok])
+        for top, ref in zip(s["meta_info"]["output_top_logprobs"], out.logprobs):
+            for lp, tok, _ in top:
+                assert tok in ref and abs(lp - ref[tok]) <= 1e-4

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from rlserve.client import Client, ServerError
 from rlserve.net import free_port
 from rlserve.weight_sync.group import WeightSender
+from tests.server.conftest import assert_served_matches_local
 
 ADMIN = "admin-secret"
 HANG_S = 300          # only to end a hang; nothing asserts on time
@@ -87,16 +88,7 @@ def assert_matches_local(admin: Client, local) -> list[list[int]]:
     served = admin.generate(input_ids=PROMPTS, sampling_params=SP, return_logprob=True, top_logprobs_num=2)
     mine = local.generate(PROMPTS, SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, logprobs=2),
                           use_tqdm=False)
-    for s, loc in zip(served, mine):
-        out = loc.outputs[0]
-        assert s["output_ids"] == out.token_ids
-        got = s["meta_info"]["output_token_logprobs"]
-        assert [t for _, t, _ in got] == out.token_ids
-        for (lp, tok, _), ref in zip(got, out.logprobs):
-            assert abs(lp - ref[tok]) <= 1e-4, (lp, ref[tok])
-        for top, ref in zip(s["meta_info"]["output_top_logprobs"], out.logprobs):
-            for lp, tok, _ in top:
-                assert tok in ref and abs(lp - ref[tok]) <= 1e-4
+    assert_served_matches_local(served, mine)
     return [s["output_ids"] for s in served]
 
 
