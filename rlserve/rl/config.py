@@ -10,6 +10,7 @@ from typing import Any
 
 from rlserve.config import DType, Elementwise, EngineConfig, option_names
 from rlserve.rl.algorithms import AggMode, KLKind
+from rlserve.rl.cluster.config import ClusterSection, TrainerSection
 
 ADVANTAGES = ("grpo", "rloo", "reinforce++", "reinforce++-baseline", "gae")
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -306,6 +307,8 @@ class TrainConfig:
     critic: CriticSection = field(default_factory=CriticSection)
     optim: OptimSection = field(default_factory=OptimSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)     # ranks and FSDP2 (docs/cluster.md)
+    cluster: ClusterSection = field(default_factory=ClusterSection)     # local processes or Ray placement
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
