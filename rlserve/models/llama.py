@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from rlserve.config import ModelConfig
+from rlserve.distributed.group import TPGroup
+from rlserve.layers import parallel
 from rlserve.layers.attention.base import AttentionBackend, ForwardBatch
 from rlserve.layers.attention.torch_backend import causal_attention
 from rlserve.layers.fused import EAGER, Kernels
@@ -21,17 +23,30 @@ from rlserve.layers.rotary import RotaryEmbedding
 from rlserve.layers.stacked_linear import StackedLinear, project
 
 
+def local_heads(cfg: ModelConfig, tp: TPGroup | None) -> tuple[int, int]:
+    """(query heads, K/V heads) one rank computes: all of them at one rank; else the rank's share, at
+    least one K/V head (replicated when there are fewer than ranks)."""
+    if tp is None or tp.size == 1:
+        return cfg.num_heads, cfg.num_kv_heads
+    return cfg.num_heads // tp.size, max(1, cfg.num_kv_heads // tp.size)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.layer = layer
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads = local_heads(cfg, tp)
+        self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
-        bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        bias, h, d = cfg.attention_bias, cfg.hidden_size, cfg.head_dim
+        q_shard = kv_shard = None
+        if tp is not None:       # this rank's query heads, and the K/V heads they read
+            q_shard = parallel.head_shard(tp, cfg.num_heads, d, 0, "query heads")
+            kv_shard = parallel.head_shard(tp, cfg.num_kv_heads, d, 0, "key/value heads")
+        self.q_proj = parallel.column_linear(tp, h, cfg.num_heads * d, bias, q_shard)
+        self.k_proj = parallel.column_linear(tp, h, cfg.num_kv_heads * d, bias, kv_shard)
+        self.v_proj = parallel.column_linear(tp, h, cfg.num_kv_heads * d, bias, kv_shard)
+        self.o_proj = parallel.row_linear(tp, cfg.num_heads * d, h, False, q_shard)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -60,11 +75,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = parallel.column_linear(tp, h, i, False)
+        self.up_proj = parallel.column_linear(tp, h, i, False)
+        self.down_proj = parallel.row_linear(tp, i, h, False)
         self.stacked: StackedLinear | None = None
         self.kernels: Kernels = EAGER
 
@@ -74,10 +90,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, layer, tp)
+        self.mlp = MLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -96,19 +112,21 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.embed_tokens = parallel.embedding(tp, cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, kernels: Kernels = EAGER) -> None:
+    def __init__(self, cfg: ModelConfig, kernels: Kernels = EAGER, tp: TPGroup | None = None) -> None:
+        """tp: this rank's tensor-parallel group (layers/parallel.py); None or one rank: the whole model."""
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        self.model = LlamaModel(cfg, self.tp)
+        self.lm_head = parallel.lm_head(self.tp, cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
@@ -158,9 +176,13 @@ class LlamaForCausalLM(nn.Module):
         GEMM's accumulator, whatever the model's dtype. Without it the GEMM writes the model's dtype;
         float32=False then keeps it (decode sampling reads it directly), float32=True widens it."""
         if self.fp32_logits:
-            return float32_logits(hidden, self.lm_head.weight)
-        logits = self.lm_head(hidden)
-        return logits.float() if float32 else logits
+            logits = float32_logits(hidden, self.lm_head.weight)
+        else:
+            logits = self.lm_head(hidden)
+            logits = logits.float() if float32 else logits
+        if self.tp is not None:
+            logits = cast(parallel.ParallelLMHead, self.lm_head).gather_logits(logits)
+        return logits
 
     def ignores_checkpoint_tensor(self, name: str) -> bool:
         """Checkpoint tensors the model has no place for and skips: rotary tables (computed here) and a
@@ -169,7 +191,9 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy full (checkpoint) tensors in; under tensor parallelism each rank keeps its piece."""
         params = dict(self.named_parameters(remove_duplicate=False))
+        shards = parallel.parameter_shards(self)
         missing = set(params)
         for name, tensor in weights:
             if self.ignores_checkpoint_tensor(name):
@@ -177,9 +201,10 @@ class LlamaForCausalLM(nn.Module):
             if name not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {self.config.architecture}")
             p = params[name]
-            if p.shape != tensor.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(p.shape)}")
-            p.copy_(tensor)
+            shape = parallel.full_shape(shards, name, p.shape)
+            if shape != tuple(tensor.shape):
+                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {shape}")
+            p.copy_(parallel.local_piece(shards, name, tensor))
             missing.discard(name)
         if self.config.tie_word_embeddings:
             missing.discard("lm_head.weight")
@@ -190,8 +215,12 @@ class LlamaForCausalLM(nn.Module):
     def init_dummy(self, seed: int = 0, std: float = 0.02) -> None:
         """Random weights for benchmarks: same shapes and dtypes as a real checkpoint."""
         gen = torch.Generator(device=self.model.embed_tokens.weight.device).manual_seed(seed)
+        shards = parallel.parameter_shards(self)    # ranks draw the full tensor, each keeps its piece
         for name, p in self.named_parameters():
             if "norm" in name:
                 p.fill_(1.0)
-            else:
+            elif name not in shards:
                 p.normal_(0.0, std, generator=gen)
+            else:
+                full = torch.empty(shards[name].full_shape(p.shape), dtype=p.dtype, device=p.device)
+                p.copy_(shards[name].take(full.normal_(0.0, std, generator=gen)))
