@@ -96,11 +96,15 @@ def bench_model(model: str, args: argparse.Namespace, log_dir: Path) -> dict[str
         pairs = trainer_weights(model, device, dtype, args.seed)
         gb = sum(t.numel() * t.element_size() for _, t in pairs) / 1e9
         result: dict[str, Any] = {"model": model, "weights_gb": gb, "tensors": len(pairs)}
-        for path, fmt in (("tensor", None), ("bucket", "flattened_bucket")):
-            ms = timed(lambda: push(client, lambda: client.update_weights_from_tensor(
-                pairs, load_format=fmt, weight_version=path)), args.repeat)
-            check(client, pairs)
-            result[path] = {"ms": ms, "median_ms": statistics.median(ms), "ms_per_gb": statistics.median(ms) / gb}
+        for mb in args.bucket_mb:
+            suffix = "" if mb == args.bucket_mb[0] else f"@{mb or 'one'}"
+            for path, fmt in (("tensor", None), ("bucket", "flattened_bucket")):
+                per_call = "auto" if mb < 0 else (mb << 20 if mb else None)
+                ms = timed(lambda: push(client, lambda: client.update_weights_from_tensor(
+                    pairs, load_format=fmt, weight_version=path, bucket_bytes=per_call)), args.repeat)
+                check(client, pairs)
+                result[path + suffix] = {"ms": ms, "median_ms": statistics.median(ms),
+                                         "ms_per_gb": statistics.median(ms) / gb, "bucket_mb": mb}
         if args.disk:
             with tempfile.TemporaryDirectory(prefix="rlserve-sync-", dir=args.disk_dir) as tmp:
                 write_ms = timed(lambda: write_checkpoint(model, pairs, Path(tmp)), 1)
@@ -136,6 +140,9 @@ def report(rows: list[dict[str, Any]]) -> str:
         disk = cell("disk") + (f" (+{r['disk']['write_ms'] / 1e3:.1f} s write)" if "disk" in r else "")
         lines.append(f"{r['model']:<14} {r['weights_gb']:6.2f} {r['tensors']:7d}  {cell('tensor'):>18}  "
                      f"{cell('bucket'):>18}  {disk:>24}")
+        for key in sorted(k for k in r if k.startswith("tensor@")):
+            other = "bucket" + key.removeprefix("tensor")
+            lines.append(f"{'  MiB/call ' + key.split('@')[1]:<30}  {cell(key):>18}  {cell(other):>18}")
     return "\n".join(lines)
 
 
@@ -146,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", help="cuda (trainer and server share it) or cpu (shared memory)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--kv-tokens", type=int, default=65536, help="the server's KV pool (small: it is not used)")
+    p.add_argument("--bucket-mb", type=int, nargs="+", default=[-1],
+                   help="MiB per update call, one run each: -1 the client's default (one call for direct "
+                        "handles, 512 MiB flattened buckets), 0 one call, N at most N MiB")
     p.add_argument("--disk", action="store_true", help="also time the safetensors path")
     p.add_argument("--disk-dir", default=None, help="where the disk path writes (default: the temp dir)")
     p.add_argument("--seed", type=int, default=0)

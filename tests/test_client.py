@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from rlserve.client import AsyncClient, Client, ServerError, _buckets
+from rlserve.client import DEFAULT_BUCKET_BYTES, AsyncClient, Client, ServerError, _buckets, tensor_bucket_bytes
 from tests.server.conftest import TINY_ARGS, Server
 
 PARAM = "model.layers.0.mlp.down_proj.weight"
@@ -31,6 +31,17 @@ def server(tmp_path_factory, default_model_dir):
     s = Server([*TINY_ARGS, "--admin-api-key", "k"], tmp_path_factory.mktemp("client-logs")).wait_ready()
     yield s
     s.stop()
+
+
+def test_tensor_updates_split_only_flattened_buckets_by_default():
+    # Direct handles copy nothing on the sender, so "auto" sends them in one call; a flattened bucket is a
+    # copy the sender holds, so "auto" bounds it.
+    pairs = [(f"w{i}", torch.zeros(1 << 18)) for i in range(6)]      # 1 MiB each
+    assert tensor_bucket_bytes(None, "auto") is None
+    assert len(_buckets(pairs, tensor_bucket_bytes(None, "auto"))) == 1
+    assert tensor_bucket_bytes("flattened_bucket", "auto") == DEFAULT_BUCKET_BYTES
+    assert len(_buckets(pairs, tensor_bucket_bytes("flattened_bucket", 2 << 20))) == 3
+    assert tensor_bucket_bytes(None, 3 << 20) == 3 << 20 and tensor_bucket_bytes("flattened_bucket", None) is None
 
 
 def test_sync_client_errors(server):

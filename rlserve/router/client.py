@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlserve.client import DEFAULT_BUCKET_BYTES, DEFAULT_TIMEOUT_S, Client, NamedTensors
+from rlserve.client import DEFAULT_TIMEOUT_S, Client, NamedTensors
 from rlserve.router.registry import REGISTER_TIMEOUT_S, WorkerRegistry
 
 log = logging.getLogger("rlserve.router")
@@ -188,7 +188,7 @@ class RouterClient:
         return result
 
     def update_weights_from_tensor(self, pairs: NamedTensors, load_format: str | None = None,
-                                   weight_version: str | None = None, bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
+                                   weight_version: str | None = None, bucket_bytes: int | None | str = "auto",
                                    abort_all_requests: bool = False) -> FanOut:
         """Client.update_weights_from_tensor on every worker (shared memory / CUDA IPC: same host)."""
         return self.update_weights(lambda c: c.update_weights_from_tensor(
