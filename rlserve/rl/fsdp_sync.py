@@ -11,13 +11,21 @@ each parameter's gather is a collective.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from rlserve.rl.weight_push import alongside
 from rlserve.weight_sync.group import plan_buckets
-from rlserve.weight_sync.tensors import NamedTensors
+from rlserve.weight_sync.tensors import NamedTensors, dtype_name
+
+if TYPE_CHECKING:
+    from rlserve.client import Client
+    from rlserve.rl.remote import RemoteRollout
 
 
 def _full(p: torch.Tensor) -> torch.Tensor:
@@ -46,3 +54,56 @@ def gather_full_tensors_in_buckets(module: nn.Module, bucket_bytes: int,
             full = _full(p)
             pairs.append((name, full if dtype is None else full.to(dtype)))
         yield pairs
+
+
+
+def push_sharded(remote: RemoteRollout | None, model: nn.Module, version: int, dtype: torch.dtype) -> None:
+    """Server mode with a sharded policy: every rank calls this together (the gathers are collectives);
+    rank 0, which holds `remote`, sends each gathered bucket to the servers as RemoteRollout.push_weights
+    does (pause, [offload: resume weights], update, [resume KV cache and graphs], continue), through
+    update_weights_from_tensor (the version comes with the last bucket) or the run's weight-update
+    group (one announcement of every tensor, then one flattened broadcast per gathered bucket: the same
+    buckets the servers cut from the announcement). No rank holds more than one bucket at a time."""
+    budget = [remote.bucket_bytes if remote is not None else 0]
+    dist.broadcast_object_list(budget, src=0)          # the other ranks cut the buckets rank 0 sends
+    buckets = gather_full_tensors_in_buckets(model, budget[0], dtype)
+    if remote is None:
+        for _ in buckets:
+            pass
+        return
+    named = list(model.named_parameters())
+    count = len(plan_buckets([p.numel() * dtype.itemsize for _, p in named], budget[0]))
+    each = remote._each
+    each(lambda c: c.pause_generation("in_place"))
+    try:
+        if remote.offload:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()     # what the update freed goes back to the GPU first
+            each(lambda c: c.resume_memory_occupation(["weights"]))
+        if remote.distributed is not None:
+            sender = remote.distributed.sender
+            meta: dict[str, Any] = {"names": [n for n, _ in named], "dtypes": [dtype_name(dtype)] * len(named),
+                    "shapes": [list(p.shape) for _, p in named], "group_name": sender.group_name,
+                    "load_format": "flattened_bucket", "bucket_bytes": budget[0]}
+
+            def broadcast() -> None:
+                for bucket in buckets:
+                    sender.broadcast(bucket, bucket_bytes=None)     # one gathered bucket, one buffer
+            alongside([partial(c.announce_distributed_update, weight_version=str(version), **meta)
+                       for c in remote.clients], broadcast)
+        else:
+            update = each if remote.router is None else remote._update
+            for i, bucket in enumerate(buckets):
+                tag = str(version) if i == count - 1 else None
+                update(partial(_send_tensors, pairs=bucket, version=tag))
+        if remote.offload:
+            each(lambda c: c.resume_memory_occupation(["kv_cache", "cuda_graph"]))
+    finally:
+        if remote.router is not None:
+            remote.router.continue_generation()
+        else:
+            each(lambda c: c.continue_generation())
+
+
+def _send_tensors(client: Client, pairs: NamedTensors, version: str | None) -> None:
+    client.update_weights_from_tensor(pairs, weight_version=version, bucket_bytes=None)

@@ -273,6 +273,9 @@ def evaluate(run: Run, cfg: TrainConfig) -> float:
 def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptStream | None = None,
           held_out: list[Sample] | None = None) -> list[dict[str, Any]]:
     """Run cfg.steps steps (continuing a checkpoint if asked); returns the per-step metrics."""
+    if cfg.trainer.sharded or cfg.cluster.backend == "ray":    # several ranks / Ray placement: docs/cluster.md
+        from rlserve.rl.cluster.launch import launch
+        return launch(cfg, reward_fn, prompts, held_out)
     from tqdm import tqdm
 
     out_dir = Path(cfg.output_dir)
