@@ -299,6 +299,11 @@ class EngineConfig:
                                              "(the loop fills them); None: the engine picks for the device")
     pooling: str | None = _opt(None, "embeddings' pooling: last (the last token) or mean, normalised; None: "
                                      "the model's sentence-transformers pooling config, else last")
+    quantization: str | None = _opt(None, "quantize the projections' weights after loading: int8 or int4 "
+                                          "(weight-only, CPU kernels) or fp8 (e4m3, CUDA); embeddings and lm_head "
+                                          "stay float. None: float weights")
+    quantization_group_size: int = _opt(64, "input channels per int4 scale (32, 64, 128 or 256; must divide "
+                                            "every projection's input size)")
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -330,6 +335,9 @@ class EngineConfig:
         _check_int("max_model_len", self.max_model_len, 1, optional=True)
         _check_int("cuda_graph_max_bs", self.cuda_graph_max_bs, 1, optional=True)
         _check_int("grammar_helpers", self.grammar_helpers, 0, optional=True)
+        if self.quantization not in (None, "int8", "int4", "fp8"):
+            raise ValueError(f"quantization must be int8, int4 or fp8; got {self.quantization!r}")
+        _check_int("quantization_group_size", self.quantization_group_size, 1)
         if self.pooling not in (None, "last", "mean"):
             raise ValueError(f"pooling must be last or mean; got {self.pooling!r}")
         for flag in ("cuda_graph", "cascade_attention", "fp32_logits", "warmup"):

@@ -30,6 +30,7 @@ from rlserve.layers.fused import Kernels
 from rlserve.models.heads import model_class
 from rlserve.models.llama import LlamaForCausalLM
 from rlserve.models.loader import ModelSource, load_tokenizer, resolve_model
+from rlserve.models.quantize import check_quantization, quantize_model
 
 DEFAULT_MAX_MODEL_LEN = 32768   # keeps the request-to-token table small for 128k-context models
 
@@ -100,6 +101,7 @@ def max_model_len(asked: int | None, cfg: ModelConfig) -> int:
 
 def build_model(cfg: ModelConfig, source: ModelSource, device: torch.device, dtype: torch.dtype,
                 kernels: Kernels, config: EngineConfig, saver: MemorySaver) -> LlamaForCausalLM:
+    check_quantization(config.quantization, config.quantization_group_size, cfg, device)   # before loading
     torch.manual_seed(config.seed)
     with torch.device(device):
         model = model_class(cfg)(cfg, kernels)     # a pooling head (models/heads.py) or the causal LM
@@ -111,6 +113,7 @@ def build_model(cfg: ModelConfig, source: ModelSource, device: torch.device, dty
         model.load_weights(iter_safetensors(source.model_dir))
     model = model.to(dtype).eval()
     model.fp32_logits = config.fp32_logits
+    quantize_model(model, config.quantization, config.quantization_group_size)
     move_weights_into(saver, model)          # stacks the projections, inside the saver's region if any
     return model
 

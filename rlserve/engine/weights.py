@@ -15,21 +15,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 
 from rlserve.engine.lifecycle import LifecycleHost, released, require_idle
 from rlserve.models.loader import iter_safetensors, resolve_model
+from rlserve.models.quantize import quantized_weights
 
 log = logging.getLogger("rlserve")
 
 Weights = torch.nn.Module | Iterable[tuple[str, torch.Tensor]]
 
 
-def _params(engine: LifecycleHost) -> dict[str, torch.nn.Parameter]:
-    # Tied embeddings are one parameter under two names: a trainer may send either.
-    return dict(engine.model.named_parameters(remove_duplicate=False))
+def _params(engine: LifecycleHost) -> dict[str, Any]:
+    # Tied embeddings are one parameter under two names: a trainer may send either. A quantized layer's
+    # weight is a stand-in (shape, dtype, copy_ that quantizes, detach that dequantizes).
+    return {**dict(engine.model.named_parameters(remove_duplicate=False)), **quantized_weights(engine.model)}
 
 
 def check_updatable(engine: LifecycleHost, operation: str) -> None:

@@ -1,0 +1,252 @@
+"""Linear layers with quantized weights, run through PyTorch's packed matmul kernels.
+
+- int8 (CPU): weight-only, one symmetric scale per output channel; `aten._weight_int8pack_mm`.
+- int4 (CPU): weight-only, asymmetric per group of `group_size` input channels (torchao's tinygemm
+  scales-and-zeros layout, computed by torchao); `aten._weight_int4pack_mm_for_cpu`.
+- fp8 (CUDA): e4m3 weights with one scale per output channel, activations quantized per token at
+  run time; `torch._scaled_mm` with row-wise scales.
+
+The CPU kernels take their fast paths with bfloat16 activations (on an AVX-512 CPU they ran 4-10x
+faster than with float32 ones), so a float32 model's activations are rounded to bfloat16 at each
+quantized layer's input and its output is widened back. Every layer has a slow reference in plain torch
+(`reference`) that tests compare against.
+
+A layer's buffers may be views into a fused layer's storage (q/k/v or gate/up quantized side by side,
+see models/quantize.py): `load_float` writes a new float weight into them in place.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+METHODS = ("int8", "int4", "fp8")
+INT4_GROUP_SIZES = (32, 64, 128, 256)      # the CPU int4 kernel's
+INT4_ROW_BLOCK = 64                        # the int4 packing interleaves rows in blocks of this many
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max
+CPU_ACT_DTYPE = torch.bfloat16
+
+
+def _torchao_utils() -> Any:
+    """torchao's quantization helpers. Importing torchao logs a warning for each CUDA-only extension it
+    cannot load on a CPU host; those kernels are not used here, so the warnings are held back."""
+    quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
+    try:
+        import torchao.quantization.utils as utils
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+    return utils
+
+
+class QuantizedLinear(nn.Module):
+    """What the quantized layers share: sizes, a float bias and the float dtype they stand in for."""
+    method = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def extra_repr(self) -> str:
+        return f"{self.method}, in_features={self.in_features}, out_features={self.out_features}"
+
+    def load_float(self, weight: torch.Tensor) -> None:
+        """Quantize a float weight [out, in] into this layer's buffers, in place."""
+        raise NotImplementedError
+
+    def dequantized(self) -> torch.Tensor:
+        """The float weight [out, in] the layer computes with (what a reader by name sees)."""
+        raise NotImplementedError
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        out = self.matmul(x.reshape(-1, shape[-1]))
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*shape[:-1], self.out_features)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The same layer in plain float32 torch: the dequantized weight times the input."""
+        return F.linear(x.float(), self.dequantized().float(), None if self.bias is None else self.bias.float())
+
+
+# ---------------------------------------------------------------- int8
+
+def int8_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values [out, in], float32 scales [out]): symmetric, scale = max |w| of the row / 127."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
+class Int8Linear(QuantizedLinear):
+    method = "int8"
+    qweight: torch.Tensor           # int8 [out, in]
+    scales: torch.Tensor            # bfloat16 [out]
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__(weight.shape[1], weight.shape[0], bias, weight.dtype)
+        q, scales = int8_quantize(weight)
+        self.register_buffer("qweight", q, persistent=False)
+        self.register_buffer("scales", scales.to(CPU_ACT_DTYPE), persistent=False)
+
+    def load_float(self, weight: torch.Tensor) -> None:
+        q, scales = int8_quantize(weight.to(self.qweight.device))
+        self.qweight.copy_(q)
+        self.scales.copy_(scales)
+
+    def dequantized(self) -> torch.Tensor:
+        return (self.qweight.float() * self.scales.float()[:, None]).to(self.dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.aten._weight_int8pack_mm(x.to(CPU_ACT_DTYPE), self.qweight, self.scales)
+        return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------- int4
+
+def check_int4_shape(in_features: int, out_features: int, group_size: int, where: str = "") -> None:
+    """Raise ValueError (naming the option) for shapes the int4 CPU kernel cannot take."""
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"quantization_group_size must be one of {INT4_GROUP_SIZES} for int4; got {group_size}")
+    if in_features % group_size:
+        raise ValueError(f"quantization=int4: quantization_group_size {group_size} does not divide "
+                         f"in_features {in_features}{where}; pick one that does")
+    if out_features % 16:
+        raise ValueError(f"quantization=int4 needs out_features divisible by 16; got {out_features}{where}")
+
+
+def int4_quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int32 values 0..15 [out, in], bfloat16 scales-and-zeros [in / group_size, out, 2]): asymmetric
+    min/max per group, w ≈ (q - 8) * scale + zero (torchao's tinygemm layout)."""
+    utils = _torchao_utils()
+    q, scales_and_zeros = utils.groupwise_affine_quantize_tensor(weight.detach().float(), 4, group_size,
+                                                                 dtype=CPU_ACT_DTYPE)
+    return q.to(torch.int32), scales_and_zeros
+
+
+def int4_dequantize(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The float32 weight the int4 values stand for (torchao's reference dequantization)."""
+    utils = _torchao_utils()
+    w: torch.Tensor = utils.groupwise_affine_dequantize_tensor(q, scales_and_zeros.float(), 4, group_size)
+    return w.float()
+
+
+class Int4Linear(QuantizedLinear):
+    method = "int4"
+    packed: torch.Tensor            # uint8 [out, in / 2], the kernel's packing
+    scales_and_zeros: torch.Tensor  # bfloat16 [in / group_size, out, 2]
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> None:
+        super().__init__(weight.shape[1], weight.shape[0], bias, weight.dtype)
+        check_int4_shape(self.in_features, self.out_features, group_size)
+        self.group_size = group_size
+        packed, scales_and_zeros = self._pack(weight)
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
+
+    def _pack(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, scales_and_zeros = int4_quantize(weight, self.group_size)
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_and_zeros
+
+    def load_float(self, weight: torch.Tensor) -> None:
+        packed, scales_and_zeros = self._pack(weight.to(self.packed.device))
+        self.packed.copy_(packed)
+        self.scales_and_zeros.copy_(scales_and_zeros)
+
+    def dequantized(self) -> torch.Tensor:
+        # The kernel applied to the identity gives the weight it uses, transposed (exact up to bfloat16).
+        eye = torch.eye(self.in_features, dtype=CPU_ACT_DTYPE, device=self.packed.device)
+        return self.matmul(eye).t().to(self.dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        # A layer that is a slice of a fused one has a strided scales view; the kernel wants it dense.
+        sz = self.scales_and_zeros if self.scales_and_zeros.is_contiguous() else self.scales_and_zeros.contiguous()
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(CPU_ACT_DTYPE), self.packed, self.group_size, sz)
+        return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------- fp8
+
+def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 values, float32 scales [rows, 1]): one scale per row, max |x| of the row maps to 448."""
+    scales = x.detach().float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return (x.float() / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scales
+
+
+class Fp8Linear(QuantizedLinear):
+    """Weights e4m3 with a scale per output channel (HF's `weight_scale`), activations quantized per
+    token (dynamic); one `torch._scaled_mm` with row-wise scales, bfloat16 out."""
+    method = "fp8"
+    qweight: torch.Tensor           # float8_e4m3fn [out, in]
+    weight_scale: torch.Tensor      # float32 [1, out]
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__(weight.shape[1], weight.shape[0], bias, weight.dtype)
+        if self.in_features % 16 or self.out_features % 16:
+            raise ValueError(f"quantization=fp8 needs in/out features divisible by 16; got "
+                             f"{self.in_features}x{self.out_features}")
+        q, scales = fp8_quantize_rows(weight)
+        self.register_buffer("qweight", q, persistent=False)
+        self.register_buffer("weight_scale", scales.view(1, -1).contiguous(), persistent=False)
+
+    def load_float(self, weight: torch.Tensor) -> None:
+        q, scales = fp8_quantize_rows(weight.to(self.qweight.device))
+        self.qweight.copy_(q)
+        self.weight_scale.copy_(scales.view(1, -1))
+
+    def dequantized(self) -> torch.Tensor:
+        return (self.qweight.float() * self.weight_scale.view(-1, 1)).to(self.dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        xq, x_scale = fp8_quantize_rows(x)
+        out: torch.Tensor = torch._scaled_mm(xq, self.qweight.t(), scale_a=x_scale, scale_b=self.weight_scale,
+                                             out_dtype=torch.bfloat16)
+        return out.to(x.dtype)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Both operands quantized as the kernel sees them, then multiplied in float32."""
+        flat = x.reshape(-1, x.shape[-1])
+        xq, x_scale = fp8_quantize_rows(flat)
+        out = (xq.float() * x_scale) @ self.dequantized().float().t()
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def make_quantized(method: str, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> QuantizedLinear:
+    if method == "int8":
+        return Int8Linear(weight, bias)
+    if method == "int4":
+        return Int4Linear(weight, bias, group_size)
+    if method == "fp8":
+        return Fp8Linear(weight, bias)
+    raise ValueError(f"unknown quantization {method!r}; choose one of {', '.join(METHODS)}")
+
+
+class QuantizedWeight:
+    """Stands in for a quantized layer's float `weight` where weights are updated or read by name
+    (engine/weights.py): the shape and dtype of the float weight; `copy_` quantizes what it is given
+    into the layer; `detach` reads the dequantized weight."""
+
+    def __init__(self, layer: QuantizedLinear) -> None:
+        self.layer = layer
+        self.shape = torch.Size((layer.out_features, layer.in_features))
+        self.dtype = layer.dtype
+
+    def copy_(self, tensor: torch.Tensor) -> None:
+        self.layer.load_float(tensor)
+
+    def detach(self) -> torch.Tensor:
+        return self.layer.dequantized()

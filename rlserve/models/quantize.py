@@ -1,0 +1,150 @@
+"""Swap a loaded model's projections (q/k/v/o, gate/up/down) for quantized layers (layers/quantized.py).
+
+Embeddings, norms and lm_head stay in the model's float dtype: lm_head decides every token, and on the
+default model it is tied to the embedding. The swap happens from outside the model definition, after its
+weights are loaded and cast: each nn.Linear is replaced by its quantized twin. `stack_projections` then
+fuses q/k/v and gate/up by concatenating their quantized buffers (one packed matmul each, as the float
+model runs one GEMM), and each layer's buffers become views into the fused storage, so an update of one
+layer's weight by name (`quantized_weights`) lands in the fused layer too.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlserve.config import ModelConfig
+from rlserve.layers.quantized import (
+    INT4_ROW_BLOCK,
+    METHODS,
+    QuantizedLinear,
+    QuantizedWeight,
+    check_int4_shape,
+    make_quantized,
+)
+from rlserve.layers.stacked_linear import StackedLinear
+from rlserve.models.llama import LlamaForCausalLM
+
+PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+FUSED = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
+# Which dimension of each buffer runs along the output channels (where fused layers are concatenated).
+_OUT_DIM = {"qweight": 0, "scales": 0, "packed": 0, "scales_and_zeros": 1, "weight_scale": 1}
+
+
+def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each quantized projection."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def check_quantization(method: str | None, group_size: int, cfg: ModelConfig, device: torch.device) -> None:
+    """Raise ValueError, naming the option, for a combination that cannot run (before any weight loads)."""
+    if method is None:
+        return
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "fp8":
+        if device.type != "cuda":
+            raise ValueError("quantization=fp8 needs a CUDA device (FP8 matmuls through torch._scaled_mm); "
+                             "on a CPU use quantization=int8 or int4")
+        if torch.cuda.get_device_capability(device) < (8, 9):
+            raise ValueError("quantization=fp8 needs a GPU with FP8 tensor cores (compute capability 8.9+)")
+        for name, (k, n) in projection_shapes(cfg).items():
+            if k % 16 or n % 16:
+                raise ValueError(f"quantization=fp8 needs {name}'s sizes divisible by 16; got {k}x{n}")
+    elif device.type != "cpu":
+        raise ValueError(f"quantization={method} runs on CPU kernels; on CUDA use quantization=fp8")
+    if method == "int4":
+        for name, (k, n) in projection_shapes(cfg).items():
+            check_int4_shape(k, n, group_size, f" ({name})")
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return getattr(model, "quantization", None) is not None
+
+
+@torch.no_grad()
+def quantize_model(model: LlamaForCausalLM, method: str | None, group_size: int = 64) -> None:
+    """Replace every projection by its quantized twin (None: leave the model float). Call it once the
+    weights are loaded and cast, before `stack_projections` (which then fuses the quantized layers)."""
+    if method is None:
+        return
+    model.unstack_projections()
+    for layer in model.decoder_layers():
+        for part, names in PROJECTIONS.items():
+            owner = getattr(layer, part)
+            for name in names:
+                linear = getattr(owner, name)
+                if type(linear) is not nn.Linear:
+                    raise ValueError(f"quantization={method} runs on plain linear layers only (not under "
+                                     f"tensor parallelism); {name} is a {type(linear).__name__}")
+                setattr(owner, name, make_quantized(method, linear.weight, linear.bias, group_size))
+    # Set on this instance only (the model class knows nothing of quantization): is_quantized reads the
+    # method; the quantized layers are fused their own way, and releasing memory without the memory saver
+    # keeps them resident (only float tensors go to the host), so there is nothing to unstack.
+    setattr(model, "quantization", method)  # noqa: B010
+    setattr(model, "stack_projections", lambda: stack_quantized(model))  # noqa: B010
+    setattr(model, "unstack_projections", lambda: None)  # noqa: B010
+
+
+class QuantizedStacked(StackedLinear):
+    """StackedLinear's role for quantized layers: one fused quantized matmul, split by columns."""
+
+    def __init__(self, fused: QuantizedLinear, sizes: list[int]) -> None:
+        # StackedLinear.__init__ stacks float weights; these are fused already.
+        self.fused, self.sizes = fused, sizes
+
+    def intact(self) -> bool:
+        return True                       # the layers' buffers are views of the fused ones, never rebound
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.fused(x).split(self.sizes, dim=-1))
+
+
+def _fusable(layers: list[QuantizedLinear]) -> bool:
+    if len({type(l) for l in layers}) != 1 or len({l.bias is None for l in layers}) != 1:
+        return False
+    # int4's packing interleaves rows in blocks: a layer's rows must start and end on a block.
+    return layers[0].method != "int4" or all(l.out_features % INT4_ROW_BLOCK == 0 for l in layers)
+
+
+@torch.no_grad()
+def fuse(layers: list[QuantizedLinear]) -> QuantizedStacked:
+    """Concatenate the layers' buffers into one quantized layer and make each layer's buffers views of it."""
+    first = layers[0]
+    fused = first.__class__.__new__(first.__class__)
+    bias = None if first.bias is None else torch.cat([l.bias.detach() for l in layers])  # type: ignore[union-attr]
+    QuantizedLinear.__init__(fused, first.in_features, sum(l.out_features for l in layers), bias, first.dtype)
+    fused.__dict__.update({k: v for k, v in first.__dict__.items() if k == "group_size"})
+    for name, _ in first.named_buffers(recurse=False):
+        dim = _OUT_DIM[name]
+        fused.register_buffer(name, torch.cat([getattr(l, name) for l in layers], dim=dim), persistent=False)
+    at = 0
+    for layer in layers:
+        n = layer.out_features
+        for name, _ in first.named_buffers(recurse=False):
+            setattr(layer, name, getattr(fused, name).narrow(_OUT_DIM[name], at, n))
+        if layer.bias is not None and fused.bias is not None:
+            layer.bias.data = fused.bias.data[at:at + n]
+        at += n
+    return QuantizedStacked(fused, [l.out_features for l in layers])
+
+
+def stack_quantized(model: LlamaForCausalLM) -> None:
+    """Fuse q/k/v and gate/up of a quantized model (a no-op where already fused or not fusable)."""
+    for layer in model.decoder_layers():
+        for part, names in FUSED.items():
+            owner: Any = getattr(layer, part)
+            if isinstance(owner.stacked, QuantizedStacked):
+                continue
+            layers = [getattr(owner, n) for n in names]
+            owner.stacked = fuse(layers) if _fusable(layers) else None
+
+
+def quantized_weights(model: nn.Module) -> dict[str, QuantizedWeight]:
+    """Stand-ins for the quantized layers' float weights, by HF name: updating one quantizes the tensor
+    copied in, reading one dequantizes."""
+    return {f"{name}.weight": QuantizedWeight(m) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}

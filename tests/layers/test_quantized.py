@@ -1,0 +1,109 @@
+"""Quantized linears against float references: each kernel against the dequantized weight it stands for
+(tight: only bfloat16 activations and accumulation order differ), and against the original float weight
+within the quantization's own error (the tolerances docs/quantization.md documents)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlserve.layers.quantized import (
+    Fp8Linear,
+    Int4Linear,
+    Int8Linear,
+    QuantizedWeight,
+    check_int4_shape,
+    int4_dequantize,
+    int4_quantize,
+)
+from rlserve.models.quantize import fuse
+
+
+def weights(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    b = torch.randn(n, generator=gen) * 0.1
+    x = torch.randn(5, k, generator=gen)
+    return w, b, x
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("make,kernel_tol,float_tol", [
+    (lambda w, b: Int8Linear(w, b), 0.01, 0.02),
+    (lambda w, b: Int4Linear(w, b, 64), 0.01, 0.15),
+    (lambda w, b: Int4Linear(w, b, 32), 0.01, 0.12),
+])
+def test_cpu_quantized_linear_matches_references(make, kernel_tol, float_tol):
+    w, b, x = weights(192, 256)
+    layer = make(w, b)
+    out = layer(x)
+    assert out.dtype == torch.float32 and out.shape == (5, 192)
+    assert rel_err(out, layer.reference(x)) < kernel_tol          # the kernel does what its weight says
+    assert rel_err(out, F.linear(x, w, b)) < float_tol            # and that weight is close to the float one
+    assert rel_err(out, F.linear(x, w, b)) > 1e-4                 # (it is quantized: not the float path)
+    assert layer(x.view(5, 1, 256)).shape == (5, 1, 192)          # any leading dims
+
+
+def test_int4_dequantized_weight_is_torchaos_reference():
+    w, _, _ = weights(64, 128)
+    layer = Int4Linear(w, None, 32)
+    q, sz = int4_quantize(w, 32)
+    assert q.min() >= 0 and q.max() <= 15
+    ref = int4_dequantize(q, sz, 32)
+    assert torch.allclose(layer.dequantized().float(), ref, atol=2e-3, rtol=1e-2)
+    assert rel_err(ref, w) < 0.12
+
+
+def test_int8_is_symmetric_per_channel():
+    w, _, _ = weights(32, 64)
+    layer = Int8Linear(w, None)
+    assert layer.qweight.dtype == torch.int8 and layer.qweight.abs().max() == 127
+    # each row's largest weight is represented (nearly) exactly
+    err = (layer.dequantized() - w).abs().amax(1) / w.abs().amax(1)
+    assert err.max() < 0.01
+
+
+@pytest.mark.parametrize("make", [lambda w, b: Int8Linear(w, b), lambda w, b: Int4Linear(w, b, 64)])
+def test_fused_layers_share_storage_and_updates_reach_both(make):
+    ws = [weights(n, 128, seed=i)[0] for i, n in enumerate((128, 64, 64))]
+    layers = [make(w, torch.zeros(w.shape[0])) for w in ws]
+    x = weights(8, 128)[2]
+    separate = [l(x) for l in layers]
+    stacked = fuse(layers)
+    for a, b in zip(stacked(x), separate):
+        assert torch.allclose(a, b, atol=1e-5)
+    for a, b in zip([l(x) for l in layers], separate):         # the layers now read views of the fused buffers
+        assert torch.allclose(a, b, atol=1e-5)
+    new = weights(64, 128, seed=9)[0]
+    QuantizedWeight(layers[1]).copy_(new)                       # an update by name quantizes into the views
+    assert rel_err(stacked(x)[1], F.linear(x, new)) < 0.15
+    assert torch.allclose(stacked(x)[0], separate[0], atol=1e-5)
+    assert torch.allclose(layers[1](x), stacked(x)[1], atol=1e-5)
+
+
+def test_int4_shape_errors_name_the_option():
+    with pytest.raises(ValueError, match="quantization_group_size 128 does not divide in_features 576"):
+        check_int4_shape(576, 576, 128)
+    with pytest.raises(ValueError, match="quantization_group_size must be one of"):
+        check_int4_shape(576, 576, 48)
+    with pytest.raises(ValueError, match="out_features divisible by 16"):
+        Int4Linear(torch.randn(24, 64), None, 32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp8_linear_matches_its_reference_and_the_float_layer():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs FP8 tensor cores")
+    w, b, x = (t.cuda().bfloat16() for t in weights(256, 512))
+    layer = Fp8Linear(w, b)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (5, 256)
+    assert rel_err(out, layer.reference(x)) < 0.01
+    assert rel_err(out, F.linear(x.float(), w.float(), b.float())) < 0.06
+    new = weights(256, 512, seed=3)[0].cuda().bfloat16()
+    QuantizedWeight(layer).copy_(new)
+    assert rel_err(layer(x), F.linear(x.float(), new.float(), b.float())) < 0.06
