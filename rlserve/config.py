@@ -299,6 +299,8 @@ class EngineConfig:
                                              "(the loop fills them); None: the engine picks for the device")
     pooling: str | None = _opt(None, "embeddings' pooling: last (the last token) or mean, normalised; None: "
                                      "the model's sentence-transformers pooling config, else last")
+    tensor_parallel_size: int = _opt(1, "ranks the model is split over (one process each; on CUDA one GPU "
+                                        "each, from the device asked for on)")
     quantization: str | None = _opt(None, "quantize the projections' weights after loading: int8 or int4 "
                                           "(weight-only, CPU kernels) or fp8 (e4m3, CUDA); embeddings and lm_head "
                                           "stay float. None: float weights")
@@ -335,6 +337,7 @@ class EngineConfig:
         _check_int("max_model_len", self.max_model_len, 1, optional=True)
         _check_int("cuda_graph_max_bs", self.cuda_graph_max_bs, 1, optional=True)
         _check_int("grammar_helpers", self.grammar_helpers, 0, optional=True)
+        _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
         if self.quantization not in (None, "int8", "int4", "fp8"):
             raise ValueError(f"quantization must be int8, int4 or fp8; got {self.quantization!r}")
         _check_int("quantization_group_size", self.quantization_group_size, 1)

@@ -23,7 +23,7 @@ SECTIONS = (EngineConfig, CacheConfig, SchedulerConfig)
 # (bench offline has a --warmup of its own, so the engine's start-up run is --engine-warmup.)
 FLAG_NAMES = {"policy": "--schedule-policy", "compile": "--elementwise", "warmup": "--engine-warmup"}
 # Extra spellings of an option's flag.
-EXTRA_NAMES = {"max_running_requests": ("--max-running",)}
+EXTRA_NAMES = {"max_running_requests": ("--max-running",), "tensor_parallel_size": ("--tp", "--tp-size")}
 # Older flags that set one value of an option.
 LEGACY_FLAGS: dict[str, tuple[str, Any]] = {
     "--disable-radix-cache": ("enable_radix_cache", False),

@@ -136,6 +136,14 @@ class LLM:
     def resume_memory(self, tags: tuple[str, ...] | list[str] = ("kv_cache", "weights")) -> None:
         self.engine.resume_memory(tags)
 
+    def shutdown(self) -> None:
+        """Stop the worker ranks of a tensor-parallel engine now (they stop at exit otherwise); another
+        tensor-parallel LLM can then start in this process. This one cannot generate afterwards."""
+        from rlserve.engine.weights import tp_workers
+        workers = tp_workers(self.engine)
+        if workers is not None:
+            workers.close()
+
     # ---- helpers ----
     def encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

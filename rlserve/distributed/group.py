@@ -1,17 +1,20 @@
 """One tensor-parallel group: a rank, a size, and the two collectives the parallel layers use.
 
-The group is torch.distributed's default one (one engine of several ranks per process). Its timeout is
-long on purpose: a worker rank waits in a broadcast for rank 0's next step, which an idle server may
-not send for hours.
+The model's collectives run in torch.distributed's default group (so one engine of several ranks per
+process), whose timeout bounds the start-up rendezvous too. Rank 0's step plans go over a second group of
+the same ranks with a very long timeout: a worker waits there for the next step, which an idle server
+may not send for hours.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+STARTUP_TIMEOUT = timedelta(minutes=10)
 IDLE_TIMEOUT = timedelta(days=365)
 
 
@@ -19,6 +22,7 @@ IDLE_TIMEOUT = timedelta(days=365)
 class TPGroup:
     rank: int
     size: int
+    plans: Any = None       # the ProcessGroup rank 0's plans travel in (None: the default group)
 
     @property
     def is_leader(self) -> bool:
@@ -28,6 +32,13 @@ class TPGroup:
         """The sum over ranks, in place."""
         dist.all_reduce(x)
         return x
+
+    def all_reduce_min(self, value: int) -> int:
+        """The smallest of the ranks' values."""
+        on_gpu = dist.get_backend() == "nccl"
+        t = torch.tensor([value], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Each rank's x side by side along the last dimension (rank order)."""
@@ -52,8 +63,8 @@ def init_tensor_parallel(rank: int, size: int, port: int, device: torch.device) 
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
-                            timeout=IDLE_TIMEOUT, device_id=device if device.type == "cuda" else None)
-    return TPGroup(rank, size)
+                            timeout=STARTUP_TIMEOUT, device_id=device if device.type == "cuda" else None)
+    return TPGroup(rank, size, dist.new_group(list(range(size)), timeout=IDLE_TIMEOUT))
 
 
 def destroy_tensor_parallel() -> None:

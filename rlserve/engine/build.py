@@ -20,6 +20,7 @@ from rlserve.config import (
     Switch,
     parse_dtype,
 )
+from rlserve.distributed.group import TPGroup
 from rlserve.engine.cache import RadixCache, ReqToTokenPool, TokenAllocator
 from rlserve.engine.memory import RequestMemory
 from rlserve.engine.memory_saver import MemorySaver, move_weights_into
@@ -28,7 +29,7 @@ from rlserve.kv_pool import FP8_DTYPE, KVPool
 from rlserve.layers.attention import create_backend
 from rlserve.layers.fused import Kernels
 from rlserve.models.heads import model_class
-from rlserve.models.llama import LlamaForCausalLM
+from rlserve.models.llama import LlamaForCausalLM, local_heads
 from rlserve.models.loader import ModelSource, load_tokenizer, resolve_model
 from rlserve.models.quantize import check_quantization, quantize_model
 
@@ -100,11 +101,17 @@ def max_model_len(asked: int | None, cfg: ModelConfig) -> int:
 
 
 def build_model(cfg: ModelConfig, source: ModelSource, device: torch.device, dtype: torch.dtype,
-                kernels: Kernels, config: EngineConfig, saver: MemorySaver) -> LlamaForCausalLM:
+                kernels: Kernels, config: EngineConfig, saver: MemorySaver,
+                tp: TPGroup | None = None) -> LlamaForCausalLM:
     check_quantization(config.quantization, config.quantization_group_size, cfg, device)   # before loading
     torch.manual_seed(config.seed)
     with torch.device(device):
-        model = model_class(cfg)(cfg, kernels)     # a pooling head (models/heads.py) or the causal LM
+        if tp is None:
+            model = model_class(cfg)(cfg, kernels)     # a pooling head (models/heads.py) or the causal LM
+        elif cfg.head is not None:
+            raise ValueError("pooling models do not run under tensor parallelism; use tensor_parallel_size=1")
+        else:
+            model = LlamaForCausalLM(cfg, kernels, tp)
     if source.load_format == "dummy":
         model.init_dummy(config.seed)
     else:
@@ -128,6 +135,42 @@ def kv_budget_tokens(cache: CacheConfig, cfg: ModelConfig, kv_dtype: torch.dtype
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * cache.gpu_memory_fraction) // per_token
     return max(cache.kv_cache_bytes // per_token, 1)
+
+
+@dataclass
+class RankParts:
+    """What every rank of an engine holds: its model (its piece, under tensor parallelism) with the attention
+    backend over its KV pool (its K/V heads), and the request-to-token table."""
+    model_config: ModelConfig
+    local_config: ModelConfig           # the heads one rank computes (model_config at one rank)
+    source: ModelSource
+    dtype: torch.dtype
+    kv_dtype: torch.dtype
+    max_model_len: int
+    model: LlamaForCausalLM
+    num_tokens: int                     # KV slots, the same on every rank
+    kv_pool: KVPool
+    table: ReqToTokenPool
+
+
+def build_rank(config: EngineConfig, device: torch.device, saver: MemorySaver, tp: TPGroup | None) -> RankParts:
+    dtype = model_dtype(config.dtype, device)
+    source = resolve_model(config.model, config.load_format)
+    cfg = ModelConfig.from_hf(source.hf_config)
+    kernels = Kernels.for_mode(resolve_elementwise(config.compile, device))
+    max_len = max_model_len(config.max_model_len, cfg)
+    model = build_model(cfg, source, device, dtype, kernels, config, saver, tp)
+    heads, kv_heads = local_heads(cfg, tp)
+    local = replace(cfg, num_heads=heads, num_kv_heads=kv_heads)
+    kv_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype)
+    num_tokens = kv_budget_tokens(config.cache, local, kv_dtype, device)
+    if tp is not None:          # every rank holds every slot: the smallest budget serves all
+        num_tokens = tp.all_reduce_min(num_tokens)
+    with saver.region("kv_cache"):
+        kv_pool = KVPool(cfg.num_layers, num_tokens + 1, kv_heads, cfg.head_dim, kv_dtype, device)
+    table = ReqToTokenPool(config.scheduler.max_running_requests + 3, max_len + 1, device)
+    model.attn_backend = create_backend(config.attention_backend, kv_pool, local, device)
+    return RankParts(cfg, local, source, dtype, kv_dtype, max_len, model, num_tokens, kv_pool, table)
 
 
 @dataclass
@@ -156,48 +199,49 @@ class EngineParts:
 
 def build(config: EngineConfig) -> EngineParts:
     device = pick_device(config.device)
-    dtype = model_dtype(config.dtype, device)
-    source = resolve_model(config.model, config.load_format)
-    cfg = ModelConfig.from_hf(source.hf_config)
-    tokenizer = load_tokenizer(config.tokenizer or source.tokenizer_dir)
-    kernels = Kernels.for_mode(resolve_elementwise(config.compile, device))
-    max_len = max_model_len(config.max_model_len, cfg)
+    workers = None
+    if config.tensor_parallel_size > 1:     # start ranks 1.. (engine/tp_worker.py); this process is rank 0
+        from rlserve.engine.tp_plan import Workers
+        workers = Workers(config, device)
+        device = workers.device
     saver = MemorySaver(config.memory_saver, device)
-    model = build_model(cfg, source, device, dtype, kernels, config, saver)
+    try:
+        rank = build_rank(config, device, saver, workers.tp if workers else None)
+    except BaseException:
+        if workers is not None:
+            workers.close()
+        raise
+    cfg, model, table = rank.model_config, rank.model, rank.table
+    tokenizer = load_tokenizer(config.tokenizer or rank.source.tokenizer_dir)
     eos_ids = set(cfg.eos_token_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
-
-    kv_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype)
-    num_tokens = kv_budget_tokens(config.cache, cfg, kv_dtype, device)
-    allocator = TokenAllocator(num_tokens, device)
-    with saver.region("kv_cache"):
-        kv_pool = KVPool(cfg.num_layers, num_tokens + 1, cfg.num_kv_heads, cfg.head_dim, kv_dtype, device)
-    table = ReqToTokenPool(config.scheduler.max_running_requests + 3, max_len + 1, device)
+    allocator = TokenAllocator(rank.num_tokens, device)
     pad_row = table.alloc()
     assert pad_row is not None
     tree = RadixCache(allocator) if config.cache.enable_radix_cache else None
     memory = RequestMemory(allocator, table, tree)
-    model.attn_backend = create_backend(config.attention_backend, kv_pool, cfg, device)
-    runner = build_runner(config, model, table, pad_row, device, tree is not None, kv_dtype)
+    runner = build_runner(config, model, table, pad_row, device, tree is not None, rank.kv_dtype, rank.local_config)
+    runner.tp_workers = workers
     overlap = overlap_enabled(config.overlap_schedule, device)
-    return EngineParts(device, dtype, kv_dtype, cfg, tokenizer, max_len, eos_ids, model, allocator, kv_pool, table,
-                       pad_row, tree, memory, runner, scheduler_config(config.scheduler, device), overlap,
+    return EngineParts(device, rank.dtype, rank.kv_dtype, cfg, tokenizer, rank.max_model_len, eos_ids, model,
+                       allocator, rank.kv_pool, table, pad_row, tree, memory, runner,
+                       scheduler_config(config.scheduler, device), overlap,
                        grammar_helper_count(config.grammar_helpers, overlap), saver)
 
 
 def build_runner(config: EngineConfig, model: LlamaForCausalLM, table: ReqToTokenPool, pad_row: int,
-                 device: torch.device, radix: bool, kv_dtype: torch.dtype) -> ModelRunner:
-    """The runner, with cascade attention where asked for and possible, and decode graphs captured on CUDA."""
+                 device: torch.device, radix: bool, kv_dtype: torch.dtype, cfg: ModelConfig) -> ModelRunner:
+    """The runner, with cascade attention where asked for and possible, and decode graphs captured on CUDA
+    (at one rank: the worker ranks of a tensor-parallel engine run their steps eagerly)."""
     runner = ModelRunner(model, table, device)
-    cfg = model.config
     max_members = getattr(model.attn_backend, "cascade_max_members", 0)
     if config.cascade_attention and radix and max_members:
         runner.enable_cascade(max_members, KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                                                                   kv_dtype))
     # The torch backend sizes its masks on the host per batch, so only the triton one is captured.
     graphable = type(model.attn_backend).__name__ == "TritonAttentionBackend"
-    if device.type == "cuda" and config.cuda_graph and graphable:
+    if device.type == "cuda" and config.cuda_graph and graphable and config.tensor_parallel_size == 1:
         # By default every batch the scheduler can form replays a graph (an eager step costs ~1.5x one).
         max_running = config.scheduler.max_running_requests
         runner.capture_cuda_graphs(pad_row, min(config.cuda_graph_max_bs or max_running, max_running))

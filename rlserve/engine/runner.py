@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -16,6 +16,7 @@ from rlserve.models.llama import LlamaForCausalLM
 
 if TYPE_CHECKING:
     from rlserve.engine.cuda_graph import CudaGraphRunner
+    from rlserve.engine.tp_plan import Workers
 
 # A cascade step runs a second kernel per layer and pads its groups to the batch's capacity: use it only
 # when the KV it avoids reading (this many bytes a step, ~0.15 ms of HBM on an H100) outweighs that.
@@ -41,6 +42,7 @@ class ModelRunner:
         self._groups_key: tuple | None = None
         self._groups: PrefixGroups | None = None
         self.cascade_steps = 0        # decode steps that ran with shared prefixes
+        self.tp_workers: Workers | None = None   # tensor parallelism: the ranks each forward is sent to first
 
     def enable_cascade(self, max_members: int, kv_bytes_per_token: int) -> None:
         self.cascade_max_members = max_members
@@ -133,6 +135,9 @@ class ModelRunner:
         fb, sampling_reqs, prompt_spans = self.build(sb, decode_slots, input_ids)
         if self.graphs is not None and self.graphs.can_run(fb):
             return ForwardResult(self.graphs.run(fb), sampling_reqs, {})
+        if self.tp_workers is not None:
+            rows = cast("list[int]", [r.row for r in sb.reqs])       # scheduled requests hold a row each
+            self.tp_workers.send_forward(fb, rows, [(s, n) for _, s, n in prompt_spans], bool(sampling_reqs))
         self.model.attn_backend.prepare(fb)  # type: ignore[union-attr]  # the engine attached it
         hidden = self.model(fb.input_ids, fb.positions, fb)
         logits = self.model.compute_logits(hidden[fb.logits_indices], float32=False) if sampling_reqs else None

@@ -20,7 +20,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from rlserve.engine.lifecycle import LifecycleHost, released, require_idle
+from rlserve.engine.lifecycle import LifecycleHost, ReleasedRunner, released, require_idle
+from rlserve.engine.tp_plan import Workers
+from rlserve.layers.parallel import full_shape, local_piece, parameter_shards
 from rlserve.models.loader import iter_safetensors, resolve_model
 from rlserve.models.quantize import quantized_weights
 
@@ -35,6 +37,12 @@ def _params(engine: LifecycleHost) -> dict[str, Any]:
     return {**dict(engine.model.named_parameters(remove_duplicate=False)), **quantized_weights(engine.model)}
 
 
+def tp_workers(engine: LifecycleHost) -> Workers | None:
+    """The worker ranks of a tensor-parallel engine (None at one rank)."""
+    runner = engine.runner
+    return (runner.runner if isinstance(runner, ReleasedRunner) else runner).tp_workers
+
+
 def check_updatable(engine: LifecycleHost, operation: str) -> None:
     """Raise unless weights may change now: an idle or paused engine (nothing left on the device) whose
     weights are resident."""
@@ -46,6 +54,7 @@ def check_updatable(engine: LifecycleHost, operation: str) -> None:
 def validate(engine: LifecycleHost, pairs: list[tuple[str, torch.Tensor]]) -> None:
     """Raise ValueError for the first pair that cannot be copied into the model; nothing is changed."""
     params = _params(engine)
+    shards = parameter_shards(engine.model)   # under tensor parallelism, updates carry full tensors
     for name, tensor in pairs:
         if not isinstance(name, str) or name not in params:
             raise ValueError(f"unknown parameter {name!r}")
@@ -54,8 +63,9 @@ def validate(engine: LifecycleHost, pairs: list[tuple[str, torch.Tensor]]) -> No
         if not tensor.is_floating_point():
             raise ValueError(f"{name}: dtype {tensor.dtype} is not a floating-point type "
                              f"(the parameter is {params[name].dtype})")
-        if tuple(tensor.shape) != tuple(params[name].shape):
-            raise ValueError(f"{name}: shape {tuple(tensor.shape)} != {tuple(params[name].shape)}")
+        shape = full_shape(shards, name, params[name].shape)
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} != {shape}")
 
 
 @torch.no_grad()
@@ -71,9 +81,12 @@ def update_weights(engine: LifecycleHost, weights: Weights, weight_version: str 
         raise ValueError(f"weight_version must be a string, got {type(weight_version).__name__}")
     pairs = list(weights.named_parameters() if isinstance(weights, torch.nn.Module) else weights)
     validate(engine, pairs)
-    params = _params(engine)
+    workers = tp_workers(engine)
+    if workers is not None:
+        workers.send_weights(pairs)           # each rank keeps its piece
+    params, shards = _params(engine), parameter_shards(engine.model)
     for name, tensor in pairs:
-        params[name].copy_(tensor)
+        params[name].copy_(local_piece(shards, name, tensor))
     if engine.device.type == "cuda":
         # A producer's buffers (CUDA IPC, shared memory) may be reused once this returns.
         torch.cuda.synchronize(engine.device)
