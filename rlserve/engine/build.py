@@ -108,8 +108,6 @@ def build_model(cfg: ModelConfig, source: ModelSource, device: torch.device, dty
     with torch.device(device):
         if tp is None:
             model = model_class(cfg)(cfg, kernels)     # a pooling head (models/heads.py) or the causal LM
-        elif cfg.head is not None:
-            raise ValueError("pooling models do not run under tensor parallelism; use tensor_parallel_size=1")
         else:
             model = LlamaForCausalLM(cfg, kernels, tp)
     if source.load_format == "dummy":
@@ -201,7 +199,8 @@ def build(config: EngineConfig) -> EngineParts:
     device = pick_device(config.device)
     workers = None
     if config.tensor_parallel_size > 1:     # start ranks 1.. (engine/tp_worker.py); this process is rank 0
-        from rlserve.engine.tp_plan import Workers
+        from rlserve.engine.tp_plan import Workers, check_tensor_parallel
+        check_tensor_parallel(config, ModelConfig.from_hf(resolve_model(config.model, config.load_format).hf_config))
         workers = Workers(config, device)
         device = workers.device
     saver = MemorySaver(config.memory_saver, device)

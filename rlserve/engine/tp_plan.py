@@ -21,14 +21,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from rlserve.config import EngineConfig
+from rlserve.config import EngineConfig, ModelConfig
 from rlserve.distributed.group import TPGroup, destroy_tensor_parallel, device_for_rank, init_tensor_parallel
 from rlserve.layers.attention.base import ForwardBatch
+from rlserve.layers.parallel import Shard, even_shard, head_shard
 from rlserve.net import free_port
 
 log = logging.getLogger("rlserve")
 
-FORWARD, WEIGHTS, STOP = "forward", "weights", "stop"
+FORWARD, WEIGHTS, READ, STOP = "forward", "weights", "read", "stop"
 
 
 def broadcast_header(tp: TPGroup, header: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -70,6 +71,29 @@ def batch_tensors(fb: ForwardBatch, rows: list[int]) -> list[torch.Tensor]:
     return tensors
 
 
+def check_tensor_parallel(config: EngineConfig, cfg: ModelConfig) -> None:
+    """Raise ValueError, before any process starts, for what cannot run split over the ranks asked for."""
+    size = config.tensor_parallel_size
+    if cfg.head is not None:
+        raise ValueError("pooling models do not run under tensor parallelism; use tensor_parallel_size=1")
+    if config.quantization is not None:
+        raise ValueError("quantization does not run under tensor parallelism yet; use tensor_parallel_size=1")
+    if config.device.startswith("cuda") and torch.cuda.device_count() < size + (torch.device(config.device).index or 0):
+        raise ValueError(f"tensor_parallel_size={size} needs {size} GPUs from {config.device} on; "
+                         f"{torch.cuda.device_count()} visible")
+    tp = TPGroup(0, size)
+    head_shard(tp, cfg.num_heads, cfg.head_dim, 0, "query heads")
+    head_shard(tp, cfg.num_kv_heads, cfg.head_dim, 0, "key/value heads")
+    even_shard(tp, cfg.intermediate_size, 0, "intermediate size")
+
+
+def gather_pieces(piece: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's piece of one parameter (rank order)."""
+    pieces = [torch.empty_like(piece) for _ in range(dist.get_world_size())]
+    dist.all_gather(pieces, piece.contiguous())
+    return pieces
+
+
 class Workers:
     """The worker ranks of rank 0's engine, as subprocesses; close() (also at exit) stops them."""
 
@@ -106,6 +130,17 @@ class Workers:
                                    "specs": tensor_specs([t for _, t in pairs])})
         for _, tensor in pairs:                  # one full tensor on the device at a time
             broadcast_tensors(self.tp, [tensor.to(self.device)])
+
+    def read_weight(self, name: str, piece: torch.Tensor, shard: Shard) -> torch.Tensor:
+        """The full tensor `name`, assembled from every rank's piece (this rank's is `piece`)."""
+        broadcast_header(self.tp, {"op": READ, "name": name})
+        pieces = gather_pieces(piece)
+        size = self.tp.size
+        # A piece replicated over several ranks (K/V heads) is taken from the first of them.
+        by_index: dict[int, torch.Tensor] = {}
+        for r, p in enumerate(pieces):
+            by_index.setdefault(r if shard.count == size else r // (size // shard.count), p)
+        return torch.cat([by_index[i] for i in range(shard.count)], shard.dim).narrow(shard.dim, 0, shard.full)
 
     def close(self) -> None:
         """Stop the workers and leave the group (another tensor-parallel engine may start after)."""

@@ -16,7 +16,7 @@ from rlserve.config import EngineConfig, Switch
 from rlserve.distributed.group import TPGroup, destroy_tensor_parallel, device_for_rank, init_tensor_parallel
 from rlserve.engine.build import RankParts, build_rank, pick_device
 from rlserve.engine.memory_saver import MemorySaver
-from rlserve.engine.tp_plan import FORWARD, STOP, WEIGHTS, broadcast_header, receive_tensors
+from rlserve.engine.tp_plan import FORWARD, READ, STOP, WEIGHTS, broadcast_header, gather_pieces, receive_tensors
 from rlserve.layers import parallel
 from rlserve.layers.attention.base import ForwardBatch, SharedPrefixes
 
@@ -71,6 +71,8 @@ def main(rank_index: int, size: int, port: int, config: EngineConfig) -> None:
                 run_forward(rank, tp, plan, device)
             elif plan["op"] == WEIGHTS:
                 run_weight_update(rank, tp, plan, device)
+            elif plan["op"] == READ:
+                gather_pieces(dict(rank.model.named_parameters(remove_duplicate=False))[plan["name"]].detach())
             elif plan["op"] == STOP:
                 return
             else:

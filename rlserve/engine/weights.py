@@ -140,7 +140,11 @@ def get_weights_by_name(engine: LifecycleHost, name: str, truncate_size: int = 1
         raise ValueError(f"truncate_size must be a non-negative integer, got {truncate_size!r}")
     if "weights" in released(engine):
         raise RuntimeError("the weights are released: call resume_memory(['weights']) first")
-    values: list[object] = params[name].detach()[:truncate_size].float().cpu().tolist()
+    tensor = params[name].detach()
+    workers, shards = tp_workers(engine), parameter_shards(engine.model)
+    if workers is not None and name in shards:        # a piece on each rank: gather the whole
+        tensor = workers.read_weight(name, tensor, shards[name])
+    values: list[object] = tensor[:truncate_size].float().cpu().tolist()
     return values
 
 

@@ -42,10 +42,10 @@ def perturbed(path) -> list[tuple[str, torch.Tensor]]:
     return [(n, t + 0.05 * torch.randn(t.shape, generator=gen)) for n, t in iter_safetensors(path)]
 
 
-def check(path, size: int, update: bool) -> None:
+def check(path, size: int, update: bool, **options) -> None:
     one = LLM(str(path), **OPTIONS)
     ref = generate(one)
-    llm = LLM(str(path), tensor_parallel_size=size, **OPTIONS)
+    llm = LLM(str(path), tensor_parallel_size=size, **OPTIONS, **options)
     try:
         assert_same(generate(llm), ref)
         status = llm.engine.status()
@@ -57,15 +57,26 @@ def check(path, size: int, update: bool) -> None:
             after = generate(llm)
             assert after != ref
             assert_same(after, generate(one))
+            # Sliced parameters read back whole: vocabulary rows, K/V heads, row-parallel input features.
+            for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.k_proj.weight",
+                         "model.layers.0.mlp.down_proj.weight"):
+                assert llm.engine.get_weights_by_name(name, 1000) == one.engine.get_weights_by_name(name, 1000)
     finally:
         llm.shutdown()
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
 def test_two_ranks_match_one(tiny_model_dir, preset):
-    check(tiny_model_dir(preset), 2, update=preset == "tiny-qwen2")
+    # Llama's run overlaps scheduling with the forward: decode inputs stay on rank 0's device.
+    overlap = {"overlap_schedule": "on"} if preset == "tiny-llama" else {}
+    check(tiny_model_dir(preset), 2, update=preset == "tiny-qwen2", **overlap)
 
 
 def test_four_ranks_replicate_kv_heads(tiny_model_dir):
     """4 query heads and 2 K/V heads over 4 ranks: each K/V head lives on two ranks."""
     check(tiny_model_dir("tiny-qwen3"), 4, update=True)
+
+
+def test_sizes_the_model_cannot_split_fail_before_any_process_starts():
+    with pytest.raises(ValueError, match="query heads: 4 heads are not divisible by the tensor-parallel size 3"):
+        LLM("tiny-llama", tensor_parallel_size=3, device="cpu")
