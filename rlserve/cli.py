@@ -163,7 +163,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 # ---- bench ----
 def build_bench_parser(prog: str = "rlserve bench") -> argparse.ArgumentParser:
     """The `bench` subcommands; imports the benchmark modules, so only `bench` itself calls it."""
-    from rlserve.bench import offline, serving  # serving is light: httpx is imported only when it runs
+    from rlserve.bench import accuracy, offline, serving  # serving is light: httpx is imported only when it runs
 
     parser = argparse.ArgumentParser(prog=prog, description="Benchmarks of rlserve.")
     sub = parser.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
@@ -175,6 +175,10 @@ def build_bench_parser(prog: str = "rlserve bench") -> argparse.ArgumentParser:
                          description=serving.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     serving.add_arguments(srv)
     srv.set_defaults(func=serving.main)
+    acc = sub.add_parser("accuracy", help="quantized weights vs float: perplexity, KL, greedy agreement",
+                         description=accuracy.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    accuracy.add_arguments(acc)
+    acc.set_defaults(func=accuracy.main)
     return parser
 
 

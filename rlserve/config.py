@@ -304,7 +304,7 @@ class EngineConfig:
     quantization: str | None = _opt(None, "quantize the projections' weights after loading: int8 or int4 "
                                           "(weight-only, CPU kernels) or fp8 (e4m3, CUDA); embeddings and lm_head "
                                           "stay float. None: float weights")
-    quantization_group_size: int = _opt(64, "input channels per int4 scale (32, 64, 128 or 256; must divide "
+    quantization_group_size: int = _opt(32, "input channels per int4 scale (32, 64, 128 or 256; must divide "
                                             "every projection's input size)")
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

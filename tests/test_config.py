@@ -43,7 +43,7 @@ EVERYTHING_SET = EngineConfig(
     attention_backend="torch", cuda_graph=False, cuda_graph_max_bs=16, compile="inductor", overlap_schedule="off",
     tokenizer="some/tokenizer", kv_cache_dtype="fp8_e4m3", cascade_attention=True, fp32_logits=False,
     warmup=False, grammar_helpers=2, memory_saver="auto", pooling="mean", quantization="int4",
-    quantization_group_size=32, tensor_parallel_size=2,
+    quantization_group_size=64, tensor_parallel_size=2,
     cache=CacheConfig(kv_cache_bytes=1 << 20, gpu_memory_fraction=0.5, max_total_tokens=4096,
                       enable_radix_cache=False),
     scheduler=SchedulerConfig(max_running_requests=8, chunked_prefill_size=512, policy="lpm",

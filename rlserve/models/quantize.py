@@ -67,7 +67,7 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def quantize_model(model: LlamaForCausalLM, method: str | None, group_size: int = 64) -> None:
+def quantize_model(model: LlamaForCausalLM, method: str | None, group_size: int = 32) -> None:
     """Replace every projection by its quantized twin (None: leave the model float). Call it once the
     weights are loaded and cast, before `stack_projections` (which then fuses the quantized layers)."""
     if method is None:
