@@ -1,0 +1,102 @@
+"""Batch-1 decode on a CPU, float vs quantized weights, beside transformers in the same run, and where a
+step's time goes (torch.profiler): matmuls (GEMV at batch 1), attention, other ops, and the rest of the
+wall time (Python, the dispatcher, the engine's bookkeeping).
+
+`python benchmarks/cpu_decode.py --modes float,int8,int4 --tokens 128`
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from rlserve import LLM, SamplingParams
+
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
+           "aten::linear", "aten::matmul"}
+ATTENTION = ("attention", "softmax", "sdpa", "flash")
+PROMPT = "The capital of France is Paris. Tell me about the history of the city, its rivers and its bridges."
+
+
+def decode_tok_s(step: Callable[[], object], steps: int) -> float:
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps / (time.perf_counter() - t)
+
+
+def rlserve_decode(mode: str, tokens: int, profile_steps: int) -> tuple[float, dict[str, float]]:
+    llm = LLM(quantization=None if mode == "float" else mode, max_total_tokens=4096)
+    e = llm.engine
+    ids = e.tokenizer(PROMPT)["input_ids"]
+    llm.generate([ids], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)   # warm-up
+    e.add_request(ids, SamplingParams(temperature=0, max_tokens=tokens + profile_steps + 10, ignore_eos=True))
+    while (s := e.status()).waiting or s.chunked:
+        e.step()
+    e.step()
+    tok_s = decode_tok_s(e.step, tokens)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        for _ in range(profile_steps):
+            e.step()
+        wall = time.perf_counter() - t
+    return tok_s, breakdown(prof, wall, profile_steps)
+
+
+def breakdown(prof: profile, wall: float, steps: int) -> dict[str, float]:
+    """ms per step: matmuls, attention, other aten ops (self time, so nothing counts twice), and the rest."""
+    out = {"matmul": 0.0, "attention": 0.0, "other ops": 0.0}
+    for ev in prof.key_averages():
+        if not ev.key.startswith("aten::"):
+            continue
+        ms = ev.self_cpu_time_total / 1e3 / steps
+        if ev.key in MATMULS:
+            out["matmul"] += ms
+        elif any(a in ev.key for a in ATTENTION):
+            out["attention"] += ms
+        else:
+            out["other ops"] += ms
+    out["wall"] = wall * 1e3 / steps
+    out["python + dispatch"] = out["wall"] - out["matmul"] - out["attention"] - out["other ops"]
+    return out
+
+
+@torch.no_grad()
+def hf_decode(tokens: int) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlserve.models.default import ensure_default_model
+
+    path = ensure_default_model()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(path)(PROMPT, return_tensors="pt")["input_ids"]
+    model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)     # warm-up
+    t = time.perf_counter()
+    model.generate(ids, max_new_tokens=tokens + 1, min_new_tokens=tokens + 1, do_sample=False)
+    one = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+    prefill = time.perf_counter() - one
+    return tokens / (one - t - prefill)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--modes", default="float,int8,int4")
+    ap.add_argument("--tokens", type=int, default=128, help="decode steps timed")
+    ap.add_argument("--profile-steps", type=int, default=20)
+    ap.add_argument("--no-hf", action="store_true")
+    a = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if not a.no_hf:
+        print(f"transformers (float32): {hf_decode(a.tokens):.1f} tok/s")
+    for mode in a.modes.split(","):
+        tok_s, parts = rlserve_decode(mode, a.tokens, a.profile_steps)
+        split = ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
+        print(f"rlserve {mode}: {tok_s:.1f} tok/s; profiled ms/step: {split}")
+
+
+if __name__ == "__main__":
+    main()
