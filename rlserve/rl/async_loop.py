@@ -4,6 +4,10 @@ one_step_off: right after step n pushes its weights (version n), step n+1's roll
 servers from a background thread while step n trains on the rollout submitted one step earlier (drawn by
 version n − 1). Every sample is exactly one version stale; step 0 draws its own rollout first.
 
+Agentic rollouts (rollout.agent) take part in both: a group is a prompt's multi-turn samples (each turn one
+/generate request, rl/agent/rollout.py: AgentDrawer), and its version is the oldest token's over all its
+samples, so no sample staler than the bound is trained on.
+
 full: a producer thread keeps submitting prompt groups (groups_in_flight per request batch) and puts each
 finished group in a StalenessBuffer tagged with its oldest token's weight version (the servers report
 weight_version_spans; a request running across a push continues under the new weights in place). Each
@@ -20,7 +24,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import torch
 
@@ -121,17 +125,46 @@ def remote_groups(remote: RemoteRollout, cfg: RolloutSection, encoded: Encoded, 
     return groups
 
 
+class Drawer(Protocol):
+    """Where asynchronous training's groups come from: draw (in a background thread) and, once taken,
+    the Rollout they train as (rewards included)."""
+    def draw(self, encoded: Encoded, seed: int, version: int) -> list[Any]: ...
+
+    def rollout(self, groups: list[Any]) -> Rollout: ...
+
+
+class SingleTurn:
+    """One /generate request of n per prompt (remote_groups)."""
+
+    def __init__(self, cfg: RolloutSection, remote: RemoteRollout, reward_fn: RewardFn) -> None:
+        self.cfg, self.remote, self.reward_fn = cfg, remote, reward_fn
+
+    def draw(self, encoded: Encoded, seed: int, version: int) -> list[GroupState]:
+        return remote_groups(self.remote, self.cfg, encoded, seed, version)
+
+    def rollout(self, groups: list[GroupState]) -> Rollout:
+        return build_rollout(groups, self.cfg.group_size, self.reward_fn)
+
+
+def make_drawer(cfg: TrainConfig, llm: LLM, remote: RemoteRollout, reward_fn: RewardFn) -> Drawer:
+    if cfg.rollout.agent.enabled:              # multi-turn samples: each turn one /generate request
+        from rlserve.rl.agent.rollout import AgentDrawer
+        return AgentDrawer(llm, cfg.rollout, remote, reward_fn)
+    return SingleTurn(cfg.rollout, remote, reward_fn)
+
+
 class OneStepOff:
     """Step n trains on the rollout submitted at step n − 1 while step n + 1's is drawn."""
 
     def __init__(self, cfg: TrainConfig, llm: LLM, remote: RemoteRollout, reward_fn: RewardFn,
-                 take: Callable[[int], Encoded]) -> None:
+                 take: Callable[[int], Encoded], drawer: Drawer | None = None) -> None:
         self.cfg, self.llm, self.remote, self.reward_fn, self.take = cfg, llm, remote, reward_fn, take
+        self.drawer = drawer or make_drawer(cfg, llm, remote, reward_fn)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="rollout")
-        self.future: Future[list[GroupState]] | None = None
+        self.future: Future[list[Any]] | None = None
 
-    def _draw(self, encoded: Encoded, seed: int, version: int) -> list[GroupState]:
-        return remote_groups(self.remote, self.cfg.rollout, encoded, seed, version)
+    def _draw(self, encoded: Encoded, seed: int, version: int) -> list[Any]:
+        return self.drawer.draw(encoded, seed, version)
 
     def next(self, step: int, seed: int, timer: Timer) -> tuple[Rollout, dict[str, float]]:
         need = self.cfg.task.prompts_per_step
@@ -147,8 +180,8 @@ class OneStepOff:
                 self.remote.push_weights(self.llm, step)
         # The next step's rollout, drawn by the weights just pushed while this step trains.
         self.future = self.pool.submit(self._draw, self.take(need), seed, step)
-        rollout = build_rollout(groups, self.cfg.rollout.group_size, self.reward_fn)
-        return rollout, staleness_metrics(groups, step)
+        rollout = self.drawer.rollout(groups)
+        return rollout, {**rollout.metrics, **staleness_metrics(groups, step)}
 
     def close(self) -> None:
         if self.future is not None:
@@ -160,11 +193,12 @@ class FullAsync:
     """A producer thread fills a StalenessBuffer; each step takes what is fresh enough."""
 
     def __init__(self, cfg: TrainConfig, llm: LLM, remote: RemoteRollout, reward_fn: RewardFn,
-                 take: Callable[[int], Encoded]) -> None:
+                 take: Callable[[int], Encoded], drawer: Drawer | None = None) -> None:
         self.cfg, self.llm, self.remote, self.reward_fn, self.take = cfg, llm, remote, reward_fn, take
+        self.drawer = drawer or make_drawer(cfg, llm, remote, reward_fn)
         self.chunk = cfg.asynchronous.groups_in_flight or cfg.task.prompts_per_step
         # room for the next step's groups and one chunk in flight beyond them
-        self.buffer: StalenessBuffer[GroupState] = StalenessBuffer(cfg.task.prompts_per_step + self.chunk)
+        self.buffer: StalenessBuffer[Any] = StalenessBuffer(cfg.task.prompts_per_step + self.chunk)
         self.thread: threading.Thread | None = None
         self.version = 0                          # the newest pushed, read by the producer for empty groups
 
@@ -173,8 +207,7 @@ class FullAsync:
         try:
             while self.buffer.wait_for_room():
                 version = self.version
-                groups = remote_groups(self.remote, self.cfg.rollout, self.take(self.chunk),
-                                       rng.randrange(2**31), version)
+                groups = self.drawer.draw(self.take(self.chunk), rng.randrange(2**31), version)
                 for g in groups:
                     oldest = g.oldest_version
                     self.buffer.put(g, version if oldest is None else oldest)
@@ -193,8 +226,8 @@ class FullAsync:
             taken, dropped = self.buffer.take(self.cfg.task.prompts_per_step, step,
                                               self.cfg.asynchronous.max_staleness)
         groups = [g for g, _ in taken]
-        rollout = build_rollout(groups, self.cfg.rollout.group_size, self.reward_fn)
-        return rollout, {**staleness_metrics(groups, step), "groups_dropped_stale": float(dropped)}
+        rollout = self.drawer.rollout(groups)
+        return rollout, {**rollout.metrics, **staleness_metrics(groups, step), "groups_dropped_stale": float(dropped)}
 
     def close(self) -> None:
         self.buffer.close()
@@ -202,7 +235,7 @@ class FullAsync:
             self.thread.join()
 
 
-def staleness_metrics(groups: list[GroupState], version: int) -> dict[str, float]:
+def staleness_metrics(groups: list[Any], version: int) -> dict[str, float]:
     oldest = [g.oldest_version for g in groups if g.oldest_version is not None]
     if not oldest:
         return {}

@@ -164,7 +164,7 @@ class RolloutSection:
     # The servers release their weights and KV cache after each rollout and take them back at the next
     # push, so a trainer on the same GPU has that memory for its update.
     server_offload: bool = False
-    # Over-sampling and partial rollouts (colocated; docs/rl.md "Over-sampling, partial rollouts and
+    # Over-sampling and partial rollouts (colocated or server; docs/rl.md "Over-sampling, partial rollouts and
     # asynchronous training"): start ceil(over_sample · prompts_per_step) groups, abort the rest once enough
     # have passed the dynamic-sampling filter; their prompts refill the next step first.
     over_sample: float = 1.0
@@ -181,8 +181,9 @@ class RolloutSection:
         _one_of("rollout.partial_old_tokens", self.partial_old_tokens, PARTIAL_OLD_TOKENS)
         if self.over_sample < 1.0:
             raise ValueError(f"rollout.over_sample must be ≥ 1; got {self.over_sample}")
-        if self.agent.enabled and (self.backend != "colocated" or self.over_sample > 1 or self.partial):
-            raise ValueError("rollout.agent runs on the colocated engine, without over_sample or partial")
+        if self.agent.enabled and (self.over_sample > 1 or self.partial):
+            # a multi-turn sample cannot be cut and resumed between its turns and its tools
+            raise ValueError("rollout.agent does not combine with rollout.over_sample or rollout.partial")
         grammar = sorted(set(self.constraint or {}) & {"regex", "json_schema", "json_object", "ebnf"})
         if self.partial and grammar:
             raise ValueError(f"rollout.partial cannot resume a sample under rollout.constraint {grammar[0]} "
@@ -310,6 +311,12 @@ class TrainConfig:
     trainer: TrainerSection = field(default_factory=TrainerSection)     # ranks and FSDP2 (docs/cluster.md)
     cluster: ClusterSection = field(default_factory=ClusterSection)     # local processes or Ray placement
 
+    def __post_init__(self) -> None:
+        r = self.rollout
+        if r.backend == "server" and self.asynchronous.mode != "off" and (r.over_sample > 1 or r.partial):
+            raise ValueError("rollout.over_sample and rollout.partial shape synchronous steps; with asynchronous.mode "
+                             f"{self.asynchronous.mode} the servers never wait for stragglers: turn one of them off")
+
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -353,6 +360,8 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
             pass
     elif isinstance(value, kind):
         return value
+    elif kind is str and value is False and default == "off":
+        return "off"          # YAML 1.1 reads `off` as false (asynchronous.mode=off)
     raise ValueError(f"config key {where!r} expects {kind.__name__}, got {value!r}")
 
 

@@ -46,8 +46,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("rlserve")
 STARTUP_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 60.0
-# What a rollout constraint may hold: the native route's structured-output fields.
-CONSTRAINT_KEYS = ("regex", "json_schema", "ebnf")
+# What a rollout constraint may hold: the native route's structured-output fields and stop tokens.
+CONSTRAINT_KEYS = ("regex", "json_schema", "ebnf", "stop_token_ids")
 # SGLang's memory occupation tags: all of a server's GPU memory but its CUDA context.
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
 MAX_ROUTED_REQUESTS = 64     # prompts in flight at once through a router (each with its n samples)

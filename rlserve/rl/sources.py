@@ -2,7 +2,8 @@
 
 - Synchronous: this step's prompts, drawn now by the weights being trained (colocated engine, or the
   servers after this step's weight push).
-- Over-sampled (rollout.over_sample > 1 or rollout.partial, colocated): rl/oversample.py.
+- Over-sampled (rollout.over_sample > 1 or rollout.partial): rl/oversample.py, on the colocated engine
+  or the servers (their requests aborted through /abort_request).
 - Asynchronous (asynchronous.mode, server mode): rl/async_loop.py.
 
 Every source answers next(step, seed, timer) → (rollout with rewards, metrics) and close().
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
-from rlserve.rl.agent.rollout import agent_rollout
+from rlserve.rl.agent.rollout import agent_rollout, server_backend
 from rlserve.rl.batch import Rollout
 from rlserve.rl.rollout import encode_prompt, generate_rollout
 
@@ -54,9 +55,12 @@ class Synchronous:
             if cfg.rollout.server_offload:
                 timer.add("offload_s", resumed)
         with timer("rollout_s"):
-            if remote is None:
-                generate = agent_rollout if cfg.rollout.agent.enabled else generate_rollout   # multi-turn tool use
-                rollout = generate(run.llm, cfg.rollout, prompt_ids, fields, run.reward_fn, seed)
+            if cfg.rollout.agent.enabled:          # multi-turn tool use: each turn one engine/server request
+                backend = None if remote is None else server_backend(remote)
+                rollout = agent_rollout(run.llm, cfg.rollout, prompt_ids, fields, run.reward_fn, seed,
+                                        backend=backend)
+            elif remote is None:
+                rollout = generate_rollout(run.llm, cfg.rollout, prompt_ids, fields, run.reward_fn, seed)
             else:
                 rollout = remote.generate_rollout(cfg.rollout, prompt_ids, fields, run.reward_fn, seed)
         if remote is not None and cfg.rollout.server_offload:
@@ -69,16 +73,34 @@ class Synchronous:
 
 
 class OverSampled:
-    """Colocated over-sampling with abort (and partial rollouts): rl/oversample.py."""
+    """Over-sampling with abort (and partial rollouts), colocated or on the servers: rl/oversample.py."""
 
-    def __init__(self, run: Run) -> None:
-        from rlserve.rl.oversample import OverSampler
-        self.run = run
-        self.sampler = OverSampler(run.llm, run.cfg.rollout, run.reward_fn, run.cfg.algorithm.dynamic_sampling)
+    def __init__(self, run: Run, remote: RemoteRollout | None = None) -> None:
+        from rlserve.rl.oversample import OverSampler, RemoteOverSampler
+        self.run, self.remote = run, remote
+        cfg = run.cfg
+        self.sampler: OverSampler | RemoteOverSampler
+        if remote is None:
+            self.sampler = OverSampler(run.llm, cfg.rollout, run.reward_fn, cfg.algorithm.dynamic_sampling)
+        else:
+            self.sampler = RemoteOverSampler(remote, cfg.rollout, run.reward_fn, cfg.algorithm.dynamic_sampling)
 
     def next(self, step: int, seed: int, timer: Timer) -> tuple[Rollout, dict[str, float]]:
+        from rlserve.rl.oversample import RemoteOverSampler
+        run, remote = self.run, self.remote
+        if remote is not None:
+            with timer("push_s"):
+                resumed = remote.push_weights(run.llm, step)
+            if run.cfg.rollout.server_offload:
+                timer.add("offload_s", resumed)
+            if isinstance(self.sampler, RemoteOverSampler):
+                self.sampler.version = step      # what the servers' tokens are sampled by
         with timer("rollout_s"):
-            return self.sampler.rollout(self.run.cfg.task.prompts_per_step, fresh_prompts(self.run), seed)
+            out = self.sampler.rollout(run.cfg.task.prompts_per_step, fresh_prompts(run), seed)
+        if remote is not None and run.cfg.rollout.server_offload:
+            with timer("offload_s"):
+                remote.release_memory()
+        return out
 
     def close(self) -> None:
         pass
@@ -88,9 +110,6 @@ def make_source(run: Run, remote: RemoteRollout | None) -> RolloutSource:
     cfg = run.cfg
     mode = cfg.asynchronous.mode
     if remote is not None:
-        if cfg.rollout.over_sample > 1 or cfg.rollout.partial:
-            log.warning("rollout.over_sample and rollout.partial apply to the colocated engine; server mode "
-                        "draws each step's prompts whole")
         if mode != "off":
             from rlserve.rl.async_loop import FullAsync, OneStepOff
             if cfg.rollout.server_offload:
@@ -98,6 +117,8 @@ def make_source(run: Run, remote: RemoteRollout | None) -> RolloutSource:
                                  "turn rollout.server_offload off")
             kind = OneStepOff if mode == "one_step_off" else FullAsync
             return kind(cfg, run.llm, remote, run.reward_fn, fresh_prompts(run))
+        if cfg.rollout.over_sample > 1 or cfg.rollout.partial:
+            return OverSampled(run, remote)
         return Synchronous(run, remote)
     if mode != "off":
         # the engine serves the module the optimizer updates: its rollouts cannot overlap the update

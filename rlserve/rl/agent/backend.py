@@ -3,13 +3,17 @@
 `EngineBackend` drives the in-process engine: every live sample's next turn is one engine request,
 so all of them decode together in the engine's batch while finished turns wait on their tools. Only
 its pump touches the engine (requests are added and aborted between steps; a step runs in a worker
-thread so tools keep running meanwhile). `ServerBackend` sends each turn to an rlserve/SGLang server's
-/generate with `input_ids`, which batches concurrent requests the same way.
+thread so tools keep running meanwhile). `ServerBackend` sends each turn to an rlserve server's (or
+sglang-router's) /generate with `input_ids`, which batches concurrent requests the same way.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
+import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -105,24 +109,63 @@ class EngineBackend:
         self._thread.shutdown(wait=True)
 
 
-class ServerBackend:
-    """Turns over HTTP: POST /generate with input_ids (one request per turn, in a thread each)."""
+# SamplingParams fields the native /generate takes under the same name
+NATIVE_KEYS = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
+               "repetition_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "skip_special_tokens",
+               "include_stop_str_in_output", "json_schema", "regex", "ebnf")
+_DEFAULTS = SamplingParams()
+# which sample a turn belongs to (set by AgentLoop.run_all): a sample's turns all go to one server
+SAMPLE_INDEX: ContextVar[int] = ContextVar("agent_sample_index", default=0)
 
-    def __init__(self, client: Any, logprobs_mode: str | None = "tempered") -> None:
-        self.client = client             # rlserve.client.Client (or a router's)
-        self.logprobs_mode = logprobs_mode
+
+def native_sampling_params(params: SamplingParams, logprobs_mode: str | None, routed: bool = False
+                           ) -> dict[str, Any]:
+    """`params` as the native route's sampling_params. Through sglang-router the seed goes as
+    `sampling_seed` and logprobs_mode is left to the workers' default (the router drops both)."""
+    for key in ("min_tokens", "logit_bias", "json_object"):
+        if getattr(params, key) != getattr(_DEFAULTS, key):
+            raise ValueError(f"sampling parameter {key} has no /generate field")
+    sp: dict[str, Any] = {k: getattr(params, k) for k in NATIVE_KEYS if getattr(params, k) != getattr(_DEFAULTS, k)}
+    sp |= {"n": params.n, "temperature": params.temperature, "max_new_tokens": params.max_tokens}
+    if routed and "seed" in sp:
+        sp["sampling_seed"] = sp.pop("seed")
+    elif logprobs_mode is not None:
+        sp["logprobs_mode"] = logprobs_mode
+    return sp
+
+
+class ServerBackend:
+    """Turns over HTTP: POST /generate with `input_ids` (rlserve.client.AsyncClient), one request per turn
+    with its own rid, so a cancelled sample aborts its request on the server (POST /abort_request, its KV
+    freed). Sample i's turns all go to server i mod k (its prefix stays cached there). One instance per
+    event loop: `aclose` when done."""
+
+    def __init__(self, urls: list[str], admin_api_key: str | None = None, logprobs_mode: str | None = "tempered",
+                 routed: bool = False) -> None:
+        from rlserve.client import AsyncClient
+
+        if not urls:
+            raise ValueError("ServerBackend needs at least one server URL")
+        # no timeout: a turn may wait behind a weight push or a long batch
+        self.clients = [AsyncClient(u, admin_api_key=admin_api_key, timeout=None) for u in urls]
+        self.logprobs_mode, self.routed = logprobs_mode, routed
+        self.prefix = f"agent-{uuid.uuid4().hex[:12]}-"
+        self._rids = itertools.count()
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Turn:
-        sp: dict[str, Any] = {"temperature": params.temperature, "max_new_tokens": params.max_tokens,
-                              "seed": params.seed, "stop_token_ids": params.stop_token_ids}
-        if self.logprobs_mode is not None:
-            sp["logprobs_mode"] = self.logprobs_mode
-        for key in ("regex", "json_schema", "ebnf"):
-            if getattr(params, key) is not None:
-                sp[key] = getattr(params, key)
-        item = await asyncio.to_thread(self.client.generate, input_ids=prompt_ids,
-                                       sampling_params={k: v for k, v in sp.items() if v is not None},
-                                       return_logprob=True)
+        client = self.clients[SAMPLE_INDEX.get() % len(self.clients)]
+        rid = f"{self.prefix}{next(self._rids)}"
+        sp = native_sampling_params(params, self.logprobs_mode, self.routed)
+        request = asyncio.ensure_future(client.generate(input_ids=prompt_ids, sampling_params=sp, rid=rid,
+                                                        return_logprob=True))
+        try:
+            item = await asyncio.shield(request)
+        except asyncio.CancelledError:    # the sample was cancelled: its request stops on the server too
+            if not self.routed:
+                await client.abort_request(rid)
+                with suppress(Exception):
+                    await request          # answered at once once aborted: nothing left running
+            raise
         item = item[0] if isinstance(item, list) else item
         meta = item["meta_info"]
         ids = list(item["output_ids"])
@@ -131,3 +174,7 @@ class ServerBackend:
         finish = (meta.get("finish_reason") or {}).get("type", "abort")
         return Turn(ids, [lp for lp, _, _ in meta["output_token_logprobs"]],
                     versions_per_token(spans, len(ids), version), item["text"], finish)
+
+    async def aclose(self) -> None:
+        for c in self.clients:
+            await c.aclose()

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from rlserve.rl.agent.backend import Backend
+from rlserve.rl.agent.backend import SAMPLE_INDEX, Backend
 from rlserve.rl.agent.render import TurnRenderer
 from rlserve.rl.agent.sample import Sample
 from rlserve.rl.agent.tools import AgentTool, call_tool, is_tool_error
@@ -113,4 +113,8 @@ class AgentLoop:
     async def run_all(self, prompts: list[list[int]], seeds: list[int | None],
                       fields: list[dict[str, Any]] | None = None) -> list[Sample]:
         fields = fields or [{} for _ in prompts]
-        return list(await asyncio.gather(*(self.run_sample(p, s, f) for p, s, f in zip(prompts, seeds, fields))))
+
+        async def one(i: int, prompt: list[int], seed: int | None, f: dict[str, Any]) -> Sample:
+            SAMPLE_INDEX.set(i)          # this task's context: which server a ServerBackend sends it to
+            return await self.run_sample(prompt, seed, f)
+        return list(await asyncio.gather(*(one(i, p, s, f) for i, (p, s, f) in enumerate(zip(prompts, seeds, fields)))))

@@ -4,21 +4,25 @@ loss mask), so the update, advantages and metrics take multi-turn samples unchan
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlserve.llm import LLM
-from rlserve.rl.agent.backend import Backend, EngineBackend
+from rlserve.rl.agent.backend import Backend, EngineBackend, ServerBackend
 from rlserve.rl.agent.lookup import Corpus, lookup_tool
 from rlserve.rl.agent.loop import AgentLoop, AgentOptions, Parser, tool_parser
 from rlserve.rl.agent.render import TurnRenderer
-from rlserve.rl.agent.sample import Sample, samples_to_rollout
+from rlserve.rl.agent.sample import AgentGroup, Sample, samples_to_rollout
 from rlserve.rl.agent.sandbox import SandboxLimits, python_tool
 from rlserve.rl.agent.tools import AgentTool
 from rlserve.rl.batch import Rollout
 from rlserve.rl.config import AgentSection, RolloutSection
 from rlserve.rl.rewards import RewardFn, score
 from rlserve.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from rlserve.rl.remote import RemoteRollout
 
 
 def build_tools(agent: AgentSection) -> list[AgentTool]:
@@ -44,8 +48,9 @@ def _options(cfg: RolloutSection) -> AgentOptions:
 def run_agent(llm: LLM, cfg: RolloutSection, prompts: list[list[int]], fields: list[dict[str, Any]],
               reward_fn: RewardFn, seeds: list[int | None], temperature: float,
               tools: list[AgentTool] | None = None, parser: Parser | None = None,
-              backend: Backend | None = None) -> list[Sample]:
-    """Run one sample per entry of `prompts` to its end and score it."""
+              backend: Backend | None = None, tokenizer: Any = None) -> list[Sample]:
+    """Run one sample per entry of `prompts` to its end and score it. `tokenizer`: the one to render tool
+    segments with (default the engine's; a rollout thread beside the trainer brings its own copy)."""
     tools = build_tools(cfg.agent) if tools is None else tools
     parser = parser or tool_parser(tools, cfg.agent.tool_parser)
     extra: dict[str, Any] = {}
@@ -54,12 +59,16 @@ def run_agent(llm: LLM, cfg: RolloutSection, prompts: list[list[int]], fields: l
     params = SamplingParams(temperature=temperature, **(extra | (cfg.constraint or {})))
     own = backend is None
     engine_backend = EngineBackend(llm.engine) if own else None
-    loop = AgentLoop(backend or engine_backend, TurnRenderer(llm.engine.tokenizer), tools,  # type: ignore[arg-type]
+    tok = tokenizer or llm.engine.tokenizer
+    loop = AgentLoop(backend or engine_backend, TurnRenderer(tok), tools,  # type: ignore[arg-type]
                      params, _options(cfg), parser)
-    tok = llm.engine.tokenizer
 
     async def run() -> list[Sample]:
-        samples = await loop.run_all(prompts, seeds, fields)
+        try:
+            samples = await loop.run_all(prompts, seeds, fields)
+        finally:
+            if isinstance(backend, ServerBackend):
+                await backend.aclose()
         rewards = await asyncio.gather(*(score(reward_fn, tok.decode(s.prompt_ids), s.final_text,
                                                _reward_fields(reward_fn, s)) for s in samples))
         for s, r in zip(samples, rewards):
@@ -89,13 +98,56 @@ def agent_rollout(llm: LLM, cfg: RolloutSection, prompts: list[list[int]], field
     """cfg.group_size multi-turn samples per prompt, group by group. Sample j of prompt i draws turn t
     with seed + (i·n + j)·max_turns + t, so every sample of a group differs and a step depends only on
     its seed, the weights and the tools."""
+    groups = agent_groups(llm, cfg, prompts, fields, reward_fn, seed, tools, parser, backend)
+    return groups_to_rollout(llm, groups, cfg.group_size)
+
+
+def agent_groups(llm: LLM, cfg: RolloutSection, prompts: list[list[int]], fields: list[dict[str, Any]],
+                 reward_fn: RewardFn, seed: int, tools: list[AgentTool] | None = None,
+                 parser: Parser | None = None, backend: Backend | None = None, tokenizer: Any = None
+                 ) -> list[AgentGroup]:
+    """agent_rollout's samples, scored, as one AgentGroup per prompt."""
     n, turns = cfg.group_size, cfg.agent.max_turns
     flat = [p for p in prompts for _ in range(n)]
     flat_fields = [f for f in fields for _ in range(n)]
     seeds: list[int | None] = [seed + k * turns for k in range(len(flat))]
-    samples = run_agent(llm, cfg, flat, flat_fields, reward_fn, seeds, cfg.temperature, tools, parser, backend)
+    samples = run_agent(llm, cfg, flat, flat_fields, reward_fn, seeds, cfg.temperature, tools, parser, backend,
+                        tokenizer)
+    return [AgentGroup(samples[i:i + n]) for i in range(0, len(samples), n)]
+
+
+def groups_to_rollout(llm: LLM, groups: list[AgentGroup], group_size: int) -> Rollout:
+    samples = [s for g in groups for s in g.samples]
     tok = llm.engine.tokenizer
-    return samples_to_rollout(samples, [tok.decode(s.response_ids) for s in samples], n)
+    return samples_to_rollout(samples, [tok.decode(s.response_ids) for s in samples], group_size)
+
+
+def server_backend(remote: RemoteRollout) -> ServerBackend:
+    """A backend over the run's servers (behind a router: the router), for one rollout's event loop."""
+    key = remote.clients[0].admin_api_key if remote.clients else None
+    if remote.router is not None:
+        return ServerBackend([remote.router.base_url], key, logprobs_mode=None, routed=True)
+    return ServerBackend(remote.urls, key)
+
+
+class AgentDrawer:
+    """Asynchronous training's group source for agentic rollouts (rl/async_loop.py): multi-turn samples
+    over the servers, one AgentGroup per prompt, each sample's oldest token deciding its group's staleness."""
+
+    def __init__(self, llm: LLM, cfg: RolloutSection, remote: RemoteRollout, reward_fn: RewardFn) -> None:
+        self.llm, self.cfg, self.remote, self.reward_fn = llm, cfg, remote, reward_fn
+        self.tools = build_tools(cfg.agent)
+        # draws run in a thread beside the trainer, whose engine tokenizes too: a fast tokenizer is not
+        # safe to share between threads
+        self.tokenizer = copy.deepcopy(llm.engine.tokenizer)
+
+    def draw(self, encoded: list[tuple[list[int], dict[str, Any]]], seed: int, version: int) -> list[AgentGroup]:
+        return agent_groups(self.llm, self.cfg, [ids for ids, _ in encoded], [f for _, f in encoded],
+                            self.reward_fn, seed, self.tools, backend=server_backend(self.remote),
+                            tokenizer=self.tokenizer)
+
+    def rollout(self, groups: list[AgentGroup]) -> Rollout:
+        return groups_to_rollout(self.llm, groups, self.cfg.group_size)
 
 
 def agent_greedy_accuracy(llm: LLM, cfg: RolloutSection, samples: list[dict[str, Any]], reward_fn: RewardFn,

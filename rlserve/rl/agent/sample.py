@@ -65,6 +65,20 @@ class Sample:
         return sum(self.loss_mask)
 
     @property
+    def int_versions(self) -> list[int] | None:
+        """The generated tokens' weight versions as integers (the loop's step numbers), None if any is not."""
+        try:
+            return [int(v) for v in self.weight_versions if v is not None]
+        except ValueError:
+            return None
+
+    @property
+    def oldest_version(self) -> int | None:
+        """The version of the oldest weights that sampled any of its tokens: how stale the sample is."""
+        versions = self.int_versions
+        return min(versions) if versions else None
+
+    @property
     def final_text(self) -> str:
         """The last assistant turn: the answer when the sample finished."""
         return self.assistant_texts[-1] if self.assistant_texts else ""
@@ -82,13 +96,37 @@ def agent_metrics(samples: list[Sample]) -> dict[str, float]:
     return out
 
 
+@dataclass
+class AgentGroup:
+    """A prompt's group_size samples, as asynchronous training buffers them."""
+    samples: list[Sample]
+
+    @property
+    def oldest_version(self) -> int | None:
+        """The oldest token's version over every sample: within the staleness bound, so is each sample."""
+        return min((v for s in self.samples if (v := s.oldest_version) is not None), default=None)
+
+
+def _token_versions(samples: list[Sample], width: int) -> torch.Tensor | None:
+    """[N, width] weight versions of the response tokens (0 off the mask), when they are all integers."""
+    rows = []
+    for s in samples:
+        if s.int_versions is None:
+            return None
+        rows.append(torch.tensor([0 if v is None else int(v) for v in s.weight_versions[len(s.prompt_ids):]],
+                                 dtype=torch.long))
+    return pad(rows, width)
+
+
 def samples_to_rollout(samples: list[Sample], texts: list[str], group_size: int) -> Rollout:
     """The trainer's view: prompt = the first prompt, completion = everything after it (turns, tool
     results and separators, exactly the engine's tokens), mask = the loss mask, engine logprobs 0 off
-    the mask. Samples of one prompt must be adjacent."""
+    the mask, each token's weight version (when versions are step numbers: a sample whose turns ran
+    across a weight push has old tokens, rollout.partial_old_tokens). Samples of one prompt must be
+    adjacent."""
     masks = [torch.tensor(s.response_mask, dtype=torch.float32) for s in samples]
     width = max((len(m) for m in masks), default=0)
     lps = [torch.tensor(s.logprobs[len(s.prompt_ids):], dtype=torch.float32) for s in samples]
     return Rollout([list(s.prompt_ids) for s in samples], [s.response_ids for s in samples], texts,
                    pad(lps, width), pad(masks, width), torch.tensor([s.reward for s in samples]), group_size,
-                   metrics=agent_metrics(samples))
+                   _token_versions(samples, width), metrics=agent_metrics(samples))

@@ -1,0 +1,141 @@
+"""Agentic rollouts in server mode (tiny random model, fp32, a launched rlserve server): each turn is one
+/generate request with input_ids, and the samples have exactly the colocated engine's ids, loss mask and
+logprobs; the trainer's recompute equals the server's logprobs on every generated token; a cancelled
+sample aborts its request on the server."""
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import httpx
+import torch
+
+from rlserve import LLM
+from rlserve.rl.agent.backend import ServerBackend
+from rlserve.rl.agent.render import TurnRenderer
+from rlserve.rl.agent.rollout import agent_rollout, server_backend
+from rlserve.rl.agent.tools import AgentTool
+from rlserve.rl.config import load_config
+from rlserve.rl.logprobs import completion_logprobs
+from rlserve.rl.remote import RemoteRollout
+from rlserve.rl.train import setup
+from rlserve.sampling import SamplingParams
+from rlserve.tool_parsing import ToolCall
+
+
+async def _echo(text: str) -> str:
+    return f"echo: {text[:20]}"
+
+
+ECHO = AgentTool("echo", "repeat", {"type": "object", "properties": {"text": {"type": "string"}}}, _echo)
+# A random model seldom samples its end-of-turn token: a third of the vocabulary ends a turn instead
+# (a stop condition only, the sampled distribution and its logprobs are unchanged).
+STOPS = list(range(0, 49152, 3))
+
+
+def _every_turn_calls_echo(text: str) -> list[ToolCall]:
+    return [ToolCall("echo", {"text": text})]     # never an answer: every sample runs max_turns
+
+
+def _prompts(llm: LLM, n: int) -> list[list[int]]:
+    rng = random.Random(0)
+    return [llm.encode(llm.apply_chat_template([{"role": "user", "content": " ".join(
+        rng.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(rng.randint(2, 8)))}]))[1]
+            for _ in range(n)]
+
+
+def _rebuilt(llm: LLM, ids: list[int], mask: list[int]) -> list[int]:
+    """The response as the agent loop must have built it from its generated runs (mask 1): each turn,
+    then the closing separator, the echo tool's message and the next assistant header (mask 0)."""
+    renderer = TurnRenderer(llm.engine.tokenizer)
+    runs: list[list[int]] = []
+    for k, (t, on) in enumerate(zip(ids, mask)):
+        if on and (k == 0 or not mask[k - 1]):
+            runs.append([])
+        if on:
+            runs[-1].append(t)
+    out: list[int] = []
+    for k, turn in enumerate(runs):
+        out += turn
+        if k + 1 < len(runs):
+            # the turn's text leaves out the stop token that ended it
+            text = llm.engine.tokenizer.decode(turn[:-1], skip_special_tokens=True)
+            out += renderer.tool_results([asyncio.run(_echo(text))], llm.engine.tokenizer.decode(turn[-1:]))
+    return out
+
+
+def _load(url: str) -> dict[str, Any]:
+    return httpx.get(url + "/get_load", timeout=30).json()[0]
+
+
+def _zero(*_: Any, **__: Any) -> float:
+    return 0.0
+
+
+def test_server_agent_samples_equal_colocated_and_trainer_logprobs(tiny_model_dir, tmp_path):
+    cfg = load_config(None, [f"model.path={tiny_model_dir('tiny-qwen3')}", f"output_dir={tmp_path}",
+                             "rollout.backend=server", "rollout.agent.enabled=true", "rollout.agent.max_turns=4",
+                             "rollout.agent.max_turn_tokens=20", "rollout.max_tokens=400", "rollout.group_size=3"])
+    cfg.rollout.constraint = {"stop_token_ids": STOPS}
+    run = setup(cfg, _zero)
+    llm = run.llm
+    remote = RemoteRollout.start(cfg.rollout, cfg.model.engine.with_options(seed=cfg.seed), tmp_path)
+    try:
+        remote.push_weights(llm, 0)
+        llm.engine.set_weight_version("0")
+        prompts = _prompts(llm, 4)
+        kw: dict[str, Any] = {"seed": 11, "tools": [ECHO], "parser": _every_turn_calls_echo}
+        # greedy: the same conversations as the colocated engine, token for token, mask and logprobs
+        cfg.rollout.temperature = 0.0
+        served = agent_rollout(llm, cfg.rollout, prompts, [{}] * 4, _zero, backend=server_backend(remote), **kw)
+        local = agent_rollout(llm, cfg.rollout, prompts, [{}] * 4, _zero, **kw)
+        assert served.prompt_ids == local.prompt_ids and served.completion_ids == local.completion_ids
+        assert torch.equal(served.mask, local.mask) and served.metrics == local.metrics
+        torch.testing.assert_close(served.engine_logprobs, local.engine_logprobs, atol=1e-4, rtol=0)
+        for temperature in (1.0, 0.7):
+            cfg.rollout.temperature = temperature
+            served = agent_rollout(llm, cfg.rollout, prompts, [{}] * 4, _zero, backend=server_backend(remote), **kw)
+            assert served.prompt_ids == [p for p in prompts for _ in range(3)]
+            assert served.metrics["agent_truncated"] == 12 and served.metrics["agent_turns_mean"] == 4
+            assert len({tuple(c) for c in served.completion_ids}) > 1      # distinct seeds in a group
+            for ids, m in zip(served.completion_ids, served.mask):
+                assert _rebuilt(llm, ids, m[:len(ids)].tolist()) == ids
+            assert served.token_versions is not None
+            assert (served.token_versions[served.mask.bool()] == 0).all()
+            with torch.no_grad():
+                trainer = completion_logprobs(llm.engine.model, served.prompt_ids, served.completion_ids, temperature)
+            for i, lp in enumerate(trainer):
+                m = served.mask[i, :len(lp)].bool()
+                diff = (lp[m] - served.engine_logprobs[i, :len(lp)][m]).abs().max().item()
+                assert diff < 1e-4, (temperature, i, diff)
+                assert (served.engine_logprobs[i, :len(lp)][~m] == 0).all()
+        load = _load(remote.urls[0])
+        assert load["num_reqs"] == 0 and load["num_tokens"] == 0, load
+    finally:
+        remote.close()
+
+
+def test_a_cancelled_server_turn_is_aborted_on_the_server(tiny_model_dir, tmp_path):
+    cfg = load_config(None, [f"model.path={tiny_model_dir('tiny-qwen3')}", f"output_dir={tmp_path}",
+                             "rollout.backend=server"])
+    remote = RemoteRollout.start(cfg.rollout, cfg.model.engine.with_options(seed=cfg.seed), tmp_path)
+    url = remote.urls[0]
+    try:
+        async def cancel_mid_turn() -> dict[str, Any]:
+            backend = ServerBackend([url])
+            params = SamplingParams(temperature=1.0, max_tokens=4000, ignore_eos=True, seed=1, logprobs=0)
+            turn = asyncio.ensure_future(backend.generate([1, 2, 3], params))
+            while _load(url)["num_reqs"] == 0:          # running on the server
+                await asyncio.sleep(0.05)
+            turn.cancel()
+            try:
+                await turn
+            except asyncio.CancelledError:
+                pass
+            await backend.aclose()
+            return _load(url)
+        load = asyncio.run(cancel_mid_turn())
+        assert load["num_reqs"] == 0 and load["num_tokens"] == 0, load
+    finally:
+        remote.close()
