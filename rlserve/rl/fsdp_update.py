@@ -6,7 +6,8 @@ loss is weighted by its share of the *whole minibatch* (tokens for a token-mean 
 as update.micro_batches does within one process), and multiplied by the world size because FSDP averages
 gradients over ranks: the reduced gradient is the one-process gradient of the whole minibatch, whatever
 the split. Every rank runs the same number of forward/backward passes (each one gathers parameters, a
-collective): a rank short of rows runs a copy of a real row with weight 0, which adds exactly nothing.
+collective) over the same number of samples: a rank short of rows pads with copies of a real row whose
+mask is zero, which adds exactly nothing.
 """
 from __future__ import annotations
 
@@ -27,17 +28,19 @@ from rlserve.rl.models import ValueModel
 from rlserve.rl.update import Critic, _policy_loss, batch_device, minibatches
 
 
-def rank_chunks(rows: list[int], rank: int, world: int, micro: int) -> list[tuple[list[int], bool]]:
-    """This rank's micro-batches of `rows` as (rows, real); the same count on every rank. A padding chunk
-    (real False) repeats the first row and must be given weight 0."""
+def rank_chunks(rows: list[int], rank: int, world: int, micro: int) -> list[tuple[list[int], int]]:
+    """This rank's micro-batches of `rows` as (rows, how many of them are real). Chunk i has the same
+    length on every rank, so every rank runs the same passes over the same number of samples (the
+    model's forward methods, each an FSDP collective, run once per sample); a rank short of rows pads
+    with copies of rows[0], which the caller must weigh 0."""
     per_rank = math.ceil(len(rows) / world)
     size = micro or per_rank
-    count = math.ceil(per_rank / size)
     mine = rows[rank::world]
     out = []
-    for i in range(count):
-        chunk = mine[i * size:(i + 1) * size]
-        out.append((chunk, True) if chunk else ([rows[0]], False))
+    for start in range(0, per_rank, size):
+        length = min(size, per_rank - start)      # rank 0's chunk: it holds the most rows
+        real = mine[start:start + length]
+        out.append((real + [rows[0]] * (length - len(real)), len(real)))
     return out
 
 
@@ -63,9 +66,8 @@ def sharded_recompute(policy: LlamaForCausalLM, reference: LlamaForCausalLM | No
         old = completion_logprobs(policy, p, c, cfg.rollout.temperature)
         ref = completion_logprobs(reference, p, c, cfg.rollout.temperature) if reference is not None else None
         values = critic(p, c) if critic is not None else None
-        if real:
-            for j, i in enumerate(rows):
-                mine[i] = [t[j].float().cpu() if t is not None else None for t in (old, ref, values)]
+        for j, i in enumerate(rows[:real]):
+            mine[i] = [t[j].float().cpu() if t is not None else None for t in (old, ref, values)]
     parts: list[dict[int, list[torch.Tensor | None]] | None] = [None] * world
     dist.all_gather_object(parts, mine)
     merged: dict[int, list[torch.Tensor | None]] = {}
@@ -100,15 +102,23 @@ def sharded_ppo_update(policy: LlamaForCausalLM, optimizer: torch.optim.Optimize
     return {key: value / updates for key, value in sums.items()} | {"optimizer_steps": updates}
 
 
-def _shares(batch: TrainBatch, rows: list[int], by_tokens: bool, micro: int) -> list[tuple[TrainBatch, float]]:
-    """This rank's micro-batches of minibatch `rows`, each with its share of the minibatch's loss."""
+def _shares(batch: TrainBatch, rows: list[int], by_tokens: bool, micro: int
+            ) -> list[tuple[TrainBatch, float, float]]:
+    """This rank's micro-batches of minibatch `rows`: (chunk, loss weight, metrics weight). Padding rows
+    get a zero mask, so they add nothing to a token-mean loss; a per-sequence loss still counts them in
+    its mean over the chunk's sequences, so its weight is the padded chunk's share of the minibatch."""
     rank, world = dist.get_rank(), dist.get_world_size()
     total = batch.mask[rows].sum().clamp_min(1.0).item() if by_tokens else float(len(rows))
     out = []
     for chunk_rows, real in rank_chunks(rows, rank, world, micro):
         chunk = batch.select(chunk_rows)
-        share = (chunk.mask.sum().item() if by_tokens else float(len(chunk_rows))) / total if real else 0.0
-        out.append((chunk, share))
+        chunk.mask = chunk.mask.clone()
+        chunk.mask[real:] = 0
+        if by_tokens:
+            share = chunk.mask.sum().item() / total
+            out.append((chunk, share, share))
+        else:
+            out.append((chunk, len(chunk_rows) / total, real / total))
     return out
 
 
@@ -126,11 +136,12 @@ def _policy_step(policy: LlamaForCausalLM, optimizer: torch.optim.Optimizer, bat
     world = dist.get_world_size()
     out: dict[str, float] = defaultdict(float)
     optimizer.zero_grad(set_to_none=True)
-    for chunk, share in _shares(batch, rows, cfg.algorithm.loss_agg == "token-mean", cfg.algorithm.micro_batch_size):
+    by_tokens = cfg.algorithm.loss_agg == "token-mean"
+    for chunk, share, weight in _shares(batch, rows, by_tokens, cfg.algorithm.micro_batch_size):
         loss, metrics = _policy_loss(policy, chunk, cfg, width)
         (loss * (share * world)).backward()
         for key, value in metrics.items():
-            out[key] += share * value
+            out[key] += weight * value
     return _step(policy, optimizer, cfg.optim.max_grad_norm, out, "grad_norm")
 
 
@@ -140,7 +151,7 @@ def _critic_step(critic: Critic, batch: TrainBatch, rows: list[int], cfg: TrainC
     device = batch_device(critic.model)
     out: dict[str, float] = defaultdict(float)
     critic.optimizer.zero_grad(set_to_none=True)
-    for chunk, share in _shares(batch, rows, True, cfg.algorithm.micro_batch_size):
+    for chunk, share, _ in _shares(batch, rows, True, cfg.algorithm.micro_batch_size):
         values = pad(critic.model(chunk.prompt_ids, chunk.completion_ids), width)
         assert chunk.old_values is not None and chunk.returns is not None
         loss = value_loss(values, chunk.old_values.to(device), chunk.returns.to(device), chunk.mask.to(device),
