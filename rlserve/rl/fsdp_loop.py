@@ -48,6 +48,7 @@ from rlserve.rl.rollout import encode_prompt
 from rlserve.rl.update import Critic, truncated_is_weights
 
 MODEL_DIR = "model"        # the sharded policy/critic and optimizers inside a checkpoint's step directory
+TRAINER_KV_TOKENS = 16     # the trainer's own engine never generates in the sharded loop
 
 
 def check_sharded_config(cfg: TrainConfig) -> None:
@@ -139,11 +140,13 @@ def train_sharded(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: 
 
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    engine_config = cfg.model.engine.with_options(seed=cfg.seed, memory_saver=Switch.OFF)
+    # The engine loads the weights and (rank 0) tokenizes; it never generates: its module becomes the
+    # sharded policy, and the servers roll out. So a token-sized KV pool and no CUDA graphs or warm-up
+    # (colocated, a server already holds its share of this GPU).
+    engine_config = cfg.model.engine.with_options(seed=cfg.seed, memory_saver=Switch.OFF, cuda_graph=False,
+                                                  warmup=False, max_total_tokens=TRAINER_KV_TOKENS)
     if mesh.device_type == "cuda":
         engine_config = engine_config.with_options(device=f"cuda:{torch.cuda.current_device()}")
-    # The engine loads the weights and (rank 0) tokenizes; it never generates: its module becomes the
-    # sharded policy, and the servers roll out.
     llm = LLM(config=engine_config)
     llm.release_memory(["kv_cache"])
     policy = llm.engine.model
