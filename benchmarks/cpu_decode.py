@@ -29,7 +29,8 @@ def decode_tok_s(step: Callable[[], object], steps: int) -> float:
 
 
 def rlserve_decode(mode: str, tokens: int, profile_steps: int) -> tuple[float, dict[str, float]]:
-    llm = LLM(quantization=None if mode == "float" else mode, max_total_tokens=4096)
+    method, _, dtype = mode.partition(":")          # e.g. int8:bfloat16 (the model's other layers in bf16)
+    llm = LLM(quantization=None if method == "float" else method, dtype=dtype or "auto", max_total_tokens=4096)
     e = llm.engine
     ids = e.tokenizer(PROMPT)["input_ids"]
     llm.generate([ids], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)   # warm-up
@@ -84,11 +85,14 @@ def hf_decode(tokens: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--modes", default="float,int8,int4")
+    ap.add_argument("--modes", default="float,int8,int4", help="float|int8|int4, each optionally :dtype")
     ap.add_argument("--tokens", type=int, default=128, help="decode steps timed")
     ap.add_argument("--profile-steps", type=int, default=20)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if not a.no_hf:
         print(f"transformers (float32): {hf_decode(a.tokens):.1f} tok/s")
