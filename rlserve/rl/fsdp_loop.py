@@ -185,6 +185,8 @@ def train_sharded(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: 
         next_step, history = state["next_step"], state["history"]
         if prompts is not None:
             prompts.seek(state["data_consumed"])
+        if rank == 0:
+            tqdm.write(f"resumed from {resume_path} at step {next_step}")
 
     remote = log = None
     if rank == 0:
