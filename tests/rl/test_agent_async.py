@@ -117,3 +117,20 @@ def test_full_async_agent_run_trains_within_the_bound(tiny_model_dir, tmp_path):
     _check_agent_metrics(history)
     # per token (hence per sample: its oldest token) and per group, nothing staler than the bound
     assert all(r["staleness_max"] <= 1 and r["token_staleness_max"] <= 1 for r in history), history
+
+
+def test_config_takes_agents_with_servers_and_async_and_refuses_what_cannot_work(tmp_path):
+    base = [f"output_dir={tmp_path}", "rollout.agent.enabled=true"]
+    for extra in ([], ["rollout.backend=server"], ["rollout.backend=server", "asynchronous.mode=one_step_off"],
+                  ["rollout.backend=server", "asynchronous.mode=full", "asynchronous.max_staleness=2"]):
+        cfg = load_config(None, base + extra)
+        assert cfg.rollout.agent.enabled
+    assert load_config(None, ["asynchronous.mode=off"]).asynchronous.mode == "off"     # YAML reads off as false
+    with pytest.raises(ValueError, match="agent does not combine with rollout.over_sample"):
+        load_config(None, base + ["rollout.backend=server", "rollout.over_sample=1.5"])
+    with pytest.raises(ValueError, match="agent does not combine"):
+        load_config(None, base + ["rollout.partial=true"])
+    # over-sampling: colocated or server, synchronous steps only
+    load_config(None, ["rollout.backend=server", "rollout.over_sample=1.5"])
+    with pytest.raises(ValueError, match="shape synchronous steps"):
+        load_config(None, ["rollout.backend=server", "rollout.over_sample=1.5", "asynchronous.mode=full"])

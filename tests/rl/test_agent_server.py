@@ -9,6 +9,7 @@ import random
 from typing import Any
 
 import httpx
+import pytest
 import torch
 
 from rlserve import LLM
@@ -139,3 +140,17 @@ def test_a_cancelled_server_turn_is_aborted_on_the_server(tiny_model_dir, tmp_pa
         assert load["num_reqs"] == 0 and load["num_tokens"] == 0, load
     finally:
         remote.close()
+
+
+def test_native_sampling_params_carry_what_the_engine_gets():
+    from rlserve.rl.agent.backend import native_sampling_params
+    params = SamplingParams(temperature=0.7, max_tokens=40, seed=5, stop=["\n```\n"], include_stop_str_in_output=True,
+                            stop_token_ids=[3, 6], regex="[ab]+", logprobs=0)
+    assert native_sampling_params(params, "tempered") == {
+        "n": 1, "temperature": 0.7, "max_new_tokens": 40, "seed": 5, "stop": ["\n```\n"],
+        "include_stop_str_in_output": True, "stop_token_ids": [3, 6], "regex": "[ab]+", "logprobs_mode": "tempered"}
+    # through sglang-router: the seed as sampling_seed, logprobs_mode left to the workers
+    routed = native_sampling_params(params, None, routed=True)
+    assert routed["sampling_seed"] == 5 and "seed" not in routed and "logprobs_mode" not in routed
+    with pytest.raises(ValueError, match="min_tokens"):
+        native_sampling_params(SamplingParams(min_tokens=3), "tempered")
