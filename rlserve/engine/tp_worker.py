@@ -7,8 +7,11 @@ each weight update from the full tensors rank 0 sends.
 """
 from __future__ import annotations
 
+import os
 import pickle
 import sys
+import threading
+import time
 
 import torch
 
@@ -60,7 +63,20 @@ def run_weight_update(rank: RankParts, tp: TPGroup, plan: dict, device: torch.de
         params[name].copy_(parallel.local_piece(shards, name, tensor))
 
 
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """End this process when rank 0's process is gone: a worker blocked in a collective (NCCL's especially)
+    may never learn of it otherwise."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="tp-parent-watch").start()
+
+
 def main(rank_index: int, size: int, port: int, config: EngineConfig) -> None:
+    exit_with_parent()
     device = device_for_rank(pick_device(config.device), rank_index)
     tp = init_tensor_parallel(rank_index, size, port, device)
     try:
