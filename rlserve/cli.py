@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "rollout.group_size=8 optim.lr=1e-5")
     tr.add_argument("--config", default=None, help="YAML file (see rlserve.rl.config.TrainConfig)")
     tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=100 task.name=countdown")
-    tr.set_defaults(func=lambda a: __import__("rlserve.rl.train", fromlist=["main"]).main(a.config, a.overrides))
+    tr.set_defaults(func=lambda a: __import__("rlserve.rl.run", fromlist=["main"]).main(a.config, a.overrides))
     return parser
 
 

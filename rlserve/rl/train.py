@@ -273,9 +273,9 @@ def evaluate(run: Run, cfg: TrainConfig) -> float:
 def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptStream | None = None,
           held_out: list[Sample] | None = None) -> list[dict[str, Any]]:
     """Run cfg.steps steps (continuing a checkpoint if asked); returns the per-step metrics."""
-    if cfg.trainer.sharded or cfg.cluster.backend == "ray":    # several ranks / Ray placement: docs/cluster.md
-        from rlserve.rl.cluster.launch import launch
-        return launch(cfg, reward_fn, prompts, held_out)
+    if cfg.trainer.sharded or cfg.cluster.backend == "ray":
+        raise ValueError("several trainer ranks or Ray placement run through rlserve.rl.run.train "
+                         "(what `rlserve train` calls; docs/cluster.md), not this one-process loop")
     from tqdm import tqdm
 
     out_dir = Path(cfg.output_dir)
@@ -405,9 +405,3 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
                 remote.close()
     log.plot()
     return run.history
-
-
-def main(config: str | None, overrides: list[str]) -> int:
-    from rlserve.rl.config import load_config
-    train(load_config(config, overrides))
-    return 0

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from rlserve.rl.checkpoint import load_checkpoint
 from rlserve.rl.fsdp_update import rank_chunks
-from rlserve.rl.train import train
+from rlserve.rl.run import train
 
 # 32 samples a step: minibatches of 31 and 1 samples, micro-batches of 4. AdamW's first steps are ±lr
 # wherever a gradient is non-zero, even where it is float32 rounding noise (entries of near-cancelling
