@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import NoReturn, Protocol
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import torch
 
@@ -34,6 +34,9 @@ from rlserve.kv_pool import KVPool
 from rlserve.models.llama import LlamaForCausalLM
 from rlserve.outputs import RequestOutput
 from rlserve.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from rlserve.engine.tp_plan import Workers
 
 MEMORY_TAGS = ("kv_cache", "weights")
 Weights = torch.nn.Module | Iterable[tuple[str, torch.Tensor]]
@@ -93,6 +96,12 @@ def require_idle(engine: LifecycleHost, operation: str, paused_ok: bool = False)
     settle(engine)
 
 
+def tp_workers(engine: LifecycleHost) -> Workers | None:
+    """The worker ranks of a tensor-parallel engine (None at one rank)."""
+    runner = engine.runner
+    return (runner.runner if isinstance(runner, ReleasedRunner) else runner).tp_workers
+
+
 def released(engine: LifecycleHost) -> set[str]:
     """The memory tags released now (empty while the engine can generate)."""
     return set(engine.runner.tags) if isinstance(engine.runner, ReleasedRunner) else set()
@@ -118,7 +127,8 @@ def release_memory(engine: LifecycleHost, tags: str | Iterable[str] = MEMORY_TAG
     Leaves, with the memory saver: the tags' pages unmapped (the weights backed up on the host), every
     address and CUDA graph kept. Without it: CUDA graphs dropped; for "kv_cache" the pool's storage freed;
     for "weights" each parameter empty (its data in pinned host memory; the stacked projections dropped).
-    Either way "kv_cache" empties the prefix cache.
+    Either way "kv_cache" empties the prefix cache. Under tensor parallelism every worker rank releases
+    the same tags its own way (it holds no CUDA graphs).
     Generating raises until resume_memory brings every tag back."""
     wanted = memory_tags(tags)
     require_idle(engine, "release_memory")
@@ -143,12 +153,37 @@ def release_memory(engine: LifecycleHost, tags: str | Iterable[str] = MEMORY_TAG
         if saver.enabled:
             saver.pause("weights")        # backed up on the host by the library
         else:
-            state.host_weights = [(p, _to_host(p.data)) for p in engine.model.parameters()]
-            engine.model.unstack_projections()    # the stacked q/k/v and gate/up tensors own their storage
-            for p in engine.model.parameters():   # tied weights are one parameter, listed once
-                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+            state.host_weights = weights_to_host(engine.model)
         state.tags.add("weights")
-    if engine.device.type == "cuda" and not saver.enabled:
+    if not saver.enabled:
+        free_device_caches(engine.device)
+    workers = tp_workers(engine)
+    if workers is not None:               # rank 0 has released: nothing above can fail any more
+        workers.send_memory("release", wanted)
+
+
+def weights_to_host(model: LlamaForCausalLM) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """Move each parameter's data to (pinned) host memory and leave the parameter empty; returns what
+    weights_from_host puts back."""
+    host = [(p, _to_host(p.data)) for p in model.parameters()]
+    model.unstack_projections()           # the stacked q/k/v and gate/up tensors own their storage
+    for p in model.parameters():          # tied weights are one parameter, listed once
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+    return host
+
+
+def weights_from_host(model: LlamaForCausalLM, host: list[tuple[torch.nn.Parameter, torch.Tensor]],
+                      device: torch.device) -> None:
+    """The same Parameter objects get their old values back, stacked again."""
+    for p, data in host:
+        p.data = data.to(device, non_blocking=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)    # the pinned copies must land before they're freed
+    model.stack_projections()             # the copies above gave each weight its own storage
+
+
+def free_device_caches(device: torch.device) -> None:
+    if device.type == "cuda":
         # cuBLAS keeps a workspace per stream it ran on, and each capture runs on a new side stream:
         # without clearing, every release/resume cycle would strand one workspace (32 MiB on H100).
         torch._C._cuda_clearCublasWorkspaces()
@@ -161,21 +196,20 @@ def resume_memory(engine: LifecycleHost, tags: str | Iterable[str] = MEMORY_TAGS
     Leaves: for "weights" the same Parameter objects holding their old values (stacked again); for
     "kv_cache" a pool of the same shapes, zeroed, and an empty prefix cache. Once nothing is released,
     the real runner is back (its CUDA graphs kept by the memory saver, else captured again) and
-    generation works as before."""
+    generation works as before. Under tensor parallelism every worker rank resumes the same tags."""
     wanted = memory_tags(tags)
     state = engine.runner
     if not isinstance(state, ReleasedRunner):
         return
+    workers = tp_workers(engine)
+    if workers is not None:
+        workers.send_memory("resume", wanted)
     saver = engine.memory_saver
     if "weights" in wanted & state.tags:
         if saver.enabled:
             saver.resume("weights")                 # the same addresses, the old values
         else:
-            for p, host in state.host_weights:
-                p.data = host.to(engine.device, non_blocking=True)
-            if engine.device.type == "cuda":
-                torch.cuda.synchronize(engine.device)   # the pinned copies must land before they're freed
-            engine.model.stack_projections()        # the copies above gave each weight its own storage
+            weights_from_host(engine.model, state.host_weights, engine.device)
             state.host_weights = []
         state.tags.discard("weights")
     if "kv_cache" in wanted & state.tags:

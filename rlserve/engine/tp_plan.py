@@ -6,7 +6,7 @@ broadcasts its plan: a small header (pickled) and the batch's tensors. The worke
 request-to-token table, which the plan keeps current: a prefill step sends each request's row up to its
 new length (a prefix-cache hit or a retraction may have rewritten it), a decode step the one new slot
 per request, which the workers write as rank 0 does. Weight updates send each full tensor once; every
-rank keeps its piece.
+rank keeps its piece. Releasing and resuming memory (engine/lifecycle.py) reach every rank the same way.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from rlserve.net import free_port
 
 log = logging.getLogger("rlserve")
 
-FORWARD, WEIGHTS, READ, STOP = "forward", "weights", "read", "stop"
+FORWARD, WEIGHTS, READ, MEMORY, RESIDENT, STOP = "forward", "weights", "read", "memory", "resident", "stop"
 
 
 def broadcast_header(tp: TPGroup, header: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -141,6 +141,17 @@ class Workers:
         for r, p in enumerate(pieces):
             by_index.setdefault(r if shard.count == size else r // (size // shard.count), p)
         return torch.cat([by_index[i] for i in range(shard.count)], shard.dim).narrow(shard.dim, 0, shard.full)
+
+    def send_memory(self, action: str, tags: set[str]) -> None:
+        """Release or resume ("release" / "resume") the memory `tags` on every worker, as rank 0 did."""
+        broadcast_header(self.tp, {"op": MEMORY, "action": action, "tags": sorted(tags)})
+
+    def resident_bytes(self) -> list[dict[str, int]]:
+        """What each worker rank (1, 2, ...) holds on its device now: bytes of weights and of KV cache."""
+        broadcast_header(self.tp, {"op": RESIDENT})
+        held: list[dict[str, int] | None] = [None] * self.tp.size
+        dist.all_gather_object(held, None, group=self.tp.plans)
+        return [h for h in held[1:] if h is not None]
 
     def close(self) -> None:
         """Stop the workers and leave the group (another tensor-parallel engine may start after)."""

@@ -2,7 +2,8 @@
 run the forwards it broadcasts. At 2 ranks (and 4 for a model with fewer K/V heads than that: K/V heads
 replicated) greedy tokens equal one rank's and logprobs agree within 1e-5 in fp32, under a small KV budget
 that makes the scheduler chunk prefills, hit the radix cache and retract; a weight update of full HF
-tensors reaches every rank."""
+tensors reaches every rank; releasing and resuming memory empties and refills every rank's weights and
+KV pool, and the engine then answers exactly as before."""
 from __future__ import annotations
 
 import random
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from rlserve import LLM, SamplingParams
+from rlserve.engine.lifecycle import tp_workers
 from rlserve.models.loader import iter_safetensors
 
 MAX_NEW = 8
@@ -75,6 +77,33 @@ def test_two_ranks_match_one(tiny_model_dir, preset):
 def test_four_ranks_replicate_kv_heads(tiny_model_dir):
     """4 query heads and 2 K/V heads over 4 ranks: each K/V head lives on two ranks."""
     check(tiny_model_dir("tiny-qwen3"), 4, update=True)
+
+
+def test_release_and_resume_reach_every_rank(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir("tiny-qwen2")), tensor_parallel_size=2, **OPTIONS)
+    try:
+        engine = llm.engine
+        workers = tp_workers(engine)
+        assert workers is not None
+        before = generate(llm)
+        names = ("model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight")   # a piece on each rank
+        weights = [engine.get_weights_by_name(n, 1000) for n in names]
+        (held,) = workers.resident_bytes()
+        assert held["weights"] > 0 and held["kv_cache"] > 0
+        engine.release_memory("weights")
+        assert workers.resident_bytes() == [{"weights": 0, "kv_cache": held["kv_cache"]}]
+        engine.release_memory()
+        assert workers.resident_bytes() == [{"weights": 0, "kv_cache": 0}]
+        with pytest.raises(RuntimeError, match="released"):
+            engine.get_weights_by_name(names[0])
+        engine.resume_memory("kv_cache")
+        assert workers.resident_bytes() == [{"weights": 0, "kv_cache": held["kv_cache"]}]
+        engine.resume_memory()
+        assert workers.resident_bytes() == [held] and engine.released_memory() == set()
+        assert [engine.get_weights_by_name(n, 1000) for n in names] == weights
+        assert generate(llm) == before          # exactly: the same weights, a fresh pool, an empty cache
+    finally:
+        llm.shutdown()
 
 
 def test_sizes_the_model_cannot_split_fail_before_any_process_starts():
