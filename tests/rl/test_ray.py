@@ -1,7 +1,8 @@
 """Ray placement on a local Ray cluster (CPU): a short server-mode GRPO run with the trainer ranks and
 the rollout server as actors in a placement group, colocated (the server shares the trainer's bundle and
 releases its memory between rollouts) and disaggregated (separate bundles, weights through a gloo
-weight-update group). The run completes, the server ends on the trained policy's weight version, and its
+weight-update group). The reward on the toy task rises (both layouts train the same policy: about 0.58 at
+the first step, 0.97 at the sixth), the server ends on the trained policy's weight version, and its
 greedy completions equal those of the trainer's final (sharded) checkpoint run in this process."""
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from rlserve.sampling import SamplingParams
 
 ray = pytest.importorskip("ray")
 
-STEPS = 3
+STEPS = 6       # the toy task's reward needs about this many steps at lr 1e-2 to rise clearly
 PROMPTS = [[11, 12, 13, 14], [500, 600, 700], [42] * 6]
 
 
@@ -59,6 +60,9 @@ def test_ray_placement_trains_and_serves_the_policy(local_ray, tiny_model_dir, t
         history = placement_.train(share_of_a, partial(toy_prompts, cfg.seed))
         assert [r["step"] for r in history] == list(range(STEPS))
         assert all(r["groups_kept"] == cfg.task.prompts_per_step for r in history)
+        rewards = [r["reward"] for r in history]
+        end = sum(rewards[-2:]) / 2                    # rewards[0] is the untrained policy's
+        assert rewards[0] < 0.75 and end > 0.85 and end - rewards[0] > 0.2, rewards
         with Client(placement_.urls[0], admin_api_key=placement_.admin_api_key) as client:
             info = client.get_server_info()
             assert info["weight_version"] == str(STEPS)      # the final push reached the engine
