@@ -188,7 +188,8 @@ class OverSampler:
 
 class RemoteOverSampler:
     """The same over the servers: each request is one /generate call with its own rid, spread by group
-    round-robin over the servers (behind a router: through it, aborted on every worker). The surplus is
+    round-robin over the servers (behind a router: through it, which forwards the rid to the worker it
+    picks; aborted by rid on every worker). The surplus is
     aborted with POST /abort_request and its answer (what it generated so far) awaited, so nothing of it
     keeps running or holds KV once the step ends. `version`: the weights the servers serve (the step)."""
 
@@ -231,7 +232,12 @@ class RemoteOverSampler:
         key = remote.clients[0].admin_api_key if remote.clients else None
         senders = [AsyncClient(remote.router.base_url, admin_api_key=key, timeout=None)] if remote.router \
             else [AsyncClient(u, admin_api_key=key, timeout=None) for u in remote.urls]
-        workers = [AsyncClient(u, admin_api_key=key) for u in remote.urls]     # where an abort goes
+        # where an abort goes: every server; behind a router (which forwards the rid but does not route
+        # /abort_request) every worker, those it lists now too (one added since the run started)
+        urls = remote.urls
+        if remote.router is not None:
+            urls = list(dict.fromkeys(urls + await asyncio.to_thread(remote.router.worker_urls)))
+        workers = [AsyncClient(u, admin_api_key=key) for u in urls]
         step = _Step(start_groups(self.queue, cfg, need, fresh), need, cfg, self.reward_fn, self.dynamic_sampling)
         tasks: dict[asyncio.Future[Any], tuple[int, list[int], str]] = {}
         aborted: set[int] = set()

@@ -116,6 +116,7 @@ NATIVE_KEYS = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "p
 _DEFAULTS = SamplingParams()
 # which sample a turn belongs to (set by AgentLoop.run_all): a sample's turns all go to one server
 SAMPLE_INDEX: ContextVar[int] = ContextVar("agent_sample_index", default=0)
+ABORT_RETRY_S = 1.0          # a cancelled turn's abort is sent again until its request answers
 
 
 def native_sampling_params(params: SamplingParams, logprobs_mode: str | None, routed: bool = False
@@ -137,17 +138,25 @@ def native_sampling_params(params: SamplingParams, logprobs_mode: str | None, ro
 class ServerBackend:
     """Turns over HTTP: POST /generate with `input_ids` (rlserve.client.AsyncClient), one request per turn
     with its own rid, so a cancelled sample aborts its request on the server (POST /abort_request, its KV
-    freed). Sample i's turns all go to server i mod k (its prefix stays cached there). One instance per
-    event loop: `aclose` when done."""
+    freed). Sample i's turns all go to server i mod k (its prefix stays cached there). Behind a router
+    (`routed`: `urls` is the router's alone), the router picks the worker and forwards the rid, so a
+    cancelled turn is aborted by rid on every worker in `worker_urls` (default: those the router lists).
+    One instance per event loop: `aclose` when done."""
 
     def __init__(self, urls: list[str], admin_api_key: str | None = None, logprobs_mode: str | None = "tempered",
-                 routed: bool = False) -> None:
+                 routed: bool = False, worker_urls: list[str] | None = None) -> None:
         from rlserve.client import AsyncClient
 
         if not urls:
             raise ValueError("ServerBackend needs at least one server URL")
         # no timeout: a turn may wait behind a weight push or a long batch
         self.clients = [AsyncClient(u, admin_api_key=admin_api_key, timeout=None) for u in urls]
+        self.workers: list[AsyncClient] = []      # where a cancelled turn is aborted behind a router
+        if routed:       # the router does not route /abort_request; by default the workers it lists now
+            if worker_urls is None:
+                from rlserve.router.registry import WorkerRegistry
+                worker_urls = WorkerRegistry(urls[0]).urls()
+            self.workers = [AsyncClient(u, admin_api_key=admin_api_key) for u in worker_urls]
         self.logprobs_mode, self.routed = logprobs_mode, routed
         self.prefix = f"agent-{uuid.uuid4().hex[:12]}-"
         self._rids = itertools.count()
@@ -161,10 +170,14 @@ class ServerBackend:
         try:
             item = await asyncio.shield(request)
         except asyncio.CancelledError:    # the sample was cancelled: its request stops on the server too
-            if not self.routed:
-                await client.abort_request(rid)
-                with suppress(Exception):
-                    await request          # answered at once once aborted: nothing left running
+            targets = self.workers if self.routed else [client]
+            # a worker that does not hold the rid answers success and does nothing; an abort that reached
+            # the worker before the request (still in the router) is sent again
+            while not request.done():
+                await asyncio.gather(*(c.abort_request(rid) for c in targets), return_exceptions=True)
+                await asyncio.wait([request], timeout=ABORT_RETRY_S)
+            with suppress(Exception):
+                request.result()           # answered at once once aborted: nothing left running
             raise
         item = item[0] if isinstance(item, list) else item
         meta = item["meta_info"]
@@ -176,5 +189,5 @@ class ServerBackend:
                     versions_per_token(spans, len(ids), version), item["text"], finish)
 
     async def aclose(self) -> None:
-        for c in self.clients:
+        for c in self.clients + self.workers:
             await c.aclose()
