@@ -42,6 +42,7 @@ from rlserve.rl.weight_push import DistributedPush, push_disk, push_tensor, reso
 if TYPE_CHECKING:
     from rlserve.router.client import RouterClient
     from rlserve.router.dp import DataParallel
+    from rlserve.router.procs import ManagedProcess
 
 log = logging.getLogger("rlserve")
 STARTUP_TIMEOUT_S = 600.0
@@ -51,6 +52,23 @@ CONSTRAINT_KEYS = ("regex", "json_schema", "ebnf", "stop_token_ids")
 # SGLang's memory occupation tags: all of a server's GPU memory but its CUDA context.
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
 MAX_ROUTED_REQUESTS = 64     # prompts in flight at once through a router (each with its n samples)
+
+
+def wait_healthy(process: ManagedProcess, client: Client, timeout: float) -> None:
+    """Return once `client`'s server answers /health; RuntimeError if `process` exits first,
+    TimeoutError (with the log's tail) after `timeout` seconds."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process.alive():
+            raise RuntimeError(f"the rollout server exited with {process.returncode()}:\n{process.tail()}")
+        try:
+            client.health()
+            return
+        except (httpx.HTTPError, OSError, ServerError):    # not listening, or up and not ready yet
+            time.sleep(0.3)
+    raise TimeoutError(f"the rollout server did not start within {timeout:.0f} s:\n{process.tail()}")
 
 
 class LaunchedServer:
@@ -76,20 +94,11 @@ class LaunchedServer:
         return self.process.proc
 
     def wait_ready(self, client: Client, timeout: float = STARTUP_TIMEOUT_S) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.process.alive():
-                raise RuntimeError(f"the rollout server exited with {self.process.returncode()}:\n"
-                                   f"{self.process.tail()}")
-            try:
-                client.health()
-                return
-            except (httpx.HTTPError, OSError, ServerError):    # not listening, or up and not ready yet
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"the rollout server did not start within {timeout:.0f} s:\n{self.process.tail()}")
+        try:
+            wait_healthy(self.process, client, timeout)
+        except TimeoutError:
+            self.stop()
+            raise
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM (the server drains and stops its engine process), then SIGKILL to whatever of its group

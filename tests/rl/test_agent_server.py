@@ -5,65 +5,20 @@ sample aborts its request on the server."""
 from __future__ import annotations
 
 import asyncio
-import random
 from typing import Any
 
 import httpx
 import pytest
 import torch
 
-from rlserve import LLM
 from rlserve.rl.agent.backend import ServerBackend
-from rlserve.rl.agent.render import TurnRenderer
 from rlserve.rl.agent.rollout import agent_rollout, server_backend
-from rlserve.rl.agent.tools import AgentTool
 from rlserve.rl.config import load_config
 from rlserve.rl.logprobs import completion_logprobs
 from rlserve.rl.remote import RemoteRollout
 from rlserve.rl.train import setup
 from rlserve.sampling import SamplingParams
-from rlserve.tool_parsing import ToolCall
-
-
-async def _echo(text: str) -> str:
-    return f"echo: {text[:20]}"
-
-
-ECHO = AgentTool("echo", "repeat", {"type": "object", "properties": {"text": {"type": "string"}}}, _echo)
-# A random model seldom samples its end-of-turn token: a third of the vocabulary ends a turn instead
-# (a stop condition only, the sampled distribution and its logprobs are unchanged).
-STOPS = list(range(0, 49152, 3))
-
-
-def _every_turn_calls_echo(text: str) -> list[ToolCall]:
-    return [ToolCall("echo", {"text": text})]     # never an answer: every sample runs max_turns
-
-
-def _prompts(llm: LLM, n: int) -> list[list[int]]:
-    rng = random.Random(0)
-    return [llm.encode(llm.apply_chat_template([{"role": "user", "content": " ".join(
-        rng.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(rng.randint(2, 8)))}]))[1]
-            for _ in range(n)]
-
-
-def _rebuilt(llm: LLM, ids: list[int], mask: list[int]) -> list[int]:
-    """The response as the agent loop must have built it from its generated runs (mask 1): each turn,
-    then the closing separator, the echo tool's message and the next assistant header (mask 0)."""
-    renderer = TurnRenderer(llm.engine.tokenizer)
-    runs: list[list[int]] = []
-    for k, (t, on) in enumerate(zip(ids, mask)):
-        if on and (k == 0 or not mask[k - 1]):
-            runs.append([])
-        if on:
-            runs[-1].append(t)
-    out: list[int] = []
-    for k, turn in enumerate(runs):
-        out += turn
-        if k + 1 < len(runs):
-            # the turn's text leaves out the stop token that ended it
-            text = llm.engine.tokenizer.decode(turn[:-1], skip_special_tokens=True)
-            out += renderer.tool_results([asyncio.run(_echo(text))], llm.engine.tokenizer.decode(turn[-1:]))
-    return out
+from tests.rl.agent_echo import ECHO, STOPS, chat_prompts, every_turn_calls_echo, rebuilt
 
 
 def _load(url: str) -> dict[str, Any]:
@@ -85,8 +40,8 @@ def test_server_agent_samples_equal_colocated_and_trainer_logprobs(tiny_model_di
     try:
         remote.push_weights(llm, 0)
         llm.engine.set_weight_version("0")
-        prompts = _prompts(llm, 4)
-        kw: dict[str, Any] = {"seed": 11, "tools": [ECHO], "parser": _every_turn_calls_echo}
+        prompts = chat_prompts(llm, 4)
+        kw: dict[str, Any] = {"seed": 11, "tools": [ECHO], "parser": every_turn_calls_echo}
         # greedy: the same conversations as the colocated engine, token for token, mask and logprobs
         cfg.rollout.temperature = 0.0
         served = agent_rollout(llm, cfg.rollout, prompts, [{}] * 4, _zero, backend=server_backend(remote), **kw)
@@ -101,7 +56,7 @@ def test_server_agent_samples_equal_colocated_and_trainer_logprobs(tiny_model_di
             assert served.metrics["agent_truncated"] == 12 and served.metrics["agent_turns_mean"] == 4
             assert len({tuple(c) for c in served.completion_ids}) > 1      # distinct seeds in a group
             for ids, m in zip(served.completion_ids, served.mask):
-                assert _rebuilt(llm, ids, m[:len(ids)].tolist()) == ids
+                assert rebuilt(llm, ids, m[:len(ids)].tolist()) == ids
             assert served.token_versions is not None
             assert (served.token_versions[served.mask.bool()] == 0).all()
             with torch.no_grad():

@@ -19,11 +19,8 @@ import pytest
 import torch
 from conftest import HEALTH_INTERVAL_S, served_tokens
 
-from rlserve.llm import LLM
 from rlserve.rl.agent.backend import ServerBackend
-from rlserve.rl.agent.render import TurnRenderer
 from rlserve.rl.agent.rollout import agent_rollout, server_backend
-from rlserve.rl.agent.tools import AgentTool
 from rlserve.rl.config import TrainConfig, load_config
 from rlserve.rl.logprobs import completion_logprobs
 from rlserve.rl.oversample import RemoteOverSampler
@@ -33,22 +30,9 @@ from rlserve.rl.train import Run, setup
 from rlserve.router.config import RouterConfig
 from rlserve.router.launch import RouterProcess
 from rlserve.sampling import SamplingParams
-from rlserve.tool_parsing import ToolCall
+from tests.rl.agent_echo import ECHO, STOPS, chat_prompts, every_turn_calls_echo, rebuilt
 
-# A random model seldom samples its end-of-turn token: a third of the vocabulary ends a turn instead.
-STOPS = list(range(0, 49152, 3))
 MAX_TURNS, GROUP = 4, 3
-
-
-async def _echo(text: str) -> str:
-    return f"echo: {text[:20]}"
-
-
-ECHO = AgentTool("echo", "repeat", {"type": "object", "properties": {"text": {"type": "string"}}}, _echo)
-
-
-def _every_turn_calls_echo(text: str) -> list[ToolCall]:
-    return [ToolCall("echo", {"text": text})]     # never an answer: every sample runs MAX_TURNS turns
 
 
 def _zero(*_: Any, **__: Any) -> float:
@@ -109,33 +93,6 @@ def _idle(urls: list[str]) -> bool:
     return all(load["num_reqs"] == 0 and load["num_tokens"] == 0 for load in _loads(urls))
 
 
-def _prompts(llm: LLM, n: int) -> list[list[int]]:
-    rng = random.Random(0)
-    return [llm.encode(llm.apply_chat_template([{"role": "user", "content": " ".join(
-        rng.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(rng.randint(2, 8)))}]))[1]
-            for _ in range(n)]
-
-
-def _rebuilt(llm: LLM, ids: list[int], mask: list[int]) -> list[int]:
-    """The response as the agent loop must have built it from its generated runs (mask 1): each turn,
-    then the closing separator, the echo tool's message and the next assistant header (mask 0)."""
-    tok = llm.engine.tokenizer
-    renderer = TurnRenderer(tok)
-    runs: list[list[int]] = []
-    for k, (t, on) in enumerate(zip(ids, mask)):
-        if on and (k == 0 or not mask[k - 1]):
-            runs.append([])
-        if on:
-            runs[-1].append(t)
-    out: list[int] = []
-    for k, turn in enumerate(runs):
-        out += turn
-        if k + 1 < len(runs):
-            text = tok.decode(turn[:-1], skip_special_tokens=True)    # the stop token is not in the text
-            out += renderer.tool_results([asyncio.run(_echo(text))], tok.decode(turn[-1:]))
-    return out
-
-
 def _agent_cfg(run: Run, temperature: float, group_size: int = GROUP) -> Any:
     cfg = copy.deepcopy(run.cfg.rollout)
     cfg.agent.enabled, cfg.agent.max_turns, cfg.agent.max_turn_tokens = True, MAX_TURNS, 20
@@ -144,7 +101,7 @@ def _agent_cfg(run: Run, temperature: float, group_size: int = GROUP) -> Any:
     return cfg
 
 
-KW: dict[str, Any] = {"tools": [ECHO], "parser": _every_turn_calls_echo}
+KW: dict[str, Any] = {"tools": [ECHO], "parser": every_turn_calls_echo}
 
 
 def _workers_per_sample(run: Run, remote: RemoteRollout, prompts: list[list[int]], workers: list[str]
@@ -164,7 +121,7 @@ def test_agent_rollout_through_the_router(setting, policy):
     llm = run.llm
     remote = _remote(dp.router_url if policy == "cache_aware" else rr.url)
     try:
-        prompts = _prompts(llm, 4)
+        prompts = chat_prompts(llm, 4)
         # greedy: the colocated engine's conversations, token for token, mask and logprobs
         served = agent_rollout(llm, _agent_cfg(run, 0.0), prompts, [{}] * 4, _zero, seed=11,
                                backend=server_backend(remote), **KW)
@@ -179,7 +136,7 @@ def test_agent_rollout_through_the_router(setting, policy):
         assert len({tuple(c) for c in served.completion_ids}) == 4 * GROUP     # distinct seeds in a group
         assert served.token_versions is not None and (served.token_versions[served.mask.bool()] == 0).all()
         for ids, m in zip(served.completion_ids, served.mask):
-            assert _rebuilt(llm, ids, m[:len(ids)].tolist()) == ids
+            assert rebuilt(llm, ids, m[:len(ids)].tolist()) == ids
         with torch.no_grad():
             trainer = completion_logprobs(llm.engine.model, served.prompt_ids, served.completion_ids, 0.7)
         for i, lp in enumerate(trainer):

@@ -22,7 +22,6 @@ import logging
 import os
 import secrets
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,22 +88,12 @@ class EngineServer:
         self.process = ManagedProcess("a rollout server", cmd, Path(log_path), env).start()
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> str:
-        import httpx
+        from rlserve.client import Client
+        from rlserve.rl.remote import wait_healthy
 
-        from rlserve.client import Client, ServerError
-
-        deadline = time.monotonic() + timeout
         with Client(self.url) as client:
-            while time.monotonic() < deadline:
-                if not self.process.alive():
-                    raise RuntimeError(f"the rollout server exited with {self.process.returncode()}:\n"
-                                       f"{self.process.tail()}")
-                try:
-                    client.health()
-                    return self.url
-                except (httpx.HTTPError, OSError, ServerError):
-                    time.sleep(0.3)
-        raise RuntimeError(f"the rollout server did not start within {timeout:.0f} s:\n{self.process.tail()}")
+            wait_healthy(self.process, client, timeout)
+        return self.url
 
     def stop(self) -> None:
         self.process.stop(60.0)
