@@ -302,8 +302,8 @@ class EngineConfig:
     tensor_parallel_size: int = _opt(1, "ranks the model is split over (one process each; on CUDA one GPU "
                                         "each, from the device asked for on)")
     quantization: str | None = _opt(None, "quantize the projections' weights after loading: int8 or int4 "
-                                          "(weight-only, CPU kernels) or fp8 (e4m3, CUDA); embeddings and lm_head "
-                                          "stay float. None: float weights")
+                                          "(weight-only, CPU kernels; lm_head too, in int8) or fp8 (e4m3, CUDA); "
+                                          "embeddings stay float. None: float weights")
     quantization_group_size: int = _opt(32, "input channels per int4 scale (32, 64, 128 or 256; must divide "
                                             "every projection's input size)")
     cache: CacheConfig = field(default_factory=CacheConfig)

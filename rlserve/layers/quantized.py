@@ -251,3 +251,21 @@ class QuantizedWeight:
 
     def detach(self) -> torch.Tensor:
         return self.layer.dequantized()
+
+
+class TiedQuantizedWeight(QuantizedWeight):
+    """A float weight that a quantized layer also computes with: the input embedding tied to a quantized
+    lm_head. The embedding stays a float lookup table; `copy_` updates it and quantizes the same tensor
+    into the layer (so an update by either name reaches both); `detach` reads the float weight."""
+
+    def __init__(self, weight: torch.Tensor, layer: QuantizedLinear) -> None:
+        super().__init__(layer)
+        self.weight = weight
+        self.shape, self.dtype = weight.shape, weight.dtype
+
+    def copy_(self, tensor: torch.Tensor) -> None:
+        self.weight.copy_(tensor)
+        self.layer.load_float(self.weight)
+
+    def detach(self) -> torch.Tensor:
+        return self.weight.detach()
