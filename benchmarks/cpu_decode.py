@@ -7,6 +7,8 @@ wall time (Python, the dispatcher, the engine's bookkeeping).
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import time
 from collections.abc import Callable
 
@@ -93,7 +95,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    # Figures are only comparable on a quiet machine: say how busy it was.
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs "
+          f"({platform.processor() or platform.machine()}), load average {os.getloadavg()[0]:.2f}")
     if not a.no_hf:
         print(f"transformers (float32): {hf_decode(a.tokens):.1f} tok/s")
     for mode in a.modes.split(","):
