@@ -49,9 +49,10 @@ def test_dead_worker_is_dropped_restarted_and_readded(supervised, router_factory
 def test_serve_dp_command_drains_on_sigterm(tmp_path, default_model_dir):
     port = free_port()
     cmd = [sys.executable, "-m", "rlserve.cli", "serve", "--dp", "2", "--port", str(port), "--log-dir",
-           str(tmp_path), "--router-health-check-interval", "1",
-           # room to finish the request on a loaded machine: what is tested is that it drains, not how fast
-           "--drain-timeout", "120", *TINY_FLAGS]
+           str(tmp_path), "--router-health-check-interval", "1", *TINY_FLAGS,
+           # after TINY_FLAGS' 5 s, which a loaded machine can pass mid-request: what is tested is that the
+           # request drains, not how fast
+           "--drain-timeout", "120"]
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
