@@ -27,7 +27,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 test: lint model
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 bench: model
 	$(VENV)/bin/rlserve bench offline --backend both

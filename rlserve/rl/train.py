@@ -314,6 +314,7 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
                                      llm.engine.device)
     llm.engine.set_weight_version(str(run.next_step))    # token versions are step numbers
     source = make_source(run, remote)
+    loop_start = time.perf_counter()    # elapsed_s: wall time per sample across sync and async modes
     try:
         for step in bar:
             timer = Timer()
@@ -386,6 +387,7 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
                     with timer("eval_s"):
                         record["eval_accuracy"] = evaluate(run, cfg)
             record |= timer.seconds
+            record["elapsed_s"] = round(time.perf_counter() - loop_start, 3)
             # 10. log and checkpoint
             run.history.append(record)
             run.next_step = step + 1
