@@ -3,6 +3,9 @@ step's time goes (torch.profiler): matmuls (GEMV at batch 1), attention, other o
 wall time (Python, the dispatcher, the engine's bookkeeping).
 
 `python benchmarks/cpu_decode.py --modes float,int8,int4 --tokens 128`
+`python benchmarks/cpu_decode.py --modes float,int4 --tokens 128 --concurrent 32 --no-hf` (32 requests of the
+same prompt decoding together: output tok/s of the decode phase, the batched-decode figure beside the
+prefill-heavy `rlserve bench offline` one)
 """
 from __future__ import annotations
 
@@ -30,22 +33,29 @@ def decode_tok_s(step: Callable[[], object], steps: int) -> float:
     return steps / (time.perf_counter() - t)
 
 
-def rlserve_decode(mode: str, tokens: int, profile_steps: int) -> tuple[float, dict[str, float]]:
+def rlserve_decode(mode: str, tokens: int, profile_steps: int, concurrent: int = 1,
+                   top: int = 0) -> tuple[float, dict[str, float]]:
+    """Output tok/s over `tokens` decode steps of `concurrent` requests (all prefilled first), and the
+    profiled split of `profile_steps` more."""
     method, _, dtype = mode.partition(":")          # e.g. int8:bfloat16 (the model's other layers in bf16)
-    llm = LLM(quantization=None if method == "float" else method, dtype=dtype or "auto", max_total_tokens=4096)
+    llm = LLM(quantization=None if method == "float" else method, dtype=dtype or "auto",
+              max_total_tokens=max(4096, concurrent * (tokens + profile_steps + 64)))
     e = llm.engine
     ids = e.tokenizer(PROMPT)["input_ids"]
     llm.generate([ids], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)   # warm-up
-    e.add_request(ids, SamplingParams(temperature=0, max_tokens=tokens + profile_steps + 10, ignore_eos=True))
+    for _ in range(concurrent):
+        e.add_request(ids, SamplingParams(temperature=0, max_tokens=tokens + profile_steps + 10, ignore_eos=True))
     while (s := e.status()).waiting or s.chunked:
         e.step()
     e.step()
-    tok_s = decode_tok_s(e.step, tokens)
+    tok_s = concurrent * decode_tok_s(e.step, tokens)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t = time.perf_counter()
         for _ in range(profile_steps):
             e.step()
         wall = time.perf_counter() - t
+    if top:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
     return tok_s, breakdown(prof, wall, profile_steps)
 
 
@@ -90,7 +100,12 @@ def main() -> None:
     ap.add_argument("--modes", default="float,int8,int4", help="float|int8|int4, each optionally :dtype")
     ap.add_argument("--tokens", type=int, default=128, help="decode steps timed")
     ap.add_argument("--profile-steps", type=int, default=20)
+    ap.add_argument("--concurrent", type=int, default=1,
+                    help="requests decoding at once (the same prompt; tok/s counts all of them)")
+    ap.add_argument("--top", type=int, default=0, help="also print the profile's N costliest ops")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--llama-cpp", action="store_true",
+                    help="also llama.cpp on the GGUF the default model comes from (needs rlserve[llamacpp])")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     a = ap.parse_args()
     if a.threads:
@@ -98,12 +113,18 @@ def main() -> None:
     # Figures are only comparable on a quiet machine: say how busy it was.
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs "
           f"({platform.processor() or platform.machine()}), load average {os.getloadavg()[0]:.2f}")
-    if not a.no_hf:
+    if not a.no_hf and a.concurrent == 1:
         print(f"transformers (float32): {hf_decode(a.tokens):.1f} tok/s")
+    if a.llama_cpp:
+        from llama_cpp_peer import batch1_tok_s, concurrent_tok_s
+        print(f"llama.cpp (Q4_1 GGUF): {batch1_tok_s(PROMPT, a.tokens, torch.get_num_threads()):.1f} tok/s")
+        if a.concurrent > 1:
+            tok_s = concurrent_tok_s(PROMPT, a.concurrent, a.tokens, torch.get_num_threads())
+            print(f"llama.cpp (Q4_1 GGUF) x{a.concurrent}, 24-token prompts: {tok_s:.1f} tok/s")
     for mode in a.modes.split(","):
-        tok_s, parts = rlserve_decode(mode, a.tokens, a.profile_steps)
+        tok_s, parts = rlserve_decode(mode, a.tokens, a.profile_steps, a.concurrent, a.top)
         split = ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
-        print(f"rlserve {mode}: {tok_s:.1f} tok/s; profiled ms/step: {split}")
+        print(f"rlserve {mode} x{a.concurrent}: {tok_s:.1f} tok/s; profiled ms/step: {split}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from rlserve.layers.quantized import (
+    MANY_ROWS,
     Fp8Linear,
     Int4Linear,
     Int8Linear,
@@ -82,6 +83,44 @@ def test_fused_layers_share_storage_and_updates_reach_both(make):
     assert rel_err(stacked(x)[1], F.linear(x, new)) < 0.15
     assert torch.allclose(stacked(x)[0], separate[0], atol=1e-5)
     assert torch.allclose(layers[1](x), stacked(x)[1], atol=1e-5)
+
+
+CPU_LAYERS = [lambda w, b: Int8Linear(w, b), lambda w, b: Int4Linear(w, b, 32)]
+
+
+@pytest.mark.parametrize("make", CPU_LAYERS)
+def test_many_rows_use_the_bf16_gemm_and_agree_with_the_packed_kernel(make):
+    """From MANY_ROWS rows on, the layer multiplies by its bf16 dequantized weight. Against the packed
+    kernel on the same input it differs only by rounding: both round the input to bf16; the kernel's
+    weight is the same bf16 values (int4) or scales them after the dot product (int8), and each rounds
+    its output to bf16 (2^-9 relative), so 1% of the output's norm bounds the difference."""
+    w, b, _ = weights(192, 256)
+    layer = make(w, b)
+    x = torch.randn(MANY_ROWS + 3, 256, generator=torch.Generator().manual_seed(1))
+    out = layer(x)
+    packed = layer.packed_matmul(x) + b
+    assert layer._dense is not None                                 # the many-row path ran
+    assert not torch.equal(out, packed)                             # (a different computation)
+    assert rel_err(out, packed) < 0.01
+    assert rel_err(out, layer.reference(x)) < 0.01
+    few = x[:MANY_ROWS - 1]
+    assert torch.equal(layer(few), layer.packed_matmul(few) + b)   # below the threshold: the kernel itself
+
+
+@pytest.mark.parametrize("make", CPU_LAYERS)
+def test_bf16_copy_follows_weight_updates_also_through_fused_views(make):
+    ws = [weights(n, 128, seed=i)[0] for i, n in enumerate((128, 64))]
+    layers = [make(w, None) for w in ws]
+    stacked = fuse(layers)
+    x = torch.randn(MANY_ROWS, 128, generator=torch.Generator().manual_seed(2))
+    before = stacked(x)                                             # builds the fused layer's bf16 copy
+    assert rel_err(before[1], F.linear(x, ws[1])) < 0.15
+    new = weights(64, 128, seed=9)[0]
+    QuantizedWeight(layers[1]).copy_(new)                           # written into views of the fused buffers
+    after = stacked(x)
+    assert rel_err(after[1], F.linear(x, new)) < 0.15               # the copy was rebuilt, not stale
+    assert rel_err(after[1], layers[1].packed_matmul(x)) < 0.01
+    assert torch.equal(after[0], before[0])
 
 
 def test_int4_shape_errors_name_the_option():

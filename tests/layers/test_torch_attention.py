@@ -1,0 +1,83 @@
+"""The torch attention backend against plain per-sequence attention: a decode batch (its unpadded path)
+and a prefill batch with cached prefixes (the padded one), over a pool whose slots are scattered."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlserve.kv_pool import KVPool
+from rlserve.layers.attention.base import ForwardBatch
+from rlserve.layers.attention.torch_backend import TorchAttentionBackend
+
+HEADS, KV_HEADS, DIM = 6, 2, 16
+
+
+def make_case(prefix_lens: list[int], extend_lens: list[int], seed: int = 0):
+    """Each sequence holds prefix_lens[b] cached tokens and adds extend_lens[b] new ones, at random slots."""
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+    num_slots = sum(seq_lens) + 8
+    perm = (torch.randperm(num_slots - 1, generator=gen) + 1).tolist()
+    table = torch.zeros(len(seq_lens) + 1, max(seq_lens) + 3, dtype=torch.int64)
+    at, loc = 0, []
+    for b, (s, e) in enumerate(zip(seq_lens, extend_lens)):
+        table[b + 1, :s] = torch.tensor(perm[at:at + s])        # rows 1.. (row 0 unused, as in the engine)
+        loc += perm[at + s - e:at + s]
+        at += s
+    pool = KVPool(1, num_slots, KV_HEADS, DIM, torch.float32, "cpu")
+    for buf in pool.k_buffers + pool.v_buffers:
+        buf.copy_(torch.randn(buf.shape, generator=gen))
+    t = sum(extend_lens)
+    positions = [p + j for p, e in zip(prefix_lens, extend_lens) for j in range(e)]
+    batch = ForwardBatch(
+        input_ids=torch.zeros(t, dtype=torch.int64), positions=torch.tensor(positions),
+        out_cache_loc=torch.tensor(loc), req_rows=torch.arange(1, len(seq_lens) + 1),
+        seq_lens=torch.tensor(seq_lens), extend_lens=torch.tensor(extend_lens), seq_lens_cpu=seq_lens,
+        extend_lens_cpu=extend_lens, is_decode=all(e == 1 for e in extend_lens),
+        logits_indices=torch.arange(t), req_to_token=table)
+    q, k, v = (torch.randn(t, h, DIM, generator=gen) for h in (HEADS, KV_HEADS, KV_HEADS))
+    return pool, batch, table, (q, k, v)
+
+
+def reference(pool: KVPool, batch: ForwardBatch, table: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention written out per sequence and query, after storing the new K/V."""
+    keys, values = pool.k_buffers[0].clone(), pool.v_buffers[0].clone()
+    keys[batch.out_cache_loc], values[batch.out_cache_loc] = k, v
+    out, t = [], 0
+    for b, (s, e) in enumerate(zip(batch.seq_lens_cpu, batch.extend_lens_cpu)):
+        slots = table[b + 1, :s]
+        kk = keys[slots].repeat_interleave(HEADS // KV_HEADS, dim=1)            # [S, H, D]
+        vv = values[slots].repeat_interleave(HEADS // KV_HEADS, dim=1)
+        for j in range(e):
+            visible = s - e + j + 1                                           # causal: itself and before
+            scores = torch.einsum("hd,shd->hs", q[t], kk[:visible]) * DIM ** -0.5
+            out.append(torch.einsum("hs,shd->hd", scores.softmax(-1), vv[:visible]).reshape(-1))
+            t += 1
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("prefix_lens,extend_lens", [
+    ([5, 0, 17, 3], [1, 1, 1, 1]),              # decode (one sequence had no cached token)
+    ([0, 9, 4], [7, 1, 12]),                   # prefill chunks beside a decode row
+])
+def test_torch_backend_matches_per_sequence_attention(prefix_lens, extend_lens):
+    pool, batch, table, (q, k, v) = make_case(prefix_lens, extend_lens)
+    expected = reference(pool, batch, table, q, k, v)
+    backend = TorchAttentionBackend(pool, DIM ** -0.5)
+    backend.prepare(batch)
+    out = backend.forward(q, k, v, 0, batch)
+    assert out.shape == (sum(extend_lens), HEADS * DIM)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pool.k_buffers[0][batch.out_cache_loc], k)      # the new K/V were stored
+
+
+def test_decode_accepts_strided_queries():
+    """The model's q is a column slice of the fused q/k/v output: the decode path takes it as a view."""
+    pool, batch, table, (q, k, v) = make_case([4, 8], [1, 1], seed=1)
+    expected = reference(pool, batch, table, q, k, v)
+    wide = torch.cat([q.reshape(2, -1), torch.randn(2, 5)], dim=1)
+    strided = wide[:, :HEADS * DIM].view(2, HEADS, DIM)
+    backend = TorchAttentionBackend(pool, DIM ** -0.5)
+    backend.prepare(batch)
+    torch.testing.assert_close(backend.forward(strided, k, v, 0, batch), expected, atol=1e-5, rtol=1e-5)
