@@ -302,8 +302,10 @@ class EngineConfig:
     tensor_parallel_size: int = _opt(1, "ranks the model is split over (one process each; on CUDA one GPU "
                                         "each, from the device asked for on)")
     quantization: str | None = _opt(None, "quantize the projections' weights after loading: int8 or int4 "
-                                          "(weight-only, CPU kernels; lm_head too, in int8) or fp8 (e4m3, CUDA); "
-                                          "embeddings stay float. None: float weights")
+                                          "(weight-only, CPU kernels; lm_head too, in int8), fp8 (e4m3, CUDA; an FP8 "
+                                          "checkpoint's own codes), or gguf (a Q4_0/Q4_1 GGUF's own 4-bit codes, "
+                                          "as int4). Embeddings stay float. None: float weights (an FP8 "
+                                          "checkpoint runs fp8 on a GPU with FP8 tensor cores)")
     quantization_group_size: int = _opt(32, "input channels per int4 scale (32, 64, 128 or 256; must divide "
                                             "every projection's input size)")
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -338,8 +340,9 @@ class EngineConfig:
         _check_int("cuda_graph_max_bs", self.cuda_graph_max_bs, 1, optional=True)
         _check_int("grammar_helpers", self.grammar_helpers, 0, optional=True)
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
-        if self.quantization not in (None, "int8", "int4", "fp8"):
-            raise ValueError(f"quantization must be int8, int4 or fp8; got {self.quantization!r}")
+        if self.quantization not in (None, "int8", "int4", "fp8", "gguf"):
+            raise ValueError(f"quantization must be int8, int4 or fp8 (or gguf: a GGUF's own 4-bit codes); "
+                             f"got {self.quantization!r}")
         _check_int("quantization_group_size", self.quantization_group_size, 1)
         if self.pooling not in (None, "last", "mean"):
             raise ValueError(f"pooling must be last or mean; got {self.pooling!r}")

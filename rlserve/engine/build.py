@@ -31,7 +31,12 @@ from rlserve.layers.fused import Kernels
 from rlserve.models.heads import model_class
 from rlserve.models.llama import LlamaForCausalLM, local_heads
 from rlserve.models.loader import ModelSource, load_tokenizer, resolve_model
-from rlserve.models.quantize import check_quantization, quantize_model
+from rlserve.models.quantize import (
+    check_quantization,
+    engine_quantization,
+    keep_checkpoint_quantization,
+    quantize_model,
+)
 
 DEFAULT_MAX_MODEL_LEN = 32768   # keeps the request-to-token table small for 128k-context models
 
@@ -103,7 +108,9 @@ def max_model_len(asked: int | None, cfg: ModelConfig) -> int:
 def build_model(cfg: ModelConfig, source: ModelSource, device: torch.device, dtype: torch.dtype,
                 kernels: Kernels, config: EngineConfig, saver: MemorySaver,
                 tp: TPGroup | None = None) -> LlamaForCausalLM:
-    check_quantization(config.quantization, config.quantization_group_size, cfg, device)   # before loading
+    method = engine_quantization(config.quantization, config.quantization_group_size, source, cfg, device,
+                                 tp is not None)
+    check_quantization(method, config.quantization_group_size, cfg, device)   # before loading
     torch.manual_seed(config.seed)
     with torch.device(device):
         if tp is None:
@@ -118,7 +125,8 @@ def build_model(cfg: ModelConfig, source: ModelSource, device: torch.device, dty
         model.load_weights(iter_safetensors(source.model_dir))
     model = model.to(dtype).eval()
     model.fp32_logits = config.fp32_logits
-    quantize_model(model, config.quantization, config.quantization_group_size)
+    quantize_model(model, method, config.quantization_group_size)
+    keep_checkpoint_quantization(model, config.quantization, source)   # a GGUF's or FP8 checkpoint's codes
     move_weights_into(saver, model)          # stacks the projections, inside the saver's region if any
     return model
 

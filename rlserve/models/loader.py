@@ -11,7 +11,8 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from rlserve.config import ModelConfig
-from rlserve.models.default import ensure_default_model, resolve_gguf
+from rlserve.models.default import DEFAULT_GGUF_NAME, cache_dir, ensure_default_model, resolve_gguf
+from rlserve.models.fp8_checkpoint import check_checkpoint_quantization, checkpoint_quant_config, dequantize_stream
 from rlserve.models.presets import PRESETS, preset_hf_config
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
@@ -24,6 +25,7 @@ class ModelSource:
     model_dir: Path | None          # None for presets: there are no weights on disk
     load_format: str                # "safetensors" | "dummy"
     tokenizer_dir: Path | None
+    gguf_file: Path | None = None   # the .gguf the directory was converted from (quantization=gguf reads it)
 
     @property
     def model_config(self) -> ModelConfig:
@@ -35,7 +37,9 @@ def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; choose one of {', '.join(LOAD_FORMATS)}")
     if model is None:
-        return _from_dir(ensure_default_model(), load_format, "the default model")
+        source = _from_dir(ensure_default_model(), load_format, "the default model")
+        source.gguf_file = cache_dir() / "gguf" / DEFAULT_GGUF_NAME
+        return source
     if model in PRESETS:
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"preset {model!r} has no weights; use load_format='dummy' (or 'auto')")
@@ -47,7 +51,9 @@ def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
 
 def _from_path(path: Path, load_format: str, name: str) -> ModelSource:
     if path.is_file() and path.suffix == ".gguf":
-        return _from_dir(resolve_gguf(path), load_format, name)
+        source = _from_dir(resolve_gguf(path), load_format, name)
+        source.gguf_file = path.resolve()
+        return source
     if load_format == "gguf":
         raise ValueError(f"load_format='gguf' needs a .gguf file; got {name!r}")
     if path.is_dir() and (path / "config.json").is_file():
@@ -69,6 +75,7 @@ def _from_dir(model_dir: Path, load_format: str, name: str) -> ModelSource:
         ModelConfig.from_hf(hf_config)
     except ValueError as e:
         raise ValueError(f"model {name!r}: {e}") from e
+    check_checkpoint_quantization(checkpoint_quant_config(hf_config), name)
     if load_format != "dummy" and not any(model_dir.glob("*.safetensors")):
         raise FileNotFoundError(f"{model_dir} has no *.safetensors files (other weight formats are "
                                 f"not supported); use load_format='dummy' for random weights")
@@ -78,7 +85,18 @@ def _from_dir(model_dir: Path, load_format: str, name: str) -> ModelSource:
 
 
 def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for every weight, one tensor in memory at a time."""
+    """Yield (name, tensor) for every weight, one tensor in memory at a time; an FP8 checkpoint's weights
+    come dequantized to float32 (models/fp8_checkpoint.py)."""
+    model_dir = Path(model_dir)
+    config = model_dir / "config.json"
+    qc = json.loads(config.read_text()).get("quantization_config") if config.is_file() else None
+    if qc is not None and qc.get("quant_method") == "fp8":
+        return dequantize_stream(iter_stored_safetensors(model_dir), qc)
+    return iter_stored_safetensors(model_dir)
+
+
+def iter_stored_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for every tensor as stored, one in memory at a time."""
     from safetensors import safe_open
 
     model_dir = Path(model_dir)

@@ -34,8 +34,10 @@ from rlserve.layers.quantized import (
     make_quantized,
 )
 from rlserve.layers.stacked_linear import StackedLinear
+from rlserve.models.fp8_checkpoint import auto_quantization, checkpoint_quant_config, keep_fp8_codes
 from rlserve.models.heads import LlamaForPooling
 from rlserve.models.llama import LlamaForCausalLM
+from rlserve.models.loader import ModelSource, iter_stored_safetensors
 
 PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 FUSED = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
@@ -186,3 +188,31 @@ def quantized_weights(model: nn.Module) -> dict[str, QuantizedWeight]:
         tied = TiedQuantizedWeight(model.model.embed_tokens.weight, head)
         out["lm_head.weight"] = out["model.embed_tokens.weight"] = tied
     return out
+
+
+def engine_quantization(asked: str | None, group_size: int, source: ModelSource, cfg: ModelConfig,
+                        device: torch.device, tensor_parallel: bool = False) -> str | None:
+    """The method the projections are quantized with, given the checkpoint: `gguf` checks the file and
+    runs as int4 in groups of 32 (keep_checkpoint_quantization then writes the file's codes in); an FP8
+    checkpoint runs fp8 on a GPU with FP8 tensor cores when nothing was asked; otherwise as asked."""
+    if asked == "gguf":
+        from rlserve.models.gguf_quant import check_gguf_quantization
+        check_gguf_quantization(source.gguf_file, group_size, cfg, device)
+        return "int4"
+    return auto_quantization(asked, checkpoint_quant_config(source.hf_config), device, tensor_parallel)
+
+
+def keep_checkpoint_quantization(model: nn.Module, asked: str | None, source: ModelSource) -> None:
+    """Write a quantized checkpoint's own codes and scales over the quantized layers (after
+    quantize_model, before the fusing): a GGUF's 4-bit blocks under `gguf`, an FP8 checkpoint's e4m3
+    weights under fp8."""
+    if source.load_format == "dummy" or source.model_dir is None:
+        return
+    if asked == "gguf":
+        from rlserve.models.gguf_quant import keep_gguf_codes
+        assert source.gguf_file is not None, "engine_quantization checked the file"
+        keep_gguf_codes(model, source.gguf_file, source.model_config)
+        return
+    qc = checkpoint_quant_config(source.hf_config)
+    if getattr(model, "quantization", None) == "fp8" and qc is not None and qc.get("quant_method") == "fp8":
+        keep_fp8_codes(model, iter_stored_safetensors(source.model_dir))

@@ -1,0 +1,160 @@
+"""`quantization="gguf"`: keep a GGUF file's own 4-bit codes for the projections instead of dequantizing
+them to float and quantizing again.
+
+A Q4_1 block holds 32 weights as w = d * q + m (q in 0..15, d and m float16); a Q4_0 block as
+w = d * (q - 8). PyTorch's CPU int4 kernel (Int4Linear) computes w = (q - 8) * scale + zero per group of
+input channels, so both map onto it with groups of 32 and the file's codes unchanged:
+Q4_1 → scale = d, zero = m + 8 d; Q4_0 → scale = d, zero = 0. The kernel keeps scale and zero in
+bfloat16, so a kept weight differs from the file's by bfloat16's rounding of those two numbers (8 bits
+of mantissa; float16 has 11), never by the codes.
+
+Everything else comes from the dequantized checkpoint as without quantization (the embedding, Q8_0 in
+the default model's file, and the float32 norms), and the lm_head is an int8 copy as under int4
+(models/quantize.py says why). llama.cpp's converter permutes the rows of Llama's q and k weights for its
+rotary layout; transformers undoes it when dequantizing, and the same row order is applied to the codes.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rlserve.config import ModelConfig
+from rlserve.layers.quantized import CPU_ACT_DTYPE, Int4Linear, check_int4_shape
+
+GROUP_SIZE = 32                         # GGUF's block of 32 weights
+KEPT_TYPES = ("Q4_0", "Q4_1")           # the GGUF types the int4 kernel takes as they are
+# GGUF tensor names (blk.N.<key>.weight) of the projections, and their place in the model.
+PROJECTIONS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj"}
+_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+
+
+def _reader(path: Path) -> Any:
+    import gguf
+    return gguf.GGUFReader(str(path))
+
+
+def _architecture(reader: Any) -> str:
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        return ""
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def projection_tensors(reader: Any) -> Iterator[tuple[str, Any]]:
+    """(HF weight name, GGUF tensor) for each projection of the file."""
+    for tensor in reader.tensors:
+        match = _BLOCK.fullmatch(tensor.name)
+        if match and match.group(2) in PROJECTIONS:
+            yield f"model.layers.{match.group(1)}.{PROJECTIONS[match.group(2)]}.weight", tensor
+
+
+def gguf_affine(tensor: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q4_0/Q4_1 tensor's file contents as (codes int32 [out, in] in 0..15, d, m float32
+    [out, in / 32]) with w = d * q + m, in the file's row order."""
+    kind = tensor.tensor_type.name
+    if kind not in KEPT_TYPES:
+        raise ValueError(f"{tensor.name} is {kind}; only {', '.join(KEPT_TYPES)} keep their codes")
+    out, inp = int(tensor.shape[1]), int(tensor.shape[0])       # GGUF lists dimensions innermost first
+    head = 4 if kind == "Q4_1" else 2                           # float16 d (and m), then 16 bytes of codes
+    blocks = np.ascontiguousarray(tensor.data).reshape(out, inp // GROUP_SIZE, head + GROUP_SIZE // 2)
+    d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
+    packed = torch.from_numpy(blocks[..., head:].copy()).to(torch.int32)
+    # Each byte holds weight j in its low nibble and weight j + 16 in its high one.
+    q = torch.cat([packed & 0xF, packed >> 4], dim=-1).reshape(out, inp)
+    if kind == "Q4_1":
+        m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+    else:
+        m = -8.0 * d
+    return q, d, m
+
+
+def _row_order(hf_name: str, rows: int, arch: str, cfg: ModelConfig) -> torch.Tensor | None:
+    """The rows of a file's q/k weight in HF order (llama.cpp permutes them for Llama, as transformers'
+    LlamaTensorProcessor undoes); None where the file keeps HF's order."""
+    if arch != "llama" or not hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+        return None
+    heads = cfg.num_heads if hf_name.endswith("q_proj.weight") else cfg.num_kv_heads
+    idx = torch.arange(rows).reshape(heads, rows // heads // 2, 2)
+    return idx.transpose(1, 2).reshape(rows)
+
+
+def kept_int4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Int4Linear's buffers for w = d * q + m: the kernel's packing of q and bfloat16 scales-and-zeros
+    [in / 32, out, 2] with scale = d, zero = m + 8 d (so (q - 8) * scale + zero = d * q + m)."""
+    scales_and_zeros = torch.stack([d, m + 8.0 * d], dim=-1).transpose(0, 1).contiguous().to(CPU_ACT_DTYPE)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1), scales_and_zeros
+
+
+def read_kept(path: Path, cfg: ModelConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(codes, d, m) of every projection of a GGUF file, by HF name, rows in HF order."""
+    reader = _reader(path)
+    arch = _architecture(reader)
+    out = {}
+    for name, tensor in projection_tensors(reader):
+        q, d, m = gguf_affine(tensor)
+        order = _row_order(name, q.shape[0], arch, cfg)
+        out[name] = (q, d, m) if order is None else (q[order], d[order], m[order])
+    return out
+
+
+def check_gguf_quantization(gguf_file: Path | None, group_size: int, cfg: ModelConfig,
+                            device: torch.device) -> None:
+    """Raise ValueError, naming the option, where quantization=gguf cannot keep the file's codes."""
+    if gguf_file is None:
+        raise ValueError("quantization=gguf keeps a GGUF file's 4-bit codes; the model is not a .gguf file "
+                         "(pass one, or use quantization=int4 to quantize float weights)")
+    if device.type != "cpu":
+        raise ValueError("quantization=gguf runs on the CPU int4 kernel; on CUDA use quantization=fp8")
+    if group_size != GROUP_SIZE:
+        raise ValueError(f"quantization=gguf takes the file's blocks of {GROUP_SIZE} weights; "
+                         f"quantization_group_size must be {GROUP_SIZE}, got {group_size}")
+    reader = _reader(ensure_gguf(gguf_file))
+    found = 0
+    for name, tensor in projection_tensors(reader):
+        kind = tensor.tensor_type.name
+        if kind not in KEPT_TYPES:
+            raise ValueError(f"quantization=gguf keeps {' and '.join(KEPT_TYPES)} projections only; "
+                             f"{tensor.name} ({name}) is {kind}. Use quantization=int4 or int8 (quantize "
+                             f"the dequantized weights) or no quantization")
+        check_int4_shape(int(tensor.shape[0]), int(tensor.shape[1]), GROUP_SIZE, f" ({name})")
+        found += 1
+    if found != 7 * cfg.num_layers:
+        raise ValueError(f"quantization=gguf: {gguf_file} holds {found} projection tensors where the model "
+                         f"has {7 * cfg.num_layers}")
+
+
+def ensure_gguf(path: Path) -> Path:
+    """The default model's GGUF is fetched again where only its converted directory is left."""
+    from rlserve.models.default import DEFAULT_GGUF_NAME, _default_gguf, cache_dir
+
+    if not path.is_file() and path == cache_dir() / "gguf" / DEFAULT_GGUF_NAME:
+        return _default_gguf()
+    return path
+
+
+@torch.no_grad()
+def keep_gguf_codes(model: nn.Module, gguf_file: Path, cfg: ModelConfig) -> int:
+    """Overwrite each int4 projection's buffers with the file's codes and scales (before the q/k/v and
+    gate/up fusing). Returns how many layers were written."""
+    kept = read_kept(ensure_gguf(gguf_file), cfg)
+    written = 0
+    for name, module in model.named_modules():
+        weight = f"{name}.weight"
+        if isinstance(module, Int4Linear) and weight in kept:
+            if module.group_size != GROUP_SIZE:
+                raise ValueError(f"{name}: int4 groups of {module.group_size}, the file's are {GROUP_SIZE}")
+            packed, scales_and_zeros = kept_int4(*kept[weight])
+            module.packed.copy_(packed)
+            module.scales_and_zeros.copy_(scales_and_zeros)
+            written += 1
+    if written != len(kept):
+        raise ValueError(f"quantization=gguf: {len(kept)} projections in the file, {written} int4 layers written")
+    return written
