@@ -199,7 +199,10 @@ def engine_quantization(asked: str | None, group_size: int, source: ModelSource,
         from rlserve.models.gguf_quant import check_gguf_quantization
         check_gguf_quantization(source.gguf_file, group_size, cfg, device)
         return "int4"
-    return auto_quantization(asked, checkpoint_quant_config(source.hf_config), device, tensor_parallel)
+    method = auto_quantization(asked, checkpoint_quant_config(source.hf_config), device, tensor_parallel)
+    if asked is None and method == "fp8" and any(k % 16 or n % 16 for k, n in projection_shapes(cfg).values()):
+        return None                     # sizes the FP8 kernel cannot take: the dequantized float model
+    return method
 
 
 def keep_checkpoint_quantization(model: nn.Module, asked: str | None, source: ModelSource) -> None:
