@@ -7,7 +7,7 @@ import torch
 
 from rlserve.kv_pool import KVPool
 from rlserve.layers.attention.base import ForwardBatch
-from rlserve.layers.attention.torch_backend import TorchAttentionBackend
+from rlserve.layers.attention.torch_backend import GROUP_MIN, TorchAttentionBackend, length_groups
 
 HEADS, KV_HEADS, DIM = 6, 2, 16
 
@@ -70,6 +70,25 @@ def test_torch_backend_matches_per_sequence_attention(prefix_lens, extend_lens):
     assert out.shape == (sum(extend_lens), HEADS * DIM)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pool.k_buffers[0][batch.out_cache_loc], k)      # the new K/V were stored
+
+
+def test_length_groups_split_only_where_padding_is_saved():
+    assert length_groups([50] * 40) == [list(range(40))]                   # equal lengths: one group
+    assert length_groups([10, 600] * (GROUP_MIN - 1)) == [list(range(2 * GROUP_MIN - 2))]   # too few
+    spread = [(i * 37) % 640 + 1 for i in range(32)]
+    groups = length_groups(spread)
+    assert len(groups) > 1 and sorted(i for g in groups for i in g) == list(range(32))
+    assert max(spread[i] for i in groups[0]) <= min(spread[i] for i in groups[-1])
+
+
+def test_decode_in_length_groups_matches_per_sequence_attention():
+    prefix = [(i * 37) % 90 for i in range(4 * GROUP_MIN)]
+    assert len(length_groups([p + 1 for p in prefix])) == 4
+    pool, batch, table, (q, k, v) = make_case(prefix, [1] * len(prefix), seed=2)
+    expected = reference(pool, batch, table, q, k, v)
+    backend = TorchAttentionBackend(pool, DIM ** -0.5)
+    backend.prepare(batch)
+    torch.testing.assert_close(backend.forward(q, k, v, 0, batch), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_decode_accepts_strided_queries():
