@@ -9,6 +9,8 @@ continued greedily for --max-tokens tokens by each engine (ignore_eos):
   prefix agreement  tokens before each continuation first differs from the float one / all tokens;
   position match    tokens equal at the same position / all tokens (after a divergence the two
                     continuations condition on different text, so this mostly counts re-convergence).
+fp8 off CUDA runs the FP8 kernel's arithmetic in float32 (rlserve/bench/fp8_emulation.py); compare it with
+--dtype bfloat16, the dtype an FP8 engine runs its other layers in.
 """
 from __future__ import annotations
 
@@ -92,7 +94,12 @@ def run_accuracy(methods: Sequence[str], model: str | None = None, device: str =
     ref_nll = torch.cat([nll(log_probs(ref_llm.engine.model, w, engine.device), w) for w in wins])
     results = [ModeResult("float", math.exp(ref_nll.mean().item()), 0.0, 1.0, 1.0)]
     for method in methods:
-        llm = LLM(**base, quantization=method, quantization_group_size=group_size)
+        if method == "fp8" and not device.startswith("cuda"):   # no FP8 matmuls here: their arithmetic
+            from rlserve.bench.fp8_emulation import emulate_fp8
+            llm = LLM(**base)
+            emulate_fp8(llm.engine.model)
+        else:
+            llm = LLM(**base, quantization=method, quantization_group_size=group_size)
         nlls, kls = [], []
         for w in wins:
             p = log_probs(ref_llm.engine.model, w, engine.device)
