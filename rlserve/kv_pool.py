@@ -57,8 +57,10 @@ class KVPool:
 
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if not self.fp8:
-            self.k_buffers[layer][slots] = k.to(self.dtype)
-            self.v_buffers[layer][slots] = v.to(self.dtype)
+            # index_copy_ rather than `buf[slots] = x`: the same write without Python's indexing path
+            # (at batch 1 on a CPU that path cost more than the copy).
+            self.k_buffers[layer].index_copy_(0, slots, k if k.dtype == self.dtype else k.to(self.dtype))
+            self.v_buffers[layer].index_copy_(0, slots, v if v.dtype == self.dtype else v.to(self.dtype))
             return
         for bufs, scales, x in ((self.k_buffers, self.k_scales, k), (self.v_buffers, self.v_scales, v)):
             assert scales is not None          # an fp8 pool always has them

@@ -72,15 +72,20 @@ class TorchAttentionBackend:
 
     def _prepare_decode(self, batch: ForwardBatch, key_pos: torch.Tensor) -> None:
         """Per length group: its batch indices (None: the whole batch, in order), the pool slots of its
-        keys [G, S] (slot 0 past a sequence's end) and which are valid [G, 1, 1, S] (a decode query is
-        its sequence's last position, so it sees every valid key)."""
+        keys [G, S] (slot 0 past a sequence's end) and which are valid [G, 1, 1, S], None where all are (a
+        decode query is its sequence's last position, so it sees every valid key)."""
         groups = length_groups(batch.seq_lens_cpu)
-        self._groups: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
+        self._groups: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]] = []
         for members in groups:
             s = max(batch.seq_lens_cpu[i] for i in members)
             idx = None if len(groups) == 1 else torch.tensor(members, device=key_pos.device)
             rows = batch.req_rows if idx is None else batch.req_rows[idx]
             seq = batch.seq_lens if idx is None else batch.seq_lens[idx]
+            if all(batch.seq_lens_cpu[i] == s for i in members):
+                # Every key is valid (one sequence, or all of one length): no mask, SDPA's unmasked path,
+                # and no where() over the slots.
+                self._groups.append((idx, batch.req_to_token[rows, :s], None))
+                continue
             valid = key_pos[None, :s] < seq[:, None]
             self._groups.append((idx, torch.where(valid, batch.req_to_token[rows, :s], 0), valid[:, None, None, :]))
 
