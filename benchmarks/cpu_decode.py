@@ -6,6 +6,8 @@ wall time (Python, the dispatcher, the engine's bookkeeping).
 `python benchmarks/cpu_decode.py --modes float,int4 --tokens 128 --concurrent 32 --no-hf` (32 requests of the
 same prompt decoding together: output tok/s of the decode phase, the batched-decode figure beside the
 prefill-heavy `rlserve bench offline` one)
+`python benchmarks/cpu_decode.py --modes int4 --no-hf --elementwise inductor` (torch.compile'd elementwise
+chains instead of eager ops: on a 2-core CPU at batch 1 their guards cost more than the ops they fuse)
 """
 from __future__ import annotations
 
@@ -34,11 +36,11 @@ def decode_tok_s(step: Callable[[], object], steps: int) -> float:
 
 
 def rlserve_decode(mode: str, tokens: int, profile_steps: int, concurrent: int = 1,
-                   top: int = 0) -> tuple[float, dict[str, float]]:
+                   top: int = 0, elementwise: str = "auto") -> tuple[float, dict[str, float]]:
     """Output tok/s over `tokens` decode steps of `concurrent` requests (all prefilled first), and the
     profiled split of `profile_steps` more."""
     method, _, dtype = mode.partition(":")          # e.g. int8:bfloat16 (the model's other layers in bf16)
-    llm = LLM(quantization=None if method == "float" else method, dtype=dtype or "auto",
+    llm = LLM(quantization=None if method == "float" else method, dtype=dtype or "auto", compile=elementwise,
               max_total_tokens=max(4096, concurrent * (tokens + profile_steps + 64)))
     e = llm.engine
     ids = e.tokenizer(PROMPT)["input_ids"]
@@ -106,6 +108,8 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--llama-cpp", action="store_true",
                     help="also llama.cpp on the GGUF the default model comes from (needs rlserve[llamacpp])")
+    ap.add_argument("--elementwise", default="auto", help="auto|inductor|eager: how norms, rotary and the "
+                    "gated activation run (auto is eager on a CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     a = ap.parse_args()
     if a.threads:
@@ -122,7 +126,7 @@ def main() -> None:
             tok_s = concurrent_tok_s(PROMPT, a.concurrent, a.tokens, torch.get_num_threads())
             print(f"llama.cpp (Q4_1 GGUF) x{a.concurrent}, 24-token prompts: {tok_s:.1f} tok/s")
     for mode in a.modes.split(","):
-        tok_s, parts = rlserve_decode(mode, a.tokens, a.profile_steps, a.concurrent, a.top)
+        tok_s, parts = rlserve_decode(mode, a.tokens, a.profile_steps, a.concurrent, a.top, a.elementwise)
         split = ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
         print(f"rlserve {mode} x{a.concurrent}: {tok_s:.1f} tok/s; profiled ms/step: {split}")
 
