@@ -70,3 +70,20 @@ def test_pool_store_writes_the_slots_in_the_pool_dtype():
     untouched = torch.ones(10, dtype=torch.bool)
     untouched[slots] = False
     assert not pool.k_buffers[1][untouched].any() and not pool.k_buffers[0].any()
+
+
+@pytest.mark.parametrize("layout,runs", [
+    ("one run", [(3, 24)]),
+    ("prefix elsewhere", [(20, 28), (3, 16)]),        # a cached prefix, then the request's own slots
+    ("scattered", None),
+])
+def test_lone_sequence_in_few_slot_runs_reads_slices_of_the_pool(layout, runs):
+    pool, batch, table, (q, k, v) = make_case([20], [1], seed=4)
+    if runs is not None:
+        table[1, :21] = torch.cat([torch.arange(first, end) for first, end in runs])
+        batch.out_cache_loc = table[1, 20:21].clone()
+    expected = reference(pool, batch, table, q, k, v)
+    backend = TorchAttentionBackend(pool, DIM ** -0.5)
+    backend.prepare(batch)
+    assert backend._runs == runs
+    torch.testing.assert_close(backend.forward(q, k, v, 0, batch), expected, atol=1e-5, rtol=1e-5)

@@ -10,7 +10,10 @@ a decode batch (one query per sequence, at its last position) takes a shorter wa
 - sequences of very different lengths are split into groups of similar length (`length_groups`), each
   gathered and attended with its own padding: gathering and reading the pool is most of the step's
   attention time, and padding every sequence to the longest wastes a third of it for uniformly
-  spread lengths.
+  spread lengths;
+- a lone sequence whose slots form a few runs of consecutive slots (its cached prefix, then the slots it
+  was given in order) reads its keys as slices of the pool instead of gathering them (`_slot_runs`), and
+  a group whose keys are all valid (batch 1, equal lengths) goes to SDPA without a mask.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from rlserve.kv_pool import KVPool
 from rlserve.layers.attention.base import ForwardBatch
 
 GROUP_MIN = 8            # sequences per decode length group, at least (each group costs a few more ops)
+MAX_SLOT_RUNS = 4        # a lone decode sequence reads its K/V as pool slices when its slots form this few runs
 GROUP_SAVING = 0.75      # split only where the padded keys fall below this share of one group's
 
 
@@ -75,6 +79,7 @@ class TorchAttentionBackend:
         keys [G, S] (slot 0 past a sequence's end) and which are valid [G, 1, 1, S], None where all are (a
         decode query is its sequence's last position, so it sees every valid key)."""
         groups = length_groups(batch.seq_lens_cpu)
+        self._runs = self._slot_runs(batch) if batch.batch_size == 1 else None
         self._groups: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]] = []
         for members in groups:
             s = max(batch.seq_lens_cpu[i] for i in members)
@@ -88,6 +93,23 @@ class TorchAttentionBackend:
                 continue
             valid = key_pos[None, :s] < seq[:, None]
             self._groups.append((idx, torch.where(valid, batch.req_to_token[rows, :s], 0), valid[:, None, None, :]))
+
+    def _slot_runs(self, batch: ForwardBatch) -> list[tuple[int, int]] | None:
+        """[(first, end)] of pool slots where one sequence's keys sit in at most MAX_SLOT_RUNS runs of
+        consecutive slots (a lone request's are: its cached prefix, then the slots it was given in
+        order): each layer then reads its K/V as slices of the pool (a view for one run) instead of
+        gathering them row by row (the gathers were a tenth of a batch-1 CPU step). CPU only (the runs
+        are read on the host), not for an fp8 pool (its loads dequantize)."""
+        if self.pool.fp8 or batch.req_to_token.device.type != "cpu":
+            return None
+        s = batch.seq_lens_cpu[0]
+        slots = batch.req_to_token[int(batch.req_rows[0]), :s]
+        breaks: list[int] = ((slots[1:] - slots[:-1]) != 1).nonzero().flatten().tolist()
+        if len(breaks) >= MAX_SLOT_RUNS:
+            return None
+        starts, ends = [0] + [i + 1 for i in breaks], [i + 1 for i in breaks] + [s]
+        firsts: list[int] = slots[starts].tolist()
+        return [(f, f + e - st) for f, st, e in zip(firsts, starts, ends)]
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
                 batch: ForwardBatch) -> torch.Tensor:
@@ -110,7 +132,11 @@ class TorchAttentionBackend:
         grouped = q.view(b, kv_heads, heads // kv_heads, dim)
         out = q.new_empty(b, heads * dim) if len(self._groups) > 1 else None
         for idx, kv_index, mask in self._groups:
-            keys, values = self.pool.load(layer, kv_index, q.dtype)          # [G, S, KvH, D]
+            if self._runs is not None:
+                keys, values = (_concat([buf[layer][first:end] for first, end in self._runs]).unsqueeze(0)
+                                .to(q.dtype) for buf in (self.pool.k_buffers, self.pool.v_buffers))
+            else:
+                keys, values = self.pool.load(layer, kv_index, q.dtype)      # [G, S, KvH, D]
             o = F.scaled_dot_product_attention(
                 grouped if idx is None else grouped.index_select(0, idx), keys.transpose(1, 2),
                 values.transpose(1, 2), attn_mask=mask, scale=self.scale)       # [G, KvH, H / KvH, D]
@@ -119,6 +145,10 @@ class TorchAttentionBackend:
             out.index_copy_(0, idx, o.reshape(-1, heads * dim))
         assert out is not None
         return out
+
+
+def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
