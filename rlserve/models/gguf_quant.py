@@ -126,9 +126,10 @@ def check_gguf_quantization(gguf_file: Path | None, group_size: int, cfg: ModelC
                              f"the dequantized weights) or no quantization")
         check_int4_shape(int(tensor.shape[0]), int(tensor.shape[1]), GROUP_SIZE, f" ({name})")
         found += 1
-    if found != 7 * cfg.num_layers:
+    expected = len(PROJECTIONS) * cfg.num_layers
+    if found != expected:
         raise ValueError(f"quantization=gguf: {gguf_file} holds {found} projection tensors where the model "
-                         f"has {7 * cfg.num_layers}")
+                         f"has {expected}")
 
 
 def ensure_gguf(path: Path) -> Path:

@@ -34,7 +34,7 @@ from rlserve.layers.quantized import (
     make_quantized,
 )
 from rlserve.layers.stacked_linear import StackedLinear
-from rlserve.models.fp8_checkpoint import auto_quantization, checkpoint_quant_config, keep_fp8_codes
+from rlserve.models.fp8_checkpoint import auto_quantization, checkpoint_quant_config, keep_fp8_codes, runs_fp8
 from rlserve.models.heads import LlamaForPooling
 from rlserve.models.llama import LlamaForCausalLM
 from rlserve.models.loader import ModelSource, iter_stored_safetensors
@@ -55,6 +55,11 @@ def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
+def fp8_unfit_projection(cfg: ModelConfig) -> tuple[str, tuple[int, int]] | None:
+    """The first projection whose sizes the FP8 kernel cannot take (both must be multiples of 16)."""
+    return next(((name, (k, n)) for name, (k, n) in projection_shapes(cfg).items() if k % 16 or n % 16), None)
+
+
 def check_quantization(method: str | None, group_size: int, cfg: ModelConfig, device: torch.device) -> None:
     """Raise ValueError, naming the option, for a combination that cannot run (before any weight loads)."""
     if method is None:
@@ -65,11 +70,12 @@ def check_quantization(method: str | None, group_size: int, cfg: ModelConfig, de
         if device.type != "cuda":
             raise ValueError("quantization=fp8 needs a CUDA device (FP8 matmuls through torch._scaled_mm); "
                              "on a CPU use quantization=int8 or int4")
-        if torch.cuda.get_device_capability(device) < (8, 9):
+        if not runs_fp8(device):
             raise ValueError("quantization=fp8 needs a GPU with FP8 tensor cores (compute capability 8.9+)")
-        for name, (k, n) in projection_shapes(cfg).items():
-            if k % 16 or n % 16:
-                raise ValueError(f"quantization=fp8 needs {name}'s sizes divisible by 16; got {k}x{n}")
+        unfit = fp8_unfit_projection(cfg)
+        if unfit is not None:
+            name, (k, n) = unfit
+            raise ValueError(f"quantization=fp8 needs {name}'s sizes divisible by 16; got {k}x{n}")
     elif device.type != "cpu":
         raise ValueError(f"quantization={method} runs on CPU kernels; on CUDA use quantization=fp8")
     if method == "int4":
@@ -200,7 +206,7 @@ def engine_quantization(asked: str | None, group_size: int, source: ModelSource,
         check_gguf_quantization(source.gguf_file, group_size, cfg, device)
         return "int4"
     method = auto_quantization(asked, checkpoint_quant_config(source.hf_config), device, tensor_parallel)
-    if asked is None and method == "fp8" and any(k % 16 or n % 16 for k, n in projection_shapes(cfg).values()):
+    if asked is None and method == "fp8" and fp8_unfit_projection(cfg) is not None:
         return None                     # sizes the FP8 kernel cannot take: the dequantized float model
     return method
 
