@@ -2,9 +2,11 @@
 them to float and quantizing again.
 
 A Q4_1 block holds 32 weights as w = d * q + m (q in 0..15, d and m float16); a Q4_0 block as
-w = d * (q - 8). PyTorch's CPU int4 kernel (Int4Linear) computes w = (q - 8) * scale + zero per group of
-input channels, so both map onto it with groups of 32 and the file's codes unchanged:
-Q4_1 → scale = d, zero = m + 8 d; Q4_0 → scale = d, zero = 0. The kernel keeps scale and zero in
+w = d * (q - 8). A Q4_K super-block holds 256 weights as 8 sub-blocks of 32, each w = (d * sc) * q - dmin * mn
+with 6-bit sc and mn per sub-block and float16 d and dmin per super-block. PyTorch's CPU int4 kernel
+(Int4Linear) computes w = (q - 8) * scale + zero per group of input channels, so all three map onto it
+with groups of 32 and the file's codes unchanged once each group's (d, m) is written out:
+Q4_1 → scale = d, zero = m + 8 d; Q4_0 → scale = d, zero = 0; Q4_K → d = d * sc, m = -dmin * mn. The kernel keeps scale and zero in
 bfloat16, so a kept weight differs from the file's by bfloat16's rounding of those two numbers (8 bits
 of mantissa; float16 has 11), never by the codes.
 
@@ -28,7 +30,8 @@ from rlserve.config import ModelConfig
 from rlserve.layers.quantized import CPU_ACT_DTYPE, Int4Linear, check_int4_shape
 
 GROUP_SIZE = 32                         # GGUF's block of 32 weights
-KEPT_TYPES = ("Q4_0", "Q4_1")           # the GGUF types the int4 kernel takes as they are
+KEPT_TYPES = ("Q4_0", "Q4_1", "Q4_K")   # the GGUF types the int4 kernel takes as they are
+SUPER_BLOCK = 256                       # Q4_K: weights per super-block (8 groups of 32)
 # GGUF tensor names (blk.N.<key>.weight) of the projections, and their place in the model.
 PROJECTIONS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -56,24 +59,46 @@ def projection_tensors(reader: Any) -> Iterator[tuple[str, Any]]:
             yield f"model.layers.{match.group(1)}.{PROJECTIONS[match.group(2)]}.weight", tensor
 
 
+def _f16(raw: np.ndarray) -> torch.Tensor:
+    """Two bytes per entry (last axis) as float16, widened to float32."""
+    return torch.from_numpy(raw.copy().view(np.float16)[..., 0].astype(np.float32))
+
+
 def gguf_affine(tensor: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A Q4_0/Q4_1 tensor's file contents as (codes int32 [out, in] in 0..15, d, m float32
+    """A Q4_0/Q4_1/Q4_K tensor's file contents as (codes int32 [out, in] in 0..15, d, m float32
     [out, in / 32]) with w = d * q + m, in the file's row order."""
     kind = tensor.tensor_type.name
     if kind not in KEPT_TYPES:
         raise ValueError(f"{tensor.name} is {kind}; only {', '.join(KEPT_TYPES)} keep their codes")
     out, inp = int(tensor.shape[1]), int(tensor.shape[0])       # GGUF lists dimensions innermost first
+    if kind == "Q4_K":
+        return _q4_k_affine(np.ascontiguousarray(tensor.data), out, inp)
     head = 4 if kind == "Q4_1" else 2                           # float16 d (and m), then 16 bytes of codes
     blocks = np.ascontiguousarray(tensor.data).reshape(out, inp // GROUP_SIZE, head + GROUP_SIZE // 2)
-    d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
+    d = _f16(blocks[..., 0:2])
     packed = torch.from_numpy(blocks[..., head:].copy()).to(torch.int32)
     # Each byte holds weight j in its low nibble and weight j + 16 in its high one.
     q = torch.cat([packed & 0xF, packed >> 4], dim=-1).reshape(out, inp)
-    if kind == "Q4_1":
-        m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
-    else:
-        m = -8.0 * d
+    m = _f16(blocks[..., 2:4]) if kind == "Q4_1" else -8.0 * d
     return q, d, m
+
+
+def _q4_k_affine(data: np.ndarray, out: int, inp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q4_K super-block is 144 bytes: float16 d and dmin, 12 bytes packing eight 6-bit scales and
+    eight 6-bit mins, then 128 bytes of codes. Bytes 0-3 hold scales 0-3 in their low 6 bits, bytes 4-7
+    mins 0-3; scales and mins 4-7 take their low 4 bits from bytes 8-11 (scale low nibble, min high
+    nibble) and their top 2 bits from the top bits of bytes 0-3 (scales) and 4-7 (mins)."""
+    blocks = data.reshape(out, inp // SUPER_BLOCK, 144)
+    d, dmin = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
+    packed = torch.from_numpy(blocks[..., 4:16].copy()).to(torch.int32)
+    low_sc, low_mn, extra = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    sc = torch.cat([low_sc & 0x3F, (extra & 0xF) | ((low_sc >> 6) << 4)], dim=-1)
+    mn = torch.cat([low_mn & 0x3F, (extra >> 4) | ((low_mn >> 6) << 4)], dim=-1)
+    codes = torch.from_numpy(blocks[..., 16:].copy()).to(torch.int32).reshape(out, inp // SUPER_BLOCK, 4, 32)
+    # Each 32-byte chunk holds sub-block 2c in its low nibbles and sub-block 2c + 1 in its high ones.
+    q = torch.stack([codes & 0xF, codes >> 4], dim=3).reshape(out, inp)
+    groups = inp // GROUP_SIZE
+    return q, (d[..., None] * sc).reshape(out, groups), (-dmin[..., None] * mn).reshape(out, groups)
 
 
 def _row_order(hf_name: str, rows: int, arch: str, cfg: ModelConfig) -> torch.Tensor | None:
@@ -121,7 +146,7 @@ def check_gguf_quantization(gguf_file: Path | None, group_size: int, cfg: ModelC
     for name, tensor in projection_tensors(reader):
         kind = tensor.tensor_type.name
         if kind not in KEPT_TYPES:
-            raise ValueError(f"quantization=gguf keeps {' and '.join(KEPT_TYPES)} projections only; "
+            raise ValueError(f"quantization=gguf keeps {', '.join(KEPT_TYPES)} projections only; "
                              f"{tensor.name} ({name}) is {kind}. Use quantization=int4 or int8 (quantize "
                              f"the dequantized weights) or no quantization")
         check_int4_shape(int(tensor.shape[0]), int(tensor.shape[1]), GROUP_SIZE, f" ({name})")
