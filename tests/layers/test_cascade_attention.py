@@ -86,8 +86,13 @@ def clone(pool: KVPool) -> KVPool:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 64), (16, 2, 128), (8, 8, 64)])
 def test_cascade_decode_matches_torch(dtype, heads, kv_heads, dim):
+    check_cascade_decode(dtype, heads, kv_heads, dim, [(5, 700), (2, 256), (3, 1500)])
+
+
+def check_cascade_decode(dtype: torch.dtype, heads: int, kv_heads: int, dim: int,
+                         groups: list[tuple[int, int]]) -> None:
+    """groups: (members, shared prefix length) of each prefix group."""
     from rlserve.layers.attention.triton_backend import TritonAttentionBackend
-    groups = [(5, 700), (2, 256), (3, 1500)]
     pool, batch, (q, k, v) = shared_case(groups, loners=3, heads=heads, kv_heads=kv_heads, dim=dim,
                                          dtype=dtype, max_members=4)
     ref = TorchAttentionBackend(clone(pool), dim ** -0.5)

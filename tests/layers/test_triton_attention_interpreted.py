@@ -19,13 +19,14 @@ from triton_interpreter import run_under_triton_interpreter  # (same folder)
 
 def check_kernels() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_cascade_attention import test_cascade_decode_matches_torch as check_cascade
+    from test_cascade_attention import check_cascade_decode
     from test_triton_attention import Case, check_against_torch, check_repeated_decode
 
     for dtype in (torch.float32, torch.float16):
         seq = [1, 2, 63, 65, 300, 700]                     # one token, tile edges, several spans
-        for splits in (None, 1, 3):
-            for heads, kv_heads in ((8, 2), (2, 2)):
+        # float16 differs from float32 only in its loads and stores: one split count and grouping cover it.
+        for splits in (None, 1, 3) if dtype == torch.float32 else (3,):
+            for heads, kv_heads in ((8, 2), (2, 2)) if dtype == torch.float32 else ((8, 2),):
                 case = Case([s - 1 for s in seq], [1] * len(seq), heads, kv_heads, 64, dtype, "cpu", seed=heads)
                 assert case.batch.is_decode
                 check_against_torch(case, dtype, max_kv_splits=splits)
@@ -38,8 +39,10 @@ def check_kernels() -> None:
         # several query blocks: blocks wholly below the diagonal (read unmasked), edges off the block size
         check_against_torch(Case([0, 33], [150, 70], 4, 2, 64, dtype, "cpu", seed=4), dtype)
         check_against_torch(Case([0], [100], 2, 1, 80, dtype, "cpu", seed=5), dtype)
-    for heads, kv_heads, dim in ((4, 2, 64), (16, 2, 128), (8, 8, 64)):
-        check_cascade(torch.float32, heads, kv_heads, dim)
+    # Shorter prefixes and fewer heads than on the GPU (the interpreter runs one program at a time; the
+    # GPU test keeps 8 x 8 heads), still several tiles and one K/V head per query head in the last case.
+    for heads, kv_heads, dim in ((4, 2, 64), (16, 2, 128), (2, 2, 64)):
+        check_cascade_decode(torch.float32, heads, kv_heads, dim, [(5, 300), (2, 130), (3, 520)])
     check_fp8_extend_scales()
 
 
