@@ -1,6 +1,8 @@
 """Batch-1 decode on a CPU, float vs quantized weights, beside transformers in the same run, and where a
 step's time goes (torch.profiler): matmuls (GEMV at batch 1), attention, other ops, and the rest of the
-wall time (Python, the dispatcher, the engine's bookkeeping).
+wall time (Python, the dispatcher, the engine's bookkeeping). Every run is timed in `--rounds` windows
+taken in turns, and the medians are reported: on a shared machine one run's speed swings by a fifth
+between windows a minute apart, and turns spread such a swing over every run alike.
 
 `python benchmarks/cpu_decode.py --modes float,int8,int4 --tokens 128`
 `python benchmarks/cpu_decode.py --modes float,int4 --tokens 128 --concurrent 32 --no-hf` (32 requests of the
@@ -14,8 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -35,30 +39,51 @@ def decode_tok_s(step: Callable[[], object], steps: int) -> float:
     return steps / (time.perf_counter() - t)
 
 
-def rlserve_decode(mode: str, tokens: int, profile_steps: int, concurrent: int = 1,
-                   top: int = 0, elementwise: str = "auto") -> tuple[float, dict[str, float]]:
-    """Output tok/s over `tokens` decode steps of `concurrent` requests (all prefilled first), and the
-    profiled split of `profile_steps` more."""
-    method, _, dtype = mode.partition(":")          # e.g. int8:bfloat16 (the model's other layers in bf16)
-    llm = LLM(quantization=None if method == "float" else method, dtype=dtype or "auto", compile=elementwise,
-              max_total_tokens=max(4096, concurrent * (tokens + profile_steps + 64)))
-    e = llm.engine
-    ids = e.tokenizer(PROMPT)["input_ids"]
-    llm.generate([ids], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)   # warm-up
-    for _ in range(concurrent):
-        e.add_request(ids, SamplingParams(temperature=0, max_tokens=tokens + profile_steps + 10, ignore_eos=True))
-    while (s := e.status()).waiting or s.chunked:
-        e.step()
-    e.step()
-    tok_s = concurrent * decode_tok_s(e.step, tokens)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        t = time.perf_counter()
-        for _ in range(profile_steps):
+class RlserveDecode:
+    """One engine (a mode: float|int8|int4|gguf, optionally :dtype) and fresh decode windows on it."""
+
+    def __init__(self, mode: str, tokens: int, profile_steps: int, concurrent: int = 1,
+                 elementwise: str = "auto") -> None:
+        method, _, dtype = mode.partition(":")      # e.g. int8:bfloat16 (the model's other layers in bf16)
+        self.llm = LLM(quantization=None if method == "float" else method, dtype=dtype or "auto",
+                       compile=elementwise, max_total_tokens=max(4096, concurrent * (tokens + profile_steps + 64)))
+        self.tokens, self.profile_steps, self.concurrent = tokens, profile_steps, concurrent
+        self.ids = self.llm.engine.tokenizer(PROMPT)["input_ids"]
+        self.llm.generate([self.ids], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                          use_tqdm=False)                                               # warm-up
+
+    def _start(self, steps: int) -> None:
+        """`concurrent` fresh requests, prefilled (untimed) and one decode step in."""
+        e = self.llm.engine
+        for _ in range(self.concurrent):
+            e.add_request(self.ids, SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True))
+        while (s := e.status()).waiting or s.chunked:
             e.step()
-        wall = time.perf_counter() - t
-    if top:
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
-    return tok_s, breakdown(prof, wall, profile_steps)
+        e.step()
+
+    def _finish(self) -> None:
+        while self.llm.engine.has_unfinished():
+            self.llm.engine.step()
+
+    def window(self) -> float:
+        """Output tok/s over `tokens` decode steps of fresh requests."""
+        self._start(self.tokens)
+        tok_s = self.concurrent * decode_tok_s(self.llm.engine.step, self.tokens)
+        self._finish()
+        return tok_s
+
+    def profiled(self, top: int = 0) -> dict[str, float]:
+        """The profiled split of `profile_steps` decode steps."""
+        self._start(self.profile_steps)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t = time.perf_counter()
+            for _ in range(self.profile_steps):
+                self.llm.engine.step()
+            wall = time.perf_counter() - t
+        self._finish()
+        if top:
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+        return breakdown(prof, wall, self.profile_steps)
 
 
 def breakdown(prof: profile, wall: float, steps: int) -> dict[str, float]:
@@ -79,28 +104,47 @@ def breakdown(prof: profile, wall: float, steps: int) -> dict[str, float]:
     return out
 
 
-@torch.no_grad()
-def hf_decode(tokens: int) -> float:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class HfDecode:
+    """transformers on the same float32 weights: greedy `generate`, prefill subtracted."""
 
-    from rlserve.models.default import ensure_default_model
+    def __init__(self, tokens: int) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = ensure_default_model()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = AutoTokenizer.from_pretrained(path)(PROMPT, return_tensors="pt")["input_ids"]
-    model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)     # warm-up
-    t = time.perf_counter()
-    model.generate(ids, max_new_tokens=tokens + 1, min_new_tokens=tokens + 1, do_sample=False)
-    one = time.perf_counter()
-    model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
-    prefill = time.perf_counter() - one
-    return tokens / (one - t - prefill)
+        from rlserve.models.default import ensure_default_model
+
+        path = ensure_default_model()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.ids = AutoTokenizer.from_pretrained(path)(PROMPT, return_tensors="pt")["input_ids"]
+        self.tokens = tokens
+        self._generate(8)                                                        # warm-up
+
+    @torch.no_grad()
+    def _generate(self, n: int) -> float:
+        t = time.perf_counter()
+        self.model.generate(self.ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - t
+
+    def window(self) -> float:
+        return self.tokens / (self._generate(self.tokens + 1) - self._generate(1))
+
+
+def summary(values: list[float], baseline: list[float] | None = None) -> str:
+    """Median tok/s over the rounds, its range, and (beside a baseline) the median per-round ratio."""
+    text = f"{statistics.median(values):.1f} tok/s (rounds {min(values):.1f}-{max(values):.1f})"
+    if baseline:
+        ratio = statistics.median(v / b for v, b in zip(values, baseline))
+        text += f", {ratio:.0%} of llama.cpp"
+    return text
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--modes", default="float,int8,int4", help="float|int8|int4, each optionally :dtype")
-    ap.add_argument("--tokens", type=int, default=128, help="decode steps timed")
+    ap.add_argument("--modes", default="float,int8,int4", help="float|int8|int4|gguf, each optionally :dtype")
+    ap.add_argument("--tokens", type=int, default=128, help="decode steps timed per window")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="timed windows per run, taken in turns (llama.cpp, transformers, each mode, then "
+                         "again): the median is reported, and beside llama.cpp the median per-round ratio, "
+                         "so a stretch where the machine slows down hits every run alike")
     ap.add_argument("--profile-steps", type=int, default=20)
     ap.add_argument("--concurrent", type=int, default=1,
                     help="requests decoding at once (the same prompt; tok/s counts all of them)")
@@ -114,21 +158,34 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    threads = torch.get_num_threads()
     # Figures are only comparable on a quiet machine: say how busy it was.
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs "
+    print(f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs "
           f"({platform.processor() or platform.machine()}), load average {os.getloadavg()[0]:.2f}")
-    if not a.no_hf and a.concurrent == 1:
-        print(f"transformers (float32): {hf_decode(a.tokens):.1f} tok/s")
-    if a.llama_cpp:
-        from llama_cpp_peer import batch1_tok_s, concurrent_tok_s
-        print(f"llama.cpp (Q4_1 GGUF): {batch1_tok_s(PROMPT, a.tokens, torch.get_num_threads()):.1f} tok/s")
-        if a.concurrent > 1:
-            tok_s = concurrent_tok_s(PROMPT, a.concurrent, a.tokens, torch.get_num_threads())
-            print(f"llama.cpp (Q4_1 GGUF) x{a.concurrent}, 24-token prompts: {tok_s:.1f} tok/s")
-    for mode in a.modes.split(","):
-        tok_s, parts = rlserve_decode(mode, a.tokens, a.profile_steps, a.concurrent, a.top, a.elementwise)
-        split = ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
-        print(f"rlserve {mode} x{a.concurrent}: {tok_s:.1f} tok/s; profiled ms/step: {split}")
+    runs: dict[str, Callable[[], float]] = {}
+    with ExitStack() as stack:
+        if a.llama_cpp:
+            from llama_cpp_peer import batch1_peer, concurrent_peer
+            peer = (batch1_peer(PROMPT, a.tokens, threads) if a.concurrent == 1
+                    else concurrent_peer(PROMPT, a.concurrent, a.tokens, threads))
+            label = "llama.cpp (Q4_1 GGUF)" + (f" x{a.concurrent}, 24-token prompts" if a.concurrent > 1 else "")
+            runs[label] = stack.enter_context(peer)
+        if not a.no_hf and a.concurrent == 1:
+            runs["transformers (float32)"] = HfDecode(a.tokens).window
+        engines = {f"rlserve {m} x{a.concurrent}": RlserveDecode(m, a.tokens, a.profile_steps, a.concurrent,
+                                                                a.elementwise) for m in a.modes.split(",")}
+        runs.update({name: engine.window for name, engine in engines.items()})
+        results: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(a.rounds):
+            for name, window in runs.items():
+                results[name].append(window())
+    baseline = next((v for k, v in results.items() if k.startswith("llama.cpp")), None)
+    for name, values in results.items():
+        line = f"{name}: {summary(values, None if name.startswith('llama.cpp') else baseline)}"
+        if name in engines:
+            parts = engines[name].profiled(a.top)
+            line += "; profiled ms/step: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
+        print(line)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import argparse
 import ctypes
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,18 +119,22 @@ def decode_tok_s(s: Session, prompts: list[list[int]], steps: int) -> float:
         lib.llama_batch_free(batch)
 
 
-def batch1_tok_s(prompt: str, tokens: int, n_threads: int, gguf: Path | None = None) -> float:
-    """Batch-1 greedy decode tok/s on `prompt` (prefill excluded), after a short warm-up."""
+@contextmanager
+def batch1_peer(prompt: str, tokens: int, n_threads: int, gguf: Path | None = None) -> Iterator[Callable[[], float]]:
+    """A loaded model and a function timing one batch-1 greedy decode window of `tokens` steps on
+    `prompt` (prefill excluded; each window starts from an empty cache), after a short warm-up."""
     with session(gguf or default_gguf(), n_threads, 1, 512 + tokens, 512) as s:
         ids = tokenize(s, prompt)
         decode_tok_s(s, [ids], 8)                                               # warm-up
-        return decode_tok_s(s, [ids], tokens)
+        yield lambda: decode_tok_s(s, [ids], tokens)
 
 
-def concurrent_tok_s(text: str, n_seq: int, tokens: int, n_threads: int, gguf: Path | None = None,
-                     prompt_tokens: int = PROMPT_TOKENS) -> float:
+@contextmanager
+def concurrent_peer(text: str, n_seq: int, tokens: int, n_threads: int, gguf: Path | None = None,
+                    prompt_tokens: int = PROMPT_TOKENS) -> Iterator[Callable[[], float]]:
     """`n_seq` sequences decoded together (one llama_decode per step, one token per sequence), each with
-    its own `prompt_tokens`-token prompt cut from `text`; decode-phase output tok/s over all sequences."""
+    its own `prompt_tokens`-token prompt cut from `text`: a function timing one window's decode-phase
+    output tok/s over all sequences."""
     ctx_per_seq = max(CTX_PER_SEQ, prompt_tokens + tokens + 8)
     with session(gguf or default_gguf(), n_threads, n_seq, ctx_per_seq, n_seq * prompt_tokens) as s:
         base = tokenize(s, text)
@@ -139,7 +143,18 @@ def concurrent_tok_s(text: str, n_seq: int, tokens: int, n_threads: int, gguf: P
         # Distinct prompts (each starts at its own offset of the text) so no two sequences decode alike.
         prompts = [base[i:i + prompt_tokens] for i in range(n_seq)]
         decode_tok_s(s, prompts, 4)                                             # warm-up
-        return decode_tok_s(s, prompts, tokens)
+        yield lambda: decode_tok_s(s, prompts, tokens)
+
+
+def batch1_tok_s(prompt: str, tokens: int, n_threads: int, gguf: Path | None = None) -> float:
+    with batch1_peer(prompt, tokens, n_threads, gguf) as window:
+        return window()
+
+
+def concurrent_tok_s(text: str, n_seq: int, tokens: int, n_threads: int, gguf: Path | None = None,
+                     prompt_tokens: int = PROMPT_TOKENS) -> float:
+    with concurrent_peer(text, n_seq, tokens, n_threads, gguf, prompt_tokens) as window:
+        return window()
 
 
 def main() -> None:

@@ -84,6 +84,28 @@ def push(client: Client, update: Callable[[], Any]) -> None:
         client.continue_generation()
 
 
+def phases(client: Client, pairs: list[tuple[str, torch.Tensor]], repeat: int) -> dict[str, float]:
+    """Median ms of each part of a direct-handle push (one call): pause, the client's serialization of
+    the handles, the update call (the server opens the handles and copies), continue."""
+    from rlserve.client import _serialize
+
+    parts: dict[str, list[float]] = {"pause": [], "serialize": [], "update call": [], "continue": []}
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        client.pause_generation("in_place")
+        t1 = time.perf_counter()
+        payload = _serialize(pairs, None)
+        t2 = time.perf_counter()
+        client.update_weights_from_serialized(payload, None, "phases")
+        t3 = time.perf_counter()
+        client.continue_generation()
+        t4 = time.perf_counter()
+        for key, (a, b) in zip(parts, ((t0, t1), (t1, t2), (t2, t3), (t3, t4))):
+            parts[key].append((b - a) * 1e3)
+    return {key: statistics.median(ms) for key, ms in parts.items()}
+
+
 def bench_model(model: str, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -105,6 +127,7 @@ def bench_model(model: str, args: argparse.Namespace, log_dir: Path) -> dict[str
                 check(client, pairs)
                 result[path + suffix] = {"ms": ms, "median_ms": statistics.median(ms),
                                          "ms_per_gb": statistics.median(ms) / gb, "bucket_mb": mb}
+        result["phases_ms"] = phases(client, pairs, args.repeat)
         if args.disk:
             with tempfile.TemporaryDirectory(prefix="rlserve-sync-", dir=args.disk_dir) as tmp:
                 write_ms = timed(lambda: write_checkpoint(model, pairs, Path(tmp)), 1)
@@ -143,6 +166,8 @@ def report(rows: list[dict[str, Any]]) -> str:
         for key in sorted(k for k in r if k.startswith("tensor@")):
             other = "bucket" + key.removeprefix("tensor")
             lines.append(f"{'  MiB/call ' + key.split('@')[1]:<30}  {cell(key):>18}  {cell(other):>18}")
+        if "phases_ms" in r:
+            lines.append("  direct handles, one call: " + ", ".join(f"{k} {v:.1f} ms" for k, v in r["phases_ms"].items()))
     return "\n".join(lines)
 
 

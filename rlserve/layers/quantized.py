@@ -217,6 +217,17 @@ def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scales
 
 
+def _fp8_quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8_quantize_rows in one Triton launch on CUDA outside autograd (layers/triton_fp8.py says why),
+    the torch version elsewhere."""
+    if x.is_cuda and not torch.is_grad_enabled():
+        from rlserve.layers import triton_fp8
+        from rlserve.layers.triton_support import HAS_TRITON
+        if HAS_TRITON:
+            return triton_fp8.quantize_rows(x)
+    return fp8_quantize_rows(x)
+
+
 class Fp8Linear(QuantizedLinear):
     """Weights e4m3 with a scale per output channel (HF's `weight_scale`), activations quantized per
     token (dynamic); one `torch._scaled_mm` with row-wise scales, bfloat16 out."""
@@ -242,7 +253,7 @@ class Fp8Linear(QuantizedLinear):
         return (self.qweight.float() * self.weight_scale.view(-1, 1)).to(self.dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        xq, x_scale = fp8_quantize_rows(x)
+        xq, x_scale = _fp8_quantize_activations(x)
         out: torch.Tensor = torch._scaled_mm(xq, self.qweight.t(), scale_a=x_scale, scale_b=self.weight_scale,
                                              out_dtype=torch.bfloat16)
         return out.to(x.dtype)

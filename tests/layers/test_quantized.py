@@ -14,6 +14,7 @@ from rlserve.layers.quantized import (
     Int8Linear,
     QuantizedWeight,
     check_int4_shape,
+    fp8_quantize_rows,
     int4_dequantize,
     int4_quantize,
 )
@@ -146,3 +147,24 @@ def test_fp8_linear_matches_its_reference_and_the_float_layer():
     new = weights(256, 512, seed=3)[0].cuda().bfloat16()
     QuantizedWeight(layer).copy_(new)
     assert rel_err(layer(x), F.linear(x.float(), new.float(), b.float())) < 0.06
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_activation_kernel_equals_the_torch_quantization(dtype):
+    """The one-launch Triton quantization gives fp8_quantize_rows' codes and scales bit for bit: rows
+    spanning several chunks and a partial one, an all-zero row, tiny and huge magnitudes, strided rows."""
+    from rlserve.layers.triton_fp8 import quantize_rows
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for rows, cols in ((1, 16), (7, 4096), (33, 5000), (256, 14336)):
+        x = torch.randn(rows, cols + 8, device="cuda", generator=gen).to(dtype)[:, 4:cols + 4]   # strided
+        x[0] *= 1e-3
+        x[-1, : cols // 2] *= 1e4
+        if rows > 2:
+            x[1] = 0
+        q, scales = quantize_rows(x)
+        ref_q, ref_scales = fp8_quantize_rows(x)
+        assert torch.equal(scales, ref_scales)
+        assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)), (rows, cols)
