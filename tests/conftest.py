@@ -42,13 +42,24 @@ def _make_tiny(preset: str, out: Path, tokenizer_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, default_model_dir):
+def tokenizer_dir() -> Path:
+    """The tokenizer the tiny checkpoints take: the default model's, or $RLSERVE_TEST_TOKENIZER_DIR (a
+    directory of its tokenizer files, for a machine without the default model, e.g. a GPU host)."""
+    env = os.environ.get("RLSERVE_TEST_TOKENIZER_DIR")
+    if env:
+        return Path(env)
+    from rlserve.models.default import ensure_default_model
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     """Factory: a saved HF checkpoint (random weights) of a tiny preset, built once per session."""
     made: dict[str, Path] = {}
 
     def get(preset: str) -> Path:
         if preset not in made:
-            made[preset] = _make_tiny(preset, tmp_path_factory.mktemp(preset), default_model_dir)
+            made[preset] = _make_tiny(preset, tmp_path_factory.mktemp(preset), tokenizer_dir)
         return made[preset]
     return get
 

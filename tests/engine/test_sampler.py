@@ -37,6 +37,10 @@ def test_greedy_is_argmax_any_dtype():
         out = Sampler()(x, [row(temperature=0.0) for _ in range(6)])
         assert out.token_ids == x.float().argmax(-1).tolist()
         assert out.logprobs == [None] * 6
+    # Ties go to the first of the largest values, as argmax's do (a coarse grid makes many).
+    tied = torch.randint(0, 3, (8, 5000)).float()
+    out = Sampler()(tied, [row(temperature=0.0) for _ in range(8)])
+    assert out.token_ids == tied.argmax(-1).tolist()
 
 
 def test_top_k_1_is_greedy():
