@@ -188,10 +188,23 @@ class RemoteRollout:
         """`fn` on every server (behind a router: every worker it lists), raising the first failure."""
         if self.router is not None:
             return list(self.router.every("server call", fn).values())
-        if len(self.clients) == 1:
-            return [fn(self.clients[0])]
-        with ThreadPoolExecutor(len(self.clients)) as pool:
-            return list(pool.map(fn, self.clients))
+        try:
+            if len(self.clients) == 1:
+                return [fn(self.clients[0])]
+            with ThreadPoolExecutor(len(self.clients)) as pool:
+                return list(pool.map(fn, self.clients))
+        except Exception as e:       # noqa: BLE001 - re-raised unless the launched server has died
+            self.raise_if_launched_server_died(e)
+            raise
+
+    def raise_if_launched_server_died(self, error: BaseException) -> None:
+        """A failed call to the server this trainer launched, where that server has exited: say so, with
+        the end of its log (the transport error alone does not tell a crash from a network fault)."""
+        launched = self.launched
+        if launched is None or launched.process.alive():
+            return
+        raise RuntimeError(f"the rollout server exited (code {launched.process.returncode()}) before answering; "
+                           f"the end of its log ({launched.log_path}):\n{launched.process.tail(3000)}") from error
 
     @torch.no_grad()
     def push_weights(self, llm: LLM, version: int) -> float:

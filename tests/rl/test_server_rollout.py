@@ -5,6 +5,7 @@ released between rollouts), and a server the trainer launched is gone when train
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,14 @@ def test_server_rollout_equals_colocated(tiny_model_dir, tmp_path, weight_sync):
                 p.add_(torch.randn_like(p) * 0.05)
         run.llm.engine.flush_cache()
         both(1)
+        if weight_sync == "tensor":
+            # The launched server dies: the next call says so, with the end of its log, not a bare
+            # transport error.
+            os.killpg(launched.proc.pid, signal.SIGKILL)
+            launched.proc.wait(30)
+            with pytest.raises(RuntimeError, match=r"the rollout server exited \(code -9\)") as info:
+                remote.push_weights(run.llm, 2)
+            assert str(launched.log_path) in str(info.value)
     finally:
         remote.close()
     assert _gone(launched)
