@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 
 from rlserve.engine.lifecycle import LifecycleHost, ReleasedRunner, released, require_idle
 from rlserve.engine.tp_plan import Workers
-from rlserve.layers.parallel import full_shape, local_piece, parameter_shards
+from rlserve.layers.parallel import Shard, full_shape, local_piece, parameter_shards
 from rlserve.models.loader import iter_safetensors, resolve_model
 from rlserve.models.quantize import quantized_weights
 
@@ -51,10 +51,13 @@ def check_updatable(engine: LifecycleHost, operation: str) -> None:
         raise RuntimeError(f"{operation} needs the weights resident: call resume_memory(['weights']) first")
 
 
-def validate(engine: LifecycleHost, pairs: list[tuple[str, torch.Tensor]]) -> None:
-    """Raise ValueError for the first pair that cannot be copied into the model; nothing is changed."""
-    params = _params(engine)
-    shards = parameter_shards(engine.model)   # under tensor parallelism, updates carry full tensors
+def validate(engine: LifecycleHost, pairs: list[tuple[str, torch.Tensor]],
+             params: dict[str, Any] | None = None, shards: dict[str, Shard] | None = None) -> None:
+    """Raise ValueError for the first pair that cannot be copied into the model; nothing is changed.
+    `params` and `shards`: the engine's, where the caller has them already."""
+    params = _params(engine) if params is None else params
+    # under tensor parallelism, updates carry full tensors
+    shards = parameter_shards(engine.model) if shards is None else shards
     for name, tensor in pairs:
         if not isinstance(name, str) or name not in params:
             raise ValueError(f"unknown parameter {name!r}")
@@ -80,11 +83,12 @@ def update_weights(engine: LifecycleHost, weights: Weights, weight_version: str 
     if weight_version is not None and not isinstance(weight_version, str):
         raise ValueError(f"weight_version must be a string, got {type(weight_version).__name__}")
     pairs = list(weights.named_parameters() if isinstance(weights, torch.nn.Module) else weights)
-    validate(engine, pairs)
+    # Looked up once a push (walking every module costs milliseconds on a small model's push).
+    params, shards = _params(engine), parameter_shards(engine.model)
+    validate(engine, pairs, params, shards)
     workers = tp_workers(engine)
     if workers is not None:
         workers.send_weights(pairs)           # each rank keeps its piece
-    params, shards = _params(engine), parameter_shards(engine.model)
     for name, tensor in pairs:
         params[name].copy_(local_piece(shards, name, tensor))
     if engine.device.type == "cuda":
