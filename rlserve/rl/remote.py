@@ -22,8 +22,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -188,23 +189,26 @@ class RemoteRollout:
         """`fn` on every server (behind a router: every worker it lists), raising the first failure."""
         if self.router is not None:
             return list(self.router.every("server call", fn).values())
-        try:
+        with self.server_failures():
             if len(self.clients) == 1:
                 return [fn(self.clients[0])]
             with ThreadPoolExecutor(len(self.clients)) as pool:
                 return list(pool.map(fn, self.clients))
-        except Exception as e:       # noqa: BLE001 - re-raised unless the launched server has died
-            self.raise_if_launched_server_died(e)
-            raise
 
-    def raise_if_launched_server_died(self, error: BaseException) -> None:
-        """A failed call to the server this trainer launched, where that server has exited: say so, with
-        the end of its log (the transport error alone does not tell a crash from a network fault)."""
-        launched = self.launched
-        if launched is None or launched.process.alive():
-            return
-        raise RuntimeError(f"the rollout server exited (code {launched.process.returncode()}) before answering; "
-                           f"the end of its log ({launched.log_path}):\n{launched.process.tail(3000)}") from error
+    @contextmanager
+    def server_failures(self) -> Iterator[None]:
+        """Around calls to the servers: a failure where the server this trainer launched has exited is
+        raised as that, with the end of its log (a transport error alone does not tell a crash from a
+        network fault); any other failure as it is."""
+        try:
+            yield
+        except Exception as e:
+            launched = self.launched
+            if launched is None or launched.process.alive():
+                raise
+            raise RuntimeError(f"the rollout server exited (code {launched.process.returncode()}) before "
+                               f"answering; the end of its log ({launched.log_path}):\n"
+                               f"{launched.process.tail(3000)}") from e
 
     @torch.no_grad()
     def push_weights(self, llm: LLM, version: int) -> float:
@@ -266,7 +270,7 @@ class RemoteRollout:
             items = self.clients[i].generate(input_ids=[prompts[r] for r in rows],
                                              sampling_params=[params[r] for r in rows], return_logprob=True)
             return items if isinstance(items, list) else [items]
-        with ThreadPoolExecutor(k) as pool:
+        with self.server_failures(), ThreadPoolExecutor(k) as pool:
             answers = list(pool.map(one, range(k)))
         out: list[list[dict[str, Any]]] = [[] for _ in prompts]
         for rows, items in zip(shards, answers):

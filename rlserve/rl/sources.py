@@ -56,9 +56,12 @@ class Synchronous:
                 timer.add("offload_s", resumed)
         with timer("rollout_s"):
             if cfg.rollout.agent.enabled:          # multi-turn tool use: each turn one engine/server request
-                backend = None if remote is None else server_backend(remote)
-                rollout = agent_rollout(run.llm, cfg.rollout, prompt_ids, fields, run.reward_fn, seed,
-                                        backend=backend)
+                if remote is None:
+                    rollout = agent_rollout(run.llm, cfg.rollout, prompt_ids, fields, run.reward_fn, seed)
+                else:
+                    with remote.server_failures():
+                        rollout = agent_rollout(run.llm, cfg.rollout, prompt_ids, fields, run.reward_fn, seed,
+                                                backend=server_backend(remote))
             elif remote is None:
                 rollout = generate_rollout(run.llm, cfg.rollout, prompt_ids, fields, run.reward_fn, seed)
             else:

@@ -142,9 +142,10 @@ class AgentDrawer:
         self.tokenizer = copy.deepcopy(llm.engine.tokenizer)
 
     def draw(self, encoded: list[tuple[list[int], dict[str, Any]]], seed: int, version: int) -> list[AgentGroup]:
-        return agent_groups(self.llm, self.cfg, [ids for ids, _ in encoded], [f for _, f in encoded],
-                            self.reward_fn, seed, self.tools, backend=server_backend(self.remote),
-                            tokenizer=self.tokenizer)
+        with self.remote.server_failures():
+            return agent_groups(self.llm, self.cfg, [ids for ids, _ in encoded], [f for _, f in encoded],
+                                self.reward_fn, seed, self.tools, backend=server_backend(self.remote),
+                                tokenizer=self.tokenizer)
 
     def rollout(self, groups: list[AgentGroup]) -> Rollout:
         return groups_to_rollout(self.llm, groups, self.cfg.group_size)
