@@ -2,13 +2,14 @@
 them to float and quantizing again.
 
 A Q4_1 block holds 32 weights as w = d * q + m (q in 0..15, d and m float16); a Q4_0 block as
-w = d * (q - 8). A Q4_K super-block holds 256 weights as 8 sub-blocks of 32, each w = (d * sc) * q - dmin * mn
-with 6-bit sc and mn per sub-block and float16 d and dmin per super-block. PyTorch's CPU int4 kernel
-(Int4Linear) computes w = (q - 8) * scale + zero per group of input channels, so all three map onto it
-with groups of 32 and the file's codes unchanged once each group's (d, m) is written out:
-Q4_1 → scale = d, zero = m + 8 d; Q4_0 → scale = d, zero = 0; Q4_K → d = d * sc, m = -dmin * mn. The kernel keeps scale and zero in
-bfloat16, so a kept weight differs from the file's by bfloat16's rounding of those two numbers (8 bits
-of mantissa; float16 has 11), never by the codes.
+w = d * (q - 8). A Q4_K super-block holds 256 weights as 8 sub-blocks of 32, each
+w = (d * sc) * q - dmin * mn with 6-bit sc and mn per sub-block and float16 d and dmin per super-block.
+PyTorch's CPU int4 kernel (Int4Linear) computes w = (q - 8) * scale + zero per group of input channels,
+so all three map onto it with groups of 32 and the file's codes unchanged once each group's (d, m) is
+written out: Q4_1 → scale = d, zero = m + 8 d; Q4_0 → scale = d, zero = 0; Q4_K → the group's d is
+d * sc and its m is -dmin * mn. The kernel keeps scale and zero in bfloat16, so a kept weight differs
+from the file's by bfloat16's rounding of those two numbers (8 bits of mantissa; float16 has 11), never
+by the codes.
 
 Everything else comes from the dequantized checkpoint as without quantization (the embedding, Q8_0 in
 the default model's file, and the float32 norms), and the lm_head is an int8 copy as under int4
