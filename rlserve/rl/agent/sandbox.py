@@ -7,6 +7,9 @@ Limits, applied by the child to itself before any user code runs:
   imported, and `socket` / `_socket` objects already loaded are removed.
 - No filesystem writes: `open` / `io.open` / `os.open` refuse write, append and create modes, and
   the os calls that remove, rename or create files and directories are replaced with ones that raise.
+- No processes or signals: `system`, `fork`, the exec and spawn families, `kill` and `killpg` raise,
+  through `os` and through `posix` alike (the same functions), as do `signal.pthread_kill` and
+  `pidfd_send_signal` (a tool call must never signal the trainer or a server of the same user).
 - An empty environment, a fresh empty temporary directory as working directory (removed after).
 - Output (stdout and stderr) is truncated.
 
@@ -28,7 +31,7 @@ from rlserve.rl.agent.tools import AgentTool, truncate
 
 # Runs in the child: limits, guards, then the code read from stdin.
 _BOOTSTRAP = r"""
-import ast, builtins, io, os, resource, sys, traceback
+import ast, builtins, io, os, posix, resource, signal, sys, traceback
 cpu_s, mem_bytes = int(sys.argv[1]), int(sys.argv[2])
 resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))   # SIGXCPU first
 resource.setrlimit(resource.RLIMIT_AS, (mem_bytes, mem_bytes))
@@ -63,8 +66,12 @@ for name in ("remove", "unlink", "rmdir", "removedirs", "rename", "renames", "re
              "link", "symlink", "truncate", "chmod", "chown", "system", "popen", "fork", "forkpty",
              "execv", "execve", "execl", "execle", "execlp", "execvp", "execvpe", "spawnv", "spawnve",
              "posix_spawn", "posix_spawnp", "kill", "killpg", "putenv", "chdir", "chroot"):
-    if hasattr(os, name):
-        setattr(os, name, _refuse)
+    for module in (os, posix):           # os's functions are posix's: `import posix` reaches them too
+        if hasattr(module, name):
+            setattr(module, name, _refuse)
+for name in ("pthread_kill", "pidfd_send_signal"):
+    if hasattr(signal, name):
+        setattr(signal, name, _refuse)
 tree = ast.parse(code, "<tool>", "exec")
 last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
 env = {"__name__": "__main__", "__builtins__": builtins}
