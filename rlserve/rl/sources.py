@@ -11,6 +11,7 @@ Every source answers next(step, seed, timer) → (rollout with rewards, metrics)
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rlserve.rl.agent.rollout import agent_rollout, server_backend
@@ -56,12 +57,10 @@ class Synchronous:
                 timer.add("offload_s", resumed)
         with timer("rollout_s"):
             if cfg.rollout.agent.enabled:          # multi-turn tool use: each turn one engine/server request
-                if remote is None:
-                    rollout = agent_rollout(run.llm, cfg.rollout, prompt_ids, fields, run.reward_fn, seed)
-                else:
-                    with remote.server_failures():
-                        rollout = agent_rollout(run.llm, cfg.rollout, prompt_ids, fields, run.reward_fn, seed,
-                                                backend=server_backend(remote))
+                with nullcontext() if remote is None else remote.server_failures():
+                    backend = None if remote is None else server_backend(remote)
+                    rollout = agent_rollout(run.llm, cfg.rollout, prompt_ids, fields, run.reward_fn, seed,
+                                            backend=backend)
             elif remote is None:
                 rollout = generate_rollout(run.llm, cfg.rollout, prompt_ids, fields, run.reward_fn, seed)
             else:
