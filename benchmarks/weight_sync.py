@@ -189,12 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--disk", action="store_true", help="also time the safetensors path")
     p.add_argument("--disk-dir", default=None, help="where the disk path writes (default: the temp dir)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ipc-keep-s", type=float, default=None,
-                   help="the server's RLSERVE_IPC_KEEP_S (0: reopen every CUDA handle each push; default: its own)")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
-    if args.ipc_keep_s is not None:
-        os.environ["RLSERVE_IPC_KEEP_S"] = str(args.ipc_keep_s)     # the servers started below inherit it
     with tempfile.TemporaryDirectory(prefix="rlserve-sync-logs-") as logs:
         rows = [bench_model(m, args, Path(logs)) for m in args.models]
     print(f"device: {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}")

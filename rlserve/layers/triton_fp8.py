@@ -15,8 +15,8 @@ import torch
 from rlserve.layers.triton_support import jit as _jit
 from rlserve.layers.triton_support import last_dim_contiguous, tl
 
-FP8_MAX = 448.0
-MIN_AMAX = 1e-12
+FP8_MAX = tl.constexpr(448.0)
+MIN_AMAX = tl.constexpr(1e-12)
 CHUNK = 2048
 
 

@@ -39,8 +39,6 @@ class AdminOps:
         self.engine = loop.engine
         self.profiler: torch.profiler.profile | None = None
         self.profile_dir: str | None = None
-        from rlserve.weight_sync.tensors import IpcMappingCache
-        self.ipc_mappings = IpcMappingCache()
 
     def run(self, op: str, args: dict[str, Any]) -> tuple[list[ipc.Update], dict[str, Any]]:
         """Run one operation: the updates it produced (aborted requests) and its answer."""
@@ -88,7 +86,6 @@ class AdminOps:
         from rlserve.weight_sync.tensors import deserialize_tensors
 
         t0 = time.perf_counter()
-        reused = self.ipc_mappings.held
         pairs = deserialize_tensors(a["serialized_named_tensors"], a.get("load_format"))
         t1 = time.perf_counter()
 
@@ -97,12 +94,8 @@ class AdminOps:
         try:
             return self._paused_update(a.get("abort_all_requests", False), update)
         finally:
-            # Direct handles name the producer's own tensors, which come again next push; a flattened
-            # bucket is a fresh buffer each push, and holding it would only keep the producer's copy alive.
-            self.ipc_mappings.hold(pairs if a.get("load_format") in (None, "direct") else [])
-            log.info("update_weights_from_tensor: %d tensors, handles read in %.1f ms (%d mappings held before), "
-                     "paused update %.1f ms", len(pairs), (t1 - t0) * 1e3, reused,
-                     (time.perf_counter() - t1) * 1e3)
+            log.info("update_weights_from_tensor: %d tensors, handles read in %.1f ms, paused update %.1f ms",
+                     len(pairs), (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
 
     def op_init_weights_update_group(self, a: dict[str, Any]) -> tuple[list[ipc.Update], dict[str, Any]]:
         from rlserve.weight_sync.group import init_weights_update_group
@@ -140,7 +133,6 @@ class AdminOps:
     # ---- memory ----
     def op_release_memory_occupation(self, a: dict[str, Any]) -> tuple[list[ipc.Update], dict[str, Any]]:
         tags = _engine_tags(a.get("tags"))
-        self.ipc_mappings.drop()            # a trainer's memory held here would not be released with ours
         if tags:
             self.engine.release_memory(tags)
         return [], {"message": f"Released {', '.join(tags) or 'nothing'}.", "released": self._released()}

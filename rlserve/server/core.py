@@ -221,7 +221,6 @@ def run_engine(config: EngineConfig, in_addr: str, out_addr: str) -> None:
         loop.send_updates(updates)
         if loop.stopped:
             break
-        loop.admin.ipc_mappings.expire()
         if engine.has_unfinished() and (not engine.paused or engine.pending_outputs):
             stepped = loop.step()
             # An overlapped launch returns no outputs yet but is work: the next step reads it at once.

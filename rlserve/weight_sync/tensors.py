@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import pickle
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.multiprocessing  # noqa: F401  (registers the tensor/storage reductions with ForkingPickler)
-from torch.multiprocessing.reductions import reduce_tensor, storage_from_cache
+from torch.multiprocessing.reductions import reduce_tensor
 
 try:
     from multiprocessing.reduction import ForkingPickler
@@ -41,13 +39,8 @@ except ImportError:  # pragma: no cover - CPython always has it
 
 NamedTensors = list[tuple[str, torch.Tensor]]
 
-# Positions in the arguments of torch.multiprocessing.reductions.rebuild_cuda_tensor.
-_CUDA_STORAGE_CLS_ARG = 4
+# Position of `storage_device` in the arguments of torch.multiprocessing.reductions.rebuild_cuda_tensor.
 _CUDA_DEVICE_ARG = 6
-_CUDA_HANDLE_ARG = 7
-_CUDA_OFFSET_BYTES_ARG = 9
-_CUDA_EVENT_HANDLE_ARG = 13
-_CUDA_EVENT_SYNC_ARG = 14
 _FORMAT_VERSION = 1
 
 
@@ -160,59 +153,8 @@ def deserialize_named_tensors(data: str) -> NamedTensors:
         args = list(entry.args)
         if entry.device_uuid is not None:
             args[_CUDA_DEVICE_ARG] = _local_cuda_index(entry.device_uuid)
-            mapped = storage_from_cache(args[_CUDA_STORAGE_CLS_ARG],
-                                        (args[_CUDA_HANDLE_ARG], args[_CUDA_OFFSET_BYTES_ARG])) is not None
-            out.append((entry.name, entry.rebuild(*args)))
-            if mapped and args[_CUDA_EVENT_SYNC_ARG]:
-                # torch waits on the producer's event only when it opens a handle; a mapping still held
-                # (IpcMappingCache) is reused without it, so wait here: the copies that follow on this
-                # stream must see every write the producer queued before sharing.
-                torch.cuda.Event.from_ipc_handle(args[_CUDA_DEVICE_ARG], args[_CUDA_EVENT_HANDLE_ARG]).wait()
-        else:
-            out.append((entry.name, entry.rebuild(*args)))
+        out.append((entry.name, entry.rebuild(*args)))
     return out
-
-
-def _ipc_keep_seconds() -> float:
-    raw = os.environ.get("RLSERVE_IPC_KEEP_S", "60")
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        raise ValueError(f"RLSERVE_IPC_KEEP_S must be a number of seconds, got {raw!r}") from None
-
-
-class IpcMappingCache:
-    """Keeps the CUDA IPC mappings of the last update open until the next one (or `keep_s` seconds).
-
-    A trainer pushes the same parameter tensors every step, so their handles repeat; torch reuses a
-    mapping that is still open (its `shared_cache`) instead of opening the handle again, and opening and
-    closing a handle per tensor is a fixed cost of every push that grows with the number of tensors, not
-    their bytes. Holding a mapping holds the producer's memory: torch's producer keeps a shared block
-    until every consumer lets go, and a producer that exits leaves its memory mapped here. So the held
-    set is only ever the last update's, and it is dropped `keep_s` seconds after that update
-    (`RLSERVE_IPC_KEEP_S`, default 60; 0 holds nothing), or when the engine releases its memory.
-    """
-
-    def __init__(self, keep_s: float | None = None) -> None:
-        self.keep_s = _ipc_keep_seconds() if keep_s is None else keep_s
-        self._held: list[torch.UntypedStorage] = []
-        self._since = 0.0
-
-    def hold(self, pairs: NamedTensors) -> None:
-        """Hold the CUDA storages of `pairs` (replacing the last update's: those not reused close)."""
-        self._held = [t.untyped_storage() for _, t in pairs if t.is_cuda] if self.keep_s > 0 else []
-        self._since = time.monotonic()
-
-    def expire(self, now: float | None = None) -> None:
-        if self._held and (now if now is not None else time.monotonic()) - self._since > self.keep_s:
-            self.drop()
-
-    def drop(self) -> None:
-        self._held = []
-
-    @property
-    def held(self) -> int:
-        return len(self._held)
 
 
 # --- flattened buckets -------------------------------------------------------------------------------
