@@ -52,6 +52,7 @@ def projections(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
             "gate_up": (h, 2 * i), "down": (i, h)}
 
 
+@torch.inference_mode()      # as the engine runs: the Triton quantization serves only outside autograd
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-3.1-8b")

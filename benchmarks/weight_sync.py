@@ -128,6 +128,12 @@ def bench_model(model: str, args: argparse.Namespace, log_dir: Path) -> dict[str
                 result[path + suffix] = {"ms": ms, "median_ms": statistics.median(ms),
                                          "ms_per_gb": statistics.median(ms) / gb, "bucket_mb": mb}
         result["phases_ms"] = phases(client, pairs, args.repeat)
+        # The route pauses generation in place around its copy and continues after it: a client that
+        # sends no pause/continue of its own still gets a paused update, in one round trip.
+        ms = timed(lambda: client.update_weights_from_tensor(pairs, weight_version="alone"), args.repeat)
+        check(client, pairs)
+        result["tensor alone"] = {"ms": ms, "median_ms": statistics.median(ms),
+                                  "ms_per_gb": statistics.median(ms) / gb, "bucket_mb": -1}
         if args.disk:
             with tempfile.TemporaryDirectory(prefix="rlserve-sync-", dir=args.disk_dir) as tmp:
                 write_ms = timed(lambda: write_checkpoint(model, pairs, Path(tmp)), 1)
@@ -171,6 +177,9 @@ def report(rows: list[dict[str, Any]]) -> str:
         for key in sorted(k for k in r if k.startswith("tensor@")):
             other = "bucket" + key.removeprefix("tensor")
             lines.append(f"{'  MiB/call ' + key.split('@')[1]:<30}  {cell(key):>18}  {cell(other):>18}")
+        if "tensor alone" in r:
+            lines.append(f"  direct handles, one call, no separate pause/continue (the route pauses in place): "
+                         f"{cell('tensor alone')}")
         if "phases_ms" in r:
             lines.append("  direct handles, one call: " + ", ".join(f"{k} {v:.1f} ms" for k, v in r["phases_ms"].items()))
     return "\n".join(lines)
