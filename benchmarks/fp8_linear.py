@@ -1,6 +1,7 @@
 """One FP8 projection against bf16 on a GPU, by rows: where FP8's time goes (quantizing the activations,
-the scaled matmul) at the shapes of a real model, each call replayed from a CUDA graph as the engine's
-decode steps are.
+the scaled matmul; "fp8 layer" is Fp8Linear as configured, "tensorwise+epi" the quantization, the
+tensor-wise GEMM and its Triton epilogue) at the shapes of a real model, each call replayed from a CUDA
+graph as the engine's decode steps are.
 
     python benchmarks/fp8_linear.py --model llama-3.1-8b --rows 1 16 64 128 256 1024
 """
@@ -60,8 +61,8 @@ def main() -> None:
     a = ap.parse_args()
     cfg = ModelConfig.from_hf(resolve_model(a.model, "dummy").hf_config)
     print(f"{torch.cuda.get_device_name()}, {a.model}; µs per call (CUDA graph replay)")
-    print(f"{'proj':<8} {'rows':>5} {'bf16':>8} {'fp8 torch-quant':>16} {'fp8 triton-quant':>17} "
-          f"{'quant torch':>12} {'quant triton':>13} {'scaled_mm':>10}")
+    print(f"{'proj':<8} {'rows':>5} {'bf16':>8} {'fp8 torch-quant':>16} {'fp8 layer':>17} "
+          f"{'quant torch':>12} {'quant triton':>13} {'scaled_mm':>10} {'tensorwise+epi':>15}")
     totals: dict[int, list[float]] = {}
     for name, (inp, out) in projections(cfg).items():
         w = torch.randn(out, inp, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -79,16 +80,21 @@ def main() -> None:
                 return torch._scaled_mm(q, layer.qweight.t(), scale_a=s, scale_b=layer.weight_scale,
                                         out_dtype=torch.bfloat16)
 
+            def tensorwise() -> torch.Tensor:
+                q, s = quantize_rows(x)
+                return layer.tensorwise_matmul(q, s)
+
             row = [graph_us(lambda: F.linear(x, w)), graph_us(torch_quant), graph_us(lambda: layer(x)),
-                   graph_us(lambda: fp8_quantize_rows(x)), graph_us(lambda: quantize_rows(x)), graph_us(scaled)]
+                   graph_us(lambda: fp8_quantize_rows(x)), graph_us(lambda: quantize_rows(x)), graph_us(scaled),
+                   graph_us(tensorwise)]
             t = totals.setdefault(rows, [0.0] * len(row))
             for i, v in enumerate(row):
                 t[i] += v
-            print(f"{name:<8} {rows:>5} " + " ".join(f"{v:>{w_}.1f}" for v, w_ in zip(row, (8, 16, 17, 12, 13, 10))))
+            print(f"{name:<8} {rows:>5} " + " ".join(f"{v:>{w_}.1f}" for v, w_ in zip(row, (8, 16, 17, 12, 13, 10, 15))))
     print("a layer (the four projections):")
     for rows, t in totals.items():
-        print(f"{'layer':<8} {rows:>5} " + " ".join(f"{v:>{w_}.1f}" for v, w_ in zip(t, (8, 16, 17, 12, 13, 10)))
-              + f"   fp8/bf16 {t[0] / t[2]:.2f}x")
+        print(f"{'layer':<8} {rows:>5} " + " ".join(f"{v:>{w_}.1f}" for v, w_ in zip(t, (8, 16, 17, 12, 13, 10, 15)))
+              + f"   fp8/bf16 {t[0] / t[2]:.2f}x, tensorwise {t[0] / t[6]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ see models/quantize.py): `load_float` writes a new float weight into them in pla
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -228,6 +229,20 @@ def _fp8_quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return fp8_quantize_rows(x)
 
 
+def _fp8_tensorwise_rows() -> int:
+    raw = os.environ.get("RLSERVE_FP8_TENSORWISE_ROWS", "0")
+    try:
+        return max(0, int(raw))
+    except ValueError:
+        raise ValueError(f"RLSERVE_FP8_TENSORWISE_ROWS must be a whole number of rows, got {raw!r}") from None
+
+
+# Up to this many rows an FP8 layer on CUDA runs the tensor-wise GEMM with unit scales and applies its
+# scales in a Triton epilogue (layers/triton_fp8.py says why). 0, the default, keeps the row-wise GEMM
+# everywhere until an end-to-end run shows the other pays (docs/benchmarks.md).
+FP8_TENSORWISE_ROWS = _fp8_tensorwise_rows()
+
+
 class Fp8Linear(QuantizedLinear):
     """Weights e4m3 with a scale per output channel (HF's `weight_scale`), activations quantized per
     token (dynamic); one `torch._scaled_mm` with row-wise scales, bfloat16 out."""
@@ -243,6 +258,8 @@ class Fp8Linear(QuantizedLinear):
         q, scales = fp8_quantize_rows(weight)
         self.register_buffer("qweight", q, persistent=False)
         self.register_buffer("weight_scale", scales.view(1, -1).contiguous(), persistent=False)
+        # The tensor-wise GEMM's scales: made here, never inside a CUDA graph's capture.
+        self.unit_scale = torch.ones((), dtype=torch.float32, device=weight.device)
 
     def load_float(self, weight: torch.Tensor) -> None:
         q, scales = fp8_quantize_rows(weight.to(self.qweight.device))
@@ -254,9 +271,18 @@ class Fp8Linear(QuantizedLinear):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         xq, x_scale = _fp8_quantize_activations(x)
+        if x.shape[0] <= FP8_TENSORWISE_ROWS and x.is_cuda and not torch.is_grad_enabled():
+            return self.tensorwise_matmul(xq, x_scale).to(x.dtype)
         out: torch.Tensor = torch._scaled_mm(xq, self.qweight.t(), scale_a=x_scale, scale_b=self.weight_scale,
                                              out_dtype=torch.bfloat16)
         return out.to(x.dtype)
+
+    def tensorwise_matmul(self, xq: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+        """The tensor-wise GEMM (unit scales, float32 sums) and the scales in one Triton epilogue."""
+        from rlserve.layers import triton_fp8
+        acc = torch._scaled_mm(xq, self.qweight.t(), scale_a=self.unit_scale, scale_b=self.unit_scale,
+                               out_dtype=torch.float32)
+        return triton_fp8.scale_rows_cols(acc, x_scale, self.weight_scale)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """Both operands quantized as the kernel sees them, then multiplied in float32."""

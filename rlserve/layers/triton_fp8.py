@@ -7,17 +7,24 @@ decode step of a 32-layer model with four FP8 projections a layer they are ~1,00
 about what FP8 saves in weight reads. Here each row is one program: one pass for its max, one that
 writes the codes and the scale. It computes what `quantized.fp8_quantize_rows` computes (the reference
 the tests hold it to): divisions rounded to nearest as torch's are, the cast rounding to nearest even.
+
+`scale_rows_cols` is the epilogue of a tensor-wise scaled GEMM: at decode sizes cuBLASLt's tensor-wise
+FP8 GEMM ran 1.2-2x faster on an H100 than the row-wise one (docs/benchmarks.md), so few rows can take
+it with unit scales, float32 sums out, and this kernel applies the per-token and per-channel scales and
+rounds to bfloat16 once: the arithmetic of the row-wise kernel's own epilogue.
 """
 from __future__ import annotations
 
 import torch
 
+from rlserve.layers.triton_support import HAS_TRITON, last_dim_contiguous, tl, triton
 from rlserve.layers.triton_support import jit as _jit
-from rlserve.layers.triton_support import last_dim_contiguous, tl
 
-FP8_MAX = tl.constexpr(448.0)
-MIN_AMAX = tl.constexpr(1e-12)
+# Triton kernels read module globals only as constexpr.
+FP8_MAX = tl.constexpr(448.0) if HAS_TRITON else 448.0
+MIN_AMAX = tl.constexpr(1e-12) if HAS_TRITON else 1e-12
 CHUNK = 2048
+EPILOGUE_BLOCK = 1024
 
 
 @_jit
@@ -50,3 +57,32 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if rows:
         _quantize_rows_kernel[(rows,)](x, q, scales, x.stride(0), q.stride(0), cols, CHUNK=CHUNK, num_warps=4)
     return q, scales
+
+
+@_jit
+def _scale_rows_cols_kernel(Acc, RowScale, ColScale, Out, stride_acc, stride_out, cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < cols
+    acc = tl.load(Acc + row * stride_acc + offs, mask=mask, other=0.0)
+    out = acc * tl.load(RowScale + row) * tl.load(ColScale + offs, mask=mask, other=0.0)
+    tl.store(Out + row * stride_out + offs, out.to(Out.dtype.element_ty), mask=mask)
+
+
+def scale_rows_cols(acc: torch.Tensor, row_scales: torch.Tensor, col_scales: torch.Tensor,
+                    out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """(acc * row_scales * col_scales) in `out_dtype`, one rounding: acc float32 [rows, cols], row_scales
+    float32 [rows, 1], col_scales float32 [1, cols] (each last dim contiguous)."""
+    if acc.dim() != 2 or acc.dtype != torch.float32:
+        raise ValueError(f"scale_rows_cols wants float32 sums [rows, cols], got {acc.dtype} {tuple(acc.shape)}")
+    rows, cols = acc.shape
+    if row_scales.numel() != rows or col_scales.numel() != cols:
+        raise ValueError(f"scales of {row_scales.numel()} rows and {col_scales.numel()} columns for sums "
+                         f"[{rows}, {cols}]")
+    acc, row_scales, col_scales = (last_dim_contiguous(t) for t in (acc, row_scales, col_scales))
+    out = torch.empty(rows, cols, dtype=out_dtype, device=acc.device)
+    if rows and cols:
+        grid = (rows, triton.cdiv(cols, EPILOGUE_BLOCK))
+        _scale_rows_cols_kernel[grid](acc, row_scales, col_scales, out, acc.stride(0), out.stride(0), cols,
+                                      BLOCK=EPILOGUE_BLOCK, num_warps=4)
+    return out

@@ -158,7 +158,7 @@ def fuse(layers: list[QuantizedLinear]) -> QuantizedStacked:
     fused = first.__class__.__new__(first.__class__)
     bias = None if first.bias is None else torch.cat([l.bias.detach() for l in layers])  # type: ignore[union-attr]
     QuantizedLinear.__init__(fused, first.in_features, sum(l.out_features for l in layers), bias, first.dtype)
-    fused.__dict__.update({k: v for k, v in first.__dict__.items() if k == "group_size"})
+    fused.__dict__.update({k: v for k, v in first.__dict__.items() if k in ("group_size", "unit_scale")})
     for name, _ in first.named_buffers(recurse=False):
         dim = _OUT_DIM[name]
         fused.register_buffer(name, torch.cat([getattr(l, name) for l in layers], dim=dim), persistent=False)

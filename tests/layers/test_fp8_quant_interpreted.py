@@ -1,7 +1,8 @@
 """The FP8 activation kernel (layers/triton_fp8.py) on a CPU under Triton's interpreter, so that CI checks
 its logic without a GPU: rows over several chunks and a partial one, strided rows, a zero row. The scales
 are exact; the interpreter's e4m3 conversion is not bit-faithful, so the codes are checked loosely here
-(the GPU test in test_quantized.py holds them to the torch reference bit for bit)."""
+(the GPU test in test_quantized.py holds them to the torch reference bit for bit). The tensor-wise GEMM's
+epilogue (scale_rows_cols) is held to torch's arithmetic exactly."""
 from __future__ import annotations
 
 import torch
@@ -30,6 +31,30 @@ def check_kernel() -> None:
         got, floor = q.float() * scales, scales * 2.0 ** -6
         assert ((got - x).abs() <= x.abs() / 2 + floor).all(), (rows, cols)
         assert (q.float().abs().amax(dim=1)[x.abs().amax(dim=1) > 0] == 448.0).all()
+    check_epilogue(gen)
+
+
+def check_epilogue(gen: torch.Generator) -> None:
+    import pytest
+
+    from rlserve.layers.triton_fp8 import EPILOGUE_BLOCK, scale_rows_cols
+
+    for rows, cols in ((1, 16), (3, EPILOGUE_BLOCK), (4, 2 * EPILOGUE_BLOCK + 40)):
+        acc = (torch.randn(rows, cols + 5, generator=gen) * 1e4)[:, 2:cols + 2]    # strided rows
+        row_scales = torch.rand(rows, 1, generator=gen) + 1e-3
+        col_scales = torch.rand(1, cols, generator=gen) * 1e-3
+        ref = acc * row_scales * col_scales
+        assert torch.equal(scale_rows_cols(acc, row_scales, col_scales, torch.float32), ref), (rows, cols)
+        # The interpreter's float32 -> bfloat16 cast truncates where the GPU's rounds to nearest even (the
+        # GPU test holds that bit for bit): here each value is within one bfloat16 step of torch's.
+        got = scale_rows_cols(acc, row_scales, col_scales)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, cols)
+        step = ref.abs() * 2.0 ** -7
+        assert ((got.float() - ref).abs() <= step).all(), (rows, cols)
+    with pytest.raises(ValueError, match="float32 sums"):
+        scale_rows_cols(torch.zeros(2, 4, dtype=torch.bfloat16), torch.ones(2, 1), torch.ones(1, 4))
+    with pytest.raises(ValueError, match="scales of 3 rows"):
+        scale_rows_cols(torch.zeros(2, 4), torch.ones(3, 1), torch.ones(1, 4))
 
 def test_fp8_activation_kernel_under_the_triton_interpreter():
     assert "fp8 quant ok" in run_under_triton_interpreter(__file__)

@@ -21,11 +21,11 @@ from rlserve.layers.quantized import (
 from rlserve.models.quantize import fuse
 
 
-def weights(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def weights(n: int, k: int, seed: int = 0, rows: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=gen) * 0.05
     b = torch.randn(n, generator=gen) * 0.1
-    x = torch.randn(5, k, generator=gen)
+    x = torch.randn(rows, k, generator=gen)
     return w, b, x
 
 
@@ -168,3 +168,34 @@ def test_fp8_activation_kernel_equals_the_torch_quantization(dtype):
         ref_q, ref_scales = fp8_quantize_rows(x)
         assert torch.equal(scales, ref_scales)
         assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)), (rows, cols)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp8_tensorwise_path_equals_its_epilogue_arithmetic_and_the_rowwise_gemm(monkeypatch):
+    """Few rows through the tensor-wise GEMM (unit scales, float32 sums) and the Triton epilogue: bit for
+    bit the torch arithmetic on the same sums, within a bfloat16 step or two of the row-wise GEMM, and the
+    layer (fused too) takes that path under no_grad when RLSERVE_FP8_TENSORWISE_ROWS allows it."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs FP8 tensor cores")
+    from rlserve.layers import quantized
+    from rlserve.layers.triton_fp8 import quantize_rows, scale_rows_cols
+
+    for rows in (1, 7, 64):
+        w, b, x = (t.cuda().bfloat16() for t in weights(4096, 1024, rows=rows))
+        layer = Fp8Linear(w, b)
+        xq, xs = quantize_rows(x)
+        acc = torch._scaled_mm(xq, layer.qweight.t(), scale_a=layer.unit_scale, scale_b=layer.unit_scale,
+                               out_dtype=torch.float32)
+        got = layer.tensorwise_matmul(xq, xs)
+        assert torch.equal(got, (acc * xs * layer.weight_scale).to(torch.bfloat16))
+        assert torch.equal(scale_rows_cols(acc, xs, layer.weight_scale), got)
+        rowwise = torch._scaled_mm(xq, layer.qweight.t(), scale_a=xs, scale_b=layer.weight_scale,
+                                   out_dtype=torch.bfloat16)
+        assert rel_err(got, rowwise) < 0.01
+        monkeypatch.setattr(quantized, "FP8_TENSORWISE_ROWS", 64)
+        with torch.no_grad():
+            assert torch.equal(layer(x), got + b)
+            fused = fuse([Fp8Linear(w, b), Fp8Linear(w, b)]).fused      # carries the unit scale over
+            assert torch.equal(fused(x), fused.tensorwise_matmul(xq, xs) + fused.bias)
+        monkeypatch.setattr(quantized, "FP8_TENSORWISE_ROWS", 0)
