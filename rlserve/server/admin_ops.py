@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -39,6 +40,8 @@ class AdminOps:
         self.engine = loop.engine
         self.profiler: torch.profiler.profile | None = None
         self.profile_dir: str | None = None
+        # Tensors mapped from another process for an update that is done: dropped once its answer is out.
+        self.retired: list[Any] = []
 
     def run(self, op: str, args: dict[str, Any]) -> tuple[list[ipc.Update], dict[str, Any]]:
         """Run one operation: the updates it produced (aborted requests) and its answer."""
@@ -57,6 +60,14 @@ class AdminOps:
             updates, data = [], {"success": False, "message": f"internal error: {_message(e)}", "status": 500}
         data["weight_version"] = self.engine.weight_version
         return updates, data
+
+    def release_retired(self) -> None:
+        """Drop the mapped tensors of finished updates (after their answers went out), in a thread: the
+        next command (a trainer's continue_generation) need not wait for the unmapping either."""
+        if not self.retired:
+            return
+        batches, self.retired = self.retired, []
+        threading.Thread(target=_unmap, args=(batches,), name="rlserve-unmap", daemon=True).start()
 
     # ---- helpers ----
     def _abort_all(self) -> list[ipc.Update]:
@@ -94,6 +105,9 @@ class AdminOps:
         try:
             return self._paused_update(a.get("abort_all_requests", False), update)
         finally:
+            # Unmapping costs per tensor (a CUDA IPC handle or a shared-memory file each): the loop drops
+            # them after the answer has gone, so that the trainer does not wait for it.
+            self.retired.append(pairs)
             log.info("update_weights_from_tensor: %d tensors, handles read in %.1f ms, paused update %.1f ms",
                      len(pairs), (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
 
@@ -209,3 +223,12 @@ def _engine_tags(tags: list[str] | None) -> list[str]:
 def _message(e: BaseException) -> str:
     # str(KeyError) quotes its argument; the message reads better without.
     return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e) or type(e).__name__
+
+
+def _unmap(batches: list[Any]) -> None:
+    """Drop mapped tensors a few at a time, yielding the interpreter between (each drop unmaps while it
+    holds it)."""
+    for pairs in batches:
+        while pairs:
+            del pairs[-16:]
+            time.sleep(0)

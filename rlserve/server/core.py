@@ -62,6 +62,7 @@ class EngineLoop:
             updates, data = self.admin.run(cmd.op, cmd.args)
             self.send_updates(updates)          # aborted requests end before the answer arrives
             self._send(ipc.Reply(cmd.qid, data))
+            self.admin.release_retired()
         elif isinstance(cmd, ipc.Shutdown):
             self.stopped = True
         return []

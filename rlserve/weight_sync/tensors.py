@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 import torch.multiprocessing  # noqa: F401  (registers the tensor/storage reductions with ForkingPickler)
-from torch.multiprocessing.reductions import reduce_tensor
+from torch.multiprocessing.reductions import reduce_tensor, storage_from_cache
 
 try:
     from multiprocessing.reduction import ForkingPickler
@@ -39,8 +39,13 @@ except ImportError:  # pragma: no cover - CPython always has it
 
 NamedTensors = list[tuple[str, torch.Tensor]]
 
-# Position of `storage_device` in the arguments of torch.multiprocessing.reductions.rebuild_cuda_tensor.
+# Positions in the arguments of torch.multiprocessing.reductions.rebuild_cuda_tensor.
+_CUDA_STORAGE_CLS_ARG = 4
 _CUDA_DEVICE_ARG = 6
+_CUDA_HANDLE_ARG = 7
+_CUDA_OFFSET_BYTES_ARG = 9
+_CUDA_EVENT_HANDLE_ARG = 13
+_CUDA_EVENT_SYNC_ARG = 14
 _FORMAT_VERSION = 1
 
 
@@ -151,9 +156,18 @@ def deserialize_named_tensors(data: str) -> NamedTensors:
     out: NamedTensors = []
     for entry in entries:
         args = list(entry.args)
-        if entry.device_uuid is not None:
-            args[_CUDA_DEVICE_ARG] = _local_cuda_index(entry.device_uuid)
+        if entry.device_uuid is None:
+            out.append((entry.name, entry.rebuild(*args)))
+            continue
+        args[_CUDA_DEVICE_ARG] = _local_cuda_index(entry.device_uuid)
+        mapped = storage_from_cache(args[_CUDA_STORAGE_CLS_ARG],
+                                    (args[_CUDA_HANDLE_ARG], args[_CUDA_OFFSET_BYTES_ARG])) is not None
         out.append((entry.name, entry.rebuild(*args)))
+        if mapped and args[_CUDA_EVENT_SYNC_ARG]:
+            # torch waits on the producer's event only when it opens a handle. A mapping still open (the
+            # previous update's, not yet dropped: the server unmaps after answering) is reused without
+            # that wait, so wait here: the copies that follow must see every write the producer queued.
+            torch.cuda.Event.from_ipc_handle(args[_CUDA_DEVICE_ARG], args[_CUDA_EVENT_HANDLE_ARG]).wait()
     return out
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -313,3 +315,47 @@ def test_a_request_paused_across_an_update_reports_both_versions(server, admin, 
     assert [c["weight_version_spans"] for c in comp["choices"]] == [[[0, "v2"]]] * 2
     chat = admin.chat(messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     assert chat["choices"][0]["weight_version_spans"] == [[0, "v2"]]
+
+
+def _server_processes(root: int) -> list[int]:
+    """The server's pid and its descendants (the engine process)."""
+    parents: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [root], [root]
+    while frontier:
+        frontier = [p for p, pp in parents.items() if pp in frontier]
+        found += frontier
+    return found
+
+
+def _mapped_shared_files(pids: list[int], marker: str) -> int:
+    count = 0
+    for pid in pids:
+        try:
+            count += sum(marker in line for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
+        except OSError:
+            pass
+    return count
+
+
+def test_tensor_updates_are_unmapped_after_the_answer(server, admin, local):
+    """The engine drops what it mapped for an update after answering (in the background): the trainer's
+    shared-memory files are mapped in no server process shortly after, update after update."""
+    pairs = perturbed(local, seed=23, scale=0.01)
+    for round_ in range(2):
+        pairs = [(n, t + 0.001) for n, t in pairs]
+        assert admin.update_weights_from_tensor(pairs, weight_version=f"unmap-{round_}", bucket_bytes=None)["success"]
+        local.engine.update_weights(pairs)
+        assert_values(admin, pairs)
+        marker = f"torch_{os.getpid()}_"           # torch's shared-memory files carry the producer's pid
+        deadline = time.monotonic() + 30
+        while _mapped_shared_files(_server_processes(server.pid), marker):
+            assert time.monotonic() < deadline, "the server still maps the trainer's tensors 30 s after the update"
+            time.sleep(0.05)
+    assert_matches_local(admin, local)
