@@ -22,6 +22,7 @@ order, which is what SGLang's flattened buckets are, so either side can talk to 
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import pickle
 from collections.abc import Callable
@@ -93,10 +94,13 @@ class _Entry:
     device_uuid: str | None  # CUDA only: the device the IPC handle belongs to
 
 
+# Both are asked once per tensor of a push (hundreds) and cannot change within a process: cached.
+@functools.cache
 def _device_uuid(index: int) -> str:
     return str(torch.cuda.get_device_properties(index).uuid)
 
 
+@functools.cache
 def _local_cuda_index(uuid: str) -> int:
     """This process's index of the CUDA device with `uuid` (indices differ under CUDA_VISIBLE_DEVICES)."""
     if not torch.cuda.is_available():
