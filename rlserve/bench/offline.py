@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from rlserve.bench.roofline import Roofline, decode_roofline, device_peaks
+from rlserve.bench.roofline import Roofline, decode_roofline, device_peaks, streamed_weight_bytes
 from rlserve.bench.workload import Workload, make_workload
 
 if TYPE_CHECKING:
@@ -257,10 +257,18 @@ def run_offline(workload: Workload | None = None, backend: str = "rlserve", batc
     elif peaks is not None and peak_flops is not None:
         peaks = (peaks[0], peak_flops)
     if peaks is not None:
+        # The roofline of this run's bytes: FP8 projections read half a bf16 model's weights and run at
+        # twice its peak FLOP/s; an fp8 KV cache reads half the KV.
+        from rlserve.layers.quantized import FP8_DTYPE
+
+        quantization = kwargs.get("quantization")
         dtype_bytes = torch.empty((), dtype=dtype).element_size()
-        kv_bytes = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
-        result.roofline = decode_roofline(cfg, dtype_bytes, kv_bytes, workload, peaks[0], peaks[1],
-                                          kwargs.get("max_running_requests"))
+        kv_dtype = FP8_DTYPE if str(kwargs.get("kv_cache_dtype") or "auto").startswith("fp8") else dtype
+        kv_bytes = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
+        flops = peaks[1] * (2 if quantization == "fp8" else 1)
+        result.roofline = decode_roofline(cfg, dtype_bytes, kv_bytes, workload, peaks[0], flops,
+                                          kwargs.get("max_running_requests"),
+                                          weight_bytes=streamed_weight_bytes(cfg, dtype_bytes, quantization))
     return result
 
 

@@ -39,6 +39,24 @@ def count_params(cfg: ModelConfig) -> tuple[int, int]:
     return total, body + embed
 
 
+def projection_params(cfg: ModelConfig) -> int:
+    """Parameters of the decoder layers' linear projections (q/k/v/o, gate/up/down): what FP8 quantizes."""
+    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return cfg.num_layers * (h * q + 2 * h * kv + q * h + 3 * h * cfg.intermediate_size)
+
+
+def streamed_weight_bytes(cfg: ModelConfig, dtype_bytes: int, quantization: str | None = None) -> float:
+    """Bytes of weights a decode step streams. Under fp8 the projections are 1 byte a weight plus one
+    float32 scale per output channel; the embedding, lm_head and norms stay in the model's dtype."""
+    _, streamed = count_params(cfg)
+    if quantization != "fp8":
+        return float(streamed * dtype_bytes)
+    proj = projection_params(cfg)
+    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    scales = cfg.num_layers * 4 * (q + 2 * kv + h + 2 * cfg.intermediate_size + h)
+    return float(proj + scales + (streamed - proj) * dtype_bytes)
+
+
 @dataclass(frozen=True)
 class Roofline:
     min_time_s: float
@@ -61,7 +79,7 @@ def step_roofline_s(weight_bytes: float, context_tokens: int, kv_bytes_per_token
 
 def decode_roofline(model_config: ModelConfig, dtype_bytes: int, kv_bytes_per_token: int,
                     workload: Workload, hbm_bytes_per_s: float, peak_flops: float,
-                    max_running: int | None = None) -> Roofline:
+                    max_running: int | None = None, weight_bytes: float | None = None) -> Roofline:
     """The least time any engine could take for `workload` on this hardware.
 
     Prefill: 2 × params FLOPs per prompt token at peak (attention FLOPs left out). Decode is simulated
@@ -70,9 +88,11 @@ def decode_roofline(model_config: ModelConfig, dtype_bytes: int, kv_bytes_per_to
     goes to the next in line). A step costs the larger of its memory time (every streamed weight once +
     the KV of every active context token, over `hbm_bytes_per_s`) and its compute time (2 × params
     FLOPs per active request, at `peak_flops`). Pass peak_flops=inf to bound by bandwidth alone.
+    `weight_bytes` (default: every streamed parameter at `dtype_bytes`) is what quantized weights read.
     """
     _, streamed = count_params(model_config)
-    weight_bytes = streamed * dtype_bytes
+    if weight_bytes is None:
+        weight_bytes = streamed * dtype_bytes
     prefill_s = 2 * streamed * workload.input_tokens / peak_flops
 
     cap = workload.num_requests if max_running is None else max(1, min(max_running, workload.num_requests))

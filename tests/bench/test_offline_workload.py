@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from rlserve.bench.roofline import count_params, decode_roofline, step_roofline_s
+from rlserve.bench.roofline import (count_params, decode_roofline, projection_params, step_roofline_s,
+                                   streamed_weight_bytes)
 from rlserve.bench.workload import Workload, make_workload
 from rlserve.config import ModelConfig
 from rlserve.models.llama import LlamaForCausalLM
@@ -36,6 +37,21 @@ def test_count_params_matches_the_model(preset):
     assert total == sum(p.numel() for p in model.parameters())
     embed = cfg.vocab_size * cfg.hidden_size
     assert streamed == total - (0 if cfg.tie_word_embeddings else embed)
+
+
+@pytest.mark.parametrize("preset", ["llama-3.1-8b", "tiny-llama"])
+def test_fp8_weight_bytes_count_the_models_projections(preset):
+    cfg = ModelConfig.from_hf(preset_hf_config(preset))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    projections = {n: p for n, p in model.named_parameters() if n.endswith("_proj.weight")}
+    assert projection_params(cfg) == sum(p.numel() for p in projections.values())
+    _, streamed = count_params(cfg)
+    channels = sum(p.shape[0] for p in projections.values())
+    # 1 byte a projection weight and a float32 scale per output channel; everything else stays bf16.
+    expected = projection_params(cfg) + 4 * channels + 2 * (streamed - projection_params(cfg))
+    assert streamed_weight_bytes(cfg, 2, "fp8") == expected
+    assert streamed_weight_bytes(cfg, 2) == 2 * streamed
 
 
 def _toy() -> tuple[ModelConfig, Workload]:
