@@ -89,8 +89,7 @@ def update_weights(engine: LifecycleHost, weights: Weights, weight_version: str 
     workers = tp_workers(engine)
     if workers is not None:
         workers.send_weights(pairs)           # each rank keeps its piece
-    for name, tensor in pairs:
-        params[name].copy_(local_piece(shards, name, tensor))
+    copy_into([(params[name], local_piece(shards, name, tensor)) for name, tensor in pairs])
     if engine.device.type == "cuda":
         # A producer's buffers (CUDA IPC, shared memory) may be reused once this returns.
         torch.cuda.synchronize(engine.device)
@@ -100,6 +99,24 @@ def update_weights(engine: LifecycleHost, weights: Weights, weight_version: str 
     if weight_version is not None:
         _set_version(engine, weight_version)
     return len(pairs)
+
+
+def copy_into(pairs: list[tuple[Any, torch.Tensor]]) -> None:
+    """dst.copy_(src) for every pair. Plain parameters whose source has their dtype and device go through
+    one torch._foreach_copy_ per (device, dtype): a push of hundreds of tensors is then a few launches
+    instead of one per tensor (on a GPU each copy_ costs a launch; ~310 of them on a small model was ~5 ms
+    of its push). Anything else (a quantized stand-in, a dtype cast) copies one by one."""
+    grouped: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for dst, src in pairs:
+        if (isinstance(dst, torch.Tensor) and src.dtype == dst.dtype and src.device == dst.device
+                and src.shape == dst.shape):
+            dsts, srcs = grouped.setdefault((dst.device, dst.dtype), ([], []))
+            dsts.append(dst)
+            srcs.append(src)
+        else:
+            dst.copy_(src)
+    for dsts, srcs in grouped.values():
+        torch._foreach_copy_(dsts, srcs)
 
 
 def read_checkpoint(engine: LifecycleHost, model_path: str, load_format: str | None) -> list[tuple[str, torch.Tensor]]:

@@ -166,3 +166,24 @@ def test_updates_are_refused_while_requests_run_unless_paused(llm):
     while engine.has_unfinished():
         engine.step()
     assert engine.status().weight_version == "v1" and engine.status().kv_leaked == 0
+
+
+def test_copy_into_groups_plain_copies_and_keeps_casts_and_stand_ins():
+    from rlserve.engine.weights import copy_into
+
+    class StandIn:                      # a quantized layer's weight: copy_ is its own (it quantizes)
+        def __init__(self) -> None:
+            self.got: torch.Tensor | None = None
+
+        def copy_(self, src: torch.Tensor) -> None:
+            self.got = src.clone()
+
+    dsts = [torch.zeros(3, 4), torch.zeros(5), torch.zeros(2, 2, dtype=torch.bfloat16)]
+    ptrs = [d.data_ptr() for d in dsts]
+    srcs = [torch.randn(3, 4), torch.randn(5, dtype=torch.float64), torch.randn(2, 2, dtype=torch.bfloat16)]
+    stand_in = StandIn()
+    copy_into([*zip(dsts, srcs), (stand_in, srcs[0])])
+    for d, s, p in zip(dsts, srcs, ptrs):
+        assert d.data_ptr() == p                    # in place: captured graphs and views stay valid
+        assert torch.equal(d, s.to(d.dtype))        # a float64 source is cast as copy_ casts
+    assert stand_in.got is not None and torch.equal(stand_in.got, srcs[0])
