@@ -41,8 +41,27 @@ def _quantize_rows_kernel(X, Q, Scale, stride_x, stride_q, cols, CHUNK: tl.const
         offs = start + tl.arange(0, CHUNK)
         mask = offs < cols
         x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX)
-        tl.store(Q + row * stride_q + offs, q.to(Q.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+        q = _round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX))
+        tl.store(Q + row * stride_q + offs, q.to(Q.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _round_to_e4m3(v):
+    """v (float32, |v| <= 448) rounded to the nearest e4m3 value, ties to even, still as float32: the cast
+    that follows is then exact whatever path the backend's float32 -> fp8 conversion takes (one through
+    float16 rounds twice; Triton's interpreter mis-rounds where the mantissa carries into the exponent).
+    Integer arithmetic only. Normal e4m3 (|v| >= 2^-6) keeps 3 of float32's 23 mantissa bits; below,
+    e4m3 is subnormal: multiples of 2^-9."""
+    bits = v.to(tl.uint32, bitcast=True)
+    kept = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
+    normal = kept.to(tl.float32, bitcast=True)
+    t = tl.abs(v) * 512.0                     # exact (a power of two); below 8 in the subnormal range
+    whole = t.to(tl.int32)                    # truncation: floor for t >= 0
+    frac = t - whole.to(tl.float32)           # exact: t and its integer part share an exponent range
+    up = (frac > 0.5) | ((frac == 0.5) & ((whole & 1) == 1))
+    sub = (whole + up.to(tl.int32)).to(tl.float32) * (1.0 / 512.0)
+    sub = tl.where((bits >> 31) == 1, -sub, sub)    # the sign bit: -0.0 stays -0.0, as torch casts it
+    return tl.where(tl.abs(v) >= 0.015625, normal, sub)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
