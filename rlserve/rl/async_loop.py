@@ -190,24 +190,38 @@ class OneStepOff:
 
 
 class FullAsync:
-    """A producer thread fills a StalenessBuffer; each step takes what is fresh enough."""
+    """Producer threads fill a StalenessBuffer; each step takes what is fresh enough.
+
+    Each producer draws `groups_in_flight` groups at a time and waits for the chunk's slowest sample. With
+    `asynchronous.producers` > 1 the chunks overlap: while one chunk's long tail finishes, another's groups
+    are already generating, so the servers do not idle on stragglers between chunks."""
 
     def __init__(self, cfg: TrainConfig, llm: LLM, remote: RemoteRollout, reward_fn: RewardFn,
                  take: Callable[[int], Encoded], drawer: Drawer | None = None) -> None:
-        self.cfg, self.llm, self.remote, self.reward_fn, self.take = cfg, llm, remote, reward_fn, take
-        self.drawer = drawer or make_drawer(cfg, llm, remote, reward_fn)
-        self.chunk = cfg.asynchronous.groups_in_flight or cfg.task.prompts_per_step
-        # room for the next step's groups and one chunk in flight beyond them
-        self.buffer: StalenessBuffer[Any] = StalenessBuffer(cfg.task.prompts_per_step + self.chunk)
-        self.thread: threading.Thread | None = None
-        self.version = 0                          # the newest pushed, read by the producer for empty groups
+        self.cfg, self.llm, self.remote, self.reward_fn = cfg, llm, remote, reward_fn
+        producers = cfg.asynchronous.producers
+        # a drawer per producer: an agent drawer keeps its own tokenizer, which threads must not share
+        self.drawers = [drawer] * producers if drawer else [make_drawer(cfg, llm, remote, reward_fn)
+                                                          for _ in range(producers)]
+        self.drawer = self.drawers[0]
+        take_lock = threading.Lock()
 
-    def _produce(self, seed: int) -> None:
+        def locked_take(n: int) -> Encoded:       # the prompt source is not thread-safe
+            with take_lock:
+                return take(n)
+        self.take = locked_take
+        self.chunk = cfg.asynchronous.groups_in_flight or cfg.task.prompts_per_step
+        # room for the next step's groups and one chunk per producer in flight beyond them
+        self.buffer: StalenessBuffer[Any] = StalenessBuffer(cfg.task.prompts_per_step + producers * self.chunk)
+        self.threads: list[threading.Thread] = []
+        self.version = 0                          # the newest pushed, read by the producers for empty groups
+
+    def _produce(self, drawer: Drawer, seed: int) -> None:
         rng = random.Random(seed)
         try:
             while self.buffer.wait_for_room():
                 version = self.version
-                groups = self.drawer.draw(self.take(self.chunk), rng.randrange(2**31), version)
+                groups = drawer.draw(self.take(self.chunk), rng.randrange(2**31), version)
                 for g in groups:
                     oldest = g.oldest_version
                     self.buffer.put(g, version if oldest is None else oldest)
@@ -218,10 +232,11 @@ class FullAsync:
         with timer("push_s"):          # requests in flight continue under the new weights
             self.remote.push_weights(self.llm, step)
         self.version = step
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._produce, args=(seed,), name="rollout-producer",
-                                           daemon=True)
-            self.thread.start()
+        if not self.threads:
+            self.threads = [threading.Thread(target=self._produce, args=(d, seed + i), name=f"rollout-producer-{i}",
+                                             daemon=True) for i, d in enumerate(self.drawers)]
+            for t in self.threads:
+                t.start()
         with timer("rollout_wait_s"):
             taken, dropped = self.buffer.take(self.cfg.task.prompts_per_step, step,
                                               self.cfg.asynchronous.max_staleness)
@@ -231,8 +246,8 @@ class FullAsync:
 
     def close(self) -> None:
         self.buffer.close()
-        if self.thread is not None:
-            self.thread.join()
+        for t in self.threads:
+            t.join()
 
 
 def staleness_metrics(groups: list[Any], version: int) -> dict[str, float]:

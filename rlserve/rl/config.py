@@ -209,12 +209,15 @@ class AsyncSection:
     # into a buffer; the trainer takes groups no staler than max_staleness)
     mode: str = "off"
     max_staleness: int = 1               # full: trainer version − a sample's oldest token's version ≤ this
-    groups_in_flight: int = 0            # full: groups the producer keeps submitted (0: prompts_per_step)
+    groups_in_flight: int = 0            # full: groups a producer draws at a time (0: prompts_per_step)
+    producers: int = 1                   # full: producer threads, their chunks overlapping (≥ 2: no idle tail)
 
     def __post_init__(self) -> None:
         _one_of("asynchronous.mode", self.mode, ASYNC_MODES)
         if self.max_staleness < 0 or self.groups_in_flight < 0:
             raise ValueError("asynchronous.max_staleness and groups_in_flight must be ≥ 0")
+        if isinstance(self.producers, bool) or not isinstance(self.producers, int) or self.producers < 1:
+            raise ValueError(f"asynchronous.producers must be an integer ≥ 1; got {self.producers!r}")
 
 
 @dataclass

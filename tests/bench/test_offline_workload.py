@@ -5,8 +5,13 @@ import random
 import pytest
 import torch
 
-from rlserve.bench.roofline import (count_params, decode_roofline, projection_params, step_roofline_s,
-                                   streamed_weight_bytes)
+from rlserve.bench.roofline import (
+    count_params,
+    decode_roofline,
+    projection_params,
+    step_roofline_s,
+    streamed_weight_bytes,
+)
 from rlserve.bench.workload import Workload, make_workload
 from rlserve.config import ModelConfig
 from rlserve.models.llama import LlamaForCausalLM

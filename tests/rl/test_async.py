@@ -94,7 +94,8 @@ def test_full_async_trains_on_nothing_staler_than_the_bound(tmp_path, seed):
     cfg = toy_config(Path("unused"), tmp_path, "asynchronous.mode=full",
                      f"asynchronous.max_staleness={rng.choice([0, 1, 2])}",
                      f"asynchronous.groups_in_flight={rng.randint(1, 6)}", "task.prompts_per_step=3",
-                     "rollout.group_size=4", "rollout.constraint=null")
+                     f"asynchronous.producers={rng.randint(1, 3)}", "rollout.group_size=4",
+                     "rollout.constraint=null")
     servers = RandomServers(seed)
     counter = iter(range(10**6))
     source = FullAsync(cfg, SimpleNamespace(), servers, share_of_a,   # type: ignore[arg-type]
@@ -111,6 +112,59 @@ def test_full_async_trains_on_nothing_staler_than_the_bound(tmp_path, seed):
         source.close()
     # seeds are distinct inside every group (identical samples would zero the group's advantage)
     assert all(len(set(s)) == len(s) for s in servers.seeds)
+
+
+class CountingServers(RandomServers):
+    """RandomServers that answer slowly and count the requests they are serving at once."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.lock = threading.Lock()
+        self.now = self.most = 0
+
+    def _generate(self, prompts, params):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(0.03)
+        try:
+            return super()._generate(prompts, params)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+@pytest.mark.parametrize("producers", [1, 2])
+def test_full_async_producers_draw_chunks_side_by_side(tmp_path, producers):
+    """With two producers a second chunk is generating while the first finishes (the servers never
+    wait for one chunk's slowest sample); one producer never overlaps itself. Prompts are handed out once."""
+    cfg = toy_config(Path("unused"), tmp_path, "asynchronous.mode=full", "asynchronous.max_staleness=2",
+                     "asynchronous.groups_in_flight=2", f"asynchronous.producers={producers}",
+                     "task.prompts_per_step=2", "rollout.group_size=2", "rollout.constraint=null")
+    servers = CountingServers(0)
+    counter = iter(range(10**6))
+    handed: list[int] = []
+
+    def take(n: int) -> list:
+        ids = [next(counter) for _ in range(n)]
+        time.sleep(0.001)                                # widen any race between producers
+        handed.extend(ids)
+        return [([i], {}) for i in ids]
+    source = FullAsync(cfg, SimpleNamespace(), servers, share_of_a, take)   # type: ignore[arg-type]
+    try:
+        for step in range(6):
+            rollout, _ = source.next(step, 0, Timer())
+            assert rollout.num_groups == 2
+    finally:
+        source.close()
+    assert servers.most == producers
+    assert len(handed) == len(set(handed))
+
+
+def test_asynchronous_producers_must_be_a_positive_integer(tmp_path):
+    for bad in ("0", "-1", "1.5"):
+        with pytest.raises(ValueError, match="producers"):
+            toy_config(Path("unused"), tmp_path, "asynchronous.mode=full", f"asynchronous.producers={bad}")
 
 
 def test_one_step_off_in_server_mode_learns(tiny_model_dir, tmp_path):
