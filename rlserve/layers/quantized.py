@@ -229,8 +229,13 @@ def _fp8_quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return fp8_quantize_rows(x)
 
 
+def _has_triton() -> bool:
+    from rlserve.layers.triton_support import HAS_TRITON  # the epilogue is a Triton kernel
+    return HAS_TRITON
+
+
 def _fp8_tensorwise_rows() -> int:
-    raw = os.environ.get("RLSERVE_FP8_TENSORWISE_ROWS", "0")
+    raw = os.environ.get("RLSERVE_FP8_TENSORWISE_ROWS", "64")
     try:
         return max(0, int(raw))
     except ValueError:
@@ -238,8 +243,10 @@ def _fp8_tensorwise_rows() -> int:
 
 
 # Up to this many rows an FP8 layer on CUDA runs the tensor-wise GEMM with unit scales and applies its
-# scales in a Triton epilogue (layers/triton_fp8.py says why). 0, the default, keeps the row-wise GEMM
-# everywhere until an end-to-end run shows the other pays (docs/benchmarks.md).
+# scales in a Triton epilogue (layers/triton_fp8.py says why). 64 (the default): on an H100 a layer's four
+# projections ran 1.40-1.48x bf16 that way up to 64 rows against 1.07-1.20x row-wise, and llama-3.1-8b
+# offline 1.23x bf16 against 1.16x in the same call; past ~128 rows the row-wise GEMM is faster
+# (docs/benchmarks.md). 0 keeps the row-wise GEMM everywhere.
 FP8_TENSORWISE_ROWS = _fp8_tensorwise_rows()
 
 
@@ -271,7 +278,7 @@ class Fp8Linear(QuantizedLinear):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         xq, x_scale = _fp8_quantize_activations(x)
-        if x.shape[0] <= FP8_TENSORWISE_ROWS and x.is_cuda and not torch.is_grad_enabled():
+        if x.shape[0] <= FP8_TENSORWISE_ROWS and x.is_cuda and not torch.is_grad_enabled() and _has_triton():
             return self.tensorwise_matmul(xq, x_scale).to(x.dtype)
         out: torch.Tensor = torch._scaled_mm(xq, self.qweight.t(), scale_a=x_scale, scale_b=self.weight_scale,
                                              out_dtype=torch.bfloat16)
