@@ -8,7 +8,14 @@ import torch
 
 from rlserve.kv_pool import KVPool
 from rlserve.layers.attention.torch_backend import TorchAttentionBackend
-from rlserve.layers.fused import add_rms_norm, apply_rotary, rms_norm
+from rlserve.layers.fused import (
+    add_rms_norm,
+    apply_rotary,
+    apply_rotary_rolled,
+    qk_norm_rotary,
+    qk_norm_rotary_rolled,
+    rms_norm,
+)
 from tests.layers.test_torch_attention import DIM, HEADS, make_case, reference
 
 
@@ -46,6 +53,30 @@ def test_rotary_matches_rotate_half(dtype):
     for x, out in ((q, q_out), (k, k_out)):
         rotated = torch.cat((-x[..., 8:], x[..., :8]), dim=-1)
         assert out.dtype == dtype and torch.equal(out, x * c + rotated * s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rolled_rotary_is_bitwise_apply_rotary_across_passes_and_dtypes(dtype):
+    """The eager set's rotary equals apply_rotary bit for bit for every layer of a pass (its tables are
+    cached by the sin tensor), for a new pass with new tables, and for q of another dtype on the same
+    tables; Qwen3's q/k norm + rotary likewise."""
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(2):                                   # two forward passes: fresh cos/sin tensors
+        angles = torch.rand(3, 64, generator=gen) * 50
+        cos, sin = angles.cos(), angles.sin()
+        for _layer in range(3):
+            q = torch.randn(3, 9, 64, generator=gen).to(dtype)
+            k = torch.randn(3, 3, 64, generator=gen).to(dtype)
+            for got, want in zip(apply_rotary_rolled(q, k, cos, sin), apply_rotary(q, k, cos, sin)):
+                assert got.dtype == dtype and torch.equal(got, want)
+            wq, wk = torch.randn(64, generator=gen).to(dtype), torch.randn(64, generator=gen).to(dtype)
+            for got, want in zip(qk_norm_rotary_rolled(q, k, wq, wk, 1e-6, cos, sin),
+                                 qk_norm_rotary(q, k, wq, wk, 1e-6, cos, sin)):
+                assert torch.equal(got, want)
+        other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+        q, k = torch.randn(3, 9, 64, generator=gen).to(other), torch.randn(3, 3, 64, generator=gen).to(other)
+        for got, want in zip(apply_rotary_rolled(q, k, cos, sin), apply_rotary(q, k, cos, sin)):
+            assert got.dtype == other and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("prefix_lens", [[37], [12, 12, 12]])

@@ -133,8 +133,8 @@ class TorchAttentionBackend:
         out = q.new_empty(b, heads * dim) if len(self._groups) > 1 else None
         for idx, kv_index, mask in self._groups:
             if self._runs is not None:
-                keys, values = (_concat([buf[layer][first:end] for first, end in self._runs]).unsqueeze(0)
-                                .to(q.dtype) for buf in (self.pool.k_buffers, self.pool.v_buffers))
+                keys, values = (_as_dtype(_concat([buf[layer][first:end] for first, end in self._runs]).unsqueeze(0),
+                                          q.dtype) for buf in (self.pool.k_buffers, self.pool.v_buffers))
             else:
                 keys, values = self.pool.load(layer, kv_index, q.dtype)      # [G, S, KvH, D]
             o = F.scaled_dot_product_attention(
@@ -145,6 +145,11 @@ class TorchAttentionBackend:
             out.index_copy_(0, idx, o.reshape(-1, heads * dim))
         assert out is not None
         return out
+
+
+def _as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # .to() of the same dtype returns x, but still costs a dispatch: at batch 1 on a CPU, two a layer
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
