@@ -133,18 +133,30 @@ class TorchAttentionBackend:
         out = q.new_empty(b, heads * dim) if len(self._groups) > 1 else None
         for idx, kv_index, mask in self._groups:
             if self._runs is not None:
-                keys, values = (_as_dtype(_concat([buf[layer][first:end] for first, end in self._runs]).unsqueeze(0),
-                                          q.dtype) for buf in (self.pool.k_buffers, self.pool.v_buffers))
+                keys, values = (_runs_view(buf[layer], self._runs, q.dtype)
+                                for buf in (self.pool.k_buffers, self.pool.v_buffers))
             else:
-                keys, values = self.pool.load(layer, kv_index, q.dtype)      # [G, S, KvH, D]
+                keys, values = (x.transpose(1, 2) for x in self.pool.load(layer, kv_index, q.dtype))
             o = F.scaled_dot_product_attention(
-                grouped if idx is None else grouped.index_select(0, idx), keys.transpose(1, 2),
-                values.transpose(1, 2), attn_mask=mask, scale=self.scale)       # [G, KvH, H / KvH, D]
+                grouped if idx is None else grouped.index_select(0, idx), keys, values, attn_mask=mask,
+                scale=self.scale)                                                # [G, KvH, H / KvH, D]
             if out is None or idx is None:
                 return o.reshape(b, heads * dim)
             out.index_copy_(0, idx, o.reshape(-1, heads * dim))
         assert out is not None
         return out
+
+
+def _runs_view(buf: torch.Tensor, runs: list[tuple[int, int]], dtype: torch.dtype) -> torch.Tensor:
+    """The slots of `runs` in one layer's buffer [slots, KvH, D] as [1, KvH, S, D]. One run in the
+    query's dtype (a batch-1 decode step) is a single strided view of the buffer: one op where a slice,
+    an unsqueeze and a transpose were three (each a dispatch, per layer and per K and V)."""
+    if len(runs) == 1 and buf.dtype == dtype:
+        first, end = runs[0]
+        slots, heads, dim = buf.shape
+        return buf.as_strided((1, heads, end - first, dim), (0, buf.stride(1), buf.stride(0), buf.stride(2)),
+                              buf.storage_offset() + first * buf.stride(0))
+    return _as_dtype(_concat([buf[first:end] for first, end in runs]).unsqueeze(0), dtype).transpose(1, 2)
 
 
 def _as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
