@@ -218,20 +218,18 @@ def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scales
 
 
+def _has_triton() -> bool:
+    from rlserve.layers.triton_support import HAS_TRITON  # the activation and epilogue kernels are Triton's
+    return HAS_TRITON
+
+
 def _fp8_quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp8_quantize_rows in one Triton launch on CUDA outside autograd (layers/triton_fp8.py says why),
     the torch version elsewhere."""
-    if x.is_cuda and not torch.is_grad_enabled():
+    if x.is_cuda and not torch.is_grad_enabled() and _has_triton():
         from rlserve.layers import triton_fp8
-        from rlserve.layers.triton_support import HAS_TRITON
-        if HAS_TRITON:
-            return triton_fp8.quantize_rows(x)
+        return triton_fp8.quantize_rows(x)
     return fp8_quantize_rows(x)
-
-
-def _has_triton() -> bool:
-    from rlserve.layers.triton_support import HAS_TRITON  # the epilogue is a Triton kernel
-    return HAS_TRITON
 
 
 def _fp8_tensorwise_rows() -> int:
