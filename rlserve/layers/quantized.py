@@ -213,8 +213,12 @@ class Int4Linear(CpuQuantizedLinear):
 # ---------------------------------------------------------------- fp8
 
 def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 values, float32 scales [rows, 1]): one scale per row, max |x| of the row maps to 448."""
-    scales = x.detach().float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    """(e4m3 values, float32 scales [rows, 1]): one scale per row, max |x| of the row maps to 448.
+
+    The scale is max|x| times float32(1/448), not max|x| / 448: torch's CUDA division by a Python number
+    multiplies by its reciprocal while the CPU's divides, so only the product is the same value on both
+    devices (and in the Triton kernel that must equal it bit for bit)."""
+    scales = x.detach().float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) * (1.0 / FP8_MAX)
     return (x.float() / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scales
 
 

@@ -6,7 +6,7 @@ scale's division, the row's division, clamp, the cast), each reading or writing 
 decode step of a 32-layer model with four FP8 projections a layer they are ~1,000 launches, which cost
 about what FP8 saves in weight reads. Here each row is one program: one pass for its max, one that
 writes the codes and the scale. It computes what `quantized.fp8_quantize_rows` computes (the reference
-the tests hold it to): divisions rounded to nearest as torch's are, the cast rounding to nearest even.
+the tests hold it to): the scale as max|x| times 1/448, the division by it rounded to nearest as torch's is, the cast rounding to nearest even.
 
 `scale_rows_cols` is the epilogue of a tensor-wise scaled GEMM: at decode sizes cuBLASLt's tensor-wise
 FP8 GEMM ran 1.2-2x faster on an H100 than the row-wise one (docs/benchmarks.md), so few rows can take
@@ -22,6 +22,7 @@ from rlserve.layers.triton_support import jit as _jit
 
 # Triton kernels read module globals only as constexpr.
 FP8_MAX = tl.constexpr(448.0) if HAS_TRITON else 448.0
+INV_FP8_MAX = tl.constexpr(1.0 / 448.0) if HAS_TRITON else 1.0 / 448.0
 MIN_AMAX = tl.constexpr(1e-12) if HAS_TRITON else 1e-12
 CHUNK = 2048
 EPILOGUE_BLOCK = 1024
@@ -35,7 +36,7 @@ def _quantize_rows_kernel(X, Q, Scale, stride_x, stride_q, cols, CHUNK: tl.const
         offs = start + tl.arange(0, CHUNK)
         x = tl.load(X + row * stride_x + offs, mask=offs < cols, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), MIN_AMAX), FP8_MAX)
+    scale = tl.maximum(tl.max(amax, axis=0), MIN_AMAX) * INV_FP8_MAX      # as the reference: times 1/448
     tl.store(Scale + row, scale)
     for start in range(0, cols, CHUNK):
         offs = start + tl.arange(0, CHUNK)

@@ -140,6 +140,7 @@ def train_sharded(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: 
 
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    torch.set_float32_matmul_precision(cfg.trainer.float32_matmul_precision)
     # The engine loads the weights and (rank 0) tokenizes; it never generates: its module becomes the
     # sharded policy, and the servers roll out. So a token-sized KV pool and no CUDA graphs or warm-up
     # (colocated, a server already holds its share of this GPU).

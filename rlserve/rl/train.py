@@ -112,6 +112,7 @@ def setup(cfg: TrainConfig, reward_fn: RewardFn | None = None, prompts: PromptSt
     `reward_fn`, `prompts` and `held_out` replace the configured task (tests and library use)."""
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    torch.set_float32_matmul_precision(cfg.trainer.float32_matmul_precision)
     if reward_fn is None and cfg.task.reward == "model":
         reward_fn = reward_model_fn(cfg.task.reward_model)
     if reward_fn is None:

@@ -100,3 +100,27 @@ def test_decode_accepts_strided_queries():
     backend = TorchAttentionBackend(pool, DIM ** -0.5)
     backend.prepare(batch)
     torch.testing.assert_close(backend.forward(strided, k, v, 0, batch), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_causal_attention_equals_each_sequence_alone_with_gradients():
+    """Training attention runs packed sequences as one padded batch: each sequence's outputs and the
+    gradients reaching q, k and v equal that sequence attended alone (grouped KV heads, a one-token
+    sequence, the longest not first)."""
+    from rlserve.layers.attention.torch_backend import causal_attention
+
+    torch.manual_seed(0)
+    lengths, heads, kv_heads, dim = [3, 1, 7, 5], 4, 2, 8
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    q, k, v = (torch.randn(cu[-1], h, dim, requires_grad=True) for h in (heads, kv_heads, kv_heads))
+    out = causal_attention(q, k, v, 0.3, cu)
+    assert out.shape == (cu[-1], heads * dim)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    for s, e in zip(cu[:-1], cu[1:]):
+        q1, k1, v1 = (x[s:e].detach().clone().requires_grad_() for x in (q, k, v))
+        alone = causal_attention(q1, k1, v1, 0.3, [0, e - s])
+        torch.testing.assert_close(out[s:e], alone, rtol=1e-5, atol=1e-6)
+        for g, g1 in zip(grads, torch.autograd.grad((alone * weights[s:e]).sum(), (q1, k1, v1))):
+            torch.testing.assert_close(g[s:e], g1, rtol=1e-5, atol=1e-6)

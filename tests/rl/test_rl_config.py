@@ -80,3 +80,26 @@ def test_guard_options_default_off_and_are_validated():
                          ("task.on_invalid_reward=skip", "on_invalid_reward")]:
         with pytest.raises(ValueError, match=message):
             load_config(None, [bad])
+
+
+def test_trainer_float32_matmul_precision_is_validated_and_set_by_setup(tiny_model_dir, tmp_path):
+    """trainer.float32_matmul_precision takes torch's names only, and the trainer's setup applies it to
+    its process (TF32 on CUDA for 'high'); the default keeps float32 matmuls exact."""
+    import torch
+    from rl_toy import share_of_a, toy_config, toy_prompts
+
+    from rlserve.rl.train import setup
+
+    with pytest.raises(ValueError, match="float32_matmul_precision.*highest, high, medium"):
+        load_config(None, ["trainer.float32_matmul_precision=tf32"])
+    assert load_config(None, []).trainer.float32_matmul_precision == "highest"
+    before = torch.get_float32_matmul_precision()
+    try:
+        cfg = toy_config(tiny_model_dir("tiny-llama"), tmp_path, "trainer.float32_matmul_precision=high")
+        setup(cfg, share_of_a, toy_prompts(cfg.seed))
+        assert torch.get_float32_matmul_precision() == "high"
+        cfg = toy_config(tiny_model_dir("tiny-llama"), tmp_path / "b")
+        setup(cfg, share_of_a, toy_prompts(cfg.seed))
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)
