@@ -61,7 +61,8 @@ def _round_to_e4m3(v):
     frac = t - whole.to(tl.float32)           # exact: t and its integer part share an exponent range
     up = (frac > 0.5) | ((frac == 0.5) & ((whole & 1) == 1))
     sub = (whole + up.to(tl.int32)).to(tl.float32) * (1.0 / 512.0)
-    sub = tl.where((bits >> 31) == 1, -sub, sub)    # the sign bit: -0.0 stays -0.0, as torch casts it
+    # the sign as a bit: -0.0 stays -0.0, as torch casts it (compiled, `-sub` is 0 - sub, which gives +0.0)
+    sub = (sub.to(tl.uint32, bitcast=True) | (bits & 0x80000000)).to(tl.float32, bitcast=True)
     return tl.where(tl.abs(v) >= 0.015625, normal, sub)
 
 

@@ -1,6 +1,6 @@
 """FP8 weights on the GPU (run with `-m gpu`, never in CI): a quantized engine's CUDA graphs give the
 eager path's tokens, an RL weight update quantizes the incoming bf16 weights (the updated engine equals
-one built from the new checkpoint), and greedy tokens stay close to the bf16 engine's."""
+one built from the new checkpoint), and its logits stay close to the float model's."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.gpu,
 from rlserve import LLM  # noqa: E402
 from rlserve.layers.quantized import Fp8Linear  # noqa: E402
 from rlserve.models.loader import iter_safetensors  # noqa: E402
-from tests.engine.test_quantized_engine import PROMPTS, agreement, greedy  # noqa: E402
+from tests.engine.test_quantized_engine import PROMPTS, greedy, rel_err  # noqa: E402
 
 
 def fp8_llm(path, **kw) -> LLM:
@@ -46,10 +46,25 @@ def test_fp8_update_quantizes_incoming_bf16_weights(tiny_model_dir, tmp_path):
     assert after == built and after != before
 
 
-def test_fp8_greedy_tokens_stay_close_to_bf16(tiny_model_dir):
+def test_fp8_logits_stay_close_to_float(tiny_model_dir):
+    """Teacher-forced logits of the FP8 engine's model stay near the float32 model's over the same tokens.
+    Tokens are not compared here: a random tiny model's greedy choices are near-ties that any rounding
+    flips (bf16 alone flips them); `rlserve bench accuracy` compares FP8's tokens and KL on the default
+    model (docs/benchmarks.md)."""
     path = tiny_model_dir("tiny-llama")
-    ref = greedy(LLM(str(path), dtype="bfloat16", max_total_tokens=4096))
-    got = greedy(fp8_llm(path))
-    score = agreement(got, ref)
-    print(f"fp8 vs bf16 greedy agreement (to first divergence): {score:.3f} over {len(PROMPTS)} prompts")
-    assert score >= 0.7
+    ids = torch.tensor([t for p in PROMPTS for t in p], device="cuda")
+
+    def logits(llm: LLM) -> torch.Tensor:
+        model = llm.engine.model
+        with torch.no_grad():
+            hidden = model(ids, torch.arange(len(ids), device="cuda"), cu_seqlens=[0, len(ids)])
+            return model.compute_logits(hidden).float()
+    ref = logits(LLM(str(path), dtype="float32", max_total_tokens=4096))
+    bf16 = logits(LLM(str(path), dtype="bfloat16", max_total_tokens=4096))
+    fp8 = logits(fp8_llm(path))
+    kl = torch.nn.functional.kl_div(fp8.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                    reduction="batchmean").item()
+    print(f"logits vs float32 over {len(ids)} positions: relative error bf16 {rel_err(bf16, ref):.4f}, "
+          f"fp8 {rel_err(fp8, ref):.4f}; fp8 mean KL {kl:.2e} nats")
+    assert rel_err(bf16, ref) < 0.02                      # measured: 0.011
+    assert rel_err(fp8, ref) < 0.15 and kl < 0.01        # measured on an H100: 0.102 and 0.0032
