@@ -8,8 +8,9 @@ Agentic rollouts (rollout.agent) take part in both: a group is a prompt's multi-
 /generate request, rl/agent/rollout.py: AgentDrawer), and its version is the oldest token's over all its
 samples, so no sample staler than the bound is trained on.
 
-full: a producer thread keeps submitting prompt groups (groups_in_flight per request batch) and puts each
-finished group in a StalenessBuffer tagged with its oldest token's weight version (the servers report
+full: producer threads keep submitting prompt groups (groups_in_flight per request batch), each chunk
+started only as fast as the steps can take it within the bound, and put each finished group in a
+StalenessBuffer tagged with its oldest token's weight version (the servers report
 weight_version_spans; a request running across a push continues under the new weights in place). Each
 step pushes the trainer's weights (version = step), then takes prompts_per_step groups whose oldest token is
 at most max_staleness versions behind, dropping (and counting) staler ones.
@@ -45,15 +46,44 @@ Encoded = list[tuple[list[int], dict[str, Any]]]
 class StalenessBuffer(Generic[T]):
     """Finished items (prompt groups), each with the weight version of its oldest token; thread-safe. A
     take at trainer version v hands out only items with v − oldest ≤ max_staleness: staler ones are
-    dropped then (an item only grows staler while it waits)."""
+    dropped then (an item only grows staler while it waits).
 
-    def __init__(self, capacity: int) -> None:
+    With `admission` = (items a step takes, max_staleness), producers also ask before they start items
+    (`admit`): the items started and not dropped stay within what the steps up to version + max_staleness
+    take. An item started at version v is then among the first (v + 1 + max_staleness) · per_step, so,
+    with items coming back in the order they started, it is taken by step v + max_staleness: nothing is
+    generated only to be dropped. Without it, producers ran ahead as far as the buffer's room and a third
+    of what they generated went stale. Items that come back out of order are still dropped at take."""
+
+    def __init__(self, capacity: int, admission: tuple[int, int] | None = None) -> None:
         self.capacity = capacity
+        self.admission = admission
         self._items: deque[tuple[T, int]] = deque()
         self._cond = threading.Condition()
         self._closed = False
         self._error: BaseException | None = None
         self.dropped = 0
+        self.started = 0
+        self.version = 0                          # the newest version a take was made at
+
+    def admit(self, n: int) -> bool:
+        """Block until n more items may start (see the class); False once closed (the producer stops)."""
+        with self._cond:
+            if self.admission is not None:
+                per_step, max_staleness = self.admission
+                while (self.started - self.dropped >= (self.version + 1 + max_staleness) * per_step
+                       and not self._closed):
+                    self._cond.wait()
+            if self._closed:
+                return False
+            self.started += n
+            return True
+
+    def unadmit(self, n: int) -> None:
+        """n admitted items that never started (the prompt source ran short)."""
+        with self._cond:
+            self.started -= n
+            self._cond.notify_all()
 
     def put(self, item: T, oldest_version: int) -> None:
         with self._cond:
@@ -74,6 +104,9 @@ class StalenessBuffer(Generic[T]):
             raise ValueError(f"cannot take {n} items from a buffer that holds {self.capacity}")
         dropped = 0
         with self._cond:
+            if version > self.version:
+                self.version = version
+                self._cond.notify_all()          # a newer version admits more
             while True:
                 fresh = deque(p for p in self._items if version - p[1] <= max_staleness)
                 stale = len(self._items) - len(fresh)
@@ -211,17 +244,23 @@ class FullAsync:
                 return take(n)
         self.take = locked_take
         self.chunk = cfg.asynchronous.groups_in_flight or cfg.task.prompts_per_step
-        # room for the next step's groups and one chunk per producer in flight beyond them
-        self.buffer: StalenessBuffer[Any] = StalenessBuffer(cfg.task.prompts_per_step + producers * self.chunk)
+        # room for the next step's groups and one chunk per producer in flight beyond them; chunks start
+        # only as fast as the steps will take them within max_staleness
+        self.buffer: StalenessBuffer[Any] = StalenessBuffer(
+            cfg.task.prompts_per_step + producers * self.chunk,
+            admission=(cfg.task.prompts_per_step, cfg.asynchronous.max_staleness))
         self.threads: list[threading.Thread] = []
         self.version = 0                          # the newest pushed, read by the producers for empty groups
 
     def _produce(self, drawer: Drawer, seed: int) -> None:
         rng = random.Random(seed)
         try:
-            while self.buffer.wait_for_room():
+            while self.buffer.wait_for_room() and self.buffer.admit(self.chunk):
                 version = self.version
-                groups = drawer.draw(self.take(self.chunk), rng.randrange(2**31), version)
+                encoded = self.take(self.chunk)
+                if len(encoded) < self.chunk:
+                    self.buffer.unadmit(self.chunk - len(encoded))
+                groups = drawer.draw(encoded, rng.randrange(2**31), version)
                 for g in groups:
                     oldest = g.oldest_version
                     self.buffer.put(g, version if oldest is None else oldest)

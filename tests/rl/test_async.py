@@ -55,6 +55,58 @@ def test_buffer_never_hands_out_a_stale_item(seed):
     assert produced[0] == taken + buffer.dropped + len(buffer)
 
 
+def test_admission_starts_items_only_as_fast_as_the_steps_take_them():
+    """With admission (2 a step, max_staleness 1) producers may have 4 live items started at version 0;
+    the fifth waits for a take at version 1, and a dropped item gives its place back."""
+    buffer: StalenessBuffer[int] = StalenessBuffer(capacity=10, admission=(2, 1))
+    assert buffer.admit(2) and buffer.admit(2) and buffer.started == 4
+    waiting = threading.Thread(target=buffer.admit, args=(2,))
+    waiting.start()
+    waiting.join(0.2)
+    assert waiting.is_alive() and buffer.started == 4
+    for i in range(2):
+        buffer.put(i, 0)
+    assert [item for item, _ in buffer.take(2, 1, 1)[0]] == [0, 1]     # version 1 admits up to 6
+    waiting.join(5)
+    assert not waiting.is_alive() and buffer.started == 6
+    for i in range(2, 4):
+        buffer.put(i, 0)
+    blocked = threading.Thread(target=buffer.admit, args=(2,))
+    blocked.start()
+    blocked.join(0.2)
+    assert blocked.is_alive()                     # 6 live of a budget of 6
+    buffer.put(4, 3)
+    buffer.take(1, 2, 1)                          # version 2: the two version-0 items are dropped ...
+    blocked.join(5)
+    assert not blocked.is_alive() and buffer.dropped == 2    # ... their places, and version 2's, admit it
+    buffer.unadmit(2)
+    assert buffer.started == 6
+    buffer.close()
+    assert not buffer.admit(1)
+
+
+@pytest.mark.parametrize("max_staleness", [0, 1, 2])
+def test_one_producer_in_order_never_generates_a_group_that_goes_stale(tmp_path, max_staleness):
+    """One producer's chunks come back in the order they started, so with admission none is dropped:
+    the producer never runs further ahead than the bound lets the steps take."""
+    cfg = toy_config(Path("unused"), tmp_path, "asynchronous.mode=full",
+                     f"asynchronous.max_staleness={max_staleness}", "asynchronous.producers=1",
+                     "task.prompts_per_step=3", "rollout.group_size=2", "rollout.constraint=null")
+    servers = RandomServers(max_staleness)
+    counter = iter(range(10**6))
+    source = FullAsync(cfg, SimpleNamespace(), servers, share_of_a,   # type: ignore[arg-type]
+                       lambda n: [([next(counter)], {}) for _ in range(n)])
+    try:
+        for step in range(15):
+            _, metrics = source.next(step, 0, Timer())
+            assert metrics["groups_dropped_stale"] == 0 and metrics["staleness_max"] <= max_staleness
+            time.sleep(0.004)                             # the update: the producer gets ahead if it may
+    finally:
+        source.close()
+    assert source.buffer.dropped == 0
+    assert source.buffer.started <= (15 + max_staleness) * 3 + 3
+
+
 class RandomServers:
     """Stands in for RemoteRollout: answers after a random delay; a push changes the version its running
     requests continue under, which their weight_version_spans report, as a server's do."""
