@@ -102,14 +102,18 @@ def test_decode_accepts_strided_queries():
     torch.testing.assert_close(backend.forward(strided, k, v, 0, batch), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_packed_causal_attention_equals_each_sequence_alone_with_gradients():
-    """Training attention runs packed sequences as one padded batch: each sequence's outputs and the
-    gradients reaching q, k and v equal that sequence attended alone (grouped KV heads, a one-token
-    sequence, the longest not first)."""
+@pytest.mark.parametrize("lengths", [[3, 1, 7, 5], [30, 1, 2, 1, 1]])
+def test_packed_causal_attention_equals_each_sequence_alone_with_gradients(lengths):
+    """Training attention runs packed sequences as one padded batch (or, where padding would multiply the
+    work, one call each: the second case): each sequence's outputs and the gradients reaching q, k and v
+    equal that sequence attended alone (grouped KV heads, a one-token sequence, the longest not first)."""
+    from rlserve.layers.attention import torch_backend
     from rlserve.layers.attention.torch_backend import causal_attention
 
+    padded = len(lengths) * max(lengths) ** 2 <= torch_backend.PADDED_WORK_LIMIT * sum(n * n for n in lengths)
+    assert padded == (lengths[0] == 3)
     torch.manual_seed(0)
-    lengths, heads, kv_heads, dim = [3, 1, 7, 5], 4, 2, 8
+    heads, kv_heads, dim = 4, 2, 8
     cu = [0]
     for n in lengths:
         cu.append(cu[-1] + n)

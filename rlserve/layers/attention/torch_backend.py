@@ -170,6 +170,10 @@ def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+# The padded batch may cost at most this many times the attention work of the sequences alone.
+PADDED_WORK_LIMIT = 4
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      cu_seqlens: list[int]) -> torch.Tensor:
     """Plain causal attention over packed sequences without a KV pool (training, reference): q [T, H, D],
@@ -178,13 +182,16 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     Several sequences run as one batched call, each right-padded to the longest: causal attention never
     lets a real position see the padding after it, and the padded rows are dropped. One launch a layer
     instead of one per sequence (a micro-batch of 16 on a GPU was launch-bound), for some wasted work on
-    the padding (attention only; the projections see the packed tokens)."""
+    the padding (attention only; the projections see the packed tokens), bounded by PADDED_WORK_LIMIT."""
     lengths = [e - s for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])]
-    if len(lengths) == 1:
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                           is_causal=True, scale=scale, enable_gqa=True)
-        return o.transpose(0, 1).reshape(q.shape[0], -1)
     longest = max(lengths)
+    if len(lengths) == 1 or len(lengths) * longest * longest > PADDED_WORK_LIMIT * sum(n * n for n in lengths):
+        # one sequence; or one long one among short ones, where padding would multiply the work: a call each
+        outs = [F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
+                                               v[s:e].transpose(0, 1), is_causal=True, scale=scale,
+                                               enable_gqa=True).transpose(0, 1)
+                for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+        return _concat(outs).reshape(q.shape[0], -1)
     rows = _padded_rows(tuple(lengths), longest, q.device)
 
     def padded(x: torch.Tensor) -> torch.Tensor:        # [T, heads, D] -> [batch, heads, longest, D]
