@@ -154,9 +154,14 @@ def cache_counters(urls: list[str]) -> dict[str, dict[str, float]]:
     return {u: worker_stats(u) for u in urls}
 
 
+def policy_config(policy: str, args: argparse.Namespace) -> RouterConfig:
+    return RouterConfig(policy=policy, log_level="warn", balance_abs_threshold=args.balance_abs_threshold,
+                        balance_rel_threshold=args.balance_rel_threshold)
+
+
 def run_policy(policy: str, args: argparse.Namespace, urls: list[str], requests: list[BenchRequest],
                log_dir: Path) -> dict[str, Any]:
-    cfg = RouterConfig(policy=policy, log_level="warn")
+    cfg = policy_config(policy, args)
     router = RouterProcess(cfg, urls, "127.0.0.1", free_port(), log_dir / f"router-{policy}.log").start()
     try:
         router.wait_workers(urls)
@@ -251,6 +256,10 @@ def add_policies_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads-per-worker", type=int, default=None,
                    help="OMP_NUM_THREADS of each worker (CPU workers sharing few cores; default: torch's)")
     p.add_argument("--policies", nargs="+", default=["cache_aware", "round_robin"])
+    p.add_argument("--balance-abs-threshold", type=int, default=None,
+                   help="cache_aware: load gap (requests) before it routes by load (router default 64)")
+    p.add_argument("--balance-rel-threshold", type=float, default=None,
+                   help="cache_aware: load ratio before it routes by load (router default 1.5)")
     p.add_argument("--groups", type=int, default=128)
     p.add_argument("--questions", type=int, default=4, help="questions per group")
     p.add_argument("--prefix-len", type=int, default=2048)

@@ -26,3 +26,20 @@ def test_router_overhead_small(tmp_path):
     first, end = rows[1], rows[2]
     assert end["direct_p50_ms"] >= first["direct_p50_ms"] and end["router_p50_ms"] >= first["router_p50_ms"]
     assert (tmp_path / "router.log").exists()
+
+
+def test_policies_pass_the_balance_thresholds_to_the_router():
+    """`router.py policies --balance-abs-threshold/--balance-rel-threshold` reach sglang-router's flags;
+    left out, the router keeps its own defaults."""
+    import argparse
+
+    from benchmarks import router
+    from rlserve.router.config import router_flags
+
+    parser = argparse.ArgumentParser()
+    router.add_policies_args(parser)
+    flags = router_flags(router.policy_config("cache_aware", parser.parse_args(
+        ["--balance-abs-threshold", "256", "--balance-rel-threshold", "3"])))
+    assert flags[flags.index("--balance-abs-threshold") + 1] == "256"
+    assert flags[flags.index("--balance-rel-threshold") + 1] == "3.0"
+    assert "--balance-abs-threshold" not in router_flags(router.policy_config("cache_aware", parser.parse_args([])))
