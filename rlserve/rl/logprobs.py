@@ -29,19 +29,34 @@ def completion_logprobs(model: LlamaForCausalLM, prompts: list[list[int]], compl
     return completion_logprobs_entropy(model, prompts, completions, temperature, with_entropy=False)[0]
 
 
+# Rows of a logits chunk: at most this many float32 logits at once (1 GiB), so a recompute without
+# gradients over a whole step's tokens never holds [tokens, vocab] in one piece.
+LOGITS_CHUNK_ELEMENTS = 1 << 28
+
+
 def completion_logprobs_entropy(model: LlamaForCausalLM, prompts: list[list[int]], completions: list[list[int]],
                                 temperature: float = 1.0, with_entropy: bool = True
                                 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Sampled-token logprobs and (optionally) the entropy of the sampling distribution, per sample.
     Both come from one log-softmax, so the entropy costs one extra elementwise pass over the vocabulary.
-    Every sample's positions go through lm_head and the log-softmax together: one launch each per
-    micro-batch instead of one per sample (on a GPU the per-sample loop was launch-bound)."""
+    The samples' positions go through lm_head and the log-softmax together, in chunks of rows bounded by
+    LOGITS_CHUNK_ELEMENTS: a few launches per micro-batch instead of a few per sample (on a GPU the
+    per-sample loop was launch-bound)."""
+    if not completions:
+        return [], ([] if with_entropy else None)
     device = next(model.parameters()).device
     hidden = torch.cat(completion_hidden(model, prompts, completions))
-    log_probs = torch.log_softmax(model.compute_logits(hidden) / temperature, -1)
     target = torch.tensor([t for c in completions for t in c], device=device, dtype=torch.long)
+    rows = max(1, LOGITS_CHUNK_ELEMENTS // model.config.vocab_size)
+    logp_parts, entropy_parts = [], []
+    for start in range(0, hidden.shape[0], rows):
+        log_probs = torch.log_softmax(model.compute_logits(hidden[start:start + rows]) / temperature, -1)
+        logp_parts.append(log_probs.gather(-1, target[start:start + rows, None]).squeeze(-1))
+        if with_entropy:
+            entropy_parts.append(-(log_probs.exp() * log_probs).sum(-1))
     lengths = [len(c) for c in completions]
-    logps = list(log_probs.gather(-1, target[:, None]).squeeze(-1).split(lengths))
+    logps = list(torch.cat(logp_parts).split(lengths)) if logp_parts else [hidden.new_zeros(0)] * len(lengths)
     if not with_entropy:
         return logps, None
-    return logps, list((-(log_probs.exp() * log_probs).sum(-1)).split(lengths))
+    entropies = list(torch.cat(entropy_parts).split(lengths)) if entropy_parts else [hidden.new_zeros(0)] * len(lengths)
+    return logps, entropies

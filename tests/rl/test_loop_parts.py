@@ -45,11 +45,17 @@ def _batch(policy: LlamaForCausalLM, tis: float) -> TrainBatch:
                       tis_weights=torch.full_like(mask, tis) * mask)
 
 
-def test_batched_logprobs_and_entropy_equal_each_sample_computed_alone():
-    """The micro-batch's lm_head and log-softmax run once over every sample's positions: each sample's
-    logprobs and entropies equal those of that sample run alone (against the full distribution computed
-    here by hand), and gradients reach the policy through both."""
+@pytest.mark.parametrize("chunk_rows", [None, 4])
+def test_batched_logprobs_and_entropy_equal_each_sample_computed_alone(monkeypatch, chunk_rows):
+    """The micro-batch's lm_head and log-softmax run over every sample's positions together (in chunks of
+    rows when the logits would be large: 4 rows here, across sample boundaries): each sample's logprobs
+    and entropies equal those of that sample run alone (against the full distribution computed here by
+    hand), and gradients reach the policy through both."""
+    from rlserve.rl import logprobs as logprobs_module
+
     policy = _tiny_policy()
+    if chunk_rows is not None:
+        monkeypatch.setattr(logprobs_module, "LOGITS_CHUNK_ELEMENTS", chunk_rows * policy.config.vocab_size)
     rng = random.Random(1)
     prompts = [[rng.randint(10, 1000) for _ in range(n)] for n in (5, 1, 7)]
     completions = [[rng.randint(10, 1000) for _ in range(n)] for n in (3, 6, 1)]
@@ -63,6 +69,7 @@ def test_batched_logprobs_and_entropy_equal_each_sample_computed_alone():
         torch.testing.assert_close(ent, -(full.exp() * full).sum(-1), rtol=1e-5, atol=1e-5)
     (torch.cat(logps).sum() + torch.cat(entropies).sum()).backward()
     assert policy.lm_head.weight.grad is not None and policy.lm_head.weight.grad.abs().sum() > 0
+    assert completion_logprobs_entropy(policy, [], []) == ([], [])
 
 
 @pytest.mark.parametrize("tis", [0.0, 0.5, 1.0])
