@@ -306,11 +306,16 @@ class AsyncClient(_Base):
     """Asynchronous client (httpx.AsyncClient): the same methods, awaited."""
 
     def __init__(self, base_url: str, api_key: str | None = None, admin_api_key: str | None = None,
-                 timeout: float | None = DEFAULT_TIMEOUT_S) -> None:
+                 timeout: float | None = DEFAULT_TIMEOUT_S, max_connections: int | None = 100) -> None:
+        """`max_connections`: requests in flight at once (httpx's default, 100; more wait for a free
+        connection). None: no bound, every connection kept alive for reuse: what a rollout wants, whose
+        every live sample has a turn on the server at once (the server batches them)."""
         import httpx
 
         super().__init__(base_url, api_key, admin_api_key, timeout)
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
+        limits = (httpx.Limits(max_connections=None, max_keepalive_connections=None) if max_connections is None
+                  else httpx.Limits(max_connections=max_connections, max_keepalive_connections=20))
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, limits=limits)
 
     async def _acall(self, method: str, path: str, body: dict[str, Any] | None, admin: bool) -> Any:
         resp = await self._http.request(method, path, json=body, headers=self._headers(admin))

@@ -230,8 +230,10 @@ class RemoteOverSampler:
 
         cfg, remote = self.cfg, self.remote
         key = remote.clients[0].admin_api_key if remote.clients else None
-        senders = [AsyncClient(remote.router.base_url, admin_api_key=key, timeout=None)] if remote.router \
-            else [AsyncClient(u, admin_api_key=key, timeout=None) for u in remote.urls]
+        # every started group's request in flight at once (no connection bound: the server batches them)
+        senders = [AsyncClient(remote.router.base_url, admin_api_key=key, timeout=None, max_connections=None)] \
+            if remote.router else [AsyncClient(u, admin_api_key=key, timeout=None, max_connections=None)
+                                   for u in remote.urls]
         # where an abort goes: every server; behind a router (which forwards the rid but does not route
         # /abort_request) every worker, those it lists now too (one added since the run started)
         urls = remote.urls

@@ -149,8 +149,10 @@ class ServerBackend:
 
         if not urls:
             raise ValueError("ServerBackend needs at least one server URL")
-        # no timeout: a turn may wait behind a weight push or a long batch
-        self.clients = [AsyncClient(u, admin_api_key=admin_api_key, timeout=None) for u in urls]
+        # No timeout: a turn may wait behind a weight push or a long batch. No connection bound: httpx's
+        # default (100) held every live sample past the 100th back a whole turn, a second wave per turn.
+        self.clients = [AsyncClient(u, admin_api_key=admin_api_key, timeout=None, max_connections=None)
+                        for u in urls]
         self.workers: list[AsyncClient] = []      # where a cancelled turn is aborted behind a router
         if routed:       # the router does not route /abort_request; by default the workers it lists now
             if worker_urls is None:
