@@ -25,9 +25,10 @@ class TrainerSection:
     param_dtype: str = "bfloat16"
     cpu_offload: bool = False            # shards, gradients and optimizer state in host memory
     backend: str = "auto"                # the ranks' process group: auto (nccl on CUDA, else gloo) | gloo | nccl
-    # float32 matmuls of the trainer process (torch.set_float32_matmul_precision): highest keeps them
+    # float32 matmuls of each trainer process (torch.set_float32_matmul_precision): highest keeps them
     # exact; high lets CUDA use TF32 tensor cores, several times faster for a float32 policy, at about
-    # 1e-3 relative error per product (the engine on its own process keeps its own precision).
+    # 1e-3 relative error per product. Process-wide: a colocated engine's float32 matmuls too; a rollout
+    # server in its own process keeps its own.
     float32_matmul_precision: str = "highest"
 
     def __post_init__(self) -> None:
