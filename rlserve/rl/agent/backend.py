@@ -15,11 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rlserve.engine.engine import Engine
 from rlserve.outputs import CompletionOutput
 from rlserve.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from rlserve.client import AsyncClient
 
 
 @dataclass
@@ -116,6 +119,7 @@ NATIVE_KEYS = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "p
 _DEFAULTS = SamplingParams()
 # which sample a turn belongs to (set by AgentLoop.run_all): a sample's turns all go to one server
 SAMPLE_INDEX: ContextVar[int] = ContextVar("agent_sample_index", default=0)
+SAMPLES_PER_POOL = 16        # a ServerBackend's samples per HTTP connection pool (ServerBackend._client)
 ABORT_RETRY_S = 1.0          # a cancelled turn's abort is sent again until its request answers
 
 
@@ -149,10 +153,9 @@ class ServerBackend:
 
         if not urls:
             raise ValueError("ServerBackend needs at least one server URL")
-        # No timeout: a turn may wait behind a weight push or a long batch. No connection bound: httpx's
-        # default (100) held every live sample past the 100th back a whole turn, a second wave per turn.
-        self.clients = [AsyncClient(u, admin_api_key=admin_api_key, timeout=None, max_connections=None)
-                        for u in urls]
+        self.urls, self.admin_api_key = list(urls), admin_api_key
+        # (server, pool) -> its client, made on first use; see _client
+        self._pools: dict[tuple[int, int], AsyncClient] = {}
         self.workers: list[AsyncClient] = []      # where a cancelled turn is aborted behind a router
         if routed:       # the router does not route /abort_request; by default the workers it lists now
             if worker_urls is None:
@@ -163,8 +166,23 @@ class ServerBackend:
         self.prefix = f"agent-{uuid.uuid4().hex[:12]}-"
         self._rids = itertools.count()
 
+    def _client(self, sample: int) -> AsyncClient:
+        """Sample i's client: server i mod k, and one connection pool per SAMPLES_PER_POOL of its samples.
+        No timeout (a turn may wait behind a weight push or a long batch) and no connection bound (httpx's
+        default, 100, held every live sample past the 100th back a whole turn). Several small pools, not one:
+        httpcore scans every connection of a pool for every request it places, which at 128 live samples
+        in one pool cost ~2.4 s of this process's CPU (and GIL) a rollout of 256 turns."""
+        from rlserve.client import AsyncClient
+
+        key = (sample % len(self.urls), sample // len(self.urls) // SAMPLES_PER_POOL)
+        client = self._pools.get(key)
+        if client is None:
+            client = self._pools[key] = AsyncClient(self.urls[key[0]], admin_api_key=self.admin_api_key,
+                                                    timeout=None, max_connections=None)
+        return client
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Turn:
-        client = self.clients[SAMPLE_INDEX.get() % len(self.clients)]
+        client = self._client(SAMPLE_INDEX.get())
         rid = f"{self.prefix}{next(self._rids)}"
         sp = native_sampling_params(params, self.logprobs_mode, self.routed)
         request = asyncio.ensure_future(client.generate(input_ids=prompt_ids, sampling_params=sp, rid=rid,
@@ -191,5 +209,6 @@ class ServerBackend:
                     versions_per_token(spans, len(ids), version), item["text"], finish)
 
     async def aclose(self) -> None:
-        for c in self.clients + self.workers:
+        for c in [*self._pools.values(), *self.workers]:
             await c.aclose()
+        self._pools.clear()
