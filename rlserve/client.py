@@ -14,6 +14,7 @@ on the server. httpx is imported when a client is built, so `import rlserve` sta
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 from collections.abc import AsyncGenerator, Generator, Sequence
@@ -41,6 +42,15 @@ class ServerError(Exception):
             message = err.get("message") if isinstance(err, dict) else body.get("message", body)
         super().__init__(f"{path}: HTTP {status}: {message}")
         self.status, self.body, self.path = status, body, path
+
+
+@functools.cache
+def _tls_context() -> Any:
+    """One TLS context for every client of this process: httpx builds one per client otherwise, loading the
+    CA bundle each time (~18 ms a client; a rollout opens a client per 16 samples)."""
+    import httpx
+
+    return httpx.create_ssl_context()
 
 
 def _drop_none(body: dict[str, Any]) -> dict[str, Any]:
@@ -226,7 +236,7 @@ class Client(_Base):
         import httpx
 
         super().__init__(base_url, api_key, admin_api_key, timeout)
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, verify=_tls_context())
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None, admin: bool = False) -> Any:
         resp = self._http.request(method, path, json=body, headers=self._headers(admin))
@@ -315,7 +325,7 @@ class AsyncClient(_Base):
         super().__init__(base_url, api_key, admin_api_key, timeout)
         limits = (httpx.Limits(max_connections=None, max_keepalive_connections=None) if max_connections is None
                   else httpx.Limits(max_connections=max_connections, max_keepalive_connections=20))
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, limits=limits)
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, limits=limits, verify=_tls_context())
 
     async def _acall(self, method: str, path: str, body: dict[str, Any] | None, admin: bool) -> Any:
         resp = await self._http.request(method, path, json=body, headers=self._headers(admin))

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
+
+import pytest
 
 from rlserve.rl.agent.lookup import Corpus, lookup_tool
-from rlserve.rl.agent.sandbox import SandboxLimits, run_python
+from rlserve.rl.agent.sandbox import SandboxLimits, python_tool, run_python
 from rlserve.rl.agent.tools import AgentTool, call_tool
 from rlserve.tool_parsing import ToolCall
 
@@ -97,3 +100,38 @@ def test_sync_tools_and_exceptions_become_messages():
     assert run(ToolCall("add", {"a": 2, "b": 3})) == "5"
     assert run(ToolCall("broken", {})) == "Error: KeyError: 'missing'"
     assert run(ToolCall("nope", {})).startswith("Error: unknown tool 'nope'")
+
+
+def test_the_spawner_runs_calls_as_the_sandbox_does_and_cancels_them():
+    """The python tool's calls go through the helper process (agent/spawner.py): the same answers, limits
+    and errors as run_python; a cancelled call's sandbox is killed; closing the spawner ends the helper."""
+    from rlserve.rl.agent.spawner import SandboxSpawner
+
+    spawner = SandboxSpawner()
+    limits = SandboxLimits(timeout_s=1.0)
+
+    async def main() -> list[str]:
+        answers = await asyncio.gather(*(spawner.run(f"{k} * 5678", limits) for k in (1234, 2, 3)),
+                                       spawner.run("import time; time.sleep(30)", limits),
+                                       spawner.run("open('x', 'w')", limits))
+        task = asyncio.create_task(spawner.run("import os, time; print(os.getpid(), flush=True); time.sleep(60)",
+                                               SandboxLimits(timeout_s=120)))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return answers
+    try:
+        before = set(os.listdir("/proc"))
+        answers = asyncio.run(main())
+        assert answers[:3] == ["7006652", "11356", "17034"]
+        assert "time limit" in answers[3] and "PermissionError" in answers[4]
+        # the helper kills the cancelled call's sandbox once it sees the connection close
+        deadline = time.monotonic() + 30
+        while [p for p in set(os.listdir("/proc")) - before if p.isdigit() and "rlserve-sandbox" in _cwd(p)]:
+            assert time.monotonic() < deadline, "a cancelled call's sandbox is still running"
+            time.sleep(0.05)
+        assert asyncio.run(python_tool().fn(code="6 * 7")) == "42"        # the tool goes through a helper too
+    finally:
+        spawner.close()
+    assert spawner.proc.returncode is not None and not os.path.exists(spawner.dir)
