@@ -12,7 +12,7 @@ from agent_fakes import ScriptedBackend, char_tokenizer
 from rlserve.rl.agent.lookup import Corpus, lookup_tool
 from rlserve.rl.agent.loop import AgentLoop, AgentOptions
 from rlserve.rl.agent.render import TurnRenderer
-from rlserve.rl.agent.sandbox import python_tool
+from rlserve.rl.agent.spawner import python_tool
 from rlserve.rl.agent.tools import AgentTool
 from rlserve.sampling import SamplingParams
 

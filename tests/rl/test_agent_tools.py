@@ -9,7 +9,8 @@ import time
 import pytest
 
 from rlserve.rl.agent.lookup import Corpus, lookup_tool
-from rlserve.rl.agent.sandbox import SandboxLimits, python_tool, run_python
+from rlserve.rl.agent.sandbox import SandboxLimits, run_python
+from rlserve.rl.agent.spawner import python_tool
 from rlserve.rl.agent.tools import AgentTool, call_tool
 from rlserve.tool_parsing import ToolCall
 

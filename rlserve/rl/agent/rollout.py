@@ -14,7 +14,8 @@ from rlserve.rl.agent.lookup import Corpus, lookup_tool
 from rlserve.rl.agent.loop import AgentLoop, AgentOptions, Parser, tool_parser
 from rlserve.rl.agent.render import TurnRenderer
 from rlserve.rl.agent.sample import AgentGroup, Sample, samples_to_rollout
-from rlserve.rl.agent.sandbox import SandboxLimits, python_tool
+from rlserve.rl.agent.sandbox import SandboxLimits
+from rlserve.rl.agent.spawner import python_tool
 from rlserve.rl.agent.tools import AgentTool
 from rlserve.rl.batch import Rollout
 from rlserve.rl.config import AgentSection, RolloutSection

@@ -1,5 +1,5 @@
-"""A sandboxed Python executor: each call runs in a fresh `python -I` process (the `python` tool has a
-helper process start them, rl/agent/spawner.py, so that starting them never stalls the trainer).
+"""A sandboxed Python executor: each call runs in a fresh `python -I` process (the `python` tool,
+rl/agent/spawner.py, has a helper process start them, so that starting them never stalls the trainer).
 
 Limits, applied by the child to itself before any user code runs:
 - CPU time (RLIMIT_CPU) and address space (RLIMIT_AS); files it may write are capped at 0 bytes
@@ -22,16 +22,13 @@ as in a REPL, so `1234 * 5678` answers 7006652.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import sys
 import tempfile
 from dataclasses import dataclass
 
-from rlserve.rl.agent.tools import AgentTool, truncate
-
-log = logging.getLogger(__name__)
+from rlserve.rl.agent.tools import truncate
 
 # Runs in the child: limits, guards, then the code read from stdin.
 _BOOTSTRAP = r"""
@@ -131,22 +128,3 @@ def _kill(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)   # its own session: the group is the child and anything it started
     except ProcessLookupError:
         pass
-
-
-def python_tool(limits: SandboxLimits = SandboxLimits(), spawner: bool = True) -> AgentTool:
-    """The `python` tool. `spawner`: its processes are started by a helper process (agent/spawner.py says
-    why), not by this one."""
-    async def python(code: str) -> str:
-        if spawner:
-            from rlserve.rl.agent.spawner import SandboxSpawner
-            try:
-                helper = SandboxSpawner.shared()
-            except (RuntimeError, OSError) as e:     # no helper: start the sandbox from here
-                log.warning("the sandbox spawner did not start (%s); starting sandboxes from this process", e)
-            else:
-                return await helper.run(code, limits)
-        return await run_python(code, limits)
-    return AgentTool("python", "Run Python code in a sandbox (no network, no file writes, time and memory "
-                     "limits) and return what it prints; the value of a last expression is printed.",
-                     {"type": "object", "properties": {"code": {"type": "string", "description": "Python code"}},
-                      "required": ["code"]}, python)

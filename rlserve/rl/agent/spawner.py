@@ -1,4 +1,5 @@
-"""Sandbox calls run from a helper process, so that starting their processes never stalls the trainer.
+"""The `python` tool: sandbox calls run from a helper process, so that starting their processes never
+stalls the trainer.
 
 Starting a process holds the starting process's GIL until the child has exec'd (CPython's vfork path):
 ~3-7 ms a sandbox call on a 2-core machine, 128-256 calls a rollout step, each one stalling the event loop
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -28,6 +30,9 @@ from contextlib import suppress
 from dataclasses import asdict
 
 from rlserve.rl.agent.sandbox import SandboxLimits, run_python
+from rlserve.rl.agent.tools import AgentTool
+
+log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 60.0
 
@@ -114,6 +119,26 @@ async def _serve(path: str) -> None:
     async with server:
         await parent.read()           # EOF: the process that started this one is gone or closed it
     # asyncio.run cancels the calls still running; each kills its sandbox on the way out
+
+
+def python_tool(limits: SandboxLimits | None = None, spawner: bool = True) -> AgentTool:
+    """The `python` tool (sandbox.run_python under `limits`). `spawner`: its processes are started by the
+    helper process (this module's notes say why), not by this one."""
+    limits = limits or SandboxLimits()
+
+    async def python(code: str) -> str:
+        if spawner:
+            try:
+                helper = SandboxSpawner.shared()
+            except (RuntimeError, OSError) as e:     # no helper: start the sandbox from here
+                log.warning("the sandbox spawner did not start (%s); starting sandboxes from this process", e)
+            else:
+                return await helper.run(code, limits)
+        return await run_python(code, limits)
+    return AgentTool("python", "Run Python code in a sandbox (no network, no file writes, time and memory "
+                     "limits) and return what it prints; the value of a last expression is printed.",
+                     {"type": "object", "properties": {"code": {"type": "string", "description": "Python code"}},
+                      "required": ["code"]}, python)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-from rlserve.rl.agent.sandbox import python_tool
+from rlserve.rl.agent.spawner import python_tool
 from rlserve.rl.rewards import tool_answer_reward  # the built-in reward "tool_answer"
 from rlserve.tool_parsing import tools_system_prompt
 
