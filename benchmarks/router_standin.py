@@ -86,31 +86,38 @@ def standin_app(step_s: float, chunks: int) -> Any:
     return app
 
 
-class StandIn:
-    """The stand-in on a free loopback port, served by uvicorn in a daemon thread."""
+class ServedApp:
+    """An ASGI app on a free loopback port, served by uvicorn in a daemon thread of this process."""
 
-    def __init__(self, step_s: float, chunks: int) -> None:
+    def __init__(self, app: Any, start_timeout_s: float = 30.0) -> None:
         import uvicorn
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(standin_app(step_s, chunks), host="127.0.0.1", port=self.port,
-                                log_level="error", access_log=False)
+        self.start_timeout_s = start_timeout_s
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error", access_log=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True, name="stand-in")
 
-    def __enter__(self) -> StandIn:
+    def __enter__(self) -> ServedApp:
         self.thread.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + self.start_timeout_s
         while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the stand-in worker did not start")
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the stand-in server did not start")
             time.sleep(0.05)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+class StandIn(ServedApp):
+    """The stand-in worker (standin_app) served in this process."""
+
+    def __init__(self, step_s: float, chunks: int) -> None:
+        super().__init__(standin_app(step_s, chunks))
 
 
 def payload(route: str, stream: bool) -> dict[str, Any]:

@@ -6,7 +6,8 @@ scale's division, the row's division, clamp, the cast), each reading or writing 
 decode step of a 32-layer model with four FP8 projections a layer they are ~1,000 launches, which cost
 about what FP8 saves in weight reads. Here each row is one program: one pass for its max, one that
 writes the codes and the scale. It computes what `quantized.fp8_quantize_rows` computes (the reference
-the tests hold it to): the scale as max|x| times 1/448, the division by it rounded to nearest as torch's is, the cast rounding to nearest even.
+the tests hold it to): the scale as max|x| times 1/448, the division by it rounded to nearest as torch's
+is, the cast rounding to nearest even.
 
 `scale_rows_cols` is the epilogue of a tensor-wise scaled GEMM: at decode sizes cuBLASLt's tensor-wise
 FP8 GEMM ran 1.2-2x faster on an H100 than the row-wise one (docs/benchmarks.md), so few rows can take

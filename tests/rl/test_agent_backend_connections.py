@@ -3,14 +3,10 @@ stand-in together (httpx's default pool, 100 connections, held the rest back a w
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI
 
-from rlserve.net import free_port
 from rlserve.rl.agent.backend import ServerBackend
 from rlserve.sampling import SamplingParams
 
@@ -41,27 +37,18 @@ def gathering_app(state: dict[str, Any]) -> FastAPI:
 
 
 def test_every_live_turn_is_on_the_server_at_once():
+    from benchmarks.router_standin import ServedApp
+
     state: dict[str, Any] = {"now": 0, "most": 0, "all_in": asyncio.Event()}   # bound to the server's loop on use
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(gathering_app(state), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the stand-in did not start"
-        time.sleep(0.05)
-    try:
+    with ServedApp(gathering_app(state), start_timeout_s=120) as server:        # generous: a busy machine
         async def turns() -> list:
-            backend = ServerBackend([f"http://127.0.0.1:{port}"])
+            backend = ServerBackend([server.url])
             try:
                 return await asyncio.gather(*(backend.generate([1, 2, 3], SamplingParams(max_tokens=2))
                                               for _ in range(TURNS)))
             finally:
                 await backend.aclose()
         answers = asyncio.run(turns())
-        assert state["most"] == TURNS and state["all_in"].is_set()
-        assert all(t.token_ids == [7, 8] and t.logprobs == [-0.5, -0.5] and t.weight_versions == ["3", "3"]
-                   for t in answers)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    assert state["most"] == TURNS and state["all_in"].is_set()
+    assert all(t.token_ids == [7, 8] and t.logprobs == [-0.5, -0.5] and t.weight_versions == ["3", "3"]
+               for t in answers)
