@@ -10,8 +10,6 @@ parameter names) and times, end to end as a client sees it, pause (in_place) →
   tensors (the default), the engine copying each tensor into place;
 - `bucket`: the same with load_format=flattened_bucket (the trainer packs each bucket into one buffer,
   one IPC handle a call);
-- `kept`: buckets with keep_buffers (the trainer writes each push into the same buffers and the server
-  keeps their mappings open): the steady state of an RL run, the first push (which maps) left out;
 - `disk` (with --disk, for reference): a safetensors directory written by the trainer, then
   POST /update_weights_from_disk; the write and the update are reported apart.
 
@@ -122,15 +120,11 @@ def bench_model(model: str, args: argparse.Namespace, log_dir: Path) -> dict[str
         result: dict[str, Any] = {"model": model, "weights_gb": gb, "tensors": len(pairs)}
         for mb in args.bucket_mb:
             suffix = "" if mb == args.bucket_mb[0] else f"@{mb or 'one'}"
-            for path, fmt, keep in (("tensor", None, False), ("bucket", "flattened_bucket", False),
-                                    ("kept", "flattened_bucket", True)):
+            for path, fmt in (("tensor", None), ("bucket", "flattened_bucket")):
                 per_call = "auto" if mb < 0 else (mb << 20 if mb else None)
                 ms = timed(lambda: push(client, lambda: client.update_weights_from_tensor(
-                    pairs, load_format=fmt, weight_version=path, bucket_bytes=per_call, keep_buffers=keep)),
-                    args.repeat + keep)                 # kept: the first push maps, the rest reuse
-                ms = ms[keep:]
+                    pairs, load_format=fmt, weight_version=path, bucket_bytes=per_call)), args.repeat)
                 check(client, pairs)
-                client.release_weight_buffers()
                 result[path + suffix] = {"ms": ms, "median_ms": statistics.median(ms),
                                          "ms_per_gb": statistics.median(ms) / gb, "bucket_mb": mb}
         result["phases_ms"] = phases(client, pairs, args.repeat)
@@ -171,8 +165,7 @@ def write_checkpoint(model: str, pairs: list[tuple[str, torch.Tensor]], out: Pat
 
 
 def report(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'model':<14} {'GB':>6} {'tensors':>7}  {'tensor/IPC':>18}  {'bucket/IPC':>18}  {'kept/IPC':>18}  "
-             f"{'disk':>24}"]
+    lines = [f"{'model':<14} {'GB':>6} {'tensors':>7}  {'tensor/IPC':>18}  {'bucket/IPC':>18}  {'disk':>24}"]
     for r in rows:
         def cell(key: str) -> str:
             if key not in r:
@@ -180,11 +173,10 @@ def report(rows: list[dict[str, Any]]) -> str:
             return f"{r[key]['median_ms']:8.1f} ms {r[key]['ms_per_gb']:5.1f}/GB"
         disk = cell("disk") + (f" (+{r['disk']['write_ms'] / 1e3:.1f} s write)" if "disk" in r else "")
         lines.append(f"{r['model']:<14} {r['weights_gb']:6.2f} {r['tensors']:7d}  {cell('tensor'):>18}  "
-                     f"{cell('bucket'):>18}  {cell('kept'):>18}  {disk:>24}")
+                     f"{cell('bucket'):>18}  {disk:>24}")
         for key in sorted(k for k in r if k.startswith("tensor@")):
-            at = key.removeprefix("tensor")
-            lines.append(f"{'  MiB/call ' + key.split('@')[1]:<30}  {cell(key):>18}  {cell('bucket' + at):>18}  "
-                         f"{cell('kept' + at):>18}")
+            other = "bucket" + key.removeprefix("tensor")
+            lines.append(f"{'  MiB/call ' + key.split('@')[1]:<30}  {cell(key):>18}  {cell(other):>18}")
         if "tensor alone" in r:
             lines.append(f"  direct handles, one call, no separate pause/continue (the route pauses in place): "
                          f"{cell('tensor alone')}")

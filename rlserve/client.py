@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     import torch
 
     from rlserve.weight_sync.group import WeightSender
-    from rlserve.weight_sync.tensors import BucketBuffers
 
 NamedTensors = Sequence[tuple[str, "torch.Tensor"]]
 DEFAULT_TIMEOUT_S = 600.0
@@ -105,28 +104,8 @@ def _buckets(pairs: NamedTensors, bucket_bytes: int | None) -> list[list[tuple[s
 class _Routes:
     """The routes, written once: `_call` does the request (sync) or returns its coroutine (async)."""
 
-    _weight_buffers: BucketBuffers | None = None
-
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None, admin: bool = False) -> Any:
         raise NotImplementedError
-
-    def _kept_buffers(self, load_format: str | None, keep_buffers: bool) -> BucketBuffers | None:
-        """The bucket buffers this client keeps between pushes (update_weights_from_tensor's keep_buffers)."""
-        if not keep_buffers:
-            return None
-        if load_format != "flattened_bucket":
-            raise ValueError("keep_buffers needs load_format='flattened_bucket' (direct handles are the "
-                             "caller's own tensors: there is no buffer to keep)")
-        if self._weight_buffers is None:
-            from rlserve.weight_sync.tensors import BucketBuffers
-            self._weight_buffers = BucketBuffers()
-        return self._weight_buffers
-
-    def release_weight_buffers(self) -> None:
-        """Free the bucket buffers kept by keep_buffers (the server drops its mappings of them at its next
-        weight update or memory release, or once they have gone unused for a while)."""
-        if self._weight_buffers is not None:
-            self._weight_buffers.clear()
 
     # ---- generation ----
     def generate(self, text: str | list[str] | None = None, input_ids: list[int] | list[list[int]] | None = None,
@@ -195,15 +174,11 @@ class _Routes:
             "abort_all_requests": abort_all_requests}), admin=True)
 
     def update_weights_from_serialized(self, serialized_named_tensors: str, load_format: str | None = None,
-                                       weight_version: str | None = None, abort_all_requests: bool = False,
-                                       keep_ipc_mapping: bool = False) -> Any:
-        """POST /update_weights_from_tensor with an already serialized payload. `keep_ipc_mapping` (rlserve's
-        own field, sent only when set) asks the server to keep the mapping open for the next push of the
-        same buffer."""
+                                       weight_version: str | None = None, abort_all_requests: bool = False) -> Any:
+        """POST /update_weights_from_tensor with an already serialized payload."""
         return self._call("POST", "/update_weights_from_tensor", _drop_none({
             "serialized_named_tensors": serialized_named_tensors, "load_format": load_format,
-            "weight_version": weight_version, "abort_all_requests": abort_all_requests,
-            "keep_ipc_mapping": keep_ipc_mapping or None}), admin=True)
+            "weight_version": weight_version, "abort_all_requests": abort_all_requests}), admin=True)
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> Any:
         return self._call("POST", "/get_weights_by_name", {"name": name, "truncate_size": truncate_size}, admin=True)
@@ -307,23 +282,17 @@ class Client(_Base):
     # ---- the trainer's side ----
     def update_weights_from_tensor(self, pairs: NamedTensors, load_format: str | None = None,
                                    weight_version: str | None = None, bucket_bytes: int | None | str = "auto",
-                                   abort_all_requests: bool = False, keep_buffers: bool = False) -> Any:
+                                   abort_all_requests: bool = False) -> Any:
         """Send (name, tensor) pairs without copying their data through HTTP: CPU tensors as shared memory,
         CUDA tensors as IPC handles, in calls of at most `bucket_bytes` (None: one call; "auto": one call
         for direct handles, DEFAULT_BUCKET_BYTES per flattened bucket). The weight version is set by the
-        last call. `pairs` must stay alive until this returns (the engine has copied them).
-
-        keep_buffers (flattened buckets only): this client keeps its bucket buffers between pushes and
-        the server keeps their mappings open (an rlserve server; `release_weight_buffers` frees them), so
-        a push of the same shapes opens no handle: faster on a small model, at the cost of one copy of
-        the weights held by the client."""
+        last call. `pairs` must stay alive until this returns (the engine has copied them)."""
         res: Any = None
         buckets = _buckets(pairs, tensor_bucket_bytes(load_format, bucket_bytes))
-        kept = self._kept_buffers(load_format, keep_buffers)
         for i, bucket in enumerate(buckets):
             res = self.update_weights_from_serialized(
-                _serialize(bucket, load_format, None if kept is None else (kept, i)), load_format,
-                weight_version if i == len(buckets) - 1 else None, abort_all_requests and i == 0, keep_buffers)
+                _serialize(bucket, load_format), load_format,
+                weight_version if i == len(buckets) - 1 else None, abort_all_requests and i == 0)
         return res
 
     def connect_weight_sender(self, sender: WeightSender, rank_offset: int = 1) -> Any:
@@ -404,15 +373,14 @@ class AsyncClient(_Base):
     async def update_weights_from_tensor(self, pairs: NamedTensors, load_format: str | None = None,
                                          weight_version: str | None = None,
                                          bucket_bytes: int | None | str = "auto",
-                                         abort_all_requests: bool = False, keep_buffers: bool = False) -> Any:
+                                         abort_all_requests: bool = False) -> Any:
         """As Client.update_weights_from_tensor."""
         res: Any = None
         buckets = _buckets(pairs, tensor_bucket_bytes(load_format, bucket_bytes))
-        kept = self._kept_buffers(load_format, keep_buffers)
         for i, bucket in enumerate(buckets):
             res = await self.update_weights_from_serialized(
-                _serialize(bucket, load_format, None if kept is None else (kept, i)), load_format,
-                weight_version if i == len(buckets) - 1 else None, abort_all_requests and i == 0, keep_buffers)
+                _serialize(bucket, load_format), load_format,
+                weight_version if i == len(buckets) - 1 else None, abort_all_requests and i == 0)
         return res
 
     async def connect_weight_sender(self, sender: WeightSender, rank_offset: int = 1) -> Any:
@@ -431,8 +399,7 @@ class AsyncClient(_Base):
         return res
 
 
-def _serialize(pairs: list[tuple[str, torch.Tensor]], load_format: str | None,
-               kept: tuple[BucketBuffers, int] | None = None) -> str:
+def _serialize(pairs: list[tuple[str, torch.Tensor]], load_format: str | None) -> str:
     import torch.multiprocessing as tmp
 
     from rlserve.weight_sync.tensors import serialize_flattened_bucket, serialize_named_tensors
@@ -446,7 +413,7 @@ def _serialize(pairs: list[tuple[str, torch.Tensor]], load_format: str | None,
         tmp.set_sharing_strategy("file_system")
         try:
             if load_format == "flattened_bucket":
-                return serialize_flattened_bucket(pairs, kept)
+                return serialize_flattened_bucket(pairs)
             return serialize_named_tensors(pairs)
         finally:
             tmp.set_sharing_strategy(strategy)

@@ -73,9 +73,6 @@ class UpdateWeightsFromTensorRequest(_Model):
     flush_cache: bool = True          # ignored, as above
     abort_all_requests: bool = False
     weight_version: str | None = None
-    # rlserve's own: keep this call's mapping of the sender's buffer open, so that the next push of the
-    # same buffer opens nothing (rlserve.client's keep_buffers; dropped once unused for HELD_MAPPING_S).
-    keep_ipc_mapping: bool = False
 
 
 class GetWeightsByNameRequest(_Model):
@@ -181,8 +178,6 @@ def add_admin_routes(app: FastAPI, st: Callable[[], ServerState]) -> None:
         if isinstance(res, dict):
             # The engine has copied every tensor before answering: the producer may free or reuse them.
             res["message"] += " The engine holds its own copies: the sender's buffers may be reused."
-            if req.keep_ipc_mapping:
-                res["message"] += " Its mapping of them stays open for the next push."
         return res
 
     @app.api_route("/get_weights_by_name", methods=["GET", "POST"])

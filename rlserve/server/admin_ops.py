@@ -30,9 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rlserve.core")
 ENGINE_MEMORY_TAGS = ("kv_cache", "weights")
-# How long a mapping kept open for a sender (keep_ipc_mapping) may go unused before it is dropped: longer
-# than an RL step's gap between pushes, short enough that a trainer that stopped gets its memory back.
-HELD_MAPPING_S = 300.0
 # Errors that the engine raises for bad input or a wrong state, having changed nothing.
 CLIENT_ERRORS = (ValueError, KeyError, TypeError, RuntimeError, OSError)
 
@@ -45,10 +42,6 @@ class AdminOps:
         self.profile_dir: str | None = None
         # Tensors mapped from another process for an update that is done: dropped once its answer is out.
         self.retired: list[Any] = []
-        # Mappings a sender asked to keep open (keep_ipc_mapping), by storage address: the tensors and
-        # when they were last used. torch reuses an open mapping for the same handle, so the next push
-        # of the same buffer opens nothing.
-        self.held: dict[int, tuple[Any, float]] = {}
 
     def run(self, op: str, args: dict[str, Any]) -> tuple[list[ipc.Update], dict[str, Any]]:
         """Run one operation: the updates it produced (aborted requests) and its answer."""
@@ -70,21 +63,13 @@ class AdminOps:
 
     def release_retired(self) -> None:
         """Drop the mapped tensors of finished updates (after their answers went out), in a thread: the
-        next command (a trainer's continue_generation) need not wait for the unmapping either. Held
-        mappings unused for HELD_MAPPING_S go with them: the sender's memory stays taken while one is open."""
-        now = time.monotonic()
-        for key in [k for k, (_, used) in self.held.items() if now - used > HELD_MAPPING_S]:
-            self.retired.append(self.held.pop(key)[0])
+        next command (a trainer's continue_generation) need not wait for the unmapping either."""
         if not self.retired:
             return
         batches, self.retired = self.retired, []
         threading.Thread(target=_unmap, args=(batches,), name="rlserve-unmap", daemon=True).start()
 
     # ---- helpers ----
-    def _drop_held(self) -> None:
-        self.retired.extend(pairs for pairs, _ in self.held.values())
-        self.held.clear()
-
     def _abort_all(self) -> list[ipc.Update]:
         """End every request now with finish_reason "abort" (their outputs go out at once)."""
         return self.loop.handle(ipc.Abort(None))
@@ -120,14 +105,9 @@ class AdminOps:
         try:
             return self._paused_update(a.get("abort_all_requests", False), update)
         finally:
-            key = _storage_key(pairs)
-            if a.get("keep_ipc_mapping") and key is not None:
-                self.held[key] = (pairs, time.monotonic())
-            else:
-                self._drop_held()                # the sender no longer keeps its buffers
-                # Unmapping costs per tensor (a CUDA IPC handle or a shared-memory file each): the loop
-                # drops them after the answer has gone, so that the trainer does not wait for it.
-                self.retired.append(pairs)
+            # Unmapping costs per tensor (a CUDA IPC handle or a shared-memory file each): the loop drops
+            # them after the answer has gone, so that the trainer does not wait for it.
+            self.retired.append(pairs)
             log.info("update_weights_from_tensor: %d tensors, handles read in %.1f ms, paused update %.1f ms",
                      len(pairs), (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
 
@@ -167,9 +147,6 @@ class AdminOps:
     # ---- memory ----
     def op_release_memory_occupation(self, a: dict[str, Any]) -> tuple[list[ipc.Update], dict[str, Any]]:
         tags = _engine_tags(a.get("tags"))
-        # A colocated trainer releases the engine's memory to use it: the senders' buffers it kept mapped
-        # (the trainer's own memory) go too.
-        self._drop_held()
         if tags:
             self.engine.release_memory(tags)
         return [], {"message": f"Released {', '.join(tags) or 'nothing'}.", "released": self._released()}
@@ -246,13 +223,6 @@ def _engine_tags(tags: list[str] | None) -> list[str]:
 def _message(e: BaseException) -> str:
     # str(KeyError) quotes its argument; the message reads better without.
     return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e) or type(e).__name__
-
-
-def _storage_key(pairs: list[tuple[str, torch.Tensor]]) -> int | None:
-    """The address of the storage a flattened bucket's tensors are views of (None: several storages, or
-    none): what torch finds an open mapping by when the same buffer comes again."""
-    ptrs = {t.untyped_storage().data_ptr() for _, t in pairs}
-    return ptrs.pop() if len(ptrs) == 1 else None
 
 
 def _unmap(batches: list[Any]) -> None:

@@ -58,7 +58,6 @@ class EngineLoop:
             return [self._delta(o) for o in outs]
         if isinstance(cmd, ipc.Query):
             self._send(ipc.Reply(cmd.qid, self._query(cmd.what)))
-            self.admin.release_retired()        # held mappings past their time (health checks come often)
         elif isinstance(cmd, ipc.Admin):
             updates, data = self.admin.run(cmd.op, cmd.args)
             self.send_updates(updates)          # aborted requests end before the answer arrives

@@ -17,7 +17,6 @@ from rlserve.weight_sync.group import (
     receive_weights,
 )
 from rlserve.weight_sync.tensors import (
-    BucketBuffers,
     BucketEntry,
     deserialize_named_tensors,
     deserialize_tensors,
@@ -31,7 +30,6 @@ __all__ = [
     "DEFAULT_BUCKET_BYTES",
     "DEFAULT_GROUP_NAME",
     "DEFAULT_TIMEOUT_S",
-    "BucketBuffers",
     "BucketEntry",
     "WeightSender",
     "WeightSyncError",

@@ -226,13 +226,7 @@ def flatten_bucket(pairs: NamedTensors, alignment: int = 1) -> tuple[torch.Tenso
         [name for name, _ in pairs], [t.dtype for _, t in pairs], [tuple(t.shape) for _, t in pairs], alignment
     )
     buffer = torch.empty(total, dtype=torch.uint8, device=devices.pop())
-    _fill_bucket(buffer, entries, pairs)
-    return buffer, entries
-
-
-def _fill_bucket(buffer: torch.Tensor, entries: list[BucketEntry], pairs: NamedTensors) -> None:
-    """Every tensor's bytes into its place in `buffer`: one torch._foreach_copy_ (a few launches on a
-    GPU) rather than a copy_ per tensor."""
+    # one torch._foreach_copy_ (a few launches on a GPU) rather than a copy_ per tensor
     dsts, srcs = [], []
     for entry, (_, tensor) in zip(entries, pairs):
         if entry.nbytes:
@@ -240,44 +234,7 @@ def _fill_bucket(buffer: torch.Tensor, entries: list[BucketEntry], pairs: NamedT
             srcs.append(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
     if dsts:
         torch._foreach_copy_(dsts, srcs)
-
-
-class BucketBuffers:
-    """A sender's flattened buckets, kept from one push to the next.
-
-    Bucket i of every push is written into the same buffer as long as its size and device stay the same,
-    so it travels under the same CUDA IPC handle each time. A server asked to keep its mapping open
-    (`keep_ipc_mapping`) then finds the mapping already there and opens nothing: on a small model,
-    opening the handles is a third of a push. The price is a copy of the pushed weights held by the
-    sender until `clear()`."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[int, torch.Tensor] = {}
-
-    def flatten(self, index: int, pairs: NamedTensors) -> tuple[torch.Tensor, list[BucketEntry]]:
-        """`flatten_bucket(pairs)`, written into bucket `index`'s kept buffer (a new one when it does not fit)."""
-        if not pairs:
-            return torch.empty(0, dtype=torch.uint8), []
-        devices = {tensor.device for _, tensor in pairs}
-        if len(devices) != 1:
-            raise ValueError(f"a bucket's tensors must share one device, got {sorted(map(str, devices))}")
-        device = devices.pop()
-        entries, total = bucket_layout(
-            [name for name, _ in pairs], [t.dtype for _, t in pairs], [tuple(t.shape) for _, t in pairs]
-        )
-        buffer = self._buffers.get(index)
-        if buffer is None or buffer.numel() != total or buffer.device != device:
-            self._buffers.pop(index, None)      # freed before the new one is taken
-            buffer = torch.empty(total, dtype=torch.uint8, device=device)
-            self._buffers[index] = buffer
-        _fill_bucket(buffer, entries, pairs)
-        return buffer, entries
-
-    def clear(self) -> None:
-        self._buffers.clear()
-
-    def __len__(self) -> int:
-        return len(self._buffers)
+    return buffer, entries
 
 
 def unflatten_bucket(buffer: torch.Tensor, metadata: list[BucketEntry]) -> NamedTensors:
@@ -303,11 +260,9 @@ def unflatten_bucket(buffer: torch.Tensor, metadata: list[BucketEntry]) -> Named
     return out
 
 
-def serialize_flattened_bucket(pairs: NamedTensors, kept: tuple[BucketBuffers, int] | None = None) -> str:
-    """`pairs` as one shared bucket plus its metadata (load_format="flattened_bucket"); with `kept` =
-    (buffers, index), written into that kept buffer instead of a new one."""
-    pairs = [(name, t) for name, t in pairs]
-    buffer, metadata = kept[0].flatten(kept[1], pairs) if kept is not None else flatten_bucket(pairs)
+def serialize_flattened_bucket(pairs: NamedTensors) -> str:
+    """`pairs` as one shared bucket plus its metadata (load_format="flattened_bucket")."""
+    buffer, metadata = flatten_bucket([(name, t) for name, t in pairs])
     handles = serialize_named_tensors([("flattened_tensor", buffer)])
     return _dumps((_FORMAT_VERSION, handles, metadata))
 

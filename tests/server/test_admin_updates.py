@@ -359,38 +359,3 @@ def test_tensor_updates_are_unmapped_after_the_answer(server, admin, local):
             assert time.monotonic() < deadline, "the server still maps the trainer's tensors 30 s after the update"
             time.sleep(0.05)
     assert_matches_local(admin, local)
-
-
-def test_kept_buffers_are_mapped_once_and_read_fresh_each_push(server, admin, local):
-    """keep_buffers: the client writes every push into the same bucket buffer and the server keeps its
-    mapping open, so the second push maps nothing new yet serves the second push's values; a push without
-    it drops the held mapping."""
-    marker = f"torch_{os.getpid()}_"
-    pids = _server_processes(server.pid)
-    pairs = perturbed(local, seed=29, scale=0.01)
-    counts, buffers = [], []
-    for round_ in range(2):
-        pairs = [(n, t + 0.001) for n, t in pairs]
-        res = admin.update_weights_from_tensor(pairs, load_format="flattened_bucket", bucket_bytes=None,
-                                               weight_version=f"kept-{round_}", keep_buffers=True)
-        assert res["success"] and "stays open" in res["message"]
-        local.engine.update_weights(pairs)
-        assert_values(admin, pairs)                 # the reused mapping reads what this push wrote
-        buffers.append(admin._weight_buffers._buffers[0].data_ptr())
-        counts.append(_mapped_shared_files(pids, marker))
-    assert buffers[0] == buffers[1] and len(admin._weight_buffers) == 1
-    assert counts[0] >= 1 and counts[1] == counts[0]       # held after the answer, nothing new mapped
-    assert_matches_local(admin, local)
-
-    pairs = [(n, t + 0.001) for n, t in pairs]
-    assert admin.update_weights_from_tensor(pairs, weight_version="unkept", bucket_bytes=None)["success"]
-    local.engine.update_weights(pairs)
-    admin.release_weight_buffers()
-    assert len(admin._weight_buffers) == 0
-    deadline = time.monotonic() + 30
-    while _mapped_shared_files(pids, marker):
-        assert time.monotonic() < deadline, "the held mapping was not dropped by a push that did not keep it"
-        time.sleep(0.05)
-    assert_matches_local(admin, local)
-    with pytest.raises(ValueError, match="flattened_bucket"):
-        admin.update_weights_from_tensor(pairs, keep_buffers=True)

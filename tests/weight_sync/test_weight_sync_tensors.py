@@ -116,22 +116,3 @@ def test_same_process_round_trip_shares_storage() -> None:
     t = torch.randn(4, 4)
     [(name, back)] = deserialize_named_tensors(serialize_named_tensors([("w", t)]))
     assert name == "w" and torch.equal(back, t) and back.data_ptr() == t.data_ptr()
-
-
-def test_bucket_buffers_reuse_a_buffer_while_the_layout_fits() -> None:
-    from rlserve.weight_sync.tensors import BucketBuffers
-
-    kept = BucketBuffers()
-    pairs = [("a", torch.randn(3, 5)), ("b", torch.randn(7).to(torch.bfloat16)), ("c", torch.arange(4.0))]
-    first, meta = kept.flatten(0, pairs)
-    assert torch.equal(first, flatten_bucket(pairs)[0]) and meta == flatten_bucket(pairs)[1]
-    changed = [(n, t + 1) for n, t in pairs]
-    again, _ = kept.flatten(0, changed)
-    assert again.data_ptr() == first.data_ptr()                 # the same buffer, rewritten
-    assert all(torch.equal(t, u) for (_, t), (_, u) in zip(unflatten_bucket(again, meta), changed))
-    other, _ = kept.flatten(1, pairs[:1])                        # another bucket index: its own buffer
-    assert other.data_ptr() != first.data_ptr() and len(kept) == 2
-    grown, _ = kept.flatten(0, [*pairs, ("d", torch.ones(2))])   # a different size: a new buffer
-    assert grown.numel() == first.numel() + 8
-    kept.clear()
-    assert len(kept) == 0
