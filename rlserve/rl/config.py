@@ -232,6 +232,9 @@ class AlgorithmSection:
     ppo_epochs: int = 1                  # passes over the step's samples
     minibatch_size: int = 0              # samples per optimizer step; 0 = the whole step at once
     micro_batch_size: int = 0            # samples per forward/backward inside a minibatch; 0 = all
+    # samples per forward of the logprob pass before the update (old, reference, values): it keeps no
+    # activations, so it can take larger chunks than a backward; 0 = micro_batch_size
+    logprob_micro_batch_size: int = 0
     tis_cap: float | None = None         # truncated importance sampling: w = min(π_old / π_engine, cap)
     gamma: float = 1.0                   # discount for gae and reinforce++
     lam: float = 1.0                     # GAE λ
@@ -242,11 +245,18 @@ class AlgorithmSection:
     k3_clamp: float | None = None
     dual_clip: float | None = None
 
+    @property
+    def logprob_chunk(self) -> int:
+        """Samples per forward of the logprob pass (0: all at once)."""
+        return self.logprob_micro_batch_size or self.micro_batch_size or self.minibatch_size
+
     def __post_init__(self) -> None:
         _one_of("algorithm.advantage", self.advantage, ADVANTAGES)
         _one_of("algorithm.loss_agg", self.loss_agg, LOSS_AGGREGATIONS)
-        if self.ppo_epochs < 1 or self.minibatch_size < 0 or self.micro_batch_size < 0:
-            raise ValueError("algorithm.ppo_epochs must be ≥ 1, minibatch_size and micro_batch_size ≥ 0")
+        if (self.ppo_epochs < 1 or self.minibatch_size < 0 or self.micro_batch_size < 0
+                or self.logprob_micro_batch_size < 0):
+            raise ValueError("algorithm.ppo_epochs must be ≥ 1, minibatch_size, micro_batch_size and "
+                             "logprob_micro_batch_size ≥ 0")
         for name in ("log_ratio_clamp", "k3_clamp", "dual_clip"):     # YAML may give an int or a string
             if (value := getattr(self, name)) is not None:
                 try:

@@ -59,7 +59,7 @@ def sharded_recompute(policy: LlamaForCausalLM, reference: LlamaForCausalLM | No
     reference logprobs and values for every sample, on every rank (CPU)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     n = len(prompts)
-    chunk = cfg.algorithm.micro_batch_size or cfg.algorithm.minibatch_size or math.ceil(n / world)
+    chunk = cfg.algorithm.logprob_chunk or math.ceil(n / world)
     mine: dict[int, list[torch.Tensor | None]] = {}
     for rows, real in rank_chunks(list(range(n)), rank, world, chunk):
         p, c = [prompts[i] for i in rows], [completions[i] for i in rows]

@@ -209,10 +209,10 @@ class Timer:
 def recompute(run: Run, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The trainer's view of the rollout before any update: old logprobs (the PPO ratio's denominator,
     recomputed rather than taken from the engine so that the ratio starts at exactly 1), reference
-    logprobs, and the critic's values. In micro-batch (else minibatch) chunks to bound activation memory."""
+    logprobs, and the critic's values. In chunks of algorithm.logprob_chunk samples to bound memory."""
     cfg = run.cfg
     width, n = rollout.mask.shape[1], len(rollout.prompt_ids)
-    chunk = cfg.algorithm.micro_batch_size or cfg.algorithm.minibatch_size or n
+    chunk = cfg.algorithm.logprob_chunk or n
     old, ref, values = [], [], []
     for start in range(0, n, chunk):
         p, c = rollout.prompt_ids[start:start + chunk], rollout.completion_ids[start:start + chunk]

@@ -202,3 +202,29 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     assert load_checkpoint(latest_checkpoint(tmp_path))["next_step"] == 4
     save_checkpoint(tmp_path, 4, {"next_step": 5}, keep=2)
     assert not half.exists() and latest_checkpoint(tmp_path).name == "step_000004"
+
+
+def test_logprob_pass_chunks_give_the_same_logprobs():
+    """algorithm.logprob_micro_batch_size only sets how many samples share a forward of the logprob pass:
+    old and reference logprobs are the same at any chunk size; 0 falls back to micro_batch_size."""
+    from types import SimpleNamespace
+
+    from rlserve.rl.train import recompute
+
+    policy = _tiny_policy()
+    rng = random.Random(1)
+    prompts = [[rng.randint(10, 1000) for _ in range(rng.randint(2, 7))] for _ in range(6)]
+    completions = [[rng.randint(10, 1000) for _ in range(rng.randint(1, 5))] for _ in range(6)]
+    rollout = SimpleNamespace(prompt_ids=prompts, completion_ids=completions, mask=torch.ones(6, 5))
+    outs = []
+    for chunk in (1, 4, 0):
+        cfg = load_config(None, ["algorithm.micro_batch_size=2", f"algorithm.logprob_micro_batch_size={chunk}"])
+        assert cfg.algorithm.logprob_chunk == (chunk or 2)
+        run = SimpleNamespace(cfg=cfg, policy=policy, reference=policy, critic=None)
+        outs.append(recompute(run, rollout))   # type: ignore[arg-type]
+    for old, ref, values in outs[1:]:
+        assert torch.allclose(old, outs[0][0], atol=1e-5) and torch.allclose(ref, outs[0][1], atol=1e-5)
+        assert values is None
+    assert load_config(None, []).algorithm.logprob_chunk == 0
+    with pytest.raises(ValueError, match="logprob_micro_batch_size"):
+        load_config(None, ["algorithm.logprob_micro_batch_size=-1"])
