@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from benchmarks.router_standin import ServedApp
 from rlserve.bench.serving_workload import random_requests
 from rlserve.cli import main
-from rlserve.net import free_port
 
 uvicorn = pytest.importorskip("uvicorn")
 fastapi = pytest.importorskip("fastapi")
@@ -63,35 +61,20 @@ def stub_app(seen: list[dict], answered: list[tuple[str, int]]) -> fastapi.FastA
     return app
 
 
-class StubServer:
+class StubServer(ServedApp):
     """The stub app served by uvicorn on a free loopback port, in a thread of this process."""
 
     def __init__(self) -> None:
         self.seen: list[dict] = []                        # every completion request's body
         self.answered: list[tuple[str, int]] = []         # (path, status) of every request
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(stub_app(self.seen, self.answered), host="127.0.0.1", port=port,
-                                log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 120      # generous: a busy machine starts it slowly
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the stub server did not start")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+        # generous: a busy machine starts it slowly
+        super().__init__(stub_app(self.seen, self.answered), start_timeout_s=120)
 
 
 @pytest.fixture
 def stub() -> Iterator[StubServer]:
-    server = StubServer()
-    yield server
-    server.stop()
+    with StubServer() as server:
+        yield server
 
 
 def _run(stub: StubServer, tmp_path, *flags: str) -> tuple[int, dict | None]:
