@@ -136,3 +136,17 @@ def test_the_spawner_runs_calls_as_the_sandbox_does_and_cancels_them():
     finally:
         spawner.close()
     assert spawner.proc.returncode is not None and not os.path.exists(spawner.dir)
+
+
+def test_a_spawner_that_does_not_start_is_tried_once_and_the_tool_still_answers(monkeypatch):
+    from rlserve.rl.agent.spawner import SandboxSpawner
+
+    tries = []
+
+    def fail() -> SandboxSpawner:
+        tries.append(1)
+        raise RuntimeError("the sandbox spawner did not start")
+    monkeypatch.setattr(SandboxSpawner, "shared", staticmethod(fail))
+    tool = python_tool()
+    answers = [asyncio.run(tool.fn(code="print(6 * 7)")) for _ in range(2)]
+    assert [a.strip() for a in answers] == ["42", "42"] and len(tries) == 1

@@ -125,13 +125,18 @@ def python_tool(limits: SandboxLimits | None = None, spawner: bool = True) -> Ag
     """The `python` tool (sandbox.run_python under `limits`). `spawner`: its processes are started by the
     helper process (this module's notes say why), not by this one."""
     limits = limits or SandboxLimits()
+    use_helper = spawner
 
     async def python(code: str) -> str:
-        if spawner:
+        nonlocal use_helper
+        if use_helper:
             try:
                 helper = SandboxSpawner.shared()
-            except (RuntimeError, OSError) as e:     # no helper: start the sandbox from here
+            except (RuntimeError, OSError) as e:
+                # no helper: this tool starts its sandboxes itself from now on, rather than waiting for a
+                # helper that did not start on every call
                 log.warning("the sandbox spawner did not start (%s); starting sandboxes from this process", e)
+                use_helper = False
             else:
                 return await helper.run(code, limits)
         return await run_python(code, limits)
