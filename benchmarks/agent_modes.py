@@ -7,7 +7,8 @@ on the machine), and samples per second beside the synchronous one.
 Each mode runs `rlserve train --config examples/agent_calculator.yaml` (or `--config`) with
 `asynchronous.mode` set, `steps` and `task.eval_every` = --steps (held-out accuracy before and after), its
 own output directory under --out, and the arguments after `--`. `full:PxG` is the fully asynchronous mode
-with P producers of G groups each and `asynchronous.max_staleness` = --max-staleness. From each run's
+with P producers of G groups each and `asynchronous.max_staleness` = --max-staleness; `full:PxG:S` sets
+that bound to S for this mode alone. From each run's
 metrics.jsonl: samples/s = samples of the steps / (their wall time less the in-loop evaluation), the mean
 per step of each part (rollout or the wait for it, logprobs, update, the rest of the step), groups dropped
 as stale, and held-out accuracy before → after. `--summarize DIR` prints the table of runs already made.
@@ -43,13 +44,18 @@ class ModeResult:
 
 
 def mode_args(mode: str, max_staleness: int) -> list[str]:
-    """`off`, `one_step_off` or `full:PxG` as overrides of the run's config."""
+    """`off`, `one_step_off`, `full:PxG` or `full:PxG:S` as overrides of the run's config."""
     if mode in ("off", "one_step_off"):
         return [f"asynchronous.mode={mode}"]
-    name, _, shape = mode.partition(":")
+    name, _, rest = mode.partition(":")
+    shape, _, bound = rest.partition(":")
     producers, _, groups = shape.partition("x")
-    if name != "full" or not producers.isdigit() or not groups.isdigit():
-        raise ValueError(f"a mode is off, one_step_off or full:PxG (P producers of G groups), got {mode!r}")
+    if (name != "full" or not producers.isdigit() or not groups.isdigit()
+            or not (bound == "" and ":" not in rest or bound.isdigit())):
+        raise ValueError(f"a mode is off, one_step_off, full:PxG (P producers of G groups) or full:PxG:S "
+                         f"(staleness bound S), got {mode!r}")
+    if bound:
+        max_staleness = int(bound)
     return ["asynchronous.mode=full", f"asynchronous.max_staleness={max_staleness}",
             f"asynchronous.producers={producers}", f"asynchronous.groups_in_flight={groups}"]
 

@@ -155,19 +155,28 @@ def cache_counters(urls: list[str]) -> dict[str, dict[str, float]]:
 
 
 def policy_config(policy: str, args: argparse.Namespace) -> RouterConfig:
-    return RouterConfig(policy=policy, log_level="warn", balance_abs_threshold=args.balance_abs_threshold,
+    """A --policies entry: a policy name, or `cache_aware:ABS` for that policy with its own
+    balance_abs_threshold (several thresholds compared against the same workers)."""
+    name, _, abs_threshold = policy.partition(":")
+    if name not in POLICIES or (abs_threshold and (name != "cache_aware" or not abs_threshold.isdigit())):
+        raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)} "
+                         "(or cache_aware:N, N its balance_abs_threshold)")
+    return RouterConfig(policy=name, log_level="warn",
+                        balance_abs_threshold=int(abs_threshold) if abs_threshold else args.balance_abs_threshold,
                         balance_rel_threshold=args.balance_rel_threshold)
 
 
 def run_policy(policy: str, args: argparse.Namespace, urls: list[str], requests: list[BenchRequest],
                log_dir: Path) -> dict[str, Any]:
     cfg = policy_config(policy, args)
-    router = RouterProcess(cfg, urls, "127.0.0.1", free_port(), log_dir / f"router-{policy}.log").start()
+    log = log_dir / f"router-{policy.replace(':', '-')}.log"
+    router = RouterProcess(cfg, urls, "127.0.0.1", free_port(), log).start()
     try:
         router.wait_workers(urls)
         for u in urls:
             flush(u)
         before = cache_counters(urls)
+        started = time.time()          # wall clock: to line the run up with a device monitor's samples
         run_cfg = RunConfig(base_url=router.url, model=served_model(urls[0]), max_concurrency=args.max_concurrency,
                             seed=args.seed, progress=not args.no_tqdm)
         if args.client_processes > 1:
@@ -177,6 +186,7 @@ def run_policy(policy: str, args: argparse.Namespace, urls: list[str], requests:
                 async with make_client(run_cfg) as c:
                     return await run_requests(c, requests, run_cfg)
             run = asyncio.run(go())
+        ended = time.time()
         after = cache_counters(urls)
     finally:
         router.stop()
@@ -187,7 +197,7 @@ def run_policy(policy: str, args: argparse.Namespace, urls: list[str], requests:
     cached = sum(d["cached_tokens"] for d in delta.values())
     return {"policy": policy, "summary": summary, "hit_rate": cached / prompt if prompt else 0.0,
             "prompt_tokens": prompt, "cached_tokens": cached,
-            "requests_per_worker": [int(delta[u]["requests"]) for u in urls]}
+            "requests_per_worker": [int(delta[u]["requests"]) for u in urls], "started": started, "ended": ended}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -203,8 +213,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def policies_main(args: argparse.Namespace, server_flags: list[str]) -> int:
     for p in args.policies:
-        if p not in POLICIES:
-            raise ValueError(f"unknown policy {p!r}; choose from {', '.join(POLICIES)}")
+        policy_config(p, args)            # a bad entry fails before any worker starts
     if args.model:
         server_flags = ["--model", args.model, *server_flags]
     if args.load_format:
@@ -226,15 +235,16 @@ def policies_main(args: argparse.Namespace, server_flags: list[str]) -> int:
         for p in args.policies:
             rows.append(run_policy(p, args, urls, requests, log_dir))
             print(report(rows[-1]["summary"], f"{p}, {args.workers} workers"), flush=True)
+            print(f"{p}: {time.strftime('%H:%M:%S', time.gmtime(rows[-1]['started']))}–"
+                  f"{time.strftime('%H:%M:%S', time.gmtime(rows[-1]['ended']))} UTC", flush=True)
     finally:
         stop_workers(workers)
     print(table(rows))
-    by = {r["policy"]: r for r in rows}
-    if "cache_aware" in by and "round_robin" in by:
-        ca, rr = by["cache_aware"], by["round_robin"]
+    rr = next((r for r in rows if r["policy"] == "round_robin"), None)
+    for ca in (r for r in rows if r["policy"].startswith("cache_aware") and rr is not None):
         tp = ca["summary"].output_throughput / (rr["summary"].output_throughput or float("nan"))
         hit = ca["hit_rate"] / rr["hit_rate"] if rr["hit_rate"] else float("inf")
-        print(f"cache_aware / round_robin: output throughput {tp:.2f}× (GPU target ≥ 1.5×), "
+        print(f"{ca['policy']} / round_robin: output throughput {tp:.2f}× (GPU target ≥ 1.5×), "
               f"hit rate {hit:.2f}× (GPU target ≥ 3×)")
     if args.json_out:
         line = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "bench": "router policies",
@@ -255,7 +265,8 @@ def add_policies_args(p: argparse.ArgumentParser) -> None:
                    help="of a device, split between the workers on it (default 0.85)")
     p.add_argument("--threads-per-worker", type=int, default=None,
                    help="OMP_NUM_THREADS of each worker (CPU workers sharing few cores; default: torch's)")
-    p.add_argument("--policies", nargs="+", default=["cache_aware", "round_robin"])
+    p.add_argument("--policies", nargs="+", default=["cache_aware", "round_robin"],
+                   help="each in turn; cache_aware:N is cache_aware with balance_abs_threshold N")
     p.add_argument("--balance-abs-threshold", type=int, default=None,
                    help="cache_aware: load gap (requests) before it routes by load (router default 64)")
     p.add_argument("--balance-rel-threshold", type=float, default=None,

@@ -14,7 +14,8 @@ def test_modes_become_overrides_and_bad_ones_are_refused():
     assert agent_modes.mode_args("full:4x8", 2) == [
         "asynchronous.mode=full", "asynchronous.max_staleness=2", "asynchronous.producers=4",
         "asynchronous.groups_in_flight=8"]
-    for bad in ("full", "full:4", "fast:4x8", "full:ax8"):
+    assert agent_modes.mode_args("full:4x8:3", 1)[1] == "asynchronous.max_staleness=3"   # this mode's own bound
+    for bad in ("full", "full:4", "fast:4x8", "full:ax8", "full:4x8:", "full:4x8:s", "full:4x8:1:2"):
         with pytest.raises(ValueError, match="full:PxG"):
             agent_modes.mode_args(bad, 1)
     with pytest.raises(ValueError, match="full:PxG"):            # refused before any run starts

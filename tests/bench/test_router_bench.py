@@ -43,3 +43,21 @@ def test_policies_pass_the_balance_thresholds_to_the_router():
     assert flags[flags.index("--balance-abs-threshold") + 1] == "256"
     assert flags[flags.index("--balance-rel-threshold") + 1] == "3.0"
     assert "--balance-abs-threshold" not in router_flags(router.policy_config("cache_aware", parser.parse_args([])))
+
+
+def test_policy_entries_carry_their_own_threshold_and_bad_ones_are_refused():
+    import argparse
+
+    from benchmarks import router
+    from rlserve.router.config import router_flags
+
+    parser = argparse.ArgumentParser()
+    router.add_policies_args(parser)
+    args = parser.parse_args(["--balance-abs-threshold", "128"])
+    flags = router_flags(router.policy_config("cache_aware:512", args))
+    assert flags[flags.index("--balance-abs-threshold") + 1] == "512"
+    flags = router_flags(router.policy_config("cache_aware", args))
+    assert flags[flags.index("--balance-abs-threshold") + 1] == "128"
+    for bad in ("round_robin:512", "cache_aware:x", "fastest"):
+        with pytest.raises(ValueError, match="unknown policy"):
+            router.policy_config(bad, args)
