@@ -201,11 +201,11 @@ def run_policy(policy: str, args: argparse.Namespace, urls: list[str], requests:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'policy':<14}{'out tok/s':>11}{'req/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'hit rate':>10}  requests/worker"
+    head = f"{'policy':<17}{'out tok/s':>11}{'req/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'hit rate':>10}  requests/worker"
     lines = [head, "-" * len(head)]
     for r in rows:
         s: Summary = r["summary"]
-        lines.append(f"{r['policy']:<14}{s.output_throughput:>11,.1f}{s.request_throughput:>8.2f}"
+        lines.append(f"{r['policy']:<17}{s.output_throughput:>11,.1f}{s.request_throughput:>8.2f}"
                      f"{s.ttft.median_ms:>10.0f}{s.ttft.p99_ms:>10.0f}{r['hit_rate']:>10.1%}  "
                      + "/".join(map(str, r["requests_per_worker"])))
     return "\n".join(lines) + "\n(TTFT in ms; hit rate: cached / prompt tokens over every worker's own counters)"
