@@ -3,9 +3,12 @@
 answer), so the wall time and CPU left are the client's: HTTP, rendering tool results, running the
 sandbox. The stand-in runs in its own process; the sandbox's children run on the machine's other cores.
 
-    python benchmarks/agent_client.py --samples 128 [--samples-per-pool 128] [--profile 25]
+    python benchmarks/agent_client.py --samples 128 [--samples-per-pool 128] [--profile 25] [--rollout-process]
 
-Per repeat: wall time, this process's CPU time, turns. `--samples-per-pool N` sets how many samples share
+Per repeat: wall time, this process's CPU time, turns. `--rollout-process` draws as
+`asynchronous.rollout_process` does (rl/draw_process.py: the same drawer in a child process, groups of the
+config's group_size), so this process's CPU is what a trainer keeps: sending the request and loading the
+answered groups. `--samples-per-pool N` sets how many samples share
 one HTTP connection pool (the backend's SAMPLES_PER_POOL); `--profile K` prints the K costliest calls of
 the last repeat (cProfile)."""
 from __future__ import annotations
@@ -50,6 +53,10 @@ def _serve(port: int, tokenizer_dir: str) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
+def _no_reward(*_: Any, **__: Any) -> float:
+    return 0.0
+
+
 def main(argv: list[str] | None = None) -> int:
     import httpx
     from transformers import AutoTokenizer
@@ -67,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None, help="a tokenizer directory with a chat template (default: "
                    "the default model's)")
     p.add_argument("--profile", type=int, default=0)
+    p.add_argument("--rollout-process", action="store_true", help="draw in a child process, as "
+                   "asynchronous.rollout_process does")
     args = p.parse_args(argv)
     if args.samples_per_pool:
         agent_backend.SAMPLES_PER_POOL = args.samples_per_pool
@@ -94,14 +103,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{n} samples of examples/agent_calculator.yaml, two turns and one sandbox call each; samples per pool: "
               f"{agent_backend.SAMPLES_PER_POOL}")
         prof = None
+        drawer = None
+        if args.rollout_process:
+            from rlserve.rl.draw_process import DrawerSpec, ProcessDrawer
+            spec = DrawerSpec(cfg.rollout, [f"http://127.0.0.1:{port}"], None, None, _no_reward, tok)
+            drawer = ProcessDrawer(None, spec)  # type: ignore[arg-type]  # draws only
+            groups = -(-n // cfg.rollout.group_size)
+            n = groups * cfg.rollout.group_size
         for rep in range(args.repeat):
             if args.profile and rep == args.repeat - 1:
                 prof = cProfile.Profile()
                 prof.enable()
             cpu, wall = time.process_time(), time.perf_counter()
-            samples = run_agent(llm, cfg.rollout, [list(prompt)] * n, [{}] * n,  # type: ignore[arg-type]
-                                lambda *a, **k: 0.0, list(range(n)), 0.7,
-                                backend=agent_backend.ServerBackend([f"http://127.0.0.1:{port}"]), tokenizer=tok)
+            if drawer is not None:
+                drawn = drawer.draw([(list(prompt), {})] * groups, rep, 0)
+                samples = [s for g in drawn for s in g.samples]
+            else:
+                samples = run_agent(llm, cfg.rollout, [list(prompt)] * n, [{}] * n,  # type: ignore[arg-type]
+                                    _no_reward, list(range(n)), 0.7,
+                                    backend=agent_backend.ServerBackend([f"http://127.0.0.1:{port}"]), tokenizer=tok)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             if prof is not None:
                 prof.disable()
@@ -110,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{sum(s.turns for s in samples)} turns, {done}/{n} finished{' (profiled)' if prof else ''}")
         if prof is not None:
             pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
+        if drawer is not None:
+            drawer.close()
     finally:
         server.terminate()
         server.join(10)

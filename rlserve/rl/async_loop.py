@@ -186,13 +186,41 @@ def make_drawer(cfg: TrainConfig, llm: LLM, remote: RemoteRollout, reward_fn: Re
     return SingleTurn(cfg.rollout, remote, reward_fn)
 
 
+def process_drawer(cfg: TrainConfig, llm: LLM, remote: RemoteRollout, reward_fn: RewardFn, threads: int) -> Drawer:
+    """The run's drawer in a child process (asynchronous.rollout_process; rl/draw_process.py)."""
+    import pickle
+
+    from rlserve.rl.draw_process import DrawerSpec, ProcessDrawer
+    try:
+        pickle.dumps(reward_fn)
+    except Exception as e:
+        raise ValueError(f"asynchronous.rollout_process: the reward function {reward_fn!r} does not pickle "
+                         f"({e}); give a module-level function, or turn rollout_process off") from e
+    router = remote.router.base_url if remote.router is not None else None
+    key = remote.clients[0].admin_api_key if remote.clients else None
+    spec = DrawerSpec(cfg.rollout, remote.urls, key, router, reward_fn, llm.engine.tokenizer)
+    return ProcessDrawer(make_drawer(cfg, llm, remote, reward_fn), spec, threads, remote.server_failures)
+
+
+def run_drawer(cfg: TrainConfig, llm: LLM, remote: RemoteRollout, reward_fn: RewardFn, threads: int) -> Drawer:
+    if cfg.asynchronous.rollout_process:
+        return process_drawer(cfg, llm, remote, reward_fn, threads)
+    return make_drawer(cfg, llm, remote, reward_fn)
+
+
+def close_drawer(drawer: Drawer) -> None:
+    close = getattr(drawer, "close", None)      # a ProcessDrawer stops its child
+    if close is not None:
+        close()
+
+
 class OneStepOff:
     """Step n trains on the rollout submitted at step n − 1 while step n + 1's is drawn."""
 
     def __init__(self, cfg: TrainConfig, llm: LLM, remote: RemoteRollout, reward_fn: RewardFn,
                  take: Callable[[int], Encoded], drawer: Drawer | None = None) -> None:
         self.cfg, self.llm, self.remote, self.reward_fn, self.take = cfg, llm, remote, reward_fn, take
-        self.drawer = drawer or make_drawer(cfg, llm, remote, reward_fn)
+        self.drawer = drawer or run_drawer(cfg, llm, remote, reward_fn, 1)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="rollout")
         self.future: Future[list[Any]] | None = None
 
@@ -220,6 +248,7 @@ class OneStepOff:
         if self.future is not None:
             self.future.cancel()
         self.pool.shutdown(wait=True)
+        close_drawer(self.drawer)
 
 
 class FullAsync:
@@ -233,7 +262,10 @@ class FullAsync:
                  take: Callable[[int], Encoded], drawer: Drawer | None = None) -> None:
         self.cfg, self.llm, self.remote, self.reward_fn = cfg, llm, remote, reward_fn
         producers = cfg.asynchronous.producers
-        # a drawer per producer: an agent drawer keeps its own tokenizer, which threads must not share
+        # a drawer per producer: an agent drawer keeps its own tokenizer, which threads must not share (a
+        # rollout process keeps one per thread of its own)
+        if drawer is None and cfg.asynchronous.rollout_process:
+            drawer = process_drawer(cfg, llm, remote, reward_fn, producers)
         self.drawers = [drawer] * producers if drawer else [make_drawer(cfg, llm, remote, reward_fn)
                                                           for _ in range(producers)]
         self.drawer = self.drawers[0]
@@ -287,6 +319,7 @@ class FullAsync:
         self.buffer.close()
         for t in self.threads:
             t.join()
+        close_drawer(self.drawer)
 
 
 def staleness_metrics(groups: list[Any], version: int) -> dict[str, float]:

@@ -211,6 +211,9 @@ class AsyncSection:
     max_staleness: int = 1               # full: trainer version − a sample's oldest token's version ≤ this
     groups_in_flight: int = 0            # full: groups a producer draws at a time (0: prompts_per_step)
     producers: int = 1                   # full: producer threads, their chunks overlapping (≥ 2: no idle tail)
+    # the draws run in a child process (rl/draw_process.py): their Python (HTTP, JSON, tool results) takes
+    # none of the trainer's GIL; the reward function must then pickle (a module-level function)
+    rollout_process: bool = False
 
     def __post_init__(self) -> None:
         _one_of("asynchronous.mode", self.mode, ASYNC_MODES)

@@ -111,14 +111,32 @@ def test_one_step_off_agent_run_trains_in_server_mode(tiny_model_dir, tmp_path):
     assert all(r["groups_kept"] == 0 or r["optimizer_steps"] > 0 for r in history), history
 
 
-def test_full_async_agent_run_trains_within_the_bound(tiny_model_dir, tmp_path):
+def tool_then_a_noting_pid(prompt: str, completion: str, sample: Any = None, **fields: Any) -> float:
+    """tool_then_a, leaving the scoring process's pid in $PID_NOTES (the draws score their samples)."""
+    import os
+    (Path(os.environ["PID_NOTES"]) / str(os.getpid())).touch()
+    return tool_then_a(prompt, completion, sample, **fields)
+
+
+@pytest.mark.parametrize("rollout_process", [False, True], ids=["draws-in-threads", "draws-in-a-process"])
+def test_full_async_agent_run_trains_within_the_bound(tiny_model_dir, tmp_path, rollout_process, monkeypatch):
+    import multiprocessing as mp
+    import os
+
+    notes = tmp_path / "pids"
+    notes.mkdir()
+    monkeypatch.setenv("PID_NOTES", str(notes))
     cfg = _agent_config(tiny_model_dir("tiny-llama"), tmp_path, "steps=3", "asynchronous.mode=full",
-                        "asynchronous.max_staleness=1")
-    history = train(cfg, reward_fn=tool_then_a, prompts=PromptStream(generator=lambda: _prompts(cfg.seed)))
+                        "asynchronous.max_staleness=1", "asynchronous.producers=2", "asynchronous.groups_in_flight=1",
+                        f"asynchronous.rollout_process={str(rollout_process).lower()}")
+    history = train(cfg, reward_fn=tool_then_a_noting_pid, prompts=PromptStream(generator=lambda: _prompts(cfg.seed)))
     assert [r["step"] for r in history] == list(range(3))
     _check_agent_metrics(history)
     # per token (hence per sample: its oldest token) and per group, nothing staler than the bound
     assert all(r["staleness_max"] <= 1 and r["token_staleness_max"] <= 1 for r in history), history
+    scorers = {int(f.name) for f in notes.iterdir()}
+    assert scorers == ({os.getpid()} if not rollout_process else scorers - {os.getpid()}) and scorers
+    assert not [p for p in mp.active_children() if p.name == "rollout-draws"]     # the run stopped its child
 
 
 def test_config_takes_agents_with_servers_and_async_and_refuses_what_cannot_work(tmp_path):

@@ -46,21 +46,26 @@ def _options(cfg: RolloutSection) -> AgentOptions:
                         tool_timeout_s=a.tool_timeout_s, max_tool_output_chars=a.max_tool_output_chars)
 
 
-def run_agent(llm: LLM, cfg: RolloutSection, prompts: list[list[int]], fields: list[dict[str, Any]],
+def run_agent(llm: LLM | None, cfg: RolloutSection, prompts: list[list[int]], fields: list[dict[str, Any]],
               reward_fn: RewardFn, seeds: list[int | None], temperature: float,
               tools: list[AgentTool] | None = None, parser: Parser | None = None,
               backend: Backend | None = None, tokenizer: Any = None) -> list[Sample]:
     """Run one sample per entry of `prompts` to its end and score it. `tokenizer`: the one to render tool
-    segments with (default the engine's; a rollout thread beside the trainer brings its own copy)."""
+    segments with (default the engine's; a rollout thread beside the trainer brings its own copy). `llm`
+    may be None where both `backend` and `tokenizer` are given (a rollout process has no engine)."""
+    if llm is None and (backend is None or tokenizer is None):
+        raise ValueError("run_agent without an engine needs both a backend and a tokenizer")
     tools = build_tools(cfg.agent) if tools is None else tools
     parser = parser or tool_parser(tools, cfg.agent.tool_parser)
     extra: dict[str, Any] = {}
     if cfg.agent.tool_parser == "markdown":   # a turn ends where its code block does: run it now
         extra = {"stop": ["\n```\n"], "include_stop_str_in_output": True}
     params = SamplingParams(temperature=temperature, **(extra | (cfg.constraint or {})))
-    own = backend is None
-    engine_backend = EngineBackend(llm.engine) if own else None
-    tok = tokenizer or llm.engine.tokenizer
+    engine_backend = EngineBackend(llm.engine) if backend is None and llm is not None else None
+    if tokenizer is None:
+        assert llm is not None                   # checked above
+        tokenizer = llm.engine.tokenizer
+    tok = tokenizer
     loop = AgentLoop(backend or engine_backend, TurnRenderer(tok), tools,  # type: ignore[arg-type]
                      params, _options(cfg), parser)
 
@@ -103,7 +108,7 @@ def agent_rollout(llm: LLM, cfg: RolloutSection, prompts: list[list[int]], field
     return groups_to_rollout(llm, groups, cfg.group_size)
 
 
-def agent_groups(llm: LLM, cfg: RolloutSection, prompts: list[list[int]], fields: list[dict[str, Any]],
+def agent_groups(llm: LLM | None, cfg: RolloutSection, prompts: list[list[int]], fields: list[dict[str, Any]],
                  reward_fn: RewardFn, seed: int, tools: list[AgentTool] | None = None,
                  parser: Parser | None = None, backend: Backend | None = None, tokenizer: Any = None
                  ) -> list[AgentGroup]:
@@ -135,12 +140,18 @@ class AgentDrawer:
     """Asynchronous training's group source for agentic rollouts (rl/async_loop.py): multi-turn samples
     over the servers, one AgentGroup per prompt, each sample's oldest token deciding its group's staleness."""
 
-    def __init__(self, llm: LLM, cfg: RolloutSection, remote: RemoteRollout, reward_fn: RewardFn) -> None:
+    def __init__(self, llm: LLM | None, cfg: RolloutSection, remote: RemoteRollout, reward_fn: RewardFn,
+                 tokenizer: Any = None) -> None:
+        """`llm` None (a rollout process, rl/draw_process.py): draws only, with `tokenizer`."""
         self.llm, self.cfg, self.remote, self.reward_fn = llm, cfg, remote, reward_fn
         self.tools = build_tools(cfg.agent)
+        if tokenizer is None:
+            if llm is None:
+                raise ValueError("an AgentDrawer without an engine needs a tokenizer")
+            tokenizer = llm.engine.tokenizer
         # draws run in a thread beside the trainer, whose engine tokenizes too: a fast tokenizer is not
         # safe to share between threads
-        self.tokenizer = copy.deepcopy(llm.engine.tokenizer)
+        self.tokenizer = copy.deepcopy(tokenizer)
 
     def draw(self, encoded: list[tuple[list[int], dict[str, Any]]], seed: int, version: int) -> list[AgentGroup]:
         with self.remote.server_failures():
@@ -149,6 +160,8 @@ class AgentDrawer:
                                 tokenizer=self.tokenizer)
 
     def rollout(self, groups: list[AgentGroup]) -> Rollout:
+        if self.llm is None:
+            raise RuntimeError("this AgentDrawer draws only (no engine to decode the rollout with)")
         return groups_to_rollout(self.llm, groups, self.cfg.group_size)
 
 
