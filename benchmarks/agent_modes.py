@@ -8,7 +8,8 @@ Each mode runs `rlserve train --config examples/agent_calculator.yaml` (or `--co
 `asynchronous.mode` set, `steps` and `task.eval_every` = --steps (held-out accuracy before and after), its
 own output directory under --out, and the arguments after `--`. `full:PxG` is the fully asynchronous mode
 with P producers of G groups each and `asynchronous.max_staleness` = --max-staleness; `full:PxG:S` sets
-that bound to S for this mode alone. From each run's
+that bound to S for this mode alone. A mode ending in `+proc` draws in a child process
+(`asynchronous.rollout_process=true`). From each run's
 metrics.jsonl: samples/s = samples of the steps / (their wall time less the in-loop evaluation), the mean
 per step of each part (rollout or the wait for it, logprobs, update, the rest of the step), groups dropped
 as stale, and held-out accuracy before → after. `--summarize DIR` prints the table of runs already made.
@@ -44,7 +45,10 @@ class ModeResult:
 
 
 def mode_args(mode: str, max_staleness: int) -> list[str]:
-    """`off`, `one_step_off`, `full:PxG` or `full:PxG:S` as overrides of the run's config."""
+    """`off`, `one_step_off`, `full:PxG` or `full:PxG:S` (each + `+proc` but off) as overrides of the run's
+    config."""
+    if mode.endswith("+proc") and mode != "off+proc":
+        return [*mode_args(mode.removesuffix("+proc"), max_staleness), "asynchronous.rollout_process=true"]
     if mode in ("off", "one_step_off"):
         return [f"asynchronous.mode={mode}"]
     name, _, rest = mode.partition(":")
@@ -107,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         mode_args(mode, args.max_staleness)          # a bad mode fails before any run starts
     results = []
     for mode in args.modes:
-        run_dir = out / mode.replace(":", "-")
+        run_dir = out / mode.replace(":", "-").replace("+", "-")
         if args.summarize is None:
             cmd = [sys.executable, "-m", "rlserve.cli", "train", "--config", args.config, f"steps={args.steps}",
                    f"task.eval_every={args.steps}", "logging.progress_bar=false", "checkpoint_every=0",

@@ -15,7 +15,11 @@ def test_modes_become_overrides_and_bad_ones_are_refused():
         "asynchronous.mode=full", "asynchronous.max_staleness=2", "asynchronous.producers=4",
         "asynchronous.groups_in_flight=8"]
     assert agent_modes.mode_args("full:4x8:3", 1)[1] == "asynchronous.max_staleness=3"   # this mode's own bound
-    for bad in ("full", "full:4", "fast:4x8", "full:ax8", "full:4x8:", "full:4x8:s", "full:4x8:1:2"):
+    assert agent_modes.mode_args("full:4x8:2+proc", 1)[-2:] == ["asynchronous.groups_in_flight=8",
+                                                               "asynchronous.rollout_process=true"]
+    assert agent_modes.mode_args("one_step_off+proc", 1) == ["asynchronous.mode=one_step_off",
+                                                            "asynchronous.rollout_process=true"]
+    for bad in ("full", "full:4", "fast:4x8", "full:ax8", "full:4x8:", "full:4x8:s", "full:4x8:1:2", "off+proc", "full:4x8+p"):
         with pytest.raises(ValueError, match="full:PxG"):
             agent_modes.mode_args(bad, 1)
     with pytest.raises(ValueError, match="full:PxG"):            # refused before any run starts
