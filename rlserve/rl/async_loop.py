@@ -25,13 +25,14 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 
 from rlserve.rl.batch import Rollout
-from rlserve.rl.config import RolloutSection, TrainConfig
-from rlserve.rl.partial import GroupState, build_rollout, spans_to_versions
+from rlserve.rl.config import TrainConfig
+from rlserve.rl.draw_process import close_drawer, process_drawer, run_drawer
+from rlserve.rl.drawers import Drawer, Encoded, make_drawer
 from rlserve.rl.rewards import RewardFn
 
 if TYPE_CHECKING:
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
     from rlserve.rl.train import Timer
 
 T = TypeVar("T")
-Encoded = list[tuple[list[int], dict[str, Any]]]
 
 
 class StalenessBuffer(Generic[T]):
@@ -134,84 +134,6 @@ class StalenessBuffer(Generic[T]):
     def __len__(self) -> int:
         with self._cond:
             return len(self._items)
-
-
-def remote_groups(remote: RemoteRollout, cfg: RolloutSection, encoded: Encoded, seed: int, version: int
-                  ) -> list[GroupState]:
-    """Each prompt's group from the servers (the same request as remote.generate_rollout: prompt i draws
-    with seeds seed + i·n + j), every token with the weight version the servers report for it (`version`
-    when they report none)."""
-    params = [{"n": cfg.group_size, "temperature": cfg.temperature, "max_new_tokens": cfg.max_tokens,
-               "seed": seed + i * cfg.group_size, "ignore_eos": cfg.ignore_eos, "logprobs_mode": "tempered",
-               **(cfg.constraint or {})} for i in range(len(encoded))]
-    answers = remote._generate([ids for ids, _ in encoded], params)
-    groups = []
-    for (ids, fields), items in zip(encoded, answers):
-        group = GroupState.fresh(ids, fields, cfg.group_size)
-        for sample, item in zip(group.samples, items):
-            tokens = list(item["output_ids"])
-            meta = item["meta_info"]
-            lps = [lp for lp, _, _ in meta["output_token_logprobs"]]
-            versions = spans_to_versions(meta.get("weight_version_spans") or [], len(tokens), version)
-            sample.extend(tokens, lps, versions, item["text"], (meta.get("finish_reason") or {}).get("type", "stop"))
-        groups.append(group)
-    return groups
-
-
-class Drawer(Protocol):
-    """Where asynchronous training's groups come from: draw (in a background thread) and, once taken,
-    the Rollout they train as (rewards included)."""
-    def draw(self, encoded: Encoded, seed: int, version: int) -> list[Any]: ...
-
-    def rollout(self, groups: list[Any]) -> Rollout: ...
-
-
-class SingleTurn:
-    """One /generate request of n per prompt (remote_groups)."""
-
-    def __init__(self, cfg: RolloutSection, remote: RemoteRollout, reward_fn: RewardFn) -> None:
-        self.cfg, self.remote, self.reward_fn = cfg, remote, reward_fn
-
-    def draw(self, encoded: Encoded, seed: int, version: int) -> list[GroupState]:
-        return remote_groups(self.remote, self.cfg, encoded, seed, version)
-
-    def rollout(self, groups: list[GroupState]) -> Rollout:
-        return build_rollout(groups, self.cfg.group_size, self.reward_fn)
-
-
-def make_drawer(cfg: TrainConfig, llm: LLM, remote: RemoteRollout, reward_fn: RewardFn) -> Drawer:
-    if cfg.rollout.agent.enabled:              # multi-turn samples: each turn one /generate request
-        from rlserve.rl.agent.rollout import AgentDrawer
-        return AgentDrawer(llm, cfg.rollout, remote, reward_fn)
-    return SingleTurn(cfg.rollout, remote, reward_fn)
-
-
-def process_drawer(cfg: TrainConfig, llm: LLM, remote: RemoteRollout, reward_fn: RewardFn, threads: int) -> Drawer:
-    """The run's drawer in a child process (asynchronous.rollout_process; rl/draw_process.py)."""
-    import pickle
-
-    from rlserve.rl.draw_process import DrawerSpec, ProcessDrawer
-    try:
-        pickle.dumps(reward_fn)
-    except Exception as e:
-        raise ValueError(f"asynchronous.rollout_process: the reward function {reward_fn!r} does not pickle "
-                         f"({e}); give a module-level function, or turn rollout_process off") from e
-    router = remote.router.base_url if remote.router is not None else None
-    key = remote.clients[0].admin_api_key if remote.clients else None
-    spec = DrawerSpec(cfg.rollout, remote.urls, key, router, reward_fn, llm.engine.tokenizer)
-    return ProcessDrawer(make_drawer(cfg, llm, remote, reward_fn), spec, threads, remote.server_failures)
-
-
-def run_drawer(cfg: TrainConfig, llm: LLM, remote: RemoteRollout, reward_fn: RewardFn, threads: int) -> Drawer:
-    if cfg.asynchronous.rollout_process:
-        return process_drawer(cfg, llm, remote, reward_fn, threads)
-    return make_drawer(cfg, llm, remote, reward_fn)
-
-
-def close_drawer(drawer: Drawer) -> None:
-    close = getattr(drawer, "close", None)      # a ProcessDrawer stops its child
-    if close is not None:
-        close()
 
 
 class OneStepOff:

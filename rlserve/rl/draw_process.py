@@ -3,7 +3,7 @@
 A draw beside the trainer is mostly waiting on the servers, but what it does between the waits (HTTP,
 JSON, rendering tool results into tokens, scoring) is Python, and in the trainer's process it takes the
 trainer's GIL: every op the trainer launches releases the GIL and must win it back from the producer
-threads. `ProcessDrawer` runs the very same drawer (rl/async_loop.py: make_drawer) in a spawned child,
+threads. `ProcessDrawer` runs the very same drawer (rl/drawers.py: make_drawer) in a spawned child,
 each producer thread's draw a request to it, answered with the finished groups; the trainer keeps only
 the pickled groups' loading and `rollout()` (rewards are already in the groups for agents, computed from
 them for single turns).
@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import threading
 import traceback
@@ -28,10 +29,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rlserve.rl.batch import Rollout
+from rlserve.rl.drawers import Drawer, Encoded, SingleTurn, make_drawer
 
 if TYPE_CHECKING:
-    from rlserve.rl.async_loop import Drawer, Encoded
-    from rlserve.rl.config import RolloutSection
+    from rlserve.llm import LLM
+    from rlserve.rl.config import RolloutSection, TrainConfig
+    from rlserve.rl.remote import RemoteRollout
     from rlserve.rl.rewards import RewardFn
 
 POLL_S = 1.0               # how often a blocked reader looks whether the other side is still there
@@ -50,7 +53,6 @@ class DrawerSpec:
     tokenizer: Any
 
     def __call__(self) -> Drawer:
-        from rlserve.rl.async_loop import SingleTurn
         from rlserve.rl.remote import RemoteRollout
 
         # the child only generates: weight pushes stay with the trainer
@@ -163,3 +165,28 @@ class ProcessDrawer:
                 self.process.join()
         self._reader.join(POLL_S * 3)
         self._fail_all("the rollout process is closed")
+
+
+def process_drawer(cfg: TrainConfig, llm: LLM, remote: RemoteRollout, reward_fn: RewardFn, threads: int) -> Drawer:
+    """The run's drawer in a child process (asynchronous.rollout_process; rl/draw_process.py)."""
+    try:
+        pickle.dumps(reward_fn)
+    except Exception as e:
+        raise ValueError(f"asynchronous.rollout_process: the reward function {reward_fn!r} does not pickle "
+                         f"({e}); give a module-level function, or turn rollout_process off") from e
+    router = remote.router.base_url if remote.router is not None else None
+    key = remote.clients[0].admin_api_key if remote.clients else None
+    spec = DrawerSpec(cfg.rollout, remote.urls, key, router, reward_fn, llm.engine.tokenizer)
+    return ProcessDrawer(make_drawer(cfg, llm, remote, reward_fn), spec, threads, remote.server_failures)
+
+
+def run_drawer(cfg: TrainConfig, llm: LLM, remote: RemoteRollout, reward_fn: RewardFn, threads: int) -> Drawer:
+    if cfg.asynchronous.rollout_process:
+        return process_drawer(cfg, llm, remote, reward_fn, threads)
+    return make_drawer(cfg, llm, remote, reward_fn)
+
+
+def close_drawer(drawer: Drawer) -> None:
+    close = getattr(drawer, "close", None)      # a ProcessDrawer stops its child
+    if close is not None:
+        close()

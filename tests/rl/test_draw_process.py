@@ -91,8 +91,8 @@ def test_the_spec_builds_the_runs_drawer_without_an_engine(tokenizer_dir):
     from transformers import AutoTokenizer
 
     from rlserve.rl.agent.rollout import AgentDrawer
-    from rlserve.rl.async_loop import SingleTurn
     from rlserve.rl.config import load_config
+    from rlserve.rl.drawers import SingleTurn
 
     cfg = load_config(None, ["rollout.backend=server"])
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -108,8 +108,8 @@ def test_the_spec_builds_the_runs_drawer_without_an_engine(tokenizer_dir):
 def test_a_reward_that_does_not_pickle_is_refused_at_start():
     from types import SimpleNamespace
 
-    from rlserve.rl.async_loop import process_drawer
     from rlserve.rl.config import load_config
+    from rlserve.rl.draw_process import process_drawer
 
     cfg = load_config(None, ["rollout.backend=server", "asynchronous.mode=full", "asynchronous.rollout_process=true"])
     remote = SimpleNamespace(router=None, clients=[], urls=["http://127.0.0.1:9"])

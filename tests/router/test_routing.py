@@ -55,16 +55,21 @@ def _in_flight(urls: list[str]) -> dict[str, int]:
 
 
 def _concurrent_long(router: str, text: str, n: int, urls: list[str]) -> dict[str, int]:
-    """n long requests of one prefix at once; how many each worker holds while all are in flight."""
-    threads = [threading.Thread(target=_generate, args=(router, f"{text} {i}", 400)) for i in range(n)]
-    for t in threads:
-        t.start()
+    """n requests of one prefix at once; how many each worker holds while all are in flight. The workers
+    are paused first, so every request stays in flight until all have arrived however slowly the
+    machine sends them (a tiny model finishes a long request in well under a second)."""
+    for u in urls:
+        assert httpx.post(u + "/pause_generation", json={"mode": "in_place"}, timeout=30).status_code == 200
+    threads = [threading.Thread(target=_generate, args=(router, f"{text} {i}", 64)) for i in range(n)]
     try:
+        for t in threads:
+            t.start()
         wait_for(lambda: sum(_in_flight(urls).values()) == n, f"{n} requests in flight")
         return _in_flight(urls)
     finally:
         for u in urls:
             httpx.post(u + "/abort_request", json={"abort_all": True}, timeout=30)
+            httpx.post(u + "/continue_generation", timeout=30)
         for t in threads:
             t.join()
 

@@ -42,6 +42,7 @@ def _rank_main(rank: int, cfg: TrainConfig, world: int, port: int) -> None:
     init_rank(cfg, rank, world, "127.0.0.1", port)
     try:
         train_sharded(cfg)
+        dist.barrier()            # rank 0 tears down (and ends the store it hosts) only after this
     finally:
         dist.destroy_process_group()
 
@@ -64,10 +65,14 @@ def train_local(cfg: TrainConfig, reward_fn: Any = None, prompts: Any = None, he
         init_rank(cfg, 0, world, "127.0.0.1", port)
         try:
             history = train_sharded(cfg, reward_fn, prompts, held_out)
+            # Every rank done, then the others gone, before this rank ends the process group: it hosts the
+            # store, and a rank still tearing down its own group when the store vanished aborted
+            # ("terminate called without an active exception", exit -6).
+            dist.barrier()
+            for p in procs:
+                p.join()
         finally:
             dist.destroy_process_group()
-        for p in procs:
-            p.join()
         failed = [(p.name, p.exitcode) for p in procs if p.exitcode != 0]
         if failed:
             raise RuntimeError(f"trainer ranks failed: {failed}")
