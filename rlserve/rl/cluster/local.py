@@ -65,9 +65,9 @@ def train_local(cfg: TrainConfig, reward_fn: Any = None, prompts: Any = None, he
         init_rank(cfg, 0, world, "127.0.0.1", port)
         try:
             history = train_sharded(cfg, reward_fn, prompts, held_out)
-            # Every rank done, then the others gone, before this rank ends the process group: it hosts the
-            # store, and a rank still tearing down its own group when the store vanished aborted
-            # ("terminate called without an active exception", exit -6).
+            # Every rank done, then the others gone, before this rank ends the process group, which hosts
+            # the store: a rank once aborted in its own teardown ("terminate called without an active
+            # exception", exit -6) when rank 0 had torn down first.
             dist.barrier()
             for p in procs:
                 p.join()
