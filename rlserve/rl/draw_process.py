@@ -157,6 +157,9 @@ class ProcessDrawer:
         """Ask the child to stop once its draws in flight are answered; kill it past `timeout`."""
         with self._lock:
             self._closed = True
+        # requests a dead child never read must not hold this process's exit (the queue's feeder thread
+        # would wait to flush them into a pipe nobody drains)
+        self._requests.cancel_join_thread()
         if self.process.is_alive():
             self._requests.put(None)
             self.process.join(timeout)
