@@ -178,7 +178,7 @@ def process_drawer(cfg: TrainConfig, llm: LLM, remote: RemoteRollout, reward_fn:
         raise ValueError(f"asynchronous.rollout_process: the reward function {reward_fn!r} does not pickle "
                          f"({e}); give a module-level function, or turn rollout_process off") from e
     router = remote.router.base_url if remote.router is not None else None
-    key = remote.clients[0].admin_api_key if remote.clients else None
+    key = remote.admin_api_key
     spec = DrawerSpec(cfg.rollout, remote.urls, key, router, reward_fn, llm.engine.tokenizer)
     return ProcessDrawer(make_drawer(cfg, llm, remote, reward_fn), spec, threads, remote.server_failures)
 

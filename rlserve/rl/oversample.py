@@ -229,7 +229,7 @@ class RemoteOverSampler:
         from rlserve.client import AsyncClient
 
         cfg, remote = self.cfg, self.remote
-        key = remote.clients[0].admin_api_key if remote.clients else None
+        key = remote.admin_api_key
         # every started group's request in flight at once (no connection bound: the server batches them)
         senders = [AsyncClient(remote.router.base_url, admin_api_key=key, timeout=None, max_connections=None)] \
             if remote.router else [AsyncClient(u, admin_api_key=key, timeout=None, max_connections=None)

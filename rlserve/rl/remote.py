@@ -126,6 +126,7 @@ class RemoteRollout:
             urls = self.router.worker_urls()
             if not urls:
                 raise ValueError(f"the router at {router_url} lists no workers")
+        self.admin_api_key = admin_api_key       # every client's, for other clients of the same servers
         self.clients = [Client(u, admin_api_key=admin_api_key) for u in urls]
         self.weight_sync = weight_sync
         self.launched = launched

@@ -130,7 +130,7 @@ def groups_to_rollout(llm: LLM, groups: list[AgentGroup], group_size: int) -> Ro
 
 def server_backend(remote: RemoteRollout) -> ServerBackend:
     """A backend over the run's servers (behind a router: the router), for one rollout's event loop."""
-    key = remote.clients[0].admin_api_key if remote.clients else None
+    key = remote.admin_api_key
     if remote.router is not None:
         return ServerBackend([remote.router.base_url], key, logprobs_mode=None, routed=True)
     return ServerBackend(remote.urls, key)
